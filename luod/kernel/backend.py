@@ -1,0 +1,168 @@
+"""The kernel backend: the one place luod talks to /dev/liveupdate.
+
+`Backend` is what the rest of luod sees. `KernelBackend` is the real kernel;
+`luod.kernel.fake.FakeBackend` obeys the same rules for fast tests and is only
+ever chosen explicitly.
+
+/dev/liveupdate is exclusive: while any process holds it, systemd cannot
+start units with LUOSession= and services cannot create their own sessions.
+So it is opened for exactly one create/retrieve and closed again; session fds
+stay valid without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+from luod.kernel import fdinfo, uapi
+
+MISSING_LUO = (
+    "/dev/liveupdate does not exist. luod needs a kernel built with "
+    "CONFIG_KEXEC_HANDOVER=y, CONFIG_LIVEUPDATE=y and CONFIG_LIVEUPDATE_MEMFD=y, "
+    "booted with 'kho=on liveupdate=on' on its command line."
+)
+
+
+class LuoError(Exception):
+    """A LUO operation failed; `message` says what it means for the user."""
+
+    def __init__(self, op: str, err: int, subject: str = "") -> None:
+        self.op = op
+        self.errno = err
+        self.subject = subject
+        self.message = uapi.describe(op, err)
+        super().__init__(f"{subject}: {self.message}" if subject else self.message)
+
+
+class Backend(Protocol):
+    """The kernel's LUO operations, as luod uses them.
+
+    Every returned fd is owned by the caller and has FD_CLOEXEC set.
+    Every failure raises LuoError.
+    """
+
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable, else why not (missing device, missing config)."""
+        ...
+
+    def create_session(self, name: str) -> int: ...
+
+    def retrieve_session(self, name: str) -> int: ...
+
+    def preserve_fd(self, session_fd: int, fd: int, token: int) -> None: ...
+
+    def retrieve_fd(self, session_fd: int, token: int) -> int: ...
+
+    def finish_session(self, session_fd: int) -> None: ...
+
+    def session_name(self, session_fd: int) -> str:
+        """SESSION_GET_NAME: the full name of the session `session_fd` is."""
+        ...
+
+    def identify_session(self, fd: int) -> str | None:
+        """The session name if `fd` is a LUO session of this backend, else None."""
+        ...
+
+    def reboot_kexec(self) -> None:
+        """reboot(LINUX_REBOOT_CMD_KEXEC): serialize every session, jump."""
+        ...
+
+
+class KernelBackend:
+    """The real kernel, through /dev/liveupdate."""
+
+    name = "kernel"
+
+    def __init__(
+        self,
+        device: str = uapi.DEVICE_PATH,
+        busy_timeout: float = 2.0,
+    ) -> None:
+        self.device = device
+        self.busy_timeout = busy_timeout
+
+    def unavailable_reason(self) -> str | None:
+        if not os.path.exists(self.device):
+            return MISSING_LUO
+        return None
+
+    @contextlib.contextmanager
+    def _device(self) -> Iterator[int]:
+        """Open the device for one operation, waiting out brief contention."""
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                fd = os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
+                break
+            except OSError as e:
+                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+                    continue
+                raise LuoError("open", e.errno or errno.EIO, self.device) from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def create_session(self, name: str) -> int:
+        with self._device() as dev:
+            try:
+                return uapi.create_session(dev, name)
+            except OSError as e:
+                raise LuoError("create_session", e.errno or errno.EIO, name) from None
+
+    def retrieve_session(self, name: str) -> int:
+        with self._device() as dev:
+            try:
+                return uapi.retrieve_session(dev, name)
+            except OSError as e:
+                raise LuoError("retrieve_session", e.errno or errno.EIO, name) from None
+
+    def preserve_fd(self, session_fd: int, fd: int, token: int) -> None:
+        try:
+            uapi.preserve_fd(session_fd, fd, token)
+        except OSError as e:
+            raise LuoError("preserve_fd", e.errno or errno.EIO, f"token {token}") from None
+
+    def retrieve_fd(self, session_fd: int, token: int) -> int:
+        try:
+            return uapi.retrieve_fd(session_fd, token)
+        except OSError as e:
+            raise LuoError("retrieve_fd", e.errno or errno.EIO, f"token {token}") from None
+
+    def finish_session(self, session_fd: int) -> None:
+        try:
+            uapi.finish_session(session_fd)
+        except OSError as e:
+            raise LuoError("finish_session", e.errno or errno.EIO) from None
+
+    def session_name(self, session_fd: int) -> str:
+        try:
+            return uapi.get_session_name(session_fd)
+        except OSError as e:
+            raise LuoError("get_session_name", e.errno or errno.EIO) from None
+
+    def identify_session(self, fd: int) -> str | None:
+        facts = fdinfo.inspect_fd(fd)
+        if facts.kind is not fdinfo.FdKind.LUO_SESSION:
+            return None
+        # The link may cut long names and anyone can name an anon inode;
+        # only the ioctl answers for the kernel.
+        try:
+            return self.session_name(fd)
+        except LuoError:
+            return None
+
+    def reboot_kexec(self) -> None:
+        from luod.kernel import kexec
+
+        kexec.reboot_kexec()

@@ -1,0 +1,161 @@
+"""What a file descriptor is, from fstatfs(), fstat() and its /proc link.
+
+Python has no fstatfs(), so it is called through ctypes. struct statfs is
+120 bytes on x86_64 and aarch64; only f_type (the first long) is read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import enum
+import errno
+import fcntl
+import os
+import re
+import stat
+
+from luod.kernel import uapi
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.fstatfs.restype = ctypes.c_int
+_STATFS_SIZE = 120
+
+
+def fstatfs_type(fd: int) -> int:
+    """f_type of the filesystem `fd` lives on."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+
+
+def fd_link(fd: int) -> str:
+    """The /proc/self/fd link: 'anon_inode:[luo_session] NAME', '/memfd:x (deleted)'…"""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+class FdKind(enum.Enum):
+    LUO_SESSION = "luo-session"
+    MEMFD = "memfd"
+    SOCKET = "socket"
+    PIPE = "pipe"
+    REGULAR_FILE = "regular-file"
+    DIRECTORY = "directory"
+    DEVICE = "device"
+    HUGETLB_MEMFD = "hugetlb-memfd"
+    ANON_INODE = "anon-inode"
+    OTHER = "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class FdFacts:
+    """Everything the classifier knows about one fd, gathered in one go."""
+
+    kind: FdKind
+    fs_type: int
+    link: str
+    mode: int
+    size: int
+    ino: int
+    dev: int
+
+    @property
+    def preservable(self) -> bool:
+        return self.kind in (FdKind.LUO_SESSION, FdKind.MEMFD)
+
+    def describe(self) -> str:
+        """A short human description, used in refusals."""
+        what = {
+            FdKind.SOCKET: "a socket",
+            FdKind.PIPE: "a pipe",
+            FdKind.REGULAR_FILE: "a regular file",
+            FdKind.DIRECTORY: "a directory",
+            FdKind.DEVICE: "a device node",
+            FdKind.HUGETLB_MEMFD: "a hugetlb memfd",
+            FdKind.ANON_INODE: "an anonymous-inode file",
+            FdKind.MEMFD: "a memfd",
+            FdKind.LUO_SESSION: "a LUO session",
+            FdKind.OTHER: "a file of an unsupported type",
+        }[self.kind]
+        return f"{what} ({self.link})" if self.link else what
+
+
+_ANON_SESSION = re.compile(r"^anon_inode:\[luo_session\](?: (?P<name>.*))?$")
+_FS_SESSION = re.compile(r"^luo_session:\[(?P<name>.*)\]$")
+
+
+def link_session_name(link: str) -> str | None:
+    """The session name as the /proc link shows it (may be cut), or None."""
+    m = _ANON_SESSION.match(link) or _FS_SESSION.match(link)
+    if m is None:
+        return None
+    return m.group("name") or ""
+
+
+def inspect_fd(fd: int) -> FdFacts:
+    """Classify `fd` without the kernel's LUO help.
+
+    A LUO session is recognised by the dedicated pseudo-fs magic (kernels
+    with the LUO_FS_MAGIC series) or, on 7.x, by the anon-inode filesystem
+    plus the 'anon_inode:[luo_session]' link. Callers confirm a session with
+    SESSION_GET_NAME before trusting it.
+    """
+    st = os.fstat(fd)
+    fs_type = fstatfs_type(fd)
+    link = fd_link(fd)
+    mode = st.st_mode
+    kind: FdKind
+    if fs_type == uapi.LUO_SESSION_MAGIC:
+        kind = FdKind.LUO_SESSION
+    elif fs_type == uapi.ANON_INODE_FS_MAGIC:
+        kind = FdKind.LUO_SESSION if link_session_name(link) is not None else FdKind.ANON_INODE
+    elif stat.S_ISSOCK(mode):
+        kind = FdKind.SOCKET
+    elif stat.S_ISFIFO(mode):
+        kind = FdKind.PIPE
+    elif stat.S_ISDIR(mode):
+        kind = FdKind.DIRECTORY
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = FdKind.DEVICE
+    elif fs_type == uapi.HUGETLBFS_MAGIC:
+        kind = FdKind.HUGETLB_MEMFD
+    elif stat.S_ISREG(mode) and fs_type == uapi.TMPFS_MAGIC and (
+        link.startswith("/memfd:") or st.st_nlink == 0
+    ):
+        # memfd_create() files, and O_TMPFILE files on tmpfs: both are shmem
+        # files with no name in any directory, which memfd_luo accepts.
+        kind = FdKind.MEMFD
+    elif stat.S_ISREG(mode):
+        kind = FdKind.REGULAR_FILE
+    else:
+        kind = FdKind.OTHER
+    return FdFacts(kind, fs_type, link, mode, st.st_size, st.st_ino, st.st_dev)
+
+
+def set_cloexec(fd: int) -> None:
+    """Received fds arrive without FD_CLOEXEC; nothing luod holds may leak
+    into a child it spawns."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    if not flags & fcntl.FD_CLOEXEC:
+        fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+
+
+def access_mode(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
+def is_valid_fd(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            return False
+        raise
+    return True

@@ -1,0 +1,98 @@
+"""Loading the next kernel and jumping into it.
+
+Only kexec_file_load(2) is used: the old kexec_load(2) (kexec-tools' plain
+`kexec -l`) carries no KHO handover data, so every LUO session would be lost.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+
+from luod.kernel.backend import LuoError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+_SYS_KEXEC_FILE_LOAD = {"x86_64": 320, "aarch64": 294, "riscv64": 294}
+KEXEC_FILE_UNLOAD = 0x1
+KEXEC_FILE_NO_INITRAMFS = 0x4
+
+LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
+LINUX_REBOOT_MAGIC2 = 672274793
+LINUX_REBOOT_CMD_KEXEC = 0x45584543
+
+KEXEC_LOADED = "/sys/kernel/kexec_loaded"
+
+
+def _syscall_nr() -> int:
+    machine = platform.machine()
+    try:
+        return _SYS_KEXEC_FILE_LOAD[machine]
+    except KeyError:
+        raise LuoError("kexec_file_load", errno.ENOSYS, f"architecture {machine}") from None
+
+
+def load(kernel: str, initrd: str | None, cmdline: str) -> None:
+    """kexec_file_load KERNEL [INITRD] with CMDLINE."""
+    kfd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
+    ifd = -1
+    try:
+        flags = 0
+        if initrd:
+            ifd = os.open(initrd, os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            flags |= KEXEC_FILE_NO_INITRAMFS
+        raw = cmdline.encode() + b"\0"
+        rc = _libc.syscall(
+            ctypes.c_long(_syscall_nr()),
+            ctypes.c_int(kfd),
+            ctypes.c_int(ifd),
+            ctypes.c_ulong(len(raw)),
+            ctypes.c_char_p(raw),
+            ctypes.c_ulong(flags),
+        )
+        if rc != 0:
+            raise LuoError("kexec_file_load", ctypes.get_errno(), kernel)
+    finally:
+        os.close(kfd)
+        if ifd >= 0:
+            os.close(ifd)
+
+
+def unload() -> None:
+    rc = _libc.syscall(
+        ctypes.c_long(_syscall_nr()),
+        ctypes.c_int(-1),
+        ctypes.c_int(-1),
+        ctypes.c_ulong(0),
+        ctypes.c_char_p(None),
+        ctypes.c_ulong(KEXEC_FILE_UNLOAD),
+    )
+    if rc != 0:
+        raise LuoError("kexec_file_load", ctypes.get_errno(), "unload")
+
+
+def is_loaded() -> bool:
+    try:
+        with open(KEXEC_LOADED) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def reboot_kexec() -> None:
+    """reboot(LINUX_REBOOT_CMD_KEXEC). Returns only on failure."""
+    os.sync()
+    rc = _libc.syscall(
+        ctypes.c_long(169 if platform.machine() == "x86_64" else 142),
+        ctypes.c_uint(LINUX_REBOOT_MAGIC1),
+        ctypes.c_uint(LINUX_REBOOT_MAGIC2),
+        ctypes.c_uint(LINUX_REBOOT_CMD_KEXEC),
+        ctypes.c_void_p(None),
+    )
+    if rc != 0:
+        raise LuoError("reboot", ctypes.get_errno(), "LINUX_REBOOT_CMD_KEXEC")
