@@ -126,8 +126,10 @@ def inspect_fd(fd: int) -> FdFacts:
         kind = FdKind.DEVICE
     elif fs_type == uapi.HUGETLBFS_MAGIC:
         kind = FdKind.HUGETLB_MEMFD
-    elif stat.S_ISREG(mode) and fs_type == uapi.TMPFS_MAGIC and (
-        link.startswith("/memfd:") or st.st_nlink == 0
+    elif (
+        stat.S_ISREG(mode)
+        and fs_type == uapi.TMPFS_MAGIC
+        and (link.startswith("/memfd:") or st.st_nlink == 0)
     ):
         # memfd_create() files, and O_TMPFILE files on tmpfs: both are shmem
         # files with no name in any directory, which memfd_luo accepts.

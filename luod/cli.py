@@ -1,0 +1,429 @@
+"""luoctl: drive and inspect luod."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from luod.client import Client, VarlinkError
+from luod.protocol import DEFAULT_SOCKET
+
+EPILOG = """\
+examples:
+  luoctl push cache index /var/lib/app/index.bin --create
+                                 copy a file into a new memfd and hand it to luod
+  luoctl push cache index --fd 3 hand off fd 3 (a memfd) as it is
+  luoctl list                    what luod holds for you (root: for everyone)
+  luoctl check                   what would be lost if the kexec happened now
+  luoctl kexec /boot/vmlinuz --initrd /boot/initrd.img --reuse-cmdline
+                                 load the next kernel and live-update into it
+  luoctl retrieve cache index -o /tmp/index.bin
+  luoctl retrieve cache index --exec ./app
+                                 run ./app with the fd as fd 3 (LISTEN_FDS=1)
+
+exit status: 0 success, 1 luod refused (the error is printed), 2 usage,
+3 luod is not reachable.
+"""
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    try:
+        return Client(args.socket)
+    except OSError as e:
+        raise CliError(3, f"cannot reach luod at {args.socket}: {e.strerror or e}") from None
+
+
+class CliError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _time(usec: int | None) -> str:
+    if usec is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(usec / 1e6).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+# --- commands --------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        st = c.status()
+        check = c.check()
+    if args.json:
+        _print_json({"status": st, "check": check})
+        return 0
+    print(f"luod {st['version']}  backend: {st['backend']}  carrier: {st['carrier']}")
+    print(
+        f"kexecs: {st['kexecCount']}  sessions: {st['sessions']}  files: {st['files']}  pinned: {_bytes(st['bytesPinned'])}"
+    )
+    rec = st.get("reclaim")
+    if rec:
+        line = f"reclaim: {rec['state']}, {rec['sessions']} sessions, {rec['files']} files in {rec['durationUSec'] / 1000:.1f} ms"
+        if rec.get("lost"):
+            line += f", lost: {', '.join(rec['lost'])}"
+        if rec.get("error"):
+            line += f", error: {rec['error']}"
+        print(line)
+    if st.get("nextReleaseUSec") is not None:
+        print(
+            f"unclaimed sessions are released at {_time(st['nextReleaseUSec'])} (grace {st['graceSec']}s)"
+        )
+    print(
+        "ready for kexec: "
+        + ("yes" if check["ready"] else f"no ({len(check['problems'])} problems, see luoctl check)")
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        sessions = c.list_sessions(args.session)
+    if args.json:
+        _print_json(sessions)
+        return 0
+    if not sessions:
+        print("no sessions")
+        return 0
+    rows = []
+    for s in sessions:
+        owner = s["owner"]
+        who = f"{owner.get('unit') or owner.get('comm') or '-'} ({owner['uid']})"
+        rows.append(
+            [
+                s["name"],
+                s["kind"],
+                s["state"],
+                who,
+                str(len(s["files"])),
+                _bytes(s["bytesPinned"]),
+                s["kernelName"],
+            ]
+        )
+        for f in s["files"]:
+            rows.append(
+                [f"  {f['name']}", "memfd", "", "", f"#{f['token']}", _bytes(f["size"]), ""]
+            )
+    print(_table(rows, ["SESSION", "KIND", "STATE", "OWNER", "FILES", "SIZE", "KERNEL NAME"]))
+    return 0
+
+
+def _memfd_from(path: str) -> int:
+    fd = os.memfd_create(
+        os.path.basename(path) if path != "-" else "stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    )
+    try:
+        with open(fd, "wb", closefd=False) as out:
+            if path == "-":
+                shutil.copyfileobj(sys.stdin.buffer, out)
+            else:
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.fd is None):
+        raise CliError(2, "push needs either FILE (copied into a new memfd) or --fd N")
+    if args.fd is not None:
+        fd = args.fd
+        owned = False
+    else:
+        try:
+            fd = _memfd_from(args.file)
+        except OSError as e:
+            raise CliError(1, f"cannot read {args.file}: {e.strerror}") from None
+        owned = True
+    try:
+        with _connect(args) as c:
+            info = c.preserve_fd(args.session, args.name, fd, create_session=args.create)
+    finally:
+        if owned:
+            os.close(fd)
+    if args.json:
+        _print_json(info)
+    else:
+        print(
+            f"{args.session}/{info['name']}: preserved as token {info['token']}, {_bytes(info['size'])}"
+        )
+    return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        info = c.adopt_session(args.fd)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"holding session {info['name']}")
+    return 0
+
+
+def _run_with_fd(fd: int, name: str, argv: list[str]) -> int:
+    """Run argv with `fd` as fd 3, announced the sd_listen_fds(3) way."""
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            if fd != 3:
+                os.dup2(fd, 3, inheritable=True)
+            else:
+                os.set_inheritable(3, True)
+            env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES=name, LISTEN_PID=str(os.getpid()))
+            os.execvpe(argv[0], argv, env)
+        except OSError as e:
+            print(f"luoctl: cannot run {argv[0]}: {e.strerror}", file=sys.stderr)
+        os._exit(127)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        fd = c.retrieve_fd(args.session, args.name, take=args.take)
+    if args.exec:
+        return _run_with_fd(fd, args.name, args.exec)
+    try:
+        out: Any = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115
+        try:
+            offset = 0
+            while chunk := os.pread(fd, 1 << 20, offset):
+                out.write(chunk)
+                offset += len(chunk)
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+    finally:
+        os.close(fd)
+    return 0
+
+
+def cmd_retrieve_session(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        fd = c.retrieve_session(args.session)
+    if args.exec:
+        return _run_with_fd(fd, args.session, args.exec)
+    os.close(fd)
+    print(
+        f"session {args.session} released by luod; without --exec it is closed (and finished) now"
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        res = c.check()
+    if args.json:
+        _print_json(res)
+    elif res["ready"]:
+        print("ready: nothing would be lost by a kexec now")
+    else:
+        for p in res["problems"]:
+            where = p["session"] + (f"/{p['name']}" if p.get("name") else "")
+            print(f"{where or 'luod'}: {p['reason']}")
+    return 0 if res["ready"] else 1
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        c.discard_session(args.session)
+    print(f"session {args.session} released")
+    return 0
+
+
+def cmd_reclaim(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        rec = c.reclaim()
+    if args.json:
+        _print_json(rec)
+    else:
+        print(
+            f"reclaim {rec['state']}: {rec['sessions']} sessions, {rec['files']} files, {len(rec['lost'])} lost"
+        )
+        if rec.get("error"):
+            print(f"error: {rec['error']}")
+    return 1 if rec["state"] == "failed" else 0
+
+
+def _under_systemd() -> bool:
+    return os.path.isdir("/run/systemd/system")
+
+
+def cmd_kexec(args: argparse.Namespace) -> int:
+    from luod.kernel import kexec
+    from luod.kernel.backend import LuoError
+
+    if args.kernel:
+        if args.reuse_cmdline:
+            with open("/proc/cmdline") as f:
+                cmdline = f.read().strip()
+        else:
+            cmdline = args.append or ""
+        try:
+            kexec.load(args.kernel, args.initrd, cmdline)
+        except (OSError, LuoError) as e:
+            raise CliError(1, f"cannot load {args.kernel}: {e}") from None
+        print(f"loaded {args.kernel} with kexec_file_load, command line: {cmdline!r}")
+    with _connect(args) as c:
+        res = c.check()
+        if not res["ready"] and not args.force:
+            for p in res["problems"]:
+                print(f"{p['session'] or 'luod'}: {p['reason']}", file=sys.stderr)
+            raise CliError(
+                1, "preflight check failed; nothing was started (use --force to go ahead anyway)"
+            )
+        if _under_systemd() and not args.no_systemd:
+            # PID 1 stops the services, carries its fd stores and jumps.
+            print("asking systemd to kexec")
+            return subprocess.call(["systemctl", "kexec"])
+        c.kexec(force=args.force)
+    print("luod is jumping into the next kernel")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="luoctl",
+        description="Drive and inspect luod, which keeps file descriptors alive across a kexec.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("LUOD_SOCKET", DEFAULT_SOCKET),
+        help=f"luod's varlink socket (default: $LUOD_SOCKET or {DEFAULT_SOCKET})",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("status", help="what luod holds and whether a kexec now would lose anything")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("list", help="sessions and their files (yours; root: everyone's)")
+    s.add_argument("session", nargs="?", help="only this session")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("push", help="hand a memfd (or a file's bytes, copied into one) to luod")
+    s.add_argument("session")
+    s.add_argument("name", help="the fd's name in the session (a valid fd name)")
+    s.add_argument("file", nargs="?", help="copy this file ('-' for stdin) into a new memfd")
+    s.add_argument("--fd", type=int, help="hand off this inherited fd as it is (must be a memfd)")
+    s.add_argument("--create", action="store_true", help="create the session if it does not exist")
+    s.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("adopt", help="hand over a LUO session fd you created yourself")
+    s.add_argument("--fd", type=int, required=True, help="the inherited session fd")
+    s.set_defaults(func=cmd_adopt)
+
+    s = sub.add_parser("retrieve", help="get a held fd back (a copy, or --take it)")
+    s.add_argument("session")
+    s.add_argument("name")
+    s.add_argument("-o", "--output", help="write the bytes here (default: stdout)")
+    s.add_argument("--take", action="store_true", help="luod lets go of the fd")
+    s.add_argument(
+        "--exec",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="run CMD with the fd as fd 3 (LISTEN_FDS)",
+    )
+    s.set_defaults(func=cmd_retrieve)
+
+    s = sub.add_parser("retrieve-session", help="take back a session you handed over whole")
+    s.add_argument("session")
+    s.add_argument(
+        "--exec",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="run CMD with the session fd as fd 3",
+    )
+    s.set_defaults(func=cmd_retrieve_session)
+
+    s = sub.add_parser(
+        "check", help="preflight: what would be lost by a kexec now (exit 1 if anything)"
+    )
+    s.set_defaults(func=cmd_check)
+
+    for name, helptext in (
+        ("discard", "release a session before the kexec: it will not be carried"),
+        ("finish", "after the kexec: you have what you need, release the session"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("session")
+        s.set_defaults(func=cmd_discard)
+
+    s = sub.add_parser(
+        "reclaim", help="make luod take over what the last kernel carried (boot-time unit)"
+    )
+    s.set_defaults(func=cmd_reclaim)
+
+    s = sub.add_parser(
+        "kexec", help="load the next kernel (kexec_file_load) and live-update into it"
+    )
+    s.add_argument("kernel", nargs="?", help="kernel image to load; omit if one is loaded already")
+    s.add_argument("--initrd")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--append", help="the next kernel's command line")
+    g.add_argument("--reuse-cmdline", action="store_true", help="reuse /proc/cmdline")
+    s.add_argument(
+        "--force", action="store_true", help="go ahead even if the preflight check finds problems"
+    )
+    s.add_argument(
+        "--no-systemd", action="store_true", help="have luod reboot itself even under systemd"
+    )
+    s.set_defaults(func=cmd_kexec)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except CliError as e:
+        print(f"luoctl: {e.message}", file=sys.stderr)
+        return e.code
+    except VarlinkError as e:
+        print(f"luoctl: {e}", file=sys.stderr)
+        return 1
+    except ConnectionError as e:
+        print(f"luoctl: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

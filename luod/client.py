@@ -1,0 +1,206 @@
+"""A small blocking varlink client for luod, for luoctl and for services.
+
+Synchronous on purpose: most services that hand fds to luod are not
+asyncio programs. Wire format as sd-varlink: JSON objects terminated by NUL
+on a unix stream socket; fds ride along with SCM_RIGHTS and are named in the
+JSON by their index in the message.
+
+    with luod.client.connect() as c:
+        c.preserve_fd("cache", "index", memfd, create_session=True)
+        ...
+        fd = c.retrieve_fd("cache", "index")
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from luod.protocol import CUSTODY, DEFAULT_SOCKET, MANAGER, describe_error
+
+MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
+
+
+class VarlinkError(Exception):
+    """luod (or the varlink layer) answered with an error."""
+
+    def __init__(self, error: str, parameters: dict[str, Any]) -> None:
+        self.error = error
+        self.parameters = parameters
+        super().__init__(describe_error(error, parameters))
+
+    @property
+    def short(self) -> str:
+        return self.error.rsplit(".", 1)[-1]
+
+
+class Reply:
+    def __init__(self, parameters: dict[str, Any], fds: list[int]) -> None:
+        self.parameters = parameters
+        self.fds = fds
+
+    def take_fd(self, key: str = "fileDescriptor") -> int:
+        """Take the fd the reply names under `key`; the rest are closed."""
+        index = self.parameters[key]
+        if not isinstance(index, int) or not 0 <= index < len(self.fds):
+            self.close()
+            raise VarlinkError("io.luod.client.MissingFd", {"parameter": key, "index": index})
+        fd = self.fds[index]
+        self.fds[index] = -1
+        self.close()
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds:
+            if fd >= 0:
+                os.close(fd)
+        self.fds = []
+
+
+class Client:
+    def __init__(self, path: str = DEFAULT_SOCKET) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._buf = b""
+        self._fds: list[int] = []
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- wire ---------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = json.dumps(message).encode() + b"\0"
+        if fds:
+            if len(fds) > MAX_FDS_PER_MESSAGE:
+                raise ValueError(f"at most {MAX_FDS_PER_MESSAGE} fds fit one message")
+            sent = socket.send_fds(self.sock, [data], list(fds))
+            data = data[sent:]
+        if data:
+            self.sock.sendall(data)
+
+    def _recv(self) -> tuple[dict[str, Any], list[int]]:
+        # One call at a time: everything up to the NUL, and every fd that came
+        # with it, belongs to the reply of the call just sent.
+        while b"\0" not in self._buf:
+            fds = array.array("i")
+            msg, ancdata, _flags, _addr = self.sock.recvmsg(
+                65536,
+                socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * fds.itemsize),
+                socket.MSG_CMSG_CLOEXEC,
+            )
+            for level, typ, cdata in ancdata:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+            self._fds.extend(fds)
+            if not msg:
+                raise ConnectionError("luod closed the connection")
+            self._buf += msg
+        raw, _, self._buf = self._buf.partition(b"\0")
+        received, self._fds = self._fds, []
+        return json.loads(raw), received
+
+    def call(
+        self, method: str, parameters: dict[str, Any] | None = None, fds: Sequence[int] = ()
+    ) -> Reply:
+        self._send({"method": method, "parameters": parameters or {}}, fds)
+        reply, received = self._recv()
+        if "error" in reply:
+            for fd in received:
+                os.close(fd)
+            raise VarlinkError(reply["error"], reply.get("parameters") or {})
+        return Reply(reply.get("parameters") or {}, received)
+
+    def _call(
+        self, method: str, parameters: dict[str, Any] | None = None, fds: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        r = self.call(method, parameters, fds)
+        r.close()
+        return r.parameters
+
+    # --- io.luod.Custody ----------------------------------------------------
+
+    def create_session(self, session: str) -> dict[str, Any]:
+        return dict(self._call(f"{CUSTODY}.CreateSession", {"session": session})["session"])
+
+    def preserve_fd(
+        self, session: str, name: str, fd: int, create_session: bool = False
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"session": session, "name": name, "fileDescriptor": 0}
+        if create_session:
+            params["createSession"] = True
+        return dict(self._call(f"{CUSTODY}.PreserveFd", params, [fd])["file"])
+
+    def preserve_fds(
+        self, session: str, files: Sequence[tuple[str, int]], create_session: bool = False
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {
+            "session": session,
+            "files": [{"name": n, "fileDescriptor": i} for i, (n, _fd) in enumerate(files)],
+        }
+        if create_session:
+            params["createSession"] = True
+        return list(self._call(f"{CUSTODY}.PreserveFds", params, [fd for _n, fd in files])["files"])
+
+    def adopt_session(self, session_fd: int) -> dict[str, Any]:
+        return dict(
+            self._call(f"{CUSTODY}.AdoptSession", {"fileDescriptor": 0}, [session_fd])["session"]
+        )
+
+    def list_sessions(self, session: str | None = None) -> list[dict[str, Any]]:
+        params = {} if session is None else {"session": session}
+        return list(self._call(f"{CUSTODY}.ListSessions", params)["sessions"])
+
+    def retrieve_fd(self, session: str, name: str, take: bool = False) -> int:
+        params: dict[str, Any] = {"session": session, "name": name}
+        if take:
+            params["take"] = True
+        return self.call(f"{CUSTODY}.RetrieveFd", params).take_fd()
+
+    def retrieve_session(self, session: str) -> int:
+        return self.call(f"{CUSTODY}.RetrieveSession", {"session": session}).take_fd()
+
+    def discard_session(self, session: str) -> None:
+        self._call(f"{CUSTODY}.DiscardSession", {"session": session})
+
+    # --- io.luod.Manager ----------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._call(f"{MANAGER}.GetStatus")["status"])
+
+    def check(self) -> dict[str, Any]:
+        return self._call(f"{MANAGER}.Check")
+
+    def reclaim(self) -> dict[str, Any]:
+        return dict(self._call(f"{MANAGER}.Reclaim")["reclaim"])
+
+    def kexec(self, force: bool = False) -> None:
+        self._call(f"{MANAGER}.KExec", {"force": True} if force else {})
+
+
+@contextlib.contextmanager
+def connect(path: str | None = None) -> Iterator[Client]:
+    c = Client(path or os.environ.get("LUOD_SOCKET", DEFAULT_SOCKET))
+    try:
+        yield c
+    finally:
+        c.close()

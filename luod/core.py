@@ -1,0 +1,632 @@
+"""luod's core: custody of sessions and fds, ownership, reclaim, grace.
+
+No varlink here. Every method that receives an fd takes ownership of it: it
+is either kept (in a Session) or closed before the method returns, also on
+error. Every method that returns an fd hands ownership to the caller.
+
+Custody works across any number of kexecs: the kernel only carries sessions
+created in the current boot, so at reclaim luod retrieves every file of a
+managed session and preserves it again into a fresh outgoing session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import structlog
+
+from luod import errors
+from luod.carrier import Carrier
+from luod.kernel import fdinfo
+from luod.kernel.backend import Backend, LuoError
+from luod.manifest import Manifest, ManifestError, from_json, to_json
+from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
+from luod.peer import Peer
+
+log = structlog.get_logger("luod")
+
+MAX_SESSION_NAME = 48
+MAX_FD_NAME = 255
+# Session names luod will not create or adopt: PID 1 owns 'systemd' (its fd
+# store carrier), luod owns everything starting with 'luod'.
+RESERVED_EXACT = frozenset({"systemd"})
+RESERVED_PREFIX = "luod"
+_SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:+=-]*$")
+# A valid systemd fd name (no ':' which separates LISTEN_FDNAMES), so a name
+# can be handed on to a service's fd store unchanged.
+_FD_NAME = re.compile(r"^[A-Za-z0-9_.@+=,-]+$")
+
+
+def check_session_name(
+    name: str, parameter: str = "session", limit: int = MAX_SESSION_NAME
+) -> None:
+    if not name:
+        raise errors.InvalidName(parameter, name, "must not be empty")
+    if len(name.encode()) > limit:
+        raise errors.InvalidName(parameter, name, f"longer than {limit} bytes")
+    if not _SESSION_NAME.match(name):
+        raise errors.InvalidName(
+            parameter,
+            name,
+            "must start with a letter or digit and use only letters, digits and _.@:+=-",
+        )
+    if name in RESERVED_EXACT:
+        raise errors.ReservedSessionName(
+            name, "PID 1 uses it for the fd stores it carries over kexec"
+        )
+    if name.startswith(RESERVED_PREFIX):
+        raise errors.ReservedSessionName(name, "names starting with 'luod' are luod's own")
+
+
+def check_fd_name(name: str, parameter: str = "name") -> None:
+    if not name:
+        raise errors.InvalidName(parameter, name, "must not be empty")
+    if len(name) > MAX_FD_NAME:
+        raise errors.InvalidName(parameter, name, f"longer than {MAX_FD_NAME} characters")
+    if not _FD_NAME.match(name):
+        raise errors.InvalidName(
+            parameter, name, "must use only letters, digits and _.@+=,- (a valid fd name)"
+        )
+
+
+def owner_of(peer: Peer) -> Owner:
+    return Owner(uid=peer.uid, unit=peer.unit, comm=peer.comm)
+
+
+@dataclasses.dataclass
+class Incoming:
+    """A file offered for hand-off: its name, fd (owned), and where it came from."""
+
+    name: str
+    fd: int
+    # Where in the call it came from, e.g. "files[2]"; "" for top-level parameters.
+    where: str = ""
+
+    def parameter(self, field: str) -> str:
+        return f"{self.where}.{field}" if self.where else field
+
+
+@dataclasses.dataclass
+class ReclaimReport:
+    state: str  # "fresh" (nothing came over), "reclaimed", "failed"
+    sessions: int = 0
+    files: int = 0
+    lost: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    duration: float = 0.0
+
+
+@dataclasses.dataclass
+class Problem:
+    session: str
+    name: str | None
+    reason: str
+
+
+class Custodian:
+    def __init__(
+        self,
+        backend: Backend,
+        carrier: Carrier,
+        grace: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.carrier = carrier
+        self.grace = grace
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.kexec_count = 0
+        self.name_counter = 0
+        self.reclaim: ReclaimReport | None = None
+        self.manifest_error: ManifestError | None = None
+        self._by_inode: dict[tuple[int, int], tuple[str, str]] = {}
+        self.started_at = clock()
+
+    # --- start, reclaim and the manifest ---------------------------------
+
+    def start(self) -> ReclaimReport:
+        """Take over what the previous kernel carried, if anything."""
+        t0 = time.monotonic()
+        try:
+            incoming = self.carrier.load()
+        except ManifestError as e:
+            self.manifest_error = e
+            self.reclaim = ReclaimReport("failed", error=e.message, duration=time.monotonic() - t0)
+            log.error("manifest-unusable", kind=e.kind, reason=e.message, released="nothing")
+            return self.reclaim
+        if incoming is None:
+            self.reclaim = ReclaimReport("fresh", duration=time.monotonic() - t0)
+            self._save()
+            log.info("started-fresh", backend=self.backend.name, carrier=self.carrier.name)
+            return self.reclaim
+        try:
+            manifest = from_json(incoming.payload)
+        except ManifestError as e:
+            self.manifest_error = e
+            self.reclaim = ReclaimReport("failed", error=e.message, duration=time.monotonic() - t0)
+            log.error(
+                "manifest-unusable",
+                kind=e.kind,
+                reason=e.message,
+                source=incoming.source,
+                released="nothing",
+            )
+            return self.reclaim
+        report = self._reclaim(manifest)
+        report.duration = time.monotonic() - t0
+        self.reclaim = report
+        log.info(
+            "reclaimed",
+            sessions=report.sessions,
+            files=report.files,
+            lost=len(report.lost),
+            kexec_count=self.kexec_count,
+            seconds=round(report.duration, 4),
+        )
+        return report
+
+    def _reclaim(self, manifest: Manifest) -> ReclaimReport:
+        self.kexec_count = manifest.kexec_count + 1
+        self.name_counter = manifest.name_counter
+        report = ReclaimReport("reclaimed")
+        deadline = self.clock() + self.grace
+        for old in manifest.sessions:
+            try:
+                sfd = self.carrier.retrieve_session(old.kernel_name)
+            except LuoError as e:
+                report.lost.append(old.name)
+                log.error(
+                    "session-lost",
+                    session=old.name,
+                    kernel_name=old.kernel_name,
+                    owner=old.owner.describe(),
+                    reason=str(e),
+                )
+                continue
+            old.fd = sfd
+            old.state = SessionState.INCOMING
+            old.claim_deadline = deadline
+            old.kexec_count = self.kexec_count
+            if old.kind is SessionKind.MANAGED:
+                self._take_over_managed(old, report)
+            else:
+                self.sessions[old.name] = old
+                log.info(
+                    "session-arrived",
+                    session=old.name,
+                    kind=old.kind.value,
+                    owner=old.owner.describe(),
+                )
+            report.sessions += 1
+        self.carrier.finish_incoming()
+        self._save()
+        return report
+
+    def _take_over_managed(self, s: Session, report: ReclaimReport) -> None:
+        """Retrieve every file of an incoming managed session and preserve it
+        again into a new outgoing session, so custody goes on."""
+        incoming_fd = s.fd
+        for f in list(s.files.values()):
+            try:
+                f.fd = self.backend.retrieve_fd(incoming_fd, f.token)
+            except LuoError as e:
+                log.error(
+                    "fd-lost",
+                    session=s.name,
+                    name=f.name,
+                    token=f.token,
+                    owner=s.owner.describe(),
+                    reason=str(e),
+                )
+                del s.files[f.name]
+                report.lost.append(f"{s.name}/{f.name}")
+                continue
+            report.files += 1
+        s.fd = -1
+        try:
+            self._represerve(s, s.files.values())
+        except LuoError as e:
+            # The files are retrieved and held; they stay usable in this boot.
+            log.error("represerve-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
+        finally:
+            try:
+                self.backend.finish_session(incoming_fd)
+            finally:
+                os.close(incoming_fd)
+        self.sessions[s.name] = s
+        for f in s.files.values():
+            self._index(s, f)
+        log.info(
+            "session-arrived",
+            session=s.name,
+            kind=s.kind.value,
+            owner=s.owner.describe(),
+            files=len(s.files),
+        )
+
+    def _new_kernel_name(self, name: str) -> str:
+        self.name_counter += 1
+        return f"{RESERVED_PREFIX}.{self.name_counter}.{name}"[:63]
+
+    def _represerve(self, s: Session, files: Iterable[HeldFile]) -> None:
+        """Put `files` (fds held by luod) into a brand-new outgoing session
+        for `s`, then drop the session fd `s` had. The kernel has no
+        'unpreserve one file', so this is also how files leave a session."""
+        kernel_name = self._new_kernel_name(s.name)
+        sfd = self.backend.create_session(kernel_name)
+        try:
+            for f in files:
+                self.backend.preserve_fd(sfd, f.fd, f.token)
+        except BaseException:
+            os.close(sfd)
+            raise
+        old_fd, old_kernel = s.fd, s.kernel_name
+        s.fd, s.kernel_name, s.state = sfd, kernel_name, SessionState.OUTGOING
+        self.carrier.session_held(kernel_name, sfd)
+        if old_fd >= 0:
+            os.close(old_fd)
+            self.carrier.session_dropped(old_kernel)
+
+    def _manifest(self) -> Manifest:
+        return Manifest(
+            sessions=list(self.sessions.values()),
+            kexec_count=self.kexec_count,
+            name_counter=self.name_counter,
+            written_at=self.clock(),
+        )
+
+    def _save(self) -> None:
+        if self.manifest_error is not None:
+            # Writing would shadow the incoming state the operator must see.
+            return
+        self.carrier.save(to_json(self._manifest()))
+
+    # --- access -------------------------------------------------------------
+
+    def _session(self, peer: Peer, name: str) -> Session:
+        s = self.sessions.get(name)
+        if s is None:
+            raise errors.NoSuchSession(name)
+        if not peer.is_root and peer.uid != s.owner.uid:
+            raise errors.PermissionDenied(name, s.owner.describe())
+        if s.claim_deadline is not None:
+            s.claim_deadline = None
+            log.info(
+                "session-claimed", session=s.name, owner=s.owner.describe(), by=peer.describe()
+            )
+        return s
+
+    def _require_usable(self) -> None:
+        if self.manifest_error is not None:
+            raise errors.NotReady(
+                f"the incoming manifest is unusable ({self.manifest_error.message}); "
+                "luod releases nothing and accepts no new custody until an operator resolves it"
+            )
+
+    def _index(self, s: Session, f: HeldFile) -> None:
+        st = os.fstat(f.fd)
+        self._by_inode[(st.st_dev, st.st_ino)] = (s.name, f.name)
+
+    def _unindex(self, f: HeldFile) -> None:
+        if f.fd >= 0:
+            st = os.fstat(f.fd)
+            self._by_inode.pop((st.st_dev, st.st_ino), None)
+
+    # --- client operations --------------------------------------------------
+
+    def create_session(self, peer: Peer, name: str) -> Session:
+        self._require_usable()
+        check_session_name(name)
+        if name in self.sessions:
+            raise errors.SessionExists(name)
+        kernel_name = self._new_kernel_name(name)
+        try:
+            sfd = self.backend.create_session(kernel_name)
+        except LuoError as e:
+            raise errors.KernelRefused("create_session", e.errno, e.message, name) from None
+        s = Session(
+            name=name,
+            kind=SessionKind.MANAGED,
+            owner=owner_of(peer),
+            kernel_name=kernel_name,
+            created_at=self.clock(),
+            fd=sfd,
+            kexec_count=self.kexec_count,
+        )
+        self.sessions[name] = s
+        self.carrier.session_held(kernel_name, sfd)
+        self._save()
+        log.info("session-created", session=name, kernel_name=kernel_name, owner=s.owner.describe())
+        return s
+
+    def preserve_fds(
+        self, peer: Peer, session: str, files: Sequence[Incoming], create: bool = False
+    ) -> list[HeldFile]:
+        """Hand off memfds into a managed session. All or nothing."""
+        try:
+            return self._preserve_fds(peer, session, files, create)
+        finally:
+            for inc in files:
+                if inc.fd >= 0:
+                    os.close(inc.fd)
+
+    def _preserve_fds(
+        self, peer: Peer, session: str, files: Sequence[Incoming], create: bool
+    ) -> list[HeldFile]:
+        self._require_usable()
+        created = False
+        if create and session not in self.sessions:
+            check_session_name(session)
+        else:
+            s = self._session(peer, session)
+            if s.kind is not SessionKind.MANAGED:
+                raise errors.WrongSessionKind(
+                    session, s.kind.value, "files can only be handed off into sessions luod manages"
+                )
+        names: set[str] = set()
+        sizes: list[int] = []
+        for inc in files:
+            check_fd_name(inc.name, inc.parameter("name"))
+            if inc.name in names or (
+                session in self.sessions and inc.name in self.sessions[session].files
+            ):
+                raise errors.FdNameExists(session, inc.name)
+            names.add(inc.name)
+            facts = fdinfo.inspect_fd(inc.fd)
+            if facts.kind is not fdinfo.FdKind.MEMFD:
+                raise errors.UnsupportedFd(
+                    inc.parameter("fileDescriptor"), facts.kind.value, _refusal(facts)
+                )
+            held = self._by_inode.get((facts.dev, facts.ino))
+            if held is not None:
+                raise errors.AlreadyPreserved(inc.parameter("fileDescriptor"), held[0], held[1])
+            sizes.append(facts.size)
+        if session not in self.sessions:
+            self.create_session(peer, session)
+            created = True
+        s = self.sessions[session]
+        now = self.clock()
+        next_token = max((f.token for f in s.files.values()), default=0) + 1
+        added: list[HeldFile] = []
+        try:
+            for inc, size in zip(files, sizes, strict=True):
+                f = HeldFile(
+                    name=inc.name, token=next_token, size=size, preserved_at=now, fd=inc.fd
+                )
+                next_token += 1
+                self.backend.preserve_fd(s.fd, f.fd, f.token)
+                inc.fd = -1  # owned by the session from here on
+                added.append(f)
+                s.files[f.name] = f
+                self._index(s, f)
+        except LuoError as e:
+            self._rollback(s, added, created)
+            raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
+        self._save()
+        for f in added:
+            log.info(
+                "fd-preserved",
+                session=s.name,
+                name=f.name,
+                token=f.token,
+                size=f.size,
+                owner=s.owner.describe(),
+            )
+        return added
+
+    def _rollback(self, s: Session, added: list[HeldFile], created: bool) -> None:
+        """Undo a partial hand-off: nothing may change on bad input."""
+        for f in added:
+            self._unindex(f)
+            del s.files[f.name]
+            f.close()
+        if created:
+            self._drop(s, "hand-off failed")
+        elif added:
+            self._represerve(s, s.files.values())
+        self._save()
+
+    def adopt_session(self, peer: Peer, fd: int, parameter: str = "fileDescriptor") -> Session:
+        """Hold a session fd the client created itself, as it is."""
+        try:
+            self._require_usable()
+            name = self.backend.identify_session(fd)
+            if name is None:
+                facts = fdinfo.inspect_fd(fd)
+                raise errors.UnsupportedFd(
+                    parameter, facts.kind.value, f"not a LUO session: {facts.describe()}"
+                )
+            check_session_name(name, "session", limit=63)
+            if name in self.sessions:
+                raise errors.SessionExists(name)
+        except BaseException:
+            os.close(fd)
+            raise
+        s = Session(
+            name=name,
+            kind=SessionKind.ADOPTED,
+            owner=owner_of(peer),
+            kernel_name=name,
+            created_at=self.clock(),
+            fd=fd,
+            kexec_count=self.kexec_count,
+        )
+        self.sessions[name] = s
+        self.carrier.session_held(name, fd)
+        self._save()
+        log.info("session-adopted", session=name, owner=s.owner.describe())
+        return s
+
+    def list_sessions(self, peer: Peer, session: str | None = None) -> list[Session]:
+        if session is not None:
+            s = self.sessions.get(session)
+            if s is None:
+                raise errors.NoSuchSession(session)
+            if not peer.is_root and peer.uid != s.owner.uid:
+                raise errors.PermissionDenied(session, s.owner.describe())
+            return [s]
+        return [s for s in self.sessions.values() if peer.is_root or s.owner.uid == peer.uid]
+
+    def retrieve_fd(self, peer: Peer, session: str, name: str, take: bool) -> tuple[int, HeldFile]:
+        """A copy of a held file (custody goes on), or the file itself (custody ends)."""
+        s = self._session(peer, session)
+        f = s.files.get(name)
+        if f is None:
+            raise errors.NoSuchFd(session, name)
+        if f.fd < 0:
+            raise errors.NotReady(f"luod holds no reference to '{session}/{name}' in this boot")
+        # A dup shares the open file description, so the client sees the
+        # file position the file has, as it would after the kexec.
+        out = os.dup(f.fd)
+        if not take:
+            log.info(
+                "fd-copied",
+                session=s.name,
+                name=f.name,
+                owner=s.owner.describe(),
+                to=peer.describe(),
+            )
+            return out, f
+        remaining = [x for x in s.files.values() if x is not f]
+        try:
+            if remaining:
+                self._represerve(s, remaining)
+        except LuoError as e:
+            os.close(out)
+            raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
+        self._unindex(f)
+        del s.files[name]
+        f.close()
+        if not remaining:
+            self._drop(s, "its last fd was taken")
+        self._save()
+        log.info(
+            "fd-taken", session=session, name=name, owner=s.owner.describe(), by=peer.describe()
+        )
+        return out, f
+
+    def retrieve_session(self, peer: Peer, session: str) -> int:
+        """Give an adopted session's fd back to its owner; custody ends."""
+        s = self._session(peer, session)
+        if s.kind is not SessionKind.ADOPTED:
+            raise errors.WrongSessionKind(
+                session,
+                s.kind.value,
+                "only sessions a client created itself are handed back whole; use RetrieveFd",
+            )
+        fd, s.fd = s.fd, -1
+        del self.sessions[session]
+        self.carrier.session_dropped(s.kernel_name)
+        self._save()
+        log.info(
+            "session-returned",
+            session=session,
+            state=s.state.value,
+            owner=s.owner.describe(),
+            to=peer.describe(),
+        )
+        return fd
+
+    def discard_session(self, peer: Peer, session: str) -> Session:
+        s = self._session(peer, session)
+        self._drop(s, f"discarded by {peer.describe()}")
+        self._save()
+        return s
+
+    def _drop(self, s: Session, why: str) -> None:
+        for f in s.files.values():
+            self._unindex(f)
+        s.close()
+        self.sessions.pop(s.name, None)
+        self.carrier.session_dropped(s.kernel_name)
+        log.info(
+            "session-released",
+            session=s.name,
+            owner=s.owner.describe(),
+            files=",".join(s.files) or "-",
+            bytes=s.bytes_pinned,
+            reason=why,
+        )
+
+    # --- grace, status, preflight --------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            s.claim_deadline for s in self.sessions.values() if s.claim_deadline is not None
+        ]
+        return min(deadlines, default=None)
+
+    def expire(self) -> list[str]:
+        """Release what nobody claimed within the grace period."""
+        now = self.clock()
+        gone = [
+            s
+            for s in self.sessions.values()
+            if s.claim_deadline is not None and s.claim_deadline <= now
+        ]
+        for s in gone:
+            log.warning(
+                "unclaimed-released",
+                session=s.name,
+                owner=s.owner.describe(),
+                files=",".join(s.files) or "-",
+                bytes=s.bytes_pinned,
+                grace=self.grace,
+            )
+            self._drop(s, f"not claimed within {self.grace:g}s after the kexec")
+        if gone:
+            self._save()
+        return [s.name for s in gone]
+
+    def check(self) -> list[Problem]:
+        """What would be lost if the kexec happened now, and why."""
+        problems: list[Problem] = []
+        if self.manifest_error is not None:
+            problems.append(
+                Problem(
+                    "", None, f"the incoming manifest is unusable: {self.manifest_error.message}"
+                )
+            )
+        for s in self.sessions.values():
+            if s.fd < 0:
+                problems.append(Problem(s.name, None, "luod holds no fd for this session"))
+            elif s.state is SessionState.INCOMING:
+                problems.append(
+                    Problem(
+                        s.name,
+                        None,
+                        "arrived with the last kexec and was not taken back by its owner; the kernel only "
+                        "carries sessions created in the current boot, so it will be lost",
+                    )
+                )
+            for f in s.files.values():
+                if f.fd < 0:
+                    problems.append(Problem(s.name, f.name, "luod holds no reference to this file"))
+        return problems
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.sessions),
+            "files": sum(len(s.files) for s in self.sessions.values()),
+            "bytesPinned": sum(s.bytes_pinned for s in self.sessions.values()),
+            "kexecCount": self.kexec_count,
+        }
+
+    def close(self) -> None:
+        """luod is stopping without a kexec (tests, fallback): close all."""
+        for s in self.sessions.values():
+            s.close()
+
+
+def _refusal(facts: fdinfo.FdFacts) -> str:
+    if facts.kind is fdinfo.FdKind.LUO_SESSION:
+        return "this is a LUO session; hand it over with AdoptSession, sessions are not nested"
+    if facts.kind is fdinfo.FdKind.HUGETLB_MEMFD:
+        return "the kernel cannot preserve hugetlb memfds"
+    return f"the kernel can only preserve memfds (and tmpfs O_TMPFILE files); this is {facts.describe()}"

@@ -1,0 +1,222 @@
+"""luod, the daemon: wires backend, carrier, core and varlink together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+import luod
+from luod import log as logsetup
+from luod import notify
+from luod.carrier import Carrier, StateSessionCarrier
+from luod.core import Custodian
+from luod.kernel.backend import Backend, KernelBackend, LuoError
+from luod.peer import Peer
+from luod.protocol import DEFAULT_SOCKET
+from luod.server import LuodServer, make_registry
+
+log = structlog.get_logger("luod")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|m|min|h)?\s*$")
+_UNIT = {
+    None: 1.0,
+    "us": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "sec": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """'600', '10min', '1.5s', '2h' → seconds."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration (try 600, 10min, 30s, 1h)")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="luod",
+        description=(
+            "Keep file descriptors alive across a kexec with Linux's Live Update "
+            "Orchestrator (/dev/liveupdate). Services hand fds to luod over varlink; "
+            "after the kexec luod gives them back. Usually started by luod.socket."
+        ),
+    )
+    p.add_argument("--version", action="version", version=f"luod {luod.__version__}")
+    p.add_argument(
+        "--socket",
+        default=DEFAULT_SOCKET,
+        help=f"varlink socket to listen on when not socket-activated (default: {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("kernel", "fake"),
+        default="kernel",
+        help="kernel: /dev/liveupdate (default). fake: the test kernel of luod.kernel.fake, never chosen implicitly",
+    )
+    p.add_argument(
+        "--fake-kernel", metavar="PATH", help="socket of the fake kernel (with --backend=fake)"
+    )
+    p.add_argument(
+        "--grace",
+        type=parse_duration,
+        default=600.0,
+        help="after a kexec, release what no owner claimed within this time (default: 10min)",
+    )
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
+    return p
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "fake":
+        if not args.fake_kernel:
+            raise SystemExit("luod: --backend=fake needs --fake-kernel PATH")
+        from luod.kernel.fake import FakeBackend
+
+        return FakeBackend(args.fake_kernel)
+    return KernelBackend()
+
+
+def raise_nofile_limit() -> None:
+    """Every held file is an fd; the default soft limit of 1024 is far too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _is_listening(fd: int) -> bool:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    finally:
+        s.close()
+
+
+class Daemon:
+    def __init__(self, core: Custodian, args: argparse.Namespace) -> None:
+        self.core = core
+        self.args = args
+        self.stopping = asyncio.Event()
+        self.exit_code = 0
+
+    def schedule_kexec(self, peer: Peer) -> None:
+        log.warning("kexec-requested", by=peer.describe(), sessions=len(self.core.sessions))
+        # After the reply went out.
+        asyncio.get_running_loop().call_later(0.1, self._kexec)
+
+    def _kexec(self) -> None:
+        notify.notify("STOPPING=1\nSTATUS=Jumping into the next kernel")
+        try:
+            self.core.backend.reboot_kexec()
+        except LuoError as e:
+            log.error("kexec-failed", reason=str(e))
+            notify.notify(f"READY=1\nSTATUS=kexec failed: {e}")
+            return
+        # Only the fake kernel returns from a successful kexec: this process
+        # is now "the old userspace" and must go away without touching state.
+        log.info("kexec-done", backend=self.core.backend.name)
+        self.exit_code = 0
+        self.kexeced = True
+        self.stopping.set()
+
+    kexeced = False
+
+    def _listen_socket(self) -> socket.socket:
+        fds = notify.listen_fds()
+        chosen = [f for f in fds if f.name == "varlink"] or [
+            f for f in fds if f.name in ("unknown", "")
+        ]
+        for f in fds:
+            if f not in chosen[:1]:
+                os.close(f.fd)
+        if chosen:
+            fd = chosen[0].fd
+            if not _is_listening(fd):
+                os.close(fd)
+                raise SystemExit(
+                    "luod: the service manager passed a connected socket (Accept=yes?). "
+                    "luod holds custody in one process; its socket unit needs Accept=no."
+                )
+            return socket.socket(fileno=fd)
+        path = self.args.socket
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(path)
+        os.chmod(path, 0o666)  # access is decided per call from SO_PEERCRED
+        return sock
+
+    async def _grace_timer(self) -> None:
+        while (deadline := self.core.next_deadline()) is not None:
+            await asyncio.sleep(max(0.0, deadline - self.core.clock()))
+            self.core.expire()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        report = self.core.start()
+        sock = self._listen_socket()
+        sock.setblocking(False)
+        registry = make_registry(self.core, self)
+        server = LuodServer(sock, registry)
+        await server.start_serving()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        grace = asyncio.create_task(self._grace_timer())
+        status = f"Holding {len(self.core.sessions)} sessions"
+        if report.state == "failed":
+            status = f"Incoming manifest unusable: {report.error}"
+        notify.notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        log.info(
+            "listening",
+            socket=sock.getsockname() or "(activated)",
+            backend=self.core.backend.name,
+            pid=os.getpid(),
+        )
+        await self.stopping.wait()
+        grace.cancel()
+        server.close()
+        if not self.kexeced:
+            if self.core.sessions:
+                log.warning(
+                    "stopping-releases-custody",
+                    sessions=len(self.core.sessions),
+                    files=sum(len(s.files) for s in self.core.sessions.values()),
+                )
+            self.core.close()
+        return self.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logsetup.setup(args.log_level, json=args.log_format == "json")
+    backend = make_backend(args)
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        log.error("no-liveupdate", reason=reason)
+        notify.notify(f"STATUS={reason}\nERRNO=19")
+        print(f"luod: {reason}", file=sys.stderr)
+        return 1
+    raise_nofile_limit()
+    carrier: Carrier = StateSessionCarrier(backend)
+    core = Custodian(backend, carrier, grace=args.grace)
+    return asyncio.run(Daemon(core, args).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""luod's own metadata across the kexec: the manifest.
+
+The kernel carries bare u64 tokens; who owns a session, what its files are
+called and which token is which only survive if luod writes them down. The
+manifest is JSON in a memfd, versioned and checksummed.
+
+Once preserved a memfd cannot grow or shrink, but writes into it are carried.
+So the memfd has a fixed capacity and two slots; each write goes to the
+slot not holding the newest copy, so a torn write can never destroy the last
+good manifest. Slot layout (little endian):
+
+    magic  8 bytes  b"LUODMAN\\0"
+    format u32      SLOT_FORMAT
+    seq    u64      increases with every write
+    length u32      bytes of JSON
+    sha256 32 bytes of the JSON
+    json   `length` bytes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from typing import Any
+
+from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
+
+MANIFEST_VERSION = 1
+SLOT_FORMAT = 1
+SLOT_MAGIC = b"LUODMAN\0"
+_HEADER = struct.Struct("<8sIQI32s")
+PAGE = 4096
+
+
+class ManifestError(Exception):
+    """The incoming manifest cannot be trusted. `kind` is 'corrupt' or 'version'."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclasses.dataclass
+class Manifest:
+    sessions: list[Session]
+    kexec_count: int = 0
+    name_counter: int = 0
+    written_at: float = 0.0
+    boot_id: str = ""
+    version: int = MANIFEST_VERSION
+
+
+def _owner_to_json(o: Owner) -> dict[str, Any]:
+    return {"uid": o.uid, "unit": o.unit, "comm": o.comm}
+
+
+def to_json(m: Manifest) -> bytes:
+    doc = {
+        "version": m.version,
+        "generator": "luod",
+        "bootId": m.boot_id,
+        "kexecCount": m.kexec_count,
+        "nameCounter": m.name_counter,
+        "written": m.written_at,
+        "sessions": [
+            {
+                "name": s.name,
+                "kind": s.kind.value,
+                "kernelName": s.kernel_name,
+                "owner": _owner_to_json(s.owner),
+                "created": s.created_at,
+                "files": [
+                    {"name": f.name, "token": f.token, "size": f.size, "preserved": f.preserved_at}
+                    for f in s.files.values()
+                ],
+            }
+            for s in m.sessions
+        ],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise ManifestError("corrupt", f"manifest: {where} has no '{key}'")
+    v = d[key]
+    # bool is an int in Python; a manifest saying true for a number is corrupt.
+    if not isinstance(v, typ) or isinstance(v, bool):
+        raise ManifestError("corrupt", f"manifest: {where}.{key} has the wrong type")
+    return v
+
+
+def from_json(raw: bytes) -> Manifest:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError("corrupt", f"manifest is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ManifestError("corrupt", "manifest is not a JSON object")
+    version = _get(doc, "version", int, "manifest")
+    if version != MANIFEST_VERSION:
+        raise ManifestError(
+            "version",
+            f"manifest version {version} is not known to this luod (it reads version {MANIFEST_VERSION})",
+        )
+    sessions: list[Session] = []
+    seen: set[str] = set()
+    for i, sd in enumerate(_get(doc, "sessions", list, "manifest")):
+        where = f"sessions[{i}]"
+        if not isinstance(sd, dict):
+            raise ManifestError("corrupt", f"manifest: {where} is not an object")
+        od = _get(sd, "owner", dict, where)
+        unit = od.get("unit")
+        if unit is not None and not isinstance(unit, str):
+            raise ManifestError("corrupt", f"manifest: {where}.owner.unit has the wrong type")
+        try:
+            kind = SessionKind(_get(sd, "kind", str, where))
+        except ValueError:
+            raise ManifestError("corrupt", f"manifest: {where}.kind is unknown") from None
+        s = Session(
+            name=_get(sd, "name", str, where),
+            kind=kind,
+            owner=Owner(
+                uid=_get(od, "uid", int, where + ".owner"), unit=unit, comm=str(od.get("comm", ""))
+            ),
+            kernel_name=_get(sd, "kernelName", str, where),
+            created_at=float(_get(sd, "created", (int, float), where)),
+            state=SessionState.OUTGOING,
+        )
+        if s.name in seen:
+            raise ManifestError("corrupt", f"manifest: session '{s.name}' appears twice")
+        seen.add(s.name)
+        tokens: set[int] = set()
+        for j, fd_ in enumerate(_get(sd, "files", list, where)):
+            fwhere = f"{where}.files[{j}]"
+            if not isinstance(fd_, dict):
+                raise ManifestError("corrupt", f"manifest: {fwhere} is not an object")
+            f = HeldFile(
+                name=_get(fd_, "name", str, fwhere),
+                token=_get(fd_, "token", int, fwhere),
+                size=_get(fd_, "size", int, fwhere),
+                preserved_at=float(_get(fd_, "preserved", (int, float), fwhere)),
+            )
+            if f.name in s.files or f.token in tokens:
+                raise ManifestError("corrupt", f"manifest: {fwhere} repeats a name or token")
+            tokens.add(f.token)
+            s.files[f.name] = f
+        sessions.append(s)
+    return Manifest(
+        sessions=sessions,
+        kexec_count=_get(doc, "kexecCount", int, "manifest"),
+        name_counter=_get(doc, "nameCounter", int, "manifest"),
+        written_at=float(_get(doc, "written", (int, float), "manifest")),
+        boot_id=str(doc.get("bootId", "")),
+    )
+
+
+# --- the two-slot memfd ---------------------------------------------------
+
+
+def slot_capacity(memfd_size: int) -> int:
+    return memfd_size // 2 - _HEADER.size
+
+
+def capacity_for(payload: int) -> int:
+    """A memfd size with room for `payload` bytes per slot, and then some."""
+    need = 2 * (payload + _HEADER.size)
+    size = 64 * 1024
+    while size < 2 * need:
+        size *= 2
+    return size
+
+
+def write_slot(fd: int, memfd_size: int, slot: int, seq: int, payload: bytes) -> None:
+    if len(payload) > slot_capacity(memfd_size):
+        raise ValueError("manifest does not fit the slot")
+    header = _HEADER.pack(
+        SLOT_MAGIC, SLOT_FORMAT, seq, len(payload), hashlib.sha256(payload).digest()
+    )
+    # Body first, header last: a reader never sees a header for a body that
+    # is not fully written.
+    base = slot * (memfd_size // 2)
+    os.pwrite(fd, payload, base + _HEADER.size)
+    os.pwrite(fd, header, base)
+
+
+@dataclasses.dataclass
+class SlotRead:
+    seq: int
+    slot: int
+    payload: bytes
+
+
+def read_newest(fd: int) -> SlotRead:
+    """The newest intact slot of a manifest memfd, or ManifestError."""
+    size = os.fstat(fd).st_size
+    if size < 2 * _HEADER.size:
+        raise ManifestError(
+            "corrupt", f"manifest memfd is {size} bytes, too small to hold a manifest"
+        )
+    best: SlotRead | None = None
+    problems: list[str] = []
+    for slot in (0, 1):
+        base = slot * (size // 2)
+        head = os.pread(fd, _HEADER.size, base)
+        magic, fmt, seq, length, digest = _HEADER.unpack(head)
+        if magic != SLOT_MAGIC:
+            problems.append(f"slot {slot}: no manifest")
+            continue
+        if fmt != SLOT_FORMAT:
+            raise ManifestError(
+                "version",
+                f"manifest slot format {fmt} is not known to this luod (it reads format {SLOT_FORMAT})",
+            )
+        if length > slot_capacity(size):
+            problems.append(f"slot {slot}: length {length} exceeds the slot")
+            continue
+        payload = os.pread(fd, length, base + _HEADER.size)
+        if hashlib.sha256(payload).digest() != digest:
+            problems.append(f"slot {slot}: checksum mismatch")
+            continue
+        if best is None or seq > best.seq:
+            best = SlotRead(seq, slot, payload)
+    if best is None:
+        raise ManifestError("corrupt", "manifest is corrupt: " + "; ".join(problems))
+    return best

@@ -1,0 +1,80 @@
+"""What luod holds: sessions, the files in them, and their owners.
+
+Plain dataclasses; the fds luod holds live here too, so closing a session
+in one place closes everything it keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+
+
+class SessionKind(enum.Enum):
+    # luod created the kernel session and preserves memfds into it for a client.
+    MANAGED = "managed"
+    # A client created the session itself and handed its fd to luod.
+    ADOPTED = "adopted"
+
+
+class SessionState(enum.Enum):
+    # In the kernel's outgoing list: carried over the next kexec.
+    OUTGOING = "outgoing"
+    # Came over the last kexec and was retrieved by luod; not claimed yet.
+    INCOMING = "incoming"
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    uid: int
+    unit: str | None = None
+    comm: str = ""
+
+    def describe(self) -> str:
+        return f"{self.unit or self.comm or 'uid ' + str(self.uid)} (uid {self.uid})"
+
+
+@dataclasses.dataclass
+class HeldFile:
+    name: str
+    token: int
+    size: int
+    preserved_at: float
+    # luod's own reference to the file (a memfd): the kernel cannot hand a
+    # file back out of an outgoing session, so a copy before the kexec, and
+    # re-preserving after it, both need it. -1 when luod holds none.
+    fd: int = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclasses.dataclass
+class Session:
+    name: str
+    kind: SessionKind
+    owner: Owner
+    kernel_name: str
+    created_at: float
+    state: SessionState = SessionState.OUTGOING
+    fd: int = -1
+    files: dict[str, HeldFile] = dataclasses.field(default_factory=dict)
+    # After a kexec: when the owner must have claimed it by, else released.
+    claim_deadline: float | None = None
+    kexec_count: int = 0
+
+    @property
+    def bytes_pinned(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def close(self) -> None:
+        """Drop every fd luod holds for this session. For an outgoing
+        session this unpreserves everything in it (the kernel's rule)."""
+        for f in self.files.values():
+            f.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
