@@ -45,9 +45,9 @@ Deviations from the real kernel that cannot be avoided:
 - A restored memfd's /proc link reads `/memfd: (deleted)`, not `/ (deleted)`.
 - A kexec always "works": there is no loaded kernel image to check, and the
   holder of /dev/liveupdate is released, since its process did not survive.
-- Bad names never reach the fake through `FakeBackend`: like KernelBackend
-  it raises ValueError first (uapi.encode_session_name). The server answers
-  EINVAL to a raw request with a bad name.
+- Bad names: the fake kernel answers EINVAL, which `FakeBackend` turns into
+  the ValueError of uapi.encode_session_name, because KernelBackend raises
+  that (after opening the device, before any ioctl) and never sees EINVAL.
 """
 
 from __future__ import annotations
@@ -762,6 +762,10 @@ def snapshot(socket_path: str | os.PathLike[str]) -> Snapshot:
 # -- the backend --------------------------------------------------------------
 
 
+def _is_open(fd: int) -> bool:
+    return fd >= 0 and fdinfo.is_valid_fd(fd)  # the kernel says EBADF to -1 too
+
+
 class FakeBackend:
     """`Backend` on the fake kernel server at `socket_path`."""
 
@@ -822,17 +826,28 @@ class FakeBackend:
 
     def _session_fd(self, op: str, session_fd: int, subject: str) -> list[int]:
         # An ioctl on a closed fd fails before anything else is looked at.
-        if not fdinfo.is_valid_fd(session_fd):
+        if not _is_open(session_fd):
             raise LuoError(op, errno.EBADF, subject)
         return [session_fd]
 
+    def _device_op(self, op: str, name: str) -> int:
+        def attempt() -> int:
+            try:
+                return self._one_fd(op, name, {"name": name})
+            except LuoError as e:
+                if e.op == op and e.errno == errno.EINVAL:
+                    # KernelBackend opens the device, then refuses a bad name
+                    # with ValueError before any ioctl: same order here.
+                    uapi.encode_session_name(name)
+                raise
+
+        return self._with_device(attempt)
+
     def create_session(self, name: str) -> int:
-        uapi.encode_session_name(name)  # ValueError, exactly as KernelBackend
-        return self._with_device(lambda: self._one_fd("create_session", name, {"name": name}))
+        return self._device_op("create_session", name)
 
     def retrieve_session(self, name: str) -> int:
-        uapi.encode_session_name(name)
-        return self._with_device(lambda: self._one_fd("retrieve_session", name, {"name": name}))
+        return self._device_op("retrieve_session", name)
 
     def preserve_fd(self, session_fd: int, fd: int, token: int) -> None:
         _U64.pack(token)  # struct.error for a token that is no u64, as KernelBackend
@@ -840,7 +855,7 @@ class FakeBackend:
         fds = self._session_fd("preserve_fd", session_fd, subject)
         # A bad fd is not sent (sendmsg would refuse it); the fake kernel
         # answers EBADF, after the checks the kernel makes before fget().
-        if fdinfo.is_valid_fd(fd):
+        if _is_open(fd):
             fds.append(fd)
         self._no_fd("preserve_fd", subject, {"token": token}, fds)
 
