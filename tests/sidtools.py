@@ -86,7 +86,8 @@ def _run_sid_systemd() -> Path:
     )
     tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
     if proc.returncode == EX_UNREACHABLE:
-        raise SidToolsUnavailable(f"{SID_SYSTEMD.name}: Debian mirror unreachable:\n{tail}")
+        last = tail.splitlines()[-1] if tail else "Debian mirror unreachable"
+        raise SidToolsUnavailable(f"{SID_SYSTEMD.name}: {last}")
     if proc.returncode != 0:
         raise RuntimeError(f"{SID_SYSTEMD.name} failed with status {proc.returncode}:\n{tail}")
     lines = proc.stdout.strip().splitlines()

@@ -39,6 +39,33 @@ def test_systemd_analyze_is_262_or_newer(sid_bin: Path) -> None:
         assert major >= 262, result.output
 
 
+SAMPLE_IDL = """\
+# A sample interface, to show that varlinkctl runs.
+interface io.luod.Sample
+
+type Held (
+  name: string,
+  token: int
+)
+
+method Ping(name: string) -> (reply: string, held: []Held)
+
+error NoSuchThing (name: string)
+"""
+
+
+def test_varlinkctl_validate_idl(sid_bin: Path, tmp_path: Path) -> None:
+    good = tmp_path / "io.luod.Sample.varlink"
+    good.write_text(SAMPLE_IDL)
+    result = sidtools.run([str(sid_bin / "varlinkctl"), "validate-idl", str(good)])
+    assert result.returncode == 0, result.output
+    assert "interface io.luod.Sample" in result.output
+    bad = tmp_path / "bad.varlink"
+    bad.write_text(SAMPLE_IDL.replace("[]Held", "[]Unknown"))
+    result = sidtools.run([str(sid_bin / "varlinkctl"), "validate-idl", str(bad)])
+    assert result.returncode != 0, result.output
+
+
 def test_verify_is_clean(sid_bin: Path) -> None:
     result = sidtools.verify_units(sidtools.project_units())
     assert result.output == "", result.output

@@ -150,7 +150,7 @@ papt_host_codename() {
 # Fetch a newer debian-archive-keyring through suites the host keyring can
 # verify; unpack it into DIR/keyring and print the keyring path.
 papt_bootstrap_keyring() {
-    local dir=$1 codename suite best="" best_suite="" v kdir deb
+    local dir=$1 codename suite best="" best_suite="" v kdir debs
     codename=$(papt_host_codename)
     for suite in ${codename:+$codename-updates} stable-updates stable; do
         kdir="$dir/keyring-src/$suite"
@@ -175,8 +175,8 @@ papt_bootstrap_keyring() {
     rm -rf "$dir/keyring"
     mkdir -p "$dir/keyring"
     (cd "$kdir/cache/archives" && papt_get "$kdir" download "debian-archive-keyring=$best" >&2) || return 1
-    deb=$(ls "$kdir"/cache/archives/debian-archive-keyring_*.deb | head -n1)
-    dpkg -x "$deb" "$dir/keyring/root" || return 1
+    debs=("$kdir"/cache/archives/debian-archive-keyring_*.deb)
+    dpkg -x "${debs[0]}" "$dir/keyring/root" || return 1
     printf '%s\n' "$dir/keyring/root/usr/share/keyrings/debian-archive-keyring.gpg"
 }
 
