@@ -76,7 +76,7 @@ arm64)
 *) die "architecture $arch is not supported" ;;
 esac
 
-cache_root=${LUOD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/luod}/sid-systemd
+cache_root=${LUOD_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/luod}/sid-systemd
 key=$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$arch" "${PACKAGES[@]}" | sha256sum | cut -c1-16)
 dest=$cache_root/$key
 
