@@ -210,38 +210,39 @@ class Custodian:
 
     def _take_over_managed(self, s: Session, report: ReclaimReport) -> None:
         """Retrieve every file of an incoming managed session and preserve it
-        again into a new outgoing session, so custody goes on."""
-        incoming_fd = s.fd
-        for f in list(s.files.values()):
-            try:
-                f.fd = self.backend.retrieve_fd(incoming_fd, f.token)
-            except LuoError as e:
-                log.error(
-                    "fd-lost",
-                    session=s.name,
-                    name=f.name,
-                    token=f.token,
-                    owner=s.owner.describe(),
-                    reason=str(e),
-                )
-                del s.files[f.name]
-                report.lost.append(f"{s.name}/{f.name}")
-                continue
-            report.files += 1
-        s.fd = -1
+        again into a new outgoing session, so custody goes on. A retrieved
+        file counts as preserved until its incoming session is finished, so
+        the session is finished before anything is preserved again."""
+        incoming_fd, s.fd = s.fd, -1
         try:
-            self._represerve(s, s.files.values())
-        except LuoError as e:
-            # The files are retrieved and held; they stay usable in this boot.
-            log.error("represerve-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
+            for f in list(s.files.values()):
+                try:
+                    f.fd = self.backend.retrieve_fd(incoming_fd, f.token)
+                except LuoError as e:
+                    log.error(
+                        "fd-lost",
+                        session=s.name,
+                        name=f.name,
+                        token=f.token,
+                        owner=s.owner.describe(),
+                        reason=str(e),
+                    )
+                    del s.files[f.name]
+                    report.lost.append(f"{s.name}/{f.name}")
+                    continue
+                report.files += 1
+            self.backend.finish_session(incoming_fd)
         finally:
-            try:
-                self.backend.finish_session(incoming_fd)
-            finally:
-                os.close(incoming_fd)
+            os.close(incoming_fd)
         self.sessions[s.name] = s
         for f in s.files.values():
             self._index(s, f)
+        try:
+            self._represerve(s, s.files.values())
+        except LuoError as e:
+            # The files are held and usable in this boot; check() reports
+            # that they would not survive the next kexec.
+            log.error("represerve-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
         log.info(
             "session-arrived",
             session=s.name,
@@ -255,9 +256,17 @@ class Custodian:
         return f"{RESERVED_PREFIX}.{self.name_counter}.{name}"[:63]
 
     def _represerve(self, s: Session, files: Iterable[HeldFile]) -> None:
-        """Put `files` (fds held by luod) into a brand-new outgoing session
-        for `s`, then drop the session fd `s` had. The kernel has no
-        'unpreserve one file', so this is also how files leave a session."""
+        """Put `files` (fds luod holds) into a brand-new outgoing session for
+        `s`. The kernel has no 'unpreserve one file' and keeps a file in one
+        session at a time (EBUSY), so the old session goes first: closing its
+        last fd unpreserves everything in it. If the new one cannot be made,
+        luod still holds the files but the session is not carried: check()
+        says so and the preflight refuses the kexec."""
+        old_fd, old_kernel = s.fd, s.kernel_name
+        s.fd = -1
+        if old_fd >= 0:
+            os.close(old_fd)
+            self.carrier.session_dropped(old_kernel)
         kernel_name = self._new_kernel_name(s.name)
         sfd = self.backend.create_session(kernel_name)
         try:
@@ -266,12 +275,8 @@ class Custodian:
         except BaseException:
             os.close(sfd)
             raise
-        old_fd, old_kernel = s.fd, s.kernel_name
         s.fd, s.kernel_name, s.state = sfd, kernel_name, SessionState.OUTGOING
         self.carrier.session_held(kernel_name, sfd)
-        if old_fd >= 0:
-            os.close(old_fd)
-            self.carrier.session_dropped(old_kernel)
 
     def _manifest(self) -> Manifest:
         return Manifest(

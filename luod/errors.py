@@ -12,9 +12,9 @@ class LuodError(Exception):
 
     interface = "io.luod.Custody"
 
-    def __init__(self, message: str, **parameters: object) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, text: str, /, **parameters: object) -> None:
+        super().__init__(text)
+        self.message = text
         self.parameters = parameters
 
     @property

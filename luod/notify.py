@@ -15,18 +15,22 @@ SD_LISTEN_FDS_START = 3
 
 
 def notify(message: str, fds: Sequence[int] = ()) -> bool:
-    """Send `message` to the service manager. False when there is none."""
+    """Send `message` to the service manager. False when there is none or
+    it did not take the message; like sd_notify(3) callers, luod goes on."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(path)
-        if fds:
-            socket.send_fds(sock, [message.encode()], list(fds))
-        else:
-            sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(path)
+            if fds:
+                socket.send_fds(sock, [message.encode()], list(fds))
+            else:
+                sock.sendall(message.encode())
+    except OSError:
+        return False
     return True
 
 

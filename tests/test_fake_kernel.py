@@ -489,7 +489,9 @@ def test_session_sent_into_itself_does_not_keep_itself_alive(luo: FakeBackend) -
 
 def test_retrieved_memfd_can_be_preserved_again(luo: FakeBackend, fds: Fds) -> None:
     preserved_session(luo, fds, "gen1", {1: b"carried twice"})
-    restored = fds.add(luo.retrieve_fd(kexec_and_retrieve(luo, fds, "gen1"), 1))
+    incoming = kexec_and_retrieve(luo, fds, "gen1")
+    restored = fds.add(luo.retrieve_fd(incoming, 1))
+    luo.finish_session(incoming)  # until FINISH the restored file is busy
     nxt = fds.add(luo.create_session("gen2"))
     luo.preserve_fd(nxt, restored, 1)
     again = fds.add(luo.retrieve_fd(kexec_and_retrieve(luo, fds, "gen2"), 1))
@@ -681,3 +683,23 @@ def test_returned_fds_are_cloexec(luo: FakeBackend, fds: Fds) -> None:
     assert has_cloexec(session)
     assert has_cloexec(fds.add(luo.retrieve_fd(session, 1)))
     assert has_cloexec(fds.add(luo.create_session("new")))
+
+
+def test_retrieved_file_is_busy_until_finish(kernel: str, luo: FakeBackend) -> None:
+    """luo_retrieve_file() keeps a restored file in luo_preserved_files until
+    FINISH, so re-preserving it into a new session before that is EBUSY."""
+    k = luo
+    s = k.create_session("a")
+    m = os.memfd_create("x", os.MFD_CLOEXEC)
+    k.preserve_fd(s, m, 1)
+    fake.kexec(kernel)
+    inc = k.retrieve_session("a")
+    got = k.retrieve_fd(inc, 1)
+    out = k.create_session("b")
+    with pytest.raises(LuoError) as e:
+        k.preserve_fd(out, got, 1)
+    assert e.value.errno == errno.EBUSY
+    k.finish_session(inc)
+    k.preserve_fd(out, got, 1)
+    for fd in (s, m, inc, got, out):
+        os.close(fd)

@@ -434,11 +434,16 @@ class FakeKernel:
         if file is None:
             raise KernelError("retrieve_fd", errno.ENOENT)
         file.retrieved = True
+        # luo_retrieve_file() puts the restored file into luo_preserved_files
+        # until FINISH: preserving it elsewhere before that is EBUSY.
+        self.preserved[file.key] = session
         return file.fd
 
     def finish(self, session: _Session) -> None:
         if not session.incoming:
             raise KernelError("finish_session", errno.EINVAL)
+        for file in session.files.values():
+            self.preserved.pop(file.key, None)
         session.close_files()  # retrieved copies live on in their holders
         session.finished = True
 
@@ -459,9 +464,9 @@ class FakeKernel:
         table = self.incoming if session.incoming else self.outgoing
         if table.get(session.name) is session:
             del table[session.name]
-        if not session.incoming:
-            for file in session.files.values():
-                self.preserved.pop(file.key, None)
+        for file in session.files.values():
+            if self.preserved.get(file.key) is session:
+                del self.preserved[file.key]
         if session.client is not None:
             self.by_client.pop(session.client, None)
         session.close()

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from luod.kernel.fake import FakeBackend, running_fake_kernel
+from tests.luodproc import LuodProcess, running_luod
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory other users can reach (tests drop to uid 65534)."""
+    d = Path(tempfile.mkdtemp(prefix="luod-test-"))
+    d.chmod(0o755)
+    yield d
+    for p in sorted(d.rglob("*"), reverse=True):
+        if p.is_dir():
+            p.rmdir()
+        else:
+            p.unlink()
+    d.rmdir()
+
+
+@pytest.fixture
+def fake_kernel(workdir: Path) -> Iterator[str]:
+    with running_fake_kernel(workdir) as path:
+        os.chmod(path, 0o666)
+        yield path
+
+
+@pytest.fixture
+def kernel(fake_kernel: str) -> FakeBackend:
+    return FakeBackend(fake_kernel)
+
+
+@pytest.fixture
+def luod(workdir: Path, fake_kernel: str) -> Iterator[LuodProcess]:
+    with running_luod(workdir, fake_kernel) as p:
+        yield p

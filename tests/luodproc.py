@@ -1,0 +1,130 @@
+"""Run luod as a separate process against the fake kernel, as tests need it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from luod.client import Client
+
+READY_TIMEOUT = 20.0
+
+
+@dataclasses.dataclass
+class LuodProcess:
+    """One luod process; `restart()` starts the next one ("the next boot")."""
+
+    workdir: Path
+    fake_kernel: str
+    extra_args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    generation: int = 0
+
+    @property
+    def socket(self) -> str:
+        return str(self.workdir / "io.luod")
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"luod-{self.generation}.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def all_logs(self) -> str:
+        return "".join(
+            (self.workdir / f"luod-{g}.log").read_text()
+            for g in range(1, self.generation + 1)
+            if (self.workdir / f"luod-{g}.log").exists()
+        )
+
+    def start(self) -> None:
+        self.generation += 1
+        notify_path = str(self.workdir / f"notify-{self.generation}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        notify.bind(notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "luod.daemon",
+                    "--backend=fake",
+                    f"--fake-kernel={self.fake_kernel}",
+                    f"--socket={self.socket}",
+                    *self.extra_args,
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        # Ready means READY=1 on the notify socket, as systemd would see it.
+        deadline = time.monotonic() + READY_TIMEOUT
+        try:
+            notify.settimeout(0.2)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"luod exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    msg = notify.recv(4096).decode()
+                except TimeoutError:
+                    continue
+                if "READY=1" in msg.split("\n"):
+                    return
+            raise RuntimeError(f"luod did not get ready in {READY_TIMEOUT}s:\n{self.log()}")
+        finally:
+            notify.close()
+
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def kexec(self) -> None:
+        """A simulated kexec: luod jumps (the fake kernel serializes); the
+        old luod exits; the next one starts as in the next boot."""
+        with self.client() as c:
+            c.kexec()
+        self.wait_exit()
+        self.start()
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def running_luod(workdir: Path, fake_kernel: str, *args: str) -> Iterator[LuodProcess]:
+    p = LuodProcess(workdir, fake_kernel, list(args))
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+        # Shown by pytest when the test failed.
+        print(f"--- luod logs ({workdir}) ---\n{p.all_logs()}")

@@ -1,0 +1,46 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class MemfdFacts:
+    sha256: str
+    size: int
+    position: int
+    seals: int
+
+
+def make_memfd(data: bytes, position: int = 0, seals: int = 0, name: str = "test") -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    os.lseek(fd, position, os.SEEK_SET)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def memfd_facts(fd: int) -> MemfdFacts:
+    size = os.fstat(fd).st_size
+    h = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            break
+        h.update(chunk)
+        offset += len(chunk)
+    return MemfdFacts(
+        sha256=h.hexdigest(),
+        size=size,
+        position=os.lseek(fd, 0, os.SEEK_CUR),
+        seals=fcntl.fcntl(fd, fcntl.F_GET_SEALS),
+    )
