@@ -331,14 +331,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("status", help="what luod holds and whether a kexec now would lose anything")
+    s = sub.add_parser(
+        "status",
+        help="what luod holds and whether a kexec now would lose anything",
+        description="what luod holds and whether a kexec now would lose anything",
+    )
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("list", help="sessions and their files (yours; root: everyone's)")
+    s = sub.add_parser(
+        "list",
+        help="sessions and their files (yours; root: everyone's)",
+        description="sessions and their files (yours; root: everyone's)",
+    )
     s.add_argument("session", nargs="?", help="only this session")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("push", help="hand a memfd (or a file's bytes, copied into one) to luod")
+    s = sub.add_parser(
+        "push",
+        help="hand a memfd (or a file's bytes, copied into one) to luod",
+        description="hand a memfd (or a file's bytes, copied into one) to luod",
+    )
     s.add_argument("session")
     s.add_argument("name", help="the fd's name in the session (a valid fd name)")
     s.add_argument("file", nargs="?", help="copy this file ('-' for stdin) into a new memfd")
@@ -346,11 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--create", action="store_true", help="create the session if it does not exist")
     s.set_defaults(func=cmd_push)
 
-    s = sub.add_parser("adopt", help="hand over a LUO session fd you created yourself")
+    s = sub.add_parser(
+        "adopt",
+        help="hand over a LUO session fd you created yourself",
+        description="hand over a LUO session fd you created yourself",
+    )
     s.add_argument("--fd", type=int, required=True, help="the inherited session fd")
     s.set_defaults(func=cmd_adopt)
 
-    s = sub.add_parser("retrieve", help="get a held fd back (a copy, or --take it)")
+    s = sub.add_parser(
+        "retrieve",
+        help="get a held fd back (a copy, or --take it)",
+        description="get a held fd back (a copy, or --take it)",
+    )
     s.add_argument("session")
     s.add_argument("name")
     s.add_argument("-o", "--output", help="write the bytes here (default: stdout)")
@@ -363,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_retrieve)
 
-    s = sub.add_parser("retrieve-session", help="take back a session you handed over whole")
+    s = sub.add_parser(
+        "retrieve-session",
+        help="take back a session you handed over whole",
+        description="take back a session you handed over whole",
+    )
     s.add_argument("session")
     s.add_argument(
         "--exec",
@@ -382,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("discard", "release a session before the kexec: it will not be carried"),
         ("finish", "after the kexec: you have what you need, release the session"),
     ):
-        s = sub.add_parser(name, help=helptext)
+        s = sub.add_parser(name, help=helptext, description=helptext)
         s.add_argument("session")
         s.set_defaults(func=cmd_discard)
 
@@ -392,7 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_reclaim)
 
     s = sub.add_parser(
-        "kexec", help="load the next kernel (kexec_file_load) and live-update into it"
+        "kexec",
+        help="load the next kernel (kexec_file_load) and live-update into it",
+        description=(
+            "Load KERNEL with kexec_file_load(2) (never the old kexec_load(2), which carries no "
+            "handover data, so every session would be lost), run luod's preflight check, then "
+            "jump: under systemd PID 1 does it (systemctl kexec: services stop, fd stores are "
+            "carried); elsewhere luod calls reboot(LINUX_REBOOT_CMD_KEXEC) itself."
+        ),
     )
     s.add_argument("kernel", nargs="?", help="kernel image to load; omit if one is loaded already")
     s.add_argument("--initrd")

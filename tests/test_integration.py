@@ -388,3 +388,62 @@ def test_check_reports_incoming_adopted_sessions(luod: LuodProcess, kernel: Fake
         assert res["ready"] is False
         assert res["problems"][0]["session"] == "mine"
         assert "will be lost" in res["problems"][0]["reason"]
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "version"])
+def test_unusable_incoming_manifest_releases_nothing(
+    workdir: Path, fake_kernel: str, kind: str
+) -> None:
+    """A state session whose manifest is corrupt or of an unknown version:
+    luod reports it, releases nothing, stays up."""
+    from luod.kernel import fake
+    from luod.manifest import capacity_for, write_slot
+
+    kernel = FakeBackend(fake_kernel)
+    state = kernel.create_session("luod")
+    memfd = os.memfd_create("manifest", os.MFD_CLOEXEC)
+    size = capacity_for(100)
+    os.ftruncate(memfd, size)
+    if kind == "corrupt":
+        os.pwrite(memfd, b"this is not a manifest", 0)
+    else:
+        write_slot(memfd, size, 0, 1, b'{"version": 99, "sessions": []}')
+    kernel.preserve_fd(state, memfd, 1)
+    other = kernel.create_session("luod.7.app")
+    data = make_memfd(b"precious")
+    kernel.preserve_fd(other, data, 1)
+    fake.kexec(fake_kernel)
+    for fd in (state, memfd, other, data):
+        os.close(fd)
+    with running_luod(workdir, fake_kernel) as luod:
+        with luod.client() as c:
+            st = c.status()
+            assert st["reclaim"]["state"] == "failed"
+            assert ("version 99" if kind == "version" else "corrupt") in st["reclaim"]["error"]
+            assert c.check()["ready"] is False
+            with pytest.raises(VarlinkError) as e:
+                c.create_session("new")
+            assert e.value.short == "NotReady"
+        assert "event=manifest-unusable" in luod.log()
+        assert "released=nothing" in luod.log()
+    # Nothing was released: the other session can still be retrieved.
+    snap = fake.snapshot(fake_kernel)
+    assert "luod.7.app" in snap["incoming"]
+    assert not snap["incoming"]["luod.7.app"]["retrieved"]
+
+
+def test_kernel_backend_refuses_without_liveupdate(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    if os.path.exists("/dev/liveupdate"):
+        pytest.skip("this machine has /dev/liveupdate")
+    r = subprocess.run(
+        [sys.executable, "-m", "luod.daemon", f"--socket={tmp_path}/s"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1
+    assert "CONFIG_LIVEUPDATE=y" in r.stderr
+    assert "liveupdate=on" in r.stderr

@@ -1,0 +1,60 @@
+# luod's front door. `make test` runs every test tier; `make demo` runs a
+# live update in a VM end to end. Both install what they need themselves.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: all venv deps lint test test-fast test-vm demo bench idl kernel tools clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Host packages (bookworm) the VM tier needs; a fast no-op when present.
+deps:
+	vm/host-deps.sh all
+
+lint: venv
+	$(VENV)/bin/ruff check luod tests $(wildcard bench/*.py)
+	$(VENV)/bin/ruff format --check luod tests $(wildcard bench/*.py)
+	$(VENV)/bin/mypy --strict luod tests $(wildcard bench/*.py)
+
+# The IDL files in protocol/ are rendered from luod/server.py's types;
+# tests/test_idl.py fails when they differ.
+idl: venv
+	$(PY) -m luod.server protocol
+
+# systemd 262's varlinkctl and systemd-analyze from sid, unpacked privately.
+tools:
+	tools/sid-systemd.sh
+
+kernel: deps
+	vm/build-kernel.sh stock
+	vm/build-kernel.sh magic
+
+test-fast: venv tools
+	LUOD_REQUIRE_SID_TOOLS=1 $(PYTEST) -q -m "not vm and not systemd" tests
+
+test-vm: venv deps kernel
+	$(PYTEST) -q -m vm tests/vm
+
+test: lint test-fast test-vm
+
+demo: venv deps
+	vm/build-kernel.sh stock >/dev/null
+	$(PY) -m tests.vm.demo
+
+bench: venv deps
+	vm/build-kernel.sh stock >/dev/null
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

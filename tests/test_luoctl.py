@@ -1,0 +1,93 @@
+"""luoctl end to end against a luod process on the fake kernel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.luodproc import LuodProcess
+
+
+def luoctl(
+    luod: LuodProcess, *args: str, stdin: bytes | None = None, pass_fds: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "luod.cli", f"--socket={luod.socket}", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        pass_fds=pass_fds,
+    )
+
+
+def test_help_is_worth_reading() -> None:
+    r = subprocess.run([sys.executable, "-m", "luod.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for word in ("push", "retrieve", "kexec", "check", "reclaim", "examples:", "exit status"):
+        assert word in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "luod.cli", "kexec", "--help"], capture_output=True, text=True
+    )
+    assert "kexec_file_load" in r.stdout
+
+
+def test_push_list_retrieve_roundtrip(luod: LuodProcess, workdir: Path) -> None:
+    src = workdir / "in.bin"
+    src.write_bytes(os.urandom(123_456))
+    r = luoctl(luod, "push", "app", "state", str(src), "--create")
+    assert r.returncode == 0, r.stderr
+    assert b"preserved as token 1" in r.stdout
+    r = luoctl(luod, "list")
+    assert b"app" in r.stdout and b"state" in r.stdout and b"120.6 KiB" in r.stdout
+    r = luoctl(luod, "--json", "list")
+    assert json.loads(r.stdout)[0]["files"][0]["size"] == 123_456
+    luod.kexec()
+    out = workdir / "out.bin"
+    r = luoctl(luod, "retrieve", "app", "state", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == src.read_bytes()
+    r = luoctl(
+        luod,
+        "retrieve",
+        "app",
+        "state",
+        "--take",
+        "--exec",
+        "sh",
+        "-c",
+        'test "$LISTEN_FDNAMES" = state && sha256sum <&3',
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(src.read_bytes()).hexdigest()
+    r = luoctl(luod, "list")
+    assert r.stdout == b"no sessions\n"
+
+
+def test_errors_and_exit_codes(luod: LuodProcess, workdir: Path) -> None:
+    r = luoctl(luod, "retrieve", "nope", "x")
+    assert r.returncode == 1
+    assert r.stderr == b"luoctl: no session named 'nope'\n"
+    r = luoctl(luod, "push", "s", "p", "--fd", "0", "--create", stdin=b"")
+    assert r.returncode == 1
+    assert b"the kernel can only preserve memfds" in r.stderr
+    r = luoctl(luod, "push", "s", "p")
+    assert r.returncode == 2
+    r = subprocess.run(
+        [sys.executable, "-m", "luod.cli", f"--socket={workdir}/absent", "status"],
+        capture_output=True,
+    )
+    assert r.returncode == 3
+    assert b"cannot reach luod" in r.stderr
+
+
+def test_status_and_check(luod: LuodProcess) -> None:
+    r = luoctl(luod, "status")
+    assert r.returncode == 0
+    assert b"backend: fake" in r.stdout and b"ready for kexec: yes" in r.stdout
+    r = luoctl(luod, "check")
+    assert r.returncode == 0
+    assert b"ready" in r.stdout

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from luod.manifest import (
+    Manifest,
+    ManifestError,
+    capacity_for,
+    from_json,
+    read_newest,
+    to_json,
+    write_slot,
+)
+from luod.model import HeldFile, Owner, Session, SessionKind
+
+
+def _manifest() -> Manifest:
+    s = Session(
+        "cache", SessionKind.MANAGED, Owner(1000, "app.service", "app"), "luod.3.cache", 1.5
+    )
+    s.files["idx"] = HeldFile("idx", 1, 4096, 2.5)
+    s.files["log"] = HeldFile("log", 2, 10, 3.0)
+    return Manifest([s], kexec_count=2, name_counter=3, written_at=9.0, boot_id="b")
+
+
+def test_roundtrip() -> None:
+    m = from_json(to_json(_manifest()))
+    (s,) = m.sessions
+    assert (s.name, s.kind, s.owner, s.kernel_name) == (
+        "cache",
+        SessionKind.MANAGED,
+        Owner(1000, "app.service", "app"),
+        "luod.3.cache",
+    )
+    assert [(f.name, f.token, f.size) for f in s.files.values()] == [
+        ("idx", 1, 4096),
+        ("log", 2, 10),
+    ]
+    assert (m.kexec_count, m.name_counter, m.boot_id) == (2, 3, "b")
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("sessions"),
+        lambda d: d.update(kexecCount="2"),
+        lambda d: d.update(kexecCount=True),
+        lambda d: d["sessions"][0].update(kind="mystery"),
+        lambda d: d["sessions"][0]["files"][1].update(token=1),
+        lambda d: d["sessions"].append(dict(d["sessions"][0])),
+        lambda d: d["sessions"][0]["owner"].update(unit=5),
+    ],
+)
+def test_corrupt_is_refused(mutate: object) -> None:
+    doc = json.loads(to_json(_manifest()))
+    mutate(doc)  # type: ignore[operator]
+    with pytest.raises(ManifestError) as e:
+        from_json(json.dumps(doc).encode())
+    assert e.value.kind == "corrupt"
+
+
+def test_unknown_version() -> None:
+    doc = json.loads(to_json(_manifest()))
+    doc["version"] = 99
+    with pytest.raises(ManifestError) as e:
+        from_json(json.dumps(doc).encode())
+    assert e.value.kind == "version"
+    assert "version 99" in e.value.message
+
+
+def test_two_slots_newest_wins_and_torn_write_falls_back() -> None:
+    fd = os.memfd_create("m", os.MFD_CLOEXEC)
+    size = capacity_for(1000)
+    os.ftruncate(fd, size)
+    write_slot(fd, size, 0, 1, b"first")
+    write_slot(fd, size, 1, 2, b"second")
+    assert read_newest(fd).payload == b"second"
+    # A torn write into slot 1: its checksum no longer matches.
+    os.pwrite(fd, b"X", size // 2 + 60)
+    assert read_newest(fd).payload == b"first"
+    os.pwrite(fd, b"garbage!", 0)
+    with pytest.raises(ManifestError) as e:
+        read_newest(fd)
+    assert e.value.kind == "corrupt"
+    os.close(fd)
+
+
+def test_payload_too_big_for_slot() -> None:
+    fd = os.memfd_create("m", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)
+    with pytest.raises(ValueError):
+        write_slot(fd, 4096, 0, 1, b"x" * 4096)
+    os.close(fd)
