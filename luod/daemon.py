@@ -19,6 +19,7 @@ from luod import log as logsetup
 from luod import notify
 from luod.carrier import Carrier, StateSessionCarrier
 from luod.core import Custodian
+from luod.kernel import kexec
 from luod.kernel.backend import Backend, KernelBackend, LuoError
 from luod.peer import Peer
 from luod.protocol import DEFAULT_SOCKET
@@ -113,6 +114,14 @@ class Daemon:
         self.args = args
         self.stopping = asyncio.Event()
         self.exit_code = 0
+
+    def kexec_blocker(self) -> str | None:
+        """Why reboot(KEXEC) would fail now, checked before anything stops."""
+        if self.core.backend.name == "kernel" and not kexec.is_loaded():
+            return (
+                "no kernel is loaded for kexec (luoctl kexec KERNEL loads one with kexec_file_load)"
+            )
+        return None
 
     def schedule_kexec(self, peer: Peer) -> None:
         log.warning("kexec-requested", by=peer.describe(), sessions=len(self.core.sessions))

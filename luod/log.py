@@ -17,6 +17,20 @@ def _priority_prefix(_logger: Any, method: str, rendered: Any) -> str:
     return f"<{_PRIORITY.get(method, 6)}>{rendered}"
 
 
+class _LibraryHandler(logging.Handler):
+    """Libraries (asyncvarlink) log through the stdlib; their records become
+    structlog events too, so every line journald sees has a priority."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        method = record.levelname.lower()
+        fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        getattr(structlog.get_logger(), method if method in _PRIORITY else "error")(
+            "library-log", **fields
+        )
+
+
 def setup(level: str = "info", stream: TextIO | None = None, json: bool = False) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -36,3 +50,6 @@ def setup(level: str = "info", stream: TextIO | None = None, json: bool = False)
         logger_factory=structlog.PrintLoggerFactory(stream if stream is not None else sys.stderr),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    root.handlers[:] = [_LibraryHandler()]
+    root.setLevel(logging.WARNING)

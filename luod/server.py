@@ -579,6 +579,8 @@ class DaemonHooks(typing.Protocol):
 
     def schedule_kexec(self, peer: Peer) -> None: ...
 
+    def kexec_blocker(self) -> str | None: ...
+
 
 # --- transport -------------------------------------------------------------
 
