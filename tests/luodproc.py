@@ -1,4 +1,5 @@
-"""Run luod as a separate process against the fake kernel, as tests need it."""
+"""Run luod as a separate process, as tests need it: against the fake kernel
+in the fast tier, against /dev/liveupdate inside the QEMU guests."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ class LuodProcess:
     """One luod process; `restart()` starts the next one ("the next boot")."""
 
     workdir: Path
-    fake_kernel: str
+    # --backend=fake --fake-kernel=PATH in the fast tier; empty (the real
+    # kernel) in the VM tiers.
+    backend_args: list[str]
     extra_args: list[str]
     proc: subprocess.Popen[bytes] | None = None
     generation: int = 0
@@ -64,8 +67,7 @@ class LuodProcess:
                     sys.executable,
                     "-m",
                     "luod.daemon",
-                    "--backend=fake",
-                    f"--fake-kernel={self.fake_kernel}",
+                    *self.backend_args,
                     f"--socket={self.socket}",
                     *self.extra_args,
                 ],
@@ -118,9 +120,15 @@ class LuodProcess:
                 self.proc.wait()
 
 
+def fake_backend_args(fake_kernel: str) -> list[str]:
+    return ["--backend=fake", f"--fake-kernel={fake_kernel}"]
+
+
 @contextlib.contextmanager
-def running_luod(workdir: Path, fake_kernel: str, *args: str) -> Iterator[LuodProcess]:
-    p = LuodProcess(workdir, fake_kernel, list(args))
+def running_luod(workdir: Path, fake_kernel: str | None, *args: str) -> Iterator[LuodProcess]:
+    """luod on the fake kernel at `fake_kernel`, or on the real one if None."""
+    backend = [] if fake_kernel is None else fake_backend_args(fake_kernel)
+    p = LuodProcess(workdir, backend, list(args))
     p.start()
     try:
         yield p
