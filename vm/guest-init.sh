@@ -37,7 +37,6 @@ mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || say "cannot mount /sys"
 if ! grep -q '^[^ ]* /dev devtmpfs ' /proc/self/mounts; then
 	mount -t devtmpfs devtmpfs /dev || say "cannot mount /dev"
 fi
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp || say "cannot mount /tmp"
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run || say "cannot mount /run"
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 
@@ -49,7 +48,8 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results "$R"; the
 fi
 
 stage=1
-for word in $(cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for word in $cmdline; do
 	case $word in
 	luod.test_stage=*) stage=${word#luod.test_stage=} ;;
 	esac
@@ -62,11 +62,30 @@ if [ ! -r "$R/.guest/env" ]; then
 	say "no $R/.guest/env: nothing to run"
 	poweroff_now
 fi
-export LUOD_VM_STAGE="$stage" LUOD_VM_RESULTS="$R" HOME=/tmp
+export LUOD_VM_STAGE="$stage" LUOD_VM_RESULTS="$R"
 # Sets more LUOD_VM_* variables and the program's argv ("set -- ...").
 # shellcheck disable=SC1091
 . "$R/.guest/env"
-cd /tmp || exit 1
+
+# A writable /tmp, unless that would hide what we run (a clone of the
+# repository, its venv or the kernel may live under /tmp): then /tmp stays
+# the host's, read-only, and TMPDIR points to a tmpfs.
+hidden=""
+for path in "$0" "$LUOD_VM_KERNEL" "$LUOD_VM_REPO" "$@"; do
+	case $path in
+	/tmp/*) hidden=$path ;;
+	esac
+done
+if [ -z "$hidden" ]; then
+	mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp || say "cannot mount /tmp"
+	export HOME=/tmp
+else
+	say "no tmpfs on /tmp: $hidden is there; TMPDIR=/run/tmp"
+	mkdir -m 1777 /run/tmp
+	export TMPDIR=/run/tmp HOME=/run/tmp
+fi
+cd "$HOME" || exit 1
+
 "$@" >"$R/stage-$stage.log" 2>&1 </dev/null
 rc=$?
 echo "$rc" >"$R/.guest/stage-$stage.exit"
