@@ -1,0 +1,344 @@
+"""Guest side of luod's real-kernel scenarios (tests/vm/test_luod.py).
+
+luod runs as its own process on /dev/liveupdate; this program is the client
+(and the operator, through luoctl). Each stage writes luod-<scenario>-<N>.json
+into the results share; pytest asserts on them. The scenario comes from
+LUOD_VM_SCENARIO:
+
+- main: three memfds (1 KiB, 8 MiB, sealed) handed off over varlink; a
+  session the client created itself, handed over whole; unsupported fds
+  refused; an unclaimed session; `luoctl kexec` (kexec_file_load, then luod
+  reboots); after it the reclaim, the retrieves, the grace release; one more
+  kexec proves custody goes on.
+- scale: 20 sessions x 10 memfds of random sizes up to 4 MiB.
+- manifest: luod's state session prepared corrupt, then of an unknown
+  version: luod reports it, releases nothing, stays up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from luod.client import Client, VarlinkError
+from luod.kernel.backend import KernelBackend, LuoError
+from luod.manifest import capacity_for, write_slot
+from tests.luodproc import LuodProcess
+
+from . import guestlib
+
+WORK = Path("/run/luod-test")
+GRACE = "6s"
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def facts(fd: int) -> dict[str, Any]:
+    st = os.fstat(fd)
+    h = hashlib.sha256()
+    off = 0
+    while off < st.st_size:
+        chunk = os.pread(fd, min(1 << 20, st.st_size - off), off)
+        if not chunk:
+            break
+        h.update(chunk)
+        off += len(chunk)
+    return {
+        "sha256": h.hexdigest(),
+        "size": st.st_size,
+        "position": os.lseek(fd, 0, os.SEEK_CUR),
+        "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS),
+    }
+
+
+def memfd(data: bytes, position: int = 0, seals: int = 0) -> int:
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, position, os.SEEK_SET)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def start_luod(*args: str) -> LuodProcess:
+    WORK.mkdir(parents=True, exist_ok=True)
+    p = LuodProcess(WORK, [], [f"--grace={GRACE}", *args])
+    t0 = time.monotonic()
+    p.start()
+    guestlib.write_json(
+        f"luod-start-{guestlib.stage()}.json",
+        {"seconds": time.monotonic() - t0, "uptime": guestlib.uptime()},
+    )
+    return p
+
+
+def luoctl_kexec(luod: LuodProcess, out: dict[str, Any], name: str) -> None:
+    """The operator's live update: luoctl loads the kernel with
+    kexec_file_load and asks luod (no systemd here) to reboot into it."""
+    out["uptime_kexec"] = guestlib.uptime()
+    guestlib.write_json(name, out)
+    kernel = os.environ["LUOD_VM_KERNEL"]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "luod.cli",
+            f"--socket={luod.socket}",
+            "kexec",
+            kernel,
+            "--append",
+            guestlib.next_stage_cmdline(),
+            "--no-systemd",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    # Usually not reached: luod jumps right after its reply.
+    out["luoctl_kexec"] = {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+    guestlib.write_json(name, out)
+    time.sleep(120)  # luod jumps; this process ends with the old kernel
+    raise RuntimeError(f"still here after luoctl kexec: {r.stderr}")
+
+
+def _refusals(c: Client) -> dict[str, Any]:
+    """Unsupported fds get named errors and change nothing."""
+    before = c.list_sessions()
+    got: dict[str, Any] = {}
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    reg = os.open("/tmp/regular-file", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.write(reg, b"on tmpfs, but a named file")
+    ev = os.eventfd(0, os.EFD_CLOEXEC)
+    for label, fd in (("pipe", r), ("socket", a.fileno()), ("regular", reg), ("eventfd", ev)):
+        try:
+            c.preserve_fd("app", label, fd)
+            got[label] = "accepted"
+        except VarlinkError as e:
+            got[label] = {"error": e.error, **e.parameters}
+    for fd in (r, w, reg, ev):
+        os.close(fd)
+    a.close()
+    b.close()
+    got["unchanged"] = c.list_sessions() == before
+    return got
+
+
+def main_stage1(out: dict[str, Any]) -> None:
+    be = KernelBackend()
+    # The client's own session, made while luod does not hold the device.
+    own = be.create_session("client-own")
+    own_data = random.Random(7).randbytes(200_000)
+    own_fd = memfd(own_data, position=99)
+    be.preserve_fd(own, own_fd, 42)
+    out["own"] = facts(own_fd)
+
+    luod = start_luod()
+    payloads = {
+        "small": (random.Random(1).randbytes(1024), 100, 0),
+        "big": (random.Random(2).randbytes(8 << 20), 4 << 20, 0),
+        "sealed": (random.Random(3).randbytes(65536), 0, SEALS),
+    }
+    out["app"] = {}
+    with luod.client() as c:
+        for name, (data, pos, seals) in payloads.items():
+            fd = memfd(data, pos, seals)
+            t0 = time.monotonic()
+            c.preserve_fd("app", name, fd, create_session=True)
+            out["app"][name] = {**facts(fd), "handoff_seconds": time.monotonic() - t0}
+            os.close(fd)
+        adopted = c.adopt_session(own)
+        out["adopted"] = {"name": adopted["name"], "kind": adopted["kind"]}
+        os.close(own)
+        os.close(own_fd)
+        keep = memfd(random.Random(4).randbytes(300_000), position=1234)
+        out["keep"] = facts(keep)
+        c.preserve_fd("keep", "blob", keep, create_session=True)
+        os.close(keep)
+        c.preserve_fd("orphan", "x", memfd(b"nobody comes back for me"), create_session=True)
+        out["refusals"] = _refusals(c)
+        out["check"] = c.check()
+        out["sessions"] = c.list_sessions()
+    luoctl_kexec(luod, out, "luod-main-1.json")
+
+
+def main_stage2(out: dict[str, Any]) -> None:
+    be = KernelBackend()
+    luod = start_luod()
+    with luod.client() as c:
+        out["status"] = c.status()
+        out["sessions"] = c.list_sessions()
+        out["app"] = {}
+        for name in ("small", "big", "sealed"):
+            t0 = time.monotonic()
+            fd = c.retrieve_fd("app", name, take=True)
+            out["app"][name] = {**facts(fd), "retrieve_seconds": time.monotonic() - t0}
+            os.close(fd)
+        out["app_gone"] = all(s["name"] != "app" for s in c.list_sessions())
+        sfd = c.retrieve_session("client-own")
+        fd = be.retrieve_fd(sfd, 42)
+        out["own"] = facts(fd)
+        be.finish_session(sfd)
+        os.close(fd)
+        os.close(sfd)
+        os.close(c.retrieve_fd("keep", "blob"))  # a copy: claims it, custody goes on
+    time.sleep(8)  # longer than the grace period
+    with luod.client() as c:
+        out["after_grace"] = [s["name"] for s in c.list_sessions()]
+    out["log"] = luod.log()
+    luoctl_kexec(luod, out, "luod-main-2.json")
+
+
+def main_stage3(out: dict[str, Any]) -> None:
+    luod = start_luod()
+    with luod.client() as c:
+        out["status"] = c.status()
+        out["sessions"] = c.list_sessions()
+        fd = c.retrieve_fd("keep", "blob", take=True)
+        out["keep"] = facts(fd)
+        os.close(fd)
+    out["log"] = luod.log()
+    luod.stop()
+
+
+def scale_stage1(out: dict[str, Any]) -> None:
+    rng = random.Random(20)
+    luod = start_luod()
+    expected: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
+    handoff = 0.0
+    with luod.client() as c:
+        for s in range(20):
+            files = []
+            for f in range(10):
+                fd = memfd(rng.randbytes(rng.randint(1, 4 << 20)), position=rng.randint(0, 4096))
+                expected[f"s{s}/f{f}"] = facts(fd)
+                files.append((f"f{f}", fd))
+            h0 = time.monotonic()
+            c.preserve_fds(f"s{s}", files, create_session=True)
+            handoff += time.monotonic() - h0
+            for _n, fd in files:
+                os.close(fd)
+        out["status"] = c.status()
+    out["expected"] = expected
+    out["handoff_seconds"] = handoff
+    out["fill_seconds"] = time.monotonic() - t0
+    luoctl_kexec(luod, out, "luod-scale-1.json")
+
+
+def scale_stage2(out: dict[str, Any]) -> None:
+    luod = start_luod()
+    got: dict[str, dict[str, Any]] = {}
+    with luod.client() as c:
+        out["status"] = c.status()
+        for s in range(20):
+            for f in range(10):
+                fd = c.retrieve_fd(f"s{s}", f"f{f}", take=True)
+                got[f"s{s}/f{f}"] = facts(fd)
+                os.close(fd)
+        out["left"] = c.list_sessions()
+    out["got"] = got
+    luod.stop()
+
+
+def _state_session(be: KernelBackend, payload: bytes | None) -> tuple[int, int]:
+    """A session named like luod's own, with a manifest memfd that is
+    garbage (payload None) or `payload` in a valid slot."""
+    s = be.create_session("luod")
+    m = os.memfd_create("manifest", os.MFD_CLOEXEC)
+    size = capacity_for(100)
+    os.ftruncate(m, size)
+    if payload is None:
+        os.pwrite(m, b"this is not a manifest", 0)
+    else:
+        write_slot(m, size, 0, 1, payload)
+    be.preserve_fd(s, m, 1)
+    return s, m
+
+
+def manifest_stage1(out: dict[str, Any]) -> None:
+    be = KernelBackend()
+    keep = [*_state_session(be, None)]
+    other = be.create_session("luod.9.app")
+    data = memfd(b"precious, not to be released")
+    be.preserve_fd(other, data, 1)
+    keep += [other, data]
+    guestlib.write_json("luod-manifest-1.json", out)
+    guestlib.kexec_next_stage()
+
+
+def _report(luod: LuodProcess, out: dict[str, Any]) -> None:
+    with luod.client() as c:
+        out["status"] = c.status()
+        out["check"] = c.check()
+        try:
+            c.create_session("new")
+            out["create"] = "accepted"
+        except VarlinkError as e:
+            out["create"] = e.error
+    out["alive"] = luod.proc is not None and luod.proc.poll() is None
+    out["log"] = luod.log()
+
+
+def manifest_stage2(out: dict[str, Any]) -> None:
+    be = KernelBackend()
+    luod = start_luod()
+    _report(luod, out)
+    # Nothing released: the session named in no manifest is still there,
+    # unretrieved, for a luod that can read the state to take over.
+    luod.stop()
+    try:
+        s = be.retrieve_session("luod.9.app")
+        fd = be.retrieve_fd(s, 1)
+        out["other_intact"] = os.pread(fd, 100, 0) == b"precious, not to be released"
+        be.finish_session(s)
+    except LuoError as e:
+        out["other_intact"] = f"{e}"
+    # Next: a manifest of a version this luod does not know.
+    _keep = _state_session(be, b'{"version": 99, "sessions": []}')
+    guestlib.write_json("luod-manifest-2.json", out)
+    guestlib.kexec_next_stage()
+
+
+def manifest_stage3(out: dict[str, Any]) -> None:
+    luod = start_luod()
+    _report(luod, out)
+    luod.stop()
+
+
+STAGES = {
+    "main": {1: main_stage1, 2: main_stage2, 3: main_stage3},
+    "scale": {1: scale_stage1, 2: scale_stage2},
+    "manifest": {1: manifest_stage1, 2: manifest_stage2, 3: manifest_stage3},
+}
+
+
+def main() -> int:
+    scenario = os.environ["LUOD_VM_SCENARIO"]
+    n = guestlib.stage()
+    out: dict[str, Any] = {"stage": n, "uptime_start": guestlib.uptime()}
+    try:
+        STAGES[scenario][n](out)
+    except BaseException as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+        print(out["traceback"])
+        if WORK.exists():
+            for log in sorted(WORK.glob("luod-*.log")):
+                out.setdefault("luod_logs", {})[log.name] = log.read_text()
+    out["uptime_end"] = guestlib.uptime()
+    guestlib.write_json(f"luod-{scenario}-{n}.json", out)
+    return 1 if "error" in out else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
