@@ -47,8 +47,19 @@ class IncomingState:
     source: str  # e.g. "session luod"
 
 
+@dataclasses.dataclass
+class CarrierProblem:
+    """Something the carrier failed to keep: lost at the next kexec."""
+
+    kernel_name: str | None  # the session concerned; None for the carrier's own state
+    reason: str
+
+
 class Carrier(Protocol):
     name: str
+    # True when what luod holds stays held after luod exits without a kexec
+    # (by the service manager's fd store), False when luod's exit releases it.
+    holds_after_exit: bool
 
     def load(self) -> IncomingState | None:
         """The incoming manifest, None on a first boot. Raises ManifestError
@@ -56,11 +67,17 @@ class Carrier(Protocol):
         ...
 
     def retrieve_session(self, kernel_name: str) -> int:
-        """The fd of an incoming session named in the manifest."""
+        """The fd of a session named in the manifest, owned by the caller
+        from now on; a carrier with a store of its own keeps its copy
+        there until session_dropped(). After a kexec it is an
+        INCOMING session; after a restart in the same boot (only carriers
+        that hold sessions across luod's exit) the OUTGOING session as the
+        previous luod left it. LuoError when the carrier has no such session."""
         ...
 
     def finish_incoming(self) -> None:
-        """Everything in the manifest was taken over; drop the old state."""
+        """Everything in the manifest was taken over (or nothing came over);
+        drop the old state and whatever the manifest does not name."""
         ...
 
     def save(self, payload: bytes) -> None:
@@ -68,10 +85,15 @@ class Carrier(Protocol):
         ...
 
     def session_held(self, kernel_name: str, fd: int) -> None:
-        """luod now holds the session fd `fd` (pushed to an fd store, say)."""
+        """luod now holds the session fd `fd` (pushed to an fd store, say);
+        nothing to do for a session that came from retrieve_session()."""
         ...
 
     def session_dropped(self, kernel_name: str) -> None: ...
+
+    def problems(self) -> list[CarrierProblem]:
+        """What the carrier failed to keep; the preflight check reports it."""
+        ...
 
     def describe(self) -> str: ...
 
@@ -80,6 +102,7 @@ class StateSessionCarrier:
     """The manifest in a memfd in luod's own LUO session."""
 
     name = "state-session"
+    holds_after_exit = False
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -194,6 +217,9 @@ class StateSessionCarrier:
 
     def session_dropped(self, kernel_name: str) -> None:
         pass
+
+    def problems(self) -> list[CarrierProblem]:
+        return []  # a failure to save raises from save()
 
     def close(self) -> None:
         self._drop_outgoing()

@@ -7,6 +7,10 @@ error. Every method that returns an fd hands ownership to the caller.
 Custody works across any number of kexecs: the kernel only carries sessions
 created in the current boot, so at reclaim luod retrieves every file of a
 managed session and preserves it again into a fresh outgoing session.
+
+A carrier that holds sessions across luod's exit (the fd store) also hands
+them back to a luod restarted in the same boot, as they were: outgoing, and
+without luod's own references to the files in them (see _restore).
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ class Incoming:
 
 @dataclasses.dataclass
 class ReclaimReport:
-    state: str  # "fresh" (nothing came over), "reclaimed", "failed"
+    # "fresh" (nothing came over), "reclaimed" (after a kexec), "restored"
+    # (luod restarted in the same boot), "failed"
+    state: str
     sessions: int = 0
     files: int = 0
     lost: list[str] = dataclasses.field(default_factory=list)
@@ -115,8 +121,12 @@ class Custodian:
         carrier: Carrier,
         grace: float = 600.0,
         clock: Callable[[], float] = time.time,
+        boot_id: str = "",
     ) -> None:
         self.backend = backend
+        # Written into the manifest: a manifest of this very boot means luod
+        # was restarted, not kexeced. "" (unknown) never matches.
+        self.boot_id = boot_id
         self.carrier = carrier
         self.grace = grace
         self.clock = clock
@@ -142,6 +152,7 @@ class Custodian:
             return self.reclaim
         if incoming is None:
             self.reclaim = ReclaimReport("fresh", duration=time.monotonic() - t0)
+            self.carrier.finish_incoming()
             self._save()
             log.info("started-fresh", backend=self.backend.name, carrier=self.carrier.name)
             return self.reclaim
@@ -158,11 +169,14 @@ class Custodian:
                 released="nothing",
             )
             return self.reclaim
-        report = self._reclaim(manifest)
+        if self.boot_id and manifest.boot_id == self.boot_id:
+            report = self._restore(manifest)
+        else:
+            report = self._reclaim(manifest)
         report.duration = time.monotonic() - t0
         self.reclaim = report
         log.info(
-            "reclaimed",
+            report.state,
             sessions=report.sessions,
             files=report.files,
             lost=len(report.lost),
@@ -208,6 +222,45 @@ class Custodian:
         self._save()
         return report
 
+    def _restore(self, manifest: Manifest) -> ReclaimReport:
+        """luod was restarted in this boot: the carrier kept every session
+        fd, so the sessions are taken back as they were, outgoing (or still
+        incoming if unclaimed since the last kexec). The kernel cannot hand
+        a file back out of an outgoing session, so luod holds no reference
+        to the files of managed sessions (fd -1) until the next kexec: no
+        copies until then, and check() does not count that as a problem."""
+        self.kexec_count = manifest.kexec_count
+        self.name_counter = manifest.name_counter
+        report = ReclaimReport("restored")
+        for s in manifest.sessions:
+            try:
+                s.fd = self.carrier.retrieve_session(s.kernel_name)
+            except LuoError as e:
+                report.lost.append(s.name)
+                log.error(
+                    "session-lost",
+                    session=s.name,
+                    kernel_name=s.kernel_name,
+                    owner=s.owner.describe(),
+                    reason=str(e),
+                )
+                continue
+            s.kexec_count = self.kexec_count
+            self.sessions[s.name] = s
+            report.sessions += 1
+            report.files += len(s.files)
+            log.info(
+                "session-restored",
+                session=s.name,
+                kind=s.kind.value,
+                state=s.state.value,
+                owner=s.owner.describe(),
+                files=len(s.files),
+            )
+        self.carrier.finish_incoming()
+        self._save()
+        return report
+
     def _take_over_managed(self, s: Session, report: ReclaimReport) -> None:
         """Retrieve every file of an incoming managed session and preserve it
         again into a new outgoing session, so custody goes on. A retrieved
@@ -234,6 +287,9 @@ class Custodian:
             self.backend.finish_session(incoming_fd)
         finally:
             os.close(incoming_fd)
+            # Finished or not, the incoming session is done with; a carrier
+            # holding a copy (the fd store) lets go of it too.
+            self.carrier.session_dropped(s.kernel_name)
         self.sessions[s.name] = s
         for f in s.files.values():
             self._index(s, f)
@@ -284,6 +340,7 @@ class Custodian:
             kexec_count=self.kexec_count,
             name_counter=self.name_counter,
             written_at=self.clock(),
+            boot_id=self.boot_id,
         )
 
     def _save(self) -> None:
@@ -373,6 +430,14 @@ class Custodian:
             if s.kind is not SessionKind.MANAGED:
                 raise errors.WrongSessionKind(
                     session, s.kind.value, "files can only be handed off into sessions luod manages"
+                )
+            if len(files) > 1 and any(f.fd < 0 for f in s.files.values()):
+                # Undoing a half-done batch rebuilds the session from all its
+                # files; one file alone needs no undoing.
+                raise errors.NotReady(
+                    f"luod was restarted and holds no reference to the files in '{session}' "
+                    "until the next kexec, so it could not undo a failed batch: hand off "
+                    "one file per call"
                 )
         names: set[str] = set()
         sizes: list[int] = []
@@ -485,7 +550,20 @@ class Custodian:
         if f is None:
             raise errors.NoSuchFd(session, name)
         if f.fd < 0:
-            raise errors.NotReady(f"luod holds no reference to '{session}/{name}' in this boot")
+            raise errors.NotReady(
+                f"luod holds no reference to '{session}/{name}' in this boot (luod was "
+                "restarted; the kernel cannot hand a file back out of an outgoing session): "
+                "it is carried over the next kexec and can be retrieved after it"
+            )
+        remaining = [x for x in s.files.values() if x is not f]
+        if take and any(x.fd < 0 for x in remaining):
+            # Taking one file rebuilds the session from the others, which
+            # luod holds no reference to since its restart.
+            raise errors.NotReady(
+                f"'{session}/{name}' can only be copied until the next kexec: luod was "
+                f"restarted and holds no reference to the other files of '{session}', "
+                "which taking one would have to preserve again"
+            )
         # A dup shares the open file description, so the client sees the
         # file position the file has, as it would after the kexec.
         out = os.dup(f.fd)
@@ -498,7 +576,6 @@ class Custodian:
                 to=peer.describe(),
             )
             return out, f
-        remaining = [x for x in s.files.values() if x is not f]
         try:
             if remaining:
                 self._represerve(s, remaining)
@@ -598,7 +675,14 @@ class Custodian:
                     "", None, f"the incoming manifest is unusable: {self.manifest_error.message}"
                 )
             )
+        not_carried: dict[str | None, str] = {
+            p.kernel_name: p.reason for p in self.carrier.problems()
+        }
+        if None in not_carried:
+            problems.append(Problem("", None, not_carried[None]))
         for s in self.sessions.values():
+            if s.kernel_name in not_carried:
+                problems.append(Problem(s.name, None, not_carried[s.kernel_name]))
             if s.fd < 0:
                 problems.append(Problem(s.name, None, "luod holds no fd for this session"))
             elif s.state is SessionState.INCOMING:
@@ -610,8 +694,11 @@ class Custodian:
                         "carries sessions created in the current boot, so it will be lost",
                     )
                 )
+            # An outgoing session luod holds carries its files; luod's own
+            # references are missing only after a restart in this boot.
+            carried = s.fd >= 0 and s.state is SessionState.OUTGOING
             for f in s.files.values():
-                if f.fd < 0:
+                if f.fd < 0 and not carried:
                     problems.append(Problem(s.name, f.name, "luod holds no reference to this file"))
         return problems
 

@@ -19,8 +19,10 @@ from luod import log as logsetup
 from luod import notify
 from luod.carrier import Carrier, StateSessionCarrier
 from luod.core import Custodian
+from luod.fdstore import VARLINK_FDNAME, FdStoreCarrier, store_max_from_env
 from luod.kernel import kexec
 from luod.kernel.backend import Backend, KernelBackend, LuoError
+from luod.notify import ListenFd
 from luod.peer import Peer
 from luod.protocol import DEFAULT_SOCKET
 from luod.server import LuodServer, make_registry
@@ -78,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="after a kexec, release what no owner claimed within this time (default: 10min)",
     )
+    p.add_argument(
+        "--carrier",
+        choices=("auto", "state-session", "fdstore"),
+        default="auto",
+        help=(
+            "how sessions and the manifest get across the kexec. fdstore: in luod's fd store, "
+            "carried by PID 1 (systemd >= 261, FileDescriptorStorePreserve=yes). state-session: "
+            "the manifest in a LUO session of luod's own, luod holds every session until the "
+            "reboot syscall. auto (default): fdstore when $FDSTORE and $NOTIFY_SOCKET are set"
+        ),
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
     return p
@@ -91,6 +104,87 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
         return FakeBackend(args.fake_kernel)
     return KernelBackend()
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_identity(backend: Backend) -> str:
+    """What tells this boot from the one a manifest was written in."""
+    try:
+        with open(BOOT_ID_PATH) as f:
+            boot_id = f.read().strip()
+    except OSError as e:
+        log.warning("no-boot-id", path=BOOT_ID_PATH, reason=e.strerror)
+        return ""  # never "the same boot": a restart is then taken for a kexec
+    if backend.name == "fake":
+        from luod.kernel.fake import FakeBackend
+
+        assert isinstance(backend, FakeBackend)
+        # A simulated kexec does not change the real boot id.
+        return f"{boot_id}+fake-kexec-{backend.snapshot()['kexec_count']}"
+    return boot_id
+
+
+def choose_carrier(requested: str, environ: dict[str, str]) -> tuple[str, str]:
+    """The carrier to use and why."""
+    if requested != "auto":
+        return requested, f"--carrier={requested}"
+    if not environ.get("NOTIFY_SOCKET"):
+        return "state-session", "no service manager ($NOTIFY_SOCKET is not set)"
+    store_max = store_max_from_env(environ.get("FDSTORE"))
+    if store_max is None:
+        return "state-session", "the service has no fd store ($FDSTORE is not a positive number)"
+    return "fdstore", f"the service has an fd store of {store_max} entries ($FDSTORE)"
+
+
+def split_listen_fds(fds: list[ListenFd]) -> tuple[ListenFd | None, list[ListenFd]]:
+    """The varlink socket (named 'varlink', or a lone fd when LISTEN_FDNAMES
+    is missing) and everything else."""
+    named = [f for f in fds if f.name == VARLINK_FDNAME]
+    if not named and len(fds) == 1 and fds[0].name in ("unknown", ""):
+        named = fds
+    if not named:
+        return None, fds
+    return named[0], [f for f in fds if f is not named[0]]
+
+
+def check_varlink_socket(entry: ListenFd) -> None:
+    """Only a listening socket will do: a connected one means Accept=yes."""
+    try:
+        listening = _is_listening(entry.fd)
+    except OSError:
+        listening = False  # no socket at all
+    if not listening:
+        os.close(entry.fd)
+        raise SystemExit(
+            f"luod: the service manager passed fd {entry.fd} ('{entry.name}') as the varlink "
+            "socket, but it is not a listening socket (a connected one: Accept=yes?). "
+            "luod holds custody in one process; its socket unit needs Accept=no."
+        )
+
+
+def make_carrier(args: argparse.Namespace, backend: Backend, listen: list[ListenFd]) -> Carrier:
+    """The carrier; it owns `listen` (LISTEN_FDS but the varlink socket)."""
+    chosen, why = choose_carrier(args.carrier, dict(os.environ))
+    if chosen == "fdstore" and not os.environ.get("NOTIFY_SOCKET"):
+        raise SystemExit(
+            "luod: --carrier=fdstore needs a service manager with an fd store "
+            "($NOTIFY_SOCKET and FileDescriptorStoreMax=); there is none"
+        )
+    log.info("carrier-chosen", carrier=chosen, reason=why)
+    if chosen == "fdstore":
+        return FdStoreCarrier(backend, listen, store_max_from_env(os.environ.get("FDSTORE")))
+    for entry in listen:
+        # A store keeps its own copy: closing luod's releases nothing.
+        os.close(entry.fd)
+        log.warning(
+            "listen-fd-closed",
+            name=entry.name,
+            fd=entry.fd,
+            reason="the state-session carrier uses no fd store",
+        )
+    return StateSessionCarrier(backend)
 
 
 def raise_nofile_limit() -> None:
@@ -109,9 +203,13 @@ def _is_listening(fd: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, core: Custodian, args: argparse.Namespace) -> None:
+    def __init__(
+        self, core: Custodian, args: argparse.Namespace, activated: ListenFd | None = None
+    ) -> None:
         self.core = core
         self.args = args
+        # The varlink socket the service manager passed, checked already.
+        self.activated = activated
         self.stopping = asyncio.Event()
         self.exit_code = 0
 
@@ -121,6 +219,10 @@ class Daemon:
             return (
                 "no kernel is loaded for kexec (luoctl kexec KERNEL loads one with kexec_file_load)"
             )
+        if self.core.carrier.name == FdStoreCarrier.name:
+            # The manifest is only in the fd store, which PID 1 preserves on
+            # its way down: a reboot(KEXEC) from here would leave it behind.
+            return "luod's state is in its fd store, which only PID 1 carries: use systemctl kexec"
         return None
 
     def schedule_kexec(self, peer: Peer) -> None:
@@ -146,22 +248,8 @@ class Daemon:
     kexeced = False
 
     def _listen_socket(self) -> socket.socket:
-        fds = notify.listen_fds()
-        chosen = [f for f in fds if f.name == "varlink"] or [
-            f for f in fds if f.name in ("unknown", "")
-        ]
-        for f in fds:
-            if f not in chosen[:1]:
-                os.close(f.fd)
-        if chosen:
-            fd = chosen[0].fd
-            if not _is_listening(fd):
-                os.close(fd)
-                raise SystemExit(
-                    "luod: the service manager passed a connected socket (Accept=yes?). "
-                    "luod holds custody in one process; its socket unit needs Accept=no."
-                )
-            return socket.socket(fileno=fd)
+        if self.activated is not None:
+            return socket.socket(fileno=self.activated.fd)
         path = self.args.socket
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         if os.path.exists(path):
@@ -201,7 +289,13 @@ class Daemon:
         grace.cancel()
         server.close()
         if not self.kexeced:
-            if self.core.sessions:
+            if self.core.sessions and self.core.carrier.holds_after_exit:
+                log.info(
+                    "stopping-custody-stays",
+                    sessions=len(self.core.sessions),
+                    carrier=self.core.carrier.name,
+                )
+            elif self.core.sessions:
                 log.warning(
                     "stopping-releases-custody",
                     sessions=len(self.core.sessions),
@@ -222,9 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"luod: {reason}", file=sys.stderr)
         return 1
     raise_nofile_limit()
-    carrier: Carrier = StateSessionCarrier(backend)
-    core = Custodian(backend, carrier, grace=args.grace)
-    return asyncio.run(Daemon(core, args).run())
+    activated, rest = split_listen_fds(notify.listen_fds())
+    if activated is not None:
+        # Before anything is taken over: a refusal leaves the store as it is.
+        check_varlink_socket(activated)
+    carrier = make_carrier(args, backend, rest)
+    core = Custodian(backend, carrier, grace=args.grace, boot_id=boot_identity(backend))
+    return asyncio.run(Daemon(core, args, activated).run())
 
 
 if __name__ == "__main__":

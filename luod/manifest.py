@@ -71,6 +71,10 @@ def to_json(m: Manifest) -> bytes:
                 "name": s.name,
                 "kind": s.kind.value,
                 "kernelName": s.kernel_name,
+                # State and deadline matter to a luod restarted in the same
+                # boot; after a kexec every session is incoming anyway.
+                "state": s.state.value,
+                "claimDeadline": s.claim_deadline,
                 "owner": _owner_to_json(s.owner),
                 "created": s.created_at,
                 "files": [
@@ -119,8 +123,14 @@ def from_json(raw: bytes) -> Manifest:
             raise ManifestError("corrupt", f"manifest: {where}.owner.unit has the wrong type")
         try:
             kind = SessionKind(_get(sd, "kind", str, where))
+            state = SessionState(sd.get("state", SessionState.OUTGOING.value))
         except ValueError:
-            raise ManifestError("corrupt", f"manifest: {where}.kind is unknown") from None
+            raise ManifestError("corrupt", f"manifest: {where}.kind or .state is unknown") from None
+        deadline = sd.get("claimDeadline")
+        if deadline is not None and (
+            not isinstance(deadline, int | float) or isinstance(deadline, bool)
+        ):
+            raise ManifestError("corrupt", f"manifest: {where}.claimDeadline has the wrong type")
         s = Session(
             name=_get(sd, "name", str, where),
             kind=kind,
@@ -129,7 +139,8 @@ def from_json(raw: bytes) -> Manifest:
             ),
             kernel_name=_get(sd, "kernelName", str, where),
             created_at=float(_get(sd, "created", (int, float), where)),
-            state=SessionState.OUTGOING,
+            state=state,
+            claim_deadline=None if deadline is None else float(deadline),
         )
         if s.name in seen:
             raise ManifestError("corrupt", f"manifest: session '{s.name}' appears twice")

@@ -14,7 +14,7 @@ from luod.manifest import (
     to_json,
     write_slot,
 )
-from luod.model import HeldFile, Owner, Session, SessionKind
+from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
 
 
 def _manifest() -> Manifest:
@@ -94,3 +94,34 @@ def test_payload_too_big_for_slot() -> None:
     with pytest.raises(ValueError):
         write_slot(fd, 4096, 0, 1, b"x" * 4096)
     os.close(fd)
+
+
+def test_state_and_claim_deadline_roundtrip() -> None:
+    # A luod restarted in the same boot needs both: an adopted session that
+    # came over the last kexec is still incoming, with its deadline.
+    m = _manifest()
+    m.sessions[0].state = SessionState.INCOMING
+    m.sessions[0].claim_deadline = 1234.5
+    (s,) = from_json(to_json(m)).sessions
+    assert (s.state, s.claim_deadline) == (SessionState.INCOMING, 1234.5)
+    # Manifests written before these fields existed: outgoing, no deadline.
+    doc = json.loads(to_json(_manifest()))
+    del doc["sessions"][0]["state"], doc["sessions"][0]["claimDeadline"]
+    (s,) = from_json(json.dumps(doc).encode()).sessions
+    assert (s.state, s.claim_deadline) == (SessionState.OUTGOING, None)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["sessions"][0].update(state="gone"),
+        lambda d: d["sessions"][0].update(claimDeadline="soon"),
+        lambda d: d["sessions"][0].update(claimDeadline=True),
+    ],
+)
+def test_bad_state_or_deadline_is_corrupt(mutate: object) -> None:
+    doc = json.loads(to_json(_manifest()))
+    mutate(doc)  # type: ignore[operator]
+    with pytest.raises(ManifestError) as e:
+        from_json(json.dumps(doc).encode())
+    assert e.value.kind == "corrupt"
