@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +21,9 @@ examples:
   luoctl push cache index --fd 3 hand off fd 3 (a memfd) as it is
   luoctl list                    what luod holds for you (root: for everyone)
   luoctl check                   what would be lost if the kexec happened now
-  luoctl kexec /boot/vmlinuz --initrd /boot/initrd.img --reuse-cmdline
-                                 load the next kernel and live-update into it
+  luoctl load /boot/vmlinuz --initrd /boot/initrd.img --reuse-cmdline
+  luoctl status                  the loaded kernel, subscribers, what luod holds
+  luoctl update                  prepare, freeze (subscribers acknowledge), kexec
   luoctl retrieve cache index -o /tmp/index.bin
   luoctl retrieve cache index --exec ./app
                                  run ./app with the fd as fd 3 (LISTEN_FDS=1)
@@ -99,6 +99,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.get("nextReleaseUSec") is not None:
         print(
             f"unclaimed sessions are released at {_time(st['nextReleaseUSec'])} (grace {st['graceSec']}s)"
+        )
+    lk = st.get("loadedKernel")
+    if lk:
+        print(
+            f"loaded kernel: {lk['kernel']}"
+            + (f" initrd {lk['initrd']}" if lk.get("initrd") else "")
+            + f", command line: {lk['commandLine']!r}"
+        )
+    else:
+        print(
+            "loaded kernel: "
+            + ("yes (not loaded by luod)" if st["kernelLoaded"] else "none (luoctl load KERNEL)")
+        )
+    for sub in st.get("subscribers", []):
+        owner = sub["owner"]
+        print(
+            f"subscriber {sub['name']}: {owner.get('unit') or owner.get('comm')} (uid {owner['uid']}), {sub['state']}, deadline {sub['deadlineSec']:g}s, last event {sub['lastEvent']}"
+        )
+    lu = st.get("lastUpdate")
+    if lu:
+        print(
+            f"last update {lu['update']}: "
+            + (
+                "passed the barrier"
+                if lu["ok"]
+                else f"aborted by {lu['subscriber']}: {lu['reason']}"
+            )
         )
     print(
         "ready for kexec: "
@@ -280,39 +307,92 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
     return 1 if rec["state"] == "failed" else 0
 
 
-def _under_systemd() -> bool:
-    return os.path.isdir("/run/systemd/system")
+def _load(c: Client, args: argparse.Namespace) -> None:
+    loaded = c.load_kernel(
+        os.path.abspath(args.kernel),
+        os.path.abspath(args.initrd) if args.initrd else None,
+        args.append,
+        args.reuse_cmdline,
+    )
+    print(
+        f"loaded {loaded['kernel']} with kexec_file_load, command line: {loaded['commandLine']!r}"
+    )
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        _load(c, args)
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        c.unload_kernel()
+    print("unloaded")
+    return 0
+
+
+def _update(c: Client, force: bool) -> int:
+    res = c.check()
+    if not res["ready"] and not force:
+        for p in res["problems"]:
+            print(f"{p['session'] or 'luod'}: {p['reason']}", file=sys.stderr)
+        raise CliError(
+            1, "preflight check failed; nothing was started (use --force to go ahead anyway)"
+        )
+    try:
+        out = c.update(force=force)
+    except ConnectionError:
+        # PID 1 stopped luod on its way into the kexec before luod replied.
+        print("the live update is under way")
+        return 0
+    print(
+        f"update {out['update']}: subscribers ready "
+        f"(prepare {out['prepareUSec'] / 1000:.1f} ms, freeze {out['freezeUSec'] / 1000:.1f} ms); "
+        "jumping into the next kernel"
+    )
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        return _update(c, args.force)
 
 
 def cmd_kexec(args: argparse.Namespace) -> int:
-    from luod.kernel import kexec
-    from luod.kernel.backend import LuoError
-
-    if args.kernel:
-        if args.reuse_cmdline:
-            with open("/proc/cmdline") as f:
-                cmdline = f.read().strip()
-        else:
-            cmdline = args.append or ""
-        try:
-            kexec.load(args.kernel, args.initrd, cmdline)
-        except (OSError, LuoError) as e:
-            raise CliError(1, f"cannot load {args.kernel}: {e}") from None
-        print(f"loaded {args.kernel} with kexec_file_load, command line: {cmdline!r}")
     with _connect(args) as c:
-        res = c.check()
-        if not res["ready"] and not args.force:
-            for p in res["problems"]:
-                print(f"{p['session'] or 'luod'}: {p['reason']}", file=sys.stderr)
-            raise CliError(
-                1, "preflight check failed; nothing was started (use --force to go ahead anyway)"
-            )
-        if _under_systemd() and not args.no_systemd:
-            # PID 1 stops the services, carries its fd stores and jumps.
-            print("asking systemd to kexec")
-            return subprocess.call(["systemctl", "kexec"])
-        c.kexec(force=args.force)
-    print("luod is jumping into the next kernel")
+        if args.kernel:
+            _load(c, args)
+        return _update(c, args.force)
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    """Follow updates; with --ack answer prepare and freeze (tests, demos, scripts)."""
+    with _connect(args) as c:
+        acks: Client | None = _connect(args) if args.ack or args.refuse else None
+        try:
+            for ev in c.subscribe(args.name, args.deadline):
+                if args.json:
+                    print(json.dumps(ev, sort_keys=True), flush=True)
+                else:
+                    extra = ", ".join(
+                        f"{k}={v}"
+                        for k, v in ev.items()
+                        if k not in ("phase", "subscription") and v is not None
+                    )
+                    print(f"{ev['phase']}" + (f" ({extra})" if extra else ""), flush=True)
+                if acks is not None and ev["phase"] in ("prepare", "freeze"):
+                    refuse = ev["phase"] == args.refuse
+                    acks.acknowledge(
+                        ev["subscription"],
+                        ev["update"],
+                        ev["phase"],
+                        refuse,
+                        args.reason if refuse else None,
+                    )
+        finally:
+            if acks is not None:
+                acks.close()
     return 0
 
 
@@ -415,28 +495,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_reclaim)
 
+    def kernel_args(s: argparse.ArgumentParser, required: bool) -> None:
+        s.add_argument(
+            "kernel",
+            nargs=None if required else "?",
+            help="kernel image (an x86 bzImage or arm64 Image)",
+        )
+        s.add_argument("--initrd")
+        g = s.add_mutually_exclusive_group()
+        g.add_argument("--append", help="the next kernel's command line")
+        g.add_argument(
+            "--reuse-cmdline", action="store_true", help="reuse this kernel's /proc/cmdline"
+        )
+
     s = sub.add_parser(
-        "kexec",
-        help="load the next kernel (kexec_file_load) and live-update into it",
+        "load",
+        help="check a kernel image and load it with kexec_file_load",
         description=(
-            "Load KERNEL with kexec_file_load(2) (never the old kexec_load(2), which carries no "
-            "handover data, so every session would be lost), run luod's preflight check, then "
-            "jump: under systemd PID 1 does it (systemctl kexec: services stop, fd stores are "
-            "carried); elsewhere luod calls reboot(LINUX_REBOOT_CMD_KEXEC) itself."
+            "Check KERNEL (readable, a kernel for this architecture) and load it with "
+            "kexec_file_load(2) — never the old kexec_load(2), which carries no handover "
+            "data, so every session would be lost."
         ),
     )
-    s.add_argument("kernel", nargs="?", help="kernel image to load; omit if one is loaded already")
-    s.add_argument("--initrd")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--append", help="the next kernel's command line")
-    g.add_argument("--reuse-cmdline", action="store_true", help="reuse /proc/cmdline")
+    kernel_args(s, required=True)
+    s.set_defaults(func=cmd_load)
+
+    s = sub.add_parser("unload", help="unload the kernel loaded for kexec")
+    s.set_defaults(func=cmd_unload)
+
+    update_help = (
+        "The live update: luod's preflight check, then every subscriber is told prepare and "
+        "freeze and must acknowledge within its deadline; a refusal, a timeout or a subscriber "
+        "going away aborts it with nothing lost. Then the kexec: under systemd PID 1 does it "
+        "(services stop, fd stores are carried), elsewhere luod calls reboot(LINUX_REBOOT_CMD_KEXEC)."
+    )
+    s = sub.add_parser(
+        "update", help="start the live update into the loaded kernel", description=update_help
+    )
     s.add_argument(
         "--force", action="store_true", help="go ahead even if the preflight check finds problems"
     )
+    s.set_defaults(func=cmd_update)
+
+    s = sub.add_parser(
+        "kexec",
+        help="load a kernel (kexec_file_load) and live-update into it: load + update",
+        description="luoctl load KERNEL (checked, then loaded with kexec_file_load), then luoctl update. "
+        + update_help,
+    )
+    kernel_args(s, required=False)
     s.add_argument(
-        "--no-systemd", action="store_true", help="have luod reboot itself even under systemd"
+        "--force", action="store_true", help="go ahead even if the preflight check finds problems"
     )
     s.set_defaults(func=cmd_kexec)
+
+    s = sub.add_parser(
+        "subscribe",
+        help="follow live updates (prepare, freeze, aborted, resumed)",
+        description="Subscribe to live updates as NAME and print each event. With --ack, acknowledge prepare and freeze; with --refuse PHASE, refuse that phase.",
+    )
+    s.add_argument("name")
+    s.add_argument("--deadline", type=float, help="seconds to acknowledge each phase (default 30)")
+    s.add_argument("--ack", action="store_true", help="acknowledge prepare and freeze")
+    s.add_argument("--refuse", choices=("prepare", "freeze"), help="refuse this phase")
+    s.add_argument(
+        "--reason", default="refused by luoctl subscribe", help="the reason given with --refuse"
+    )
+    s.set_defaults(func=cmd_subscribe)
     return p
 
 

@@ -130,6 +130,21 @@ class Client:
             raise VarlinkError(reply["error"], reply.get("parameters") or {})
         return Reply(reply.get("parameters") or {}, received)
 
+    def call_more(
+        self, method: str, parameters: dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """A `more` call: yields each reply's parameters until the last."""
+        self._send({"method": method, "parameters": parameters or {}, "more": True})
+        while True:
+            reply, received = self._recv()
+            for fd in received:
+                os.close(fd)
+            if "error" in reply:
+                raise VarlinkError(reply["error"], reply.get("parameters") or {})
+            yield reply.get("parameters") or {}
+            if not reply.get("continues"):
+                return
+
     def _call(
         self, method: str, parameters: dict[str, Any] | None = None, fds: Sequence[int] = ()
     ) -> dict[str, Any]:
@@ -195,6 +210,53 @@ class Client:
 
     def kexec(self, force: bool = False) -> None:
         self._call(f"{MANAGER}.KExec", {"force": True} if force else {})
+
+    def load_kernel(
+        self,
+        kernel: str,
+        initrd: str | None = None,
+        cmdline: str | None = None,
+        reuse_cmdline: bool = False,
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"kernel": kernel}
+        if initrd is not None:
+            params["initrd"] = initrd
+        if cmdline is not None:
+            params["commandLine"] = cmdline
+        if reuse_cmdline:
+            params["reuseCommandLine"] = True
+        return dict(self._call(f"{MANAGER}.LoadKernel", params)["loaded"])
+
+    def unload_kernel(self) -> None:
+        self._call(f"{MANAGER}.UnloadKernel")
+
+    def update(self, force: bool = False) -> dict[str, Any]:
+        """Prepare, freeze, kexec. Raises VarlinkError UpdateAborted with who and why."""
+        return self._call(f"{MANAGER}.Update", {"force": True} if force else {})
+
+    def subscribe(self, name: str, deadline: float | None = None) -> Iterator[dict[str, Any]]:
+        """Events of live updates, for as long as the connection lasts.
+        Acknowledge them on another connection (this one is busy)."""
+        params: dict[str, Any] = {"name": name}
+        if deadline is not None:
+            params["deadlineSec"] = deadline
+        for reply in self.call_more(f"{MANAGER}.Subscribe", params):
+            yield dict(reply["event"])
+
+    def acknowledge(
+        self,
+        subscription: str,
+        update: int,
+        phase: str,
+        refuse: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        params: dict[str, Any] = {"subscription": subscription, "update": update, "phase": phase}
+        if refuse:
+            params["refuse"] = True
+        if reason is not None:
+            params["reason"] = reason
+        self._call(f"{MANAGER}.Acknowledge", params)
 
 
 @contextlib.contextmanager

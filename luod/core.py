@@ -127,6 +127,9 @@ class Custodian:
         # Written into the manifest: a manifest of this very boot means luod
         # was restarted, not kexeced. "" (unknown) never matches.
         self.boot_id = boot_id
+        # Subscribers of this boot, and of the boot before the last kexec.
+        self.known_subscribers: dict[str, int] = {}
+        self.previous_subscribers: dict[str, int] = {}
         self.carrier = carrier
         self.grace = grace
         self.clock = clock
@@ -188,6 +191,7 @@ class Custodian:
     def _reclaim(self, manifest: Manifest) -> ReclaimReport:
         self.kexec_count = manifest.kexec_count + 1
         self.name_counter = manifest.name_counter
+        self.previous_subscribers = dict(manifest.subscribers)
         report = ReclaimReport("reclaimed")
         deadline = self.clock() + self.grace
         for old in manifest.sessions:
@@ -231,6 +235,7 @@ class Custodian:
         copies until then, and check() does not count that as a problem."""
         self.kexec_count = manifest.kexec_count
         self.name_counter = manifest.name_counter
+        self.known_subscribers = dict(manifest.subscribers)
         report = ReclaimReport("restored")
         for s in manifest.sessions:
             try:
@@ -341,7 +346,15 @@ class Custodian:
             name_counter=self.name_counter,
             written_at=self.clock(),
             boot_id=self.boot_id,
+            subscribers=self.known_subscribers,
         )
+
+    def note_subscriber(self, name: str, uid: int) -> None:
+        """Remember who subscribed in this boot, so that after the kexec
+        they are told what came with them ("resumed")."""
+        if self.known_subscribers.get(name) != uid:
+            self.known_subscribers[name] = uid
+            self._save()
 
     def _save(self) -> None:
         if self.manifest_error is not None:

@@ -10,22 +10,24 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import structlog
 
 import luod
+from luod import errors, notify
 from luod import log as logsetup
-from luod import notify
 from luod.carrier import Carrier, StateSessionCarrier
 from luod.core import Custodian
 from luod.fdstore import VARLINK_FDNAME, FdStoreCarrier, store_max_from_env
 from luod.kernel import kexec
 from luod.kernel.backend import Backend, KernelBackend, LuoError
 from luod.notify import ListenFd
+from luod.orchestrator import Orchestrator
 from luod.peer import Peer
 from luod.protocol import DEFAULT_SOCKET
-from luod.server import LuodServer, make_registry
+from luod.server import LoadedKernel, LuodServer, make_registry
 
 log = structlog.get_logger("luod")
 
@@ -202,6 +204,20 @@ def _is_listening(fd: int) -> bool:
         s.close()
 
 
+PID1_MANAGER = "/run/systemd/io.systemd.Manager"
+
+
+def _ask_pid1_to_kexec() -> None:
+    from luod.client import Client, VarlinkError
+
+    try:
+        with Client(PID1_MANAGER) as c:
+            c.call("io.systemd.Manager.KExec", {})
+    except (OSError, VarlinkError) as e:
+        # ECONNRESET is what success looks like: PID 1 went away.
+        log.info("pid1-kexec-call-ended", detail=str(e))
+
+
 class Daemon:
     def __init__(
         self, core: Custodian, args: argparse.Namespace, activated: ListenFd | None = None
@@ -212,21 +228,73 @@ class Daemon:
         self.activated = activated
         self.stopping = asyncio.Event()
         self.exit_code = 0
+        self.loaded: LoadedKernel | None = None
+        self.orchestrator = Orchestrator(on_subscribe=core.note_subscriber)
 
-    def kexec_blocker(self) -> str | None:
-        """Why reboot(KEXEC) would fail now, checked before anything stops."""
-        if self.core.backend.name == "kernel" and not kexec.is_loaded():
+    @property
+    def via_pid1(self) -> bool:
+        """Under the fd-store carrier PID 1 must do the kexec: the manifest
+        and session fds are in the fd store, which it carries on its way down."""
+        return self.core.carrier.name == FdStoreCarrier.name
+
+    def kexec_blocker(self, own_reboot: bool) -> str | None:
+        """Why the kexec would fail now, checked before anything stops."""
+        if not self.core.backend.kernel_loaded():
             return (
-                "no kernel is loaded for kexec (luoctl kexec KERNEL loads one with kexec_file_load)"
+                "no kernel is loaded for kexec (luoctl load KERNEL loads one with kexec_file_load)"
             )
-        if self.core.carrier.name == FdStoreCarrier.name:
-            # The manifest is only in the fd store, which PID 1 preserves on
-            # its way down: a reboot(KEXEC) from here would leave it behind.
-            return "luod's state is in its fd store, which only PID 1 carries: use systemctl kexec"
+        if own_reboot and self.via_pid1:
+            return "luod's state is in its fd store, which only PID 1 carries: use luoctl update or systemctl kexec"
         return None
 
-    def schedule_kexec(self, peer: Peer) -> None:
-        log.warning("kexec-requested", by=peer.describe(), sessions=len(self.core.sessions))
+    def load_kernel(
+        self, kernel: str, initrd: str | None, cmdline: str | None, reuse: bool
+    ) -> LoadedKernel:
+        problem = kexec.image_problem(kernel)
+        if problem is not None:
+            raise errors.KernelUnusable("kernel", f"{kernel}: {problem}")
+        if initrd is not None and not os.access(initrd, os.R_OK):
+            raise errors.KernelUnusable("initrd", f"{initrd}: not readable")
+        if reuse:
+            with open("/proc/cmdline") as f:
+                cmdline = f.read().strip()
+        try:
+            self.core.backend.load_kernel(kernel, initrd, cmdline or "")
+        except LuoError as e:
+            raise errors.KernelUnusable("kernel", f"{kernel}: {e.message}") from None
+        self.loaded = LoadedKernel(
+            kernel=kernel,
+            initrd=initrd,
+            commandLine=cmdline or "",
+            loadedUSec=int(time.time() * 1e6),
+        )
+        log.info("kernel-loaded", kernel=kernel, initrd=initrd or "-", cmdline=cmdline or "")
+        return self.loaded
+
+    def unload_kernel(self) -> None:
+        try:
+            self.core.backend.unload_kernel()
+        except LuoError as e:
+            raise errors.KernelUnusable("kernel", e.message) from None
+        self.loaded = None
+        log.info("kernel-unloaded")
+
+    async def jump(self) -> None:
+        """The barrier passed: hand over to the kexec."""
+        if not self.via_pid1:
+            self.schedule_kexec(None)
+            return
+        log.warning("kexec-via-pid1", sessions=len(self.core.sessions))
+        # PID 1 stops the services (luod too), carries the fd stores and
+        # jumps; its reply may never come.
+        await asyncio.get_running_loop().run_in_executor(None, _ask_pid1_to_kexec)
+
+    def schedule_kexec(self, peer: Peer | None) -> None:
+        log.warning(
+            "kexec-requested",
+            by=peer.describe() if peer is not None else "update",
+            sessions=len(self.core.sessions),
+        )
         # After the reply went out.
         asyncio.get_running_loop().call_later(0.1, self._kexec)
 
@@ -267,6 +335,7 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         report = self.core.start()
+        self.orchestrator.expected_back = dict(self.core.previous_subscribers)
         sock = self._listen_socket()
         sock.setblocking(False)
         registry = make_registry(self.core, self)

@@ -136,3 +136,12 @@ class AlreadyPreserved(LuodError):
             session=session,
             name=name,
         )
+
+
+class KernelUnusable(LuodError):
+    """The kernel image or initrd cannot be loaded for kexec."""
+
+    interface = "io.luod.Manager"
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        super().__init__(f"{parameter}: {reason}", parameter=parameter, reason=reason)

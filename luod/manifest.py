@@ -52,6 +52,9 @@ class Manifest:
     written_at: float = 0.0
     boot_id: str = ""
     version: int = MANIFEST_VERSION
+    # Names (and uids) of those who subscribed to updates in that boot: they
+    # are told "resumed" when they subscribe again after the kexec.
+    subscribers: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _owner_to_json(o: Owner) -> dict[str, Any]:
@@ -66,6 +69,7 @@ def to_json(m: Manifest) -> bytes:
         "kexecCount": m.kexec_count,
         "nameCounter": m.name_counter,
         "written": m.written_at,
+        "subscribers": [{"name": n, "uid": u} for n, u in sorted(m.subscribers.items())],
         "sessions": [
             {
                 "name": s.name,
@@ -167,7 +171,20 @@ def from_json(raw: bytes) -> Manifest:
         name_counter=_get(doc, "nameCounter", int, "manifest"),
         written_at=float(_get(doc, "written", (int, float), "manifest")),
         boot_id=str(doc.get("bootId", "")),
+        subscribers=_subscribers(doc.get("subscribers", [])),
     )
+
+
+def _subscribers(raw: Any) -> dict[str, int]:
+    """Optional (manifests of luod 0.1 before orchestration lack it)."""
+    if not isinstance(raw, list):
+        raise ManifestError("corrupt", "manifest: subscribers is not a list")
+    out: dict[str, int] = {}
+    for i, d in enumerate(raw):
+        if not isinstance(d, dict):
+            raise ManifestError("corrupt", f"manifest: subscribers[{i}] is not an object")
+        out[_get(d, "name", str, f"subscribers[{i}]")] = _get(d, "uid", int, f"subscribers[{i}]")
+    return out
 
 
 # --- the two-slot memfd ---------------------------------------------------

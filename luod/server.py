@@ -41,10 +41,11 @@ from asyncvarlink import (
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 import luod
-from luod import errors
+from luod import errors, orchestrator
 from luod.core import Custodian, Incoming, Problem, ReclaimReport
 from luod.kernel import fdinfo
 from luod.model import HeldFile, Session
+from luod.orchestrator import OrchestrationError, Orchestrator, Phase
 from luod.peer import Peer, peer_of_socket
 
 log = structlog.get_logger("luod")
@@ -118,6 +119,44 @@ class ReclaimInfo:
 
 
 @dataclasses.dataclass
+class LoadedKernel:
+    kernel: str
+    initrd: typing.Optional[str]  # noqa: UP045
+    commandLine: str
+    loadedUSec: int
+
+
+@dataclasses.dataclass
+class SubscriberInfo:
+    name: str
+    owner: OwnerInfo
+    state: str
+    deadlineSec: float
+    lastEvent: Phase
+
+
+@dataclasses.dataclass
+class UpdateInfo:
+    update: int
+    ok: bool
+    subscriber: typing.Optional[str]  # noqa: UP045
+    reason: typing.Optional[str]  # noqa: UP045
+    prepareUSec: typing.Optional[int]  # noqa: UP045
+    freezeUSec: typing.Optional[int]  # noqa: UP045
+
+
+@dataclasses.dataclass
+class Event:
+    phase: Phase
+    subscription: str
+    update: typing.Optional[int]  # noqa: UP045
+    deadlineUSec: typing.Optional[int]  # noqa: UP045
+    reason: typing.Optional[str]  # noqa: UP045
+    kexecCount: typing.Optional[int]  # noqa: UP045
+    sessions: typing.Optional[list[str]]  # noqa: UP045
+
+
+@dataclasses.dataclass
 class StatusInfo:
     version: str
     backend: str
@@ -129,10 +168,51 @@ class StatusInfo:
     graceSec: int
     nextReleaseUSec: typing.Optional[int]  # noqa: UP045
     reclaim: typing.Optional[ReclaimInfo]  # noqa: UP045
+    kernelLoaded: bool
+    loadedKernel: typing.Optional[LoadedKernel]  # noqa: UP045
+    subscribers: list[SubscriberInfo]
+    lastUpdate: typing.Optional[UpdateInfo]  # noqa: UP045
 
 
 def _usec(t: float) -> int:
     return int(t * 1_000_000)
+
+
+def _opt_usec(t: float | None) -> int | None:
+    return None if t is None else _usec(t)
+
+
+def event_info(e: orchestrator.Event) -> Event:
+    return Event(
+        phase=e.phase,
+        subscription=e.subscription,
+        update=e.update,
+        deadlineUSec=_opt_usec(e.deadline),
+        reason=e.reason,
+        kexecCount=e.kexec_count,
+        sessions=e.sessions,
+    )
+
+
+def update_info(o: orchestrator.Outcome) -> UpdateInfo:
+    return UpdateInfo(
+        update=o.update,
+        ok=o.ok,
+        subscriber=o.who,
+        reason=o.reason,
+        prepareUSec=_opt_usec(o.phases.get("prepare")),
+        freezeUSec=_opt_usec(o.phases.get("freeze")),
+    )
+
+
+def subscriber_info(sub: orchestrator.Subscriber) -> SubscriberInfo:
+    return SubscriberInfo(
+        name=sub.name,
+        owner=OwnerInfo(uid=sub.peer.uid, unit=sub.peer.unit, comm=sub.peer.comm),
+        state=sub.state,
+        deadlineSec=sub.deadline,
+        lastEvent=sub.last_event,
+    )
 
 
 def file_info(f: HeldFile) -> FileInfo:
@@ -182,6 +262,12 @@ class RetrievedSession(typing.TypedDict):
 class CheckResult(typing.TypedDict):
     ready: bool
     problems: list[ProblemInfo]
+
+
+class UpdateResult(typing.TypedDict):
+    update: int
+    prepareUSec: int
+    freezeUSec: int
 
 
 # --- errors ----------------------------------------------------------------
@@ -307,6 +393,69 @@ class RootRequired(TypedVarlinkErrorReply, interface=MANAGER):
         method: str
 
 
+class KernelUnusable(TypedVarlinkErrorReply, interface=MANAGER):
+    """The kernel image (or initrd) cannot be loaded; reason says why."""
+
+    class Parameters:
+        parameter: str
+        reason: str
+
+
+class InvalidDeadline(TypedVarlinkErrorReply, interface=MANAGER):
+    """The deadline is not more than 0 and at most maximum seconds."""
+
+    class Parameters:
+        parameter: str
+        maximum: int
+
+
+class SubscriptionExists(TypedVarlinkErrorReply, interface=MANAGER):
+    """A subscriber of that name is connected already."""
+
+    class Parameters:
+        name: str
+
+
+class NoSuchSubscription(TypedVarlinkErrorReply, interface=MANAGER):
+    """No subscription with that id (of the caller's)."""
+
+    class Parameters:
+        subscription: str
+
+
+class UnexpectedAcknowledge(TypedVarlinkErrorReply, interface=MANAGER):
+    """The acknowledgement does not answer an event this subscription is waiting on."""
+
+    class Parameters:
+        subscription: str
+        update: int
+        phase: str
+        reason: str
+
+
+class UpdateInProgress(TypedVarlinkErrorReply, interface=MANAGER):
+    """Another update is running."""
+
+    class Parameters:
+        update: int
+
+
+class UpdateAborted(TypedVarlinkErrorReply, interface=MANAGER):
+    """A subscriber refused, missed its deadline or went away; nothing was dropped."""
+
+    class Parameters:
+        update: int
+        subscriber: str
+        reason: str
+
+
+class SubscriptionEnded(TypedVarlinkErrorReply, interface=MANAGER):
+    """The subscription was ended by luod (it is stopping)."""
+
+    class Parameters:
+        reason: str
+
+
 _ERRORS: dict[str, type[TypedVarlinkErrorReply]] = {
     cls.name: cls
     for cls in (
@@ -325,8 +474,24 @@ _ERRORS: dict[str, type[TypedVarlinkErrorReply]] = {
         NotReady,
         PreflightFailed,
         RootRequired,
+        KernelUnusable,
     )
 }
+
+_ORCHESTRATION_ERRORS: dict[str, type[TypedVarlinkErrorReply]] = {
+    cls.__name__: cls
+    for cls in (
+        InvalidDeadline,
+        SubscriptionExists,
+        NoSuchSubscription,
+        UnexpectedAcknowledge,
+        UpdateInProgress,
+    )
+}
+
+
+def orchestration_error(e: OrchestrationError) -> TypedVarlinkErrorReply:
+    return _ORCHESTRATION_ERRORS[e.name](**e.parameters)  # type: ignore[arg-type]
 
 
 def to_varlink(e: errors.LuodError) -> TypedVarlinkErrorReply:
@@ -342,6 +507,7 @@ def to_varlink(e: errors.LuodError) -> TypedVarlinkErrorReply:
 class CallContext:
     peer: Peer
     fds: FileDescriptorArray | None
+    protocol: "LuodProtocol"
     taken: set[int] = dataclasses.field(default_factory=set)
 
 
@@ -370,6 +536,18 @@ _P = typing.ParamSpec("_P")
 _R = typing.TypeVar("_R")
 
 
+def refused(method: str, e: errors.LuodError | OrchestrationError) -> TypedVarlinkErrorReply:
+    """Log a refused call and make the varlink error of the same name."""
+    if isinstance(e, errors.LuodError):
+        name, reply = e.error_name, to_varlink(e)
+    else:
+        name, reply = f"{MANAGER}.{e.name}", orchestration_error(e)
+    log.info(
+        "call-refused", method=method, error=name, detail=e.message, peer=_ctx().peer.describe()
+    )
+    return reply
+
+
 def translating(fn: collections.abc.Callable[_P, _R]) -> collections.abc.Callable[_P, _R]:
     """Turn core errors into the varlink errors of the same name."""
 
@@ -377,15 +555,8 @@ def translating(fn: collections.abc.Callable[_P, _R]) -> collections.abc.Callabl
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
-        except errors.LuodError as e:
-            log.info(
-                "call-refused",
-                method=fn.__name__,
-                error=e.error_name,
-                detail=e.message,
-                peer=_ctx().peer.describe(),
-            )
-            raise to_varlink(e) from None
+        except (errors.LuodError, OrchestrationError) as e:
+            raise refused(fn.__name__, e) from None
 
     return wrapper
 
@@ -511,10 +682,25 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
     """Inspect and drive luod: status, the preflight check, reclaim after a
     kexec, and the kexec itself where no service manager does it."""
 
-    errors = (PreflightFailed, RootRequired)
+    errors = (
+        PreflightFailed,
+        RootRequired,
+        KernelUnusable,
+        InvalidDeadline,
+        SubscriptionExists,
+        NoSuchSubscription,
+        UnexpectedAcknowledge,
+        UpdateInProgress,
+        UpdateAborted,
+        SubscriptionEnded,
+    )
 
     def __init__(self, daemon: "DaemonHooks") -> None:
         self.daemon = daemon
+
+    @property
+    def orchestrator(self) -> Orchestrator:
+        return self.daemon.orchestrator
 
     @property
     def core(self) -> Custodian:
@@ -538,6 +724,12 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             graceSec=int(core.grace),
             nextReleaseUSec=None if nxt is None else _usec(nxt),
             reclaim=None if core.reclaim is None else reclaim_info(core.reclaim),
+            kernelLoaded=core.backend.kernel_loaded(),
+            loadedKernel=self.daemon.loaded,
+            subscribers=[subscriber_info(s) for s in self.orchestrator.subscribers.values()],
+            lastUpdate=None
+            if self.orchestrator.last_outcome is None
+            else update_info(self.orchestrator.last_outcome),
         )
 
     @varlinkmethod
@@ -557,29 +749,134 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             raise errors.NotReady("luod has not started its reclaim yet")
         return reclaim_info(self.core.reclaim)
 
-    @varlinkmethod
-    @translating
-    def KExec(self, force: typing.Optional[bool] = None) -> None:  # noqa: UP045
-        """Jump into the loaded kernel with reboot(LINUX_REBOOT_CMD_KEXEC),
-        for systems where no service manager does it. Root only. Refused
-        when the preflight check finds problems, unless force is set."""
+    def _root(self, method: str) -> Peer:
         peer = _ctx().peer
         if not peer.is_root:
-            raise errors.RootRequired("KExec")
+            raise errors.RootRequired(method)
+        return peer
+
+    def _preflight(self, force: bool, own_reboot: bool) -> None:
+        blocker = self.daemon.kexec_blocker(own_reboot)
+        if blocker is not None:
+            raise errors.NotReady(blocker)
         problems = self.core.check()
         if problems and not force:
             raise errors.PreflightFailed(
                 len(problems), "; ".join(f"{p.session}: {p.reason}" for p in problems)
             )
+
+    @varlinkmethod
+    @translating
+    def KExec(self, force: typing.Optional[bool] = None) -> None:  # noqa: UP045
+        """Jump into the loaded kernel with reboot(LINUX_REBOOT_CMD_KEXEC) at
+        once, without asking subscribers, for systems where no service
+        manager does it. Root only. Refused when the preflight check finds
+        problems, unless force is set. Update is the orderly way."""
+        peer = self._root("KExec")
+        self._preflight(bool(force), own_reboot=True)
         self.daemon.schedule_kexec(peer)
+
+    @varlinkmethod(return_parameter="loaded")
+    @translating
+    def LoadKernel(
+        self,
+        kernel: str,
+        initrd: typing.Optional[str] = None,  # noqa: UP045
+        commandLine: typing.Optional[str] = None,  # noqa: UP045
+        reuseCommandLine: typing.Optional[bool] = None,  # noqa: UP045
+    ) -> LoadedKernel:
+        """Check a kernel image (a readable kernel for this architecture)
+        and load it with kexec_file_load(2), ready for Update. Root only."""
+        self._root("LoadKernel")
+        return self.daemon.load_kernel(kernel, initrd, commandLine, bool(reuseCommandLine))
+
+    @varlinkmethod
+    @translating
+    def UnloadKernel(self) -> None:
+        """Undo LoadKernel. Root only."""
+        self._root("UnloadKernel")
+        self.daemon.unload_kernel()
+
+    @varlinkmethod(return_parameter="event", delay_generator=False)
+    async def Subscribe(
+        self,
+        name: str,
+        deadlineSec: typing.Optional[float] = None,  # noqa: UP045
+    ) -> collections.abc.AsyncIterator[Event]:
+        """Follow live updates (call with more). The first event is
+        subscribed, or resumed when this name was subscribed before the last
+        kexec. Then, per update: prepare and freeze, each to be answered with
+        Acknowledge within deadlineSec, or aborted with the reason."""
+        ctx = _ctx()
+        try:
+            sessions = [s.name for s in self.core.list_sessions(ctx.peer)]
+            sub = self.orchestrator.subscribe(
+                ctx.peer, name, deadlineSec, self.core.kexec_count, sessions
+            )
+        except OrchestrationError as e:
+            raise refused("Subscribe", e) from None
+        ctx.protocol.on_disconnect(lambda: self.orchestrator.unsubscribe(sub, "disconnected"))
+        try:
+            while (event := await sub.queue.get()) is not None:
+                yield event_info(event)
+        finally:
+            self.orchestrator.unsubscribe(sub, "stream closed")
+        raise SubscriptionEnded(reason="the subscription ended")
+
+    @varlinkmethod
+    @translating
+    def Acknowledge(
+        self,
+        subscription: str,
+        update: int,
+        phase: Phase,
+        refuse: typing.Optional[bool] = None,  # noqa: UP045
+        reason: typing.Optional[str] = None,  # noqa: UP045
+    ) -> None:
+        """Answer prepare or freeze of an update. With refuse, the update is
+        aborted for everyone, with reason."""
+        self.orchestrator.acknowledge(
+            _ctx().peer, subscription, update, phase, bool(refuse), reason
+        )
+
+    @varlinkmethod
+    async def Update(self, force: typing.Optional[bool] = None) -> UpdateResult:  # noqa: UP045
+        """The live update: preflight check, prepare, freeze, then the kexec
+        (through PID 1 under systemd, else luod's own reboot). Returns once
+        the barrier passed and the kexec is under way. Root only."""
+        try:
+            self._root("Update")
+            self._preflight(bool(force), own_reboot=False)
+            outcome = await self.orchestrator.run(self.daemon.jump)
+        except (errors.LuodError, OrchestrationError) as e:
+            raise refused("Update", e) from None
+        if not outcome.ok:
+            raise UpdateAborted(
+                update=outcome.update, subscriber=outcome.who or "", reason=outcome.reason or ""
+            )
+        return {
+            "update": outcome.update,
+            "prepareUSec": _usec(outcome.phases["prepare"]),
+            "freezeUSec": _usec(outcome.phases["freeze"]),
+        }
 
 
 class DaemonHooks(typing.Protocol):
     core: Custodian
+    orchestrator: Orchestrator
+    loaded: LoadedKernel | None
 
-    def schedule_kexec(self, peer: Peer) -> None: ...
+    def schedule_kexec(self, peer: Peer | None) -> None: ...
 
-    def kexec_blocker(self) -> str | None: ...
+    def kexec_blocker(self, own_reboot: bool) -> str | None: ...
+
+    def load_kernel(
+        self, kernel: str, initrd: str | None, cmdline: str | None, reuse: bool
+    ) -> LoadedKernel: ...
+
+    def unload_kernel(self) -> None: ...
+
+    async def jump(self) -> None: ...
 
 
 # --- transport -------------------------------------------------------------
@@ -595,6 +892,25 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         peer = transport.get_extra_info("luod.peer")
         assert isinstance(peer, Peer)
         self.peer = peer
+        self._disconnect_hooks: list[collections.abc.Callable[[], None]] = []
+
+    def on_disconnect(self, hook: collections.abc.Callable[[], None]) -> None:
+        """Run `hook` when the peer goes away. A pending `more` call (a
+        subscription) would otherwise keep the connection open forever."""
+        self._disconnect_hooks.append(hook)
+
+    def _disconnected(self) -> None:
+        hooks, self._disconnect_hooks = self._disconnect_hooks, []
+        for hook in hooks:
+            hook()
+
+    def eof_received(self) -> None:
+        self._disconnected()
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disconnected()
+        super().connection_lost(exc)
 
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
@@ -603,7 +919,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             for fd in fds:
                 if fd:
                     fdinfo.set_cloexec(fd.fileno())
-        token = _current.set(CallContext(self.peer, fds))
+        token = _current.set(CallContext(self.peer, fds, self))
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
         finally:

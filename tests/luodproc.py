@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from luod.client import Client
+from tests.util import fake_bzimage
 
 READY_TIMEOUT = 20.0
 
@@ -101,7 +102,9 @@ class LuodProcess:
     def kexec(self) -> None:
         """A simulated kexec: luod jumps (the fake kernel serializes); the
         old luod exits; the next one starts as in the next boot."""
+        image = fake_bzimage(self.workdir / "bzImage")
         with self.client() as c:
+            c.call("io.luod.Manager.LoadKernel", {"kernel": str(image)}).close()
             c.kexec()
         self.wait_exit()
         self.start()

@@ -43,10 +43,15 @@ def test_info_and_introspect(luod: LuodProcess) -> None:
     assert "error UnsupportedFd" in r.stdout
     r = _varlinkctl("list-methods", luod.socket, "io.luod.Manager")
     assert r.stdout.split() == [
+        "io.luod.Manager.Acknowledge",
         "io.luod.Manager.Check",
         "io.luod.Manager.GetStatus",
         "io.luod.Manager.KExec",
+        "io.luod.Manager.LoadKernel",
         "io.luod.Manager.Reclaim",
+        "io.luod.Manager.Subscribe",
+        "io.luod.Manager.UnloadKernel",
+        "io.luod.Manager.Update",
     ]
 
 

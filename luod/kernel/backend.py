@@ -74,6 +74,14 @@ class Backend(Protocol):
         """reboot(LINUX_REBOOT_CMD_KEXEC): serialize every session, jump."""
         ...
 
+    def load_kernel(self, kernel: str, initrd: str | None, cmdline: str) -> None:
+        """kexec_file_load the next kernel (never kexec_load: no handover data)."""
+        ...
+
+    def unload_kernel(self) -> None: ...
+
+    def kernel_loaded(self) -> bool: ...
+
 
 class KernelBackend:
     """The real kernel, through /dev/liveupdate."""
@@ -166,3 +174,18 @@ class KernelBackend:
         from luod.kernel import kexec
 
         kexec.reboot_kexec()
+
+    def load_kernel(self, kernel: str, initrd: str | None, cmdline: str) -> None:
+        from luod.kernel import kexec
+
+        kexec.load(kernel, initrd, cmdline)
+
+    def unload_kernel(self) -> None:
+        from luod.kernel import kexec
+
+        kexec.unload()
+
+    def kernel_loaded(self) -> bool:
+        from luod.kernel import kexec
+
+        return kexec.is_loaded()

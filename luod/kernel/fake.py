@@ -778,6 +778,7 @@ class FakeBackend:
 
     def __init__(self, socket_path: str | os.PathLike[str], busy_timeout: float = 2.0) -> None:
         self.socket_path = os.fspath(socket_path)
+        self._loaded: tuple[str, str | None, str] | None = None
         self.busy_timeout = busy_timeout
 
     def unavailable_reason(self) -> str | None:
@@ -891,6 +892,25 @@ class FakeBackend:
     def reboot_kexec(self) -> None:
         """Unlike the real one this returns; the caller should exit as if rebooted."""
         self._no_fd("kexec", "LINUX_REBOOT_CMD_KEXEC", {}, [])
+
+    # A loaded kernel lives in the loading process only: the fake kexec
+    # needs no image, and loading a real one on the test host would be wrong.
+
+    def load_kernel(self, kernel: str, initrd: str | None, cmdline: str) -> None:
+        """Checks the image as kexec_file_load would, then remembers it."""
+        from luod.kernel import kexec
+
+        if kexec.image_problem(kernel) is not None:
+            raise LuoError("kexec_file_load", errno.ENOEXEC, kernel)
+        if initrd is not None and not os.access(initrd, os.R_OK):
+            raise LuoError("kexec_file_load", errno.ENOENT, initrd)
+        self._loaded = (kernel, initrd, cmdline)
+
+    def unload_kernel(self) -> None:
+        self._loaded = None
+
+    def kernel_loaded(self) -> bool:
+        return self._loaded is not None
 
     @contextlib.contextmanager
     def hold_device(self) -> Iterator[None]:

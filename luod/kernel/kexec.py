@@ -11,6 +11,7 @@ import ctypes.util
 import errno
 import os
 import platform
+import stat
 
 from luod.kernel.backend import LuoError
 
@@ -34,6 +35,32 @@ def _syscall_nr() -> int:
         return _SYS_KEXEC_FILE_LOAD[machine]
     except KeyError:
         raise LuoError("kexec_file_load", errno.ENOSYS, f"architecture {machine}") from None
+
+
+def image_problem(path: str, machine: str | None = None) -> str | None:
+    """Why `path` is not a kernel this machine can kexec into, or None.
+
+    Checked before kexec_file_load so the answer names the problem instead
+    of an ENOEXEC: x86 bzImages carry "HdrS" at 0x202 (the boot protocol
+    header), arm64 Images "ARMd" at 0x38."""
+    machine = machine or platform.machine()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot open it: {e.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        head = os.pread(fd, 0x240, 0)
+    finally:
+        os.close(fd)
+    if machine == "x86_64":
+        if head[0x202:0x206] != b"HdrS":
+            return "not an x86 bzImage (no boot protocol header 'HdrS' at 0x202)"
+    elif machine == "aarch64" and head[0x38:0x3C] != b"ARM\x64":
+        return "not an arm64 Image (no 'ARM\\x64' magic at 0x38)"
+    return None
 
 
 def load(kernel: str, initrd: str | None, cmdline: str) -> None:

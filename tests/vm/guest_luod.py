@@ -98,7 +98,6 @@ def luoctl_kexec(luod: LuodProcess, out: dict[str, Any], name: str) -> None:
             kernel,
             "--append",
             guestlib.next_stage_cmdline(),
-            "--no-systemd",
         ],
         capture_output=True,
         text=True,
