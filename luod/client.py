@@ -191,6 +191,10 @@ class Client:
             params["take"] = True
         return self.call(f"{CUSTODY}.RetrieveFd", params).take_fd()
 
+    def create_delegated_session(self, session: str) -> int:
+        """A session fd to preserve your own files into; luod holds a copy."""
+        return self.call(f"{CUSTODY}.CreateDelegatedSession", {"session": session}).take_fd()
+
     def retrieve_session(self, session: str) -> int:
         return self.call(f"{CUSTODY}.RetrieveSession", {"session": session}).take_fd()
 

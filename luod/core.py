@@ -546,6 +546,37 @@ class Custodian:
         log.info("session-adopted", session=name, owner=s.owner.describe())
         return s
 
+    def create_delegated(self, peer: Peer, name: str) -> tuple[int, Session]:
+        """A session for the client to preserve its own files into (device
+        fds that only the owning process may touch, say). luod keeps a
+        reference, so the session survives the client's restart or crash and
+        the shutdown; after the kexec the owner takes it back whole."""
+        self._require_usable()
+        check_session_name(name)
+        if name in self.sessions:
+            raise errors.SessionExists(name)
+        kernel_name = self._new_kernel_name(name)
+        try:
+            sfd = self.backend.create_session(kernel_name)
+        except LuoError as e:
+            raise errors.KernelRefused("create_session", e.errno, e.message, name) from None
+        s = Session(
+            name=name,
+            kind=SessionKind.DELEGATED,
+            owner=owner_of(peer),
+            kernel_name=kernel_name,
+            created_at=self.clock(),
+            fd=sfd,
+            kexec_count=self.kexec_count,
+        )
+        self.sessions[name] = s
+        self.carrier.session_held(kernel_name, sfd)
+        self._save()
+        log.info(
+            "session-delegated", session=name, kernel_name=kernel_name, owner=s.owner.describe()
+        )
+        return os.dup(sfd), s
+
     def list_sessions(self, peer: Peer, session: str | None = None) -> list[Session]:
         if session is not None:
             s = self.sessions.get(session)
@@ -607,14 +638,24 @@ class Custodian:
         return out, f
 
     def retrieve_session(self, peer: Peer, session: str) -> int:
-        """Give an adopted session's fd back to its owner; custody ends."""
+        """An adopted or delegated session's fd for its owner. Before the
+        kexec a copy: luod must go on holding it for it to be carried (a
+        client that restarted gets its session back this way). After the
+        kexec the session itself: custody ends."""
         s = self._session(peer, session)
-        if s.kind is not SessionKind.ADOPTED:
+        if s.kind is SessionKind.MANAGED:
             raise errors.WrongSessionKind(
                 session,
                 s.kind.value,
                 "only sessions a client created itself are handed back whole; use RetrieveFd",
             )
+        if s.fd < 0:
+            raise errors.NotReady(f"luod holds no fd for session '{session}'")
+        if s.state is SessionState.OUTGOING:
+            log.info(
+                "session-copied", session=session, owner=s.owner.describe(), to=peer.describe()
+            )
+            return os.dup(s.fd)
         fd, s.fd = s.fd, -1
         del self.sessions[session]
         self.carrier.session_dropped(s.kernel_name)

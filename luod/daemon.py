@@ -355,6 +355,8 @@ class Daemon:
             pid=os.getpid(),
         )
         await self.stopping.wait()
+        self.orchestrator.end_all("luod is stopping")
+        await asyncio.sleep(0.05)  # let the subscription streams end
         grace.cancel()
         server.close()
         if not self.kexeced:

@@ -16,6 +16,9 @@ class SessionKind(enum.Enum):
     MANAGED = "managed"
     # A client created the session itself and handed its fd to luod.
     ADOPTED = "adopted"
+    # luod created the session and handed it to the client, keeping its own
+    # reference as custodian: the client preserves its own files into it.
+    DELEGATED = "delegated"
 
 
 class SessionState(enum.Enum):

@@ -166,6 +166,11 @@ class Orchestrator:
         sub.queue.put_nowait(None)
         self._changed.set()
 
+    def end_all(self, why: str) -> None:
+        """luod is stopping: end every subscription's stream cleanly."""
+        for sub in list(self.subscribers.values()):
+            self.unsubscribe(sub, why)
+
     def names(self) -> list[tuple[str, int]]:
         return [(s.name, s.peer.uid) for s in self.subscribers.values()]
 

@@ -59,6 +59,7 @@ MANAGER = "io.luod.Manager"
 class SessionKind(enum.Enum):
     managed = "managed"
     adopted = "adopted"
+    delegated = "delegated"
 
 
 class SessionState(enum.Enum):
@@ -642,6 +643,16 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         fd = take_fd(fileDescriptor, "fileDescriptor")
         return session_info(self.core.adopt_session(_ctx().peer, fd))
 
+    @varlinkmethod
+    @translating
+    def CreateDelegatedSession(self, session: str) -> RetrievedSession:
+        """Create a session and hand its fd to the caller, to preserve its
+        own files into. luod keeps a reference as custodian: the session
+        survives the caller's restart or crash and the shutdown, and after
+        the kexec the caller takes it back with RetrieveSession."""
+        fd, s = self.core.create_delegated(_ctx().peer, session)
+        return {"fileDescriptor": FileDescriptor(fd, should_close=True), "session": session_info(s)}
+
     @varlinkmethod(return_parameter="sessions")
     @translating
     def ListSessions(self, session: typing.Optional[str] = None) -> list[SessionInfo]:  # noqa: UP045
@@ -664,7 +675,9 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
     @varlinkmethod
     @translating
     def RetrieveSession(self, session: str) -> RetrievedSession:
-        """Give an adopted session back to its owner; luod lets go of it."""
+        """An adopted or delegated session's fd, for its owner. Before the
+        kexec a copy (luod goes on holding it, so that it is carried); after
+        the kexec the session itself, and luod lets go of it."""
         info = session_info(self.core.sessions[session]) if session in self.core.sessions else None
         fd = self.core.retrieve_session(_ctx().peer, session)
         assert info is not None
@@ -924,6 +937,11 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
         finally:
             _current.reset(token)
+        if call.more:
+            # asyncvarlink stops reading until the call's future is done; a
+            # subscription never is, so the peer going away (EOF) would go
+            # unseen. Not handing the future back keeps reading on.
+            return None
         return fut
 
 

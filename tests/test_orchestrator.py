@@ -16,7 +16,7 @@ ROOT = Peer(pid=1, uid=0, gid=0, comm="luoctl")
 
 
 def run(coro: Awaitable[None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+    asyncio.run(asyncio.wait_for(coro, 30))
 
 
 class Jumped:
