@@ -13,12 +13,16 @@ LUOD_VM_SCENARIO:
 - scale: 20 sessions x 10 memfds of random sizes up to 4 MiB.
 - manifest: luod's state session prepared corrupt, then of an unknown
   version: luod reports it, releases nothing, stays up.
+- update: the orchestrated update: a delegated session the client filled
+  itself; two subscribers, one missing its deadline (abort, nothing lost),
+  then both acknowledging (kexec); after it both are told "resumed".
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import random
 import socket
@@ -314,10 +318,108 @@ def manifest_stage3(out: dict[str, Any]) -> None:
     luod.stop()
 
 
+def _luoctl(luod: LuodProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "luod.cli", f"--socket={luod.socket}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _subscriber(luod: LuodProcess, name: str, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    out = Path(f"/tmp/sub-{name}-{guestlib.stage()}.jsonl")
+    f = open(out, "w")  # noqa: SIM115 - handed to the child
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "luod.cli",
+            f"--socket={luod.socket}",
+            "--json",
+            "subscribe",
+            name,
+            *args,
+        ],
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    f.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not out.read_text().strip():
+        time.sleep(0.1)
+    return p, out
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def update_stage1(out: dict[str, Any]) -> None:
+    be = KernelBackend()
+    luod = start_luod()
+    vmm_data = {5: random.Random(5).randbytes(1 << 20), 6: random.Random(6).randbytes(4096)}
+    with luod.client() as c:
+        sfd = c.create_delegated_session("vmm")
+        for token, data in vmm_data.items():
+            be.preserve_fd(sfd, memfd(data), token)
+        os.close(sfd)  # the client is gone; luod holds the session
+        c.preserve_fd("db-state", "wal", memfd(b"wal " * 1000), create_session=True)
+    out["vmm"] = {str(t): hashlib.sha256(d).hexdigest() for t, d in vmm_data.items()}
+    _db, db_out = _subscriber(luod, "db", "--ack")
+    slow, _ = _subscriber(luod, "slow", "--deadline", "1")
+    r = _luoctl(
+        luod, "load", os.environ["LUOD_VM_KERNEL"], "--append", guestlib.next_stage_cmdline()
+    )
+    out["load"] = {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+    with luod.client() as c:
+        before = c.list_sessions()
+    r = _luoctl(luod, "update")
+    out["aborted_update"] = {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+    with luod.client() as c:
+        out["unchanged_after_abort"] = c.list_sessions() == before
+        out["status_after_abort"] = c.status()
+    out["db_events_after_abort"] = _events(db_out)
+    slow.terminate()
+    slow.wait()
+    _slow2, _ = _subscriber(luod, "slow", "--ack")
+    out["uptime_update"] = guestlib.uptime()
+    guestlib.write_json("luod-update-1.json", out)
+    r = _luoctl(luod, "update")
+    out["update"] = {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+    guestlib.write_json("luod-update-1.json", out)
+    time.sleep(120)
+    raise RuntimeError(f"still here after luoctl update: {r.stderr}")
+
+
+def update_stage2(out: dict[str, Any]) -> None:
+    be = KernelBackend()
+    luod = start_luod()
+    for name in ("db", "slow"):
+        p, path = _subscriber(luod, name)
+        out[f"{name}_first"] = _events(path)[0]
+        p.terminate()
+        p.wait()
+    with luod.client() as c:
+        out["status"] = c.status()
+        sfd = c.retrieve_session("vmm")
+    out["vmm"] = {}
+    for token in (5, 6):
+        fd = be.retrieve_fd(sfd, token)
+        out["vmm"][str(token)] = facts(fd)["sha256"]
+        os.close(fd)
+    be.finish_session(sfd)
+    os.close(sfd)
+    out["log"] = luod.log()
+    luod.stop()
+
+
 STAGES = {
     "main": {1: main_stage1, 2: main_stage2, 3: main_stage3},
     "scale": {1: scale_stage1, 2: scale_stage2},
     "manifest": {1: manifest_stage1, 2: manifest_stage2, 3: manifest_stage3},
+    "update": {1: update_stage1, 2: update_stage2},
 }
 
 

@@ -107,3 +107,25 @@ def test_unusable_manifest_releases_nothing(tmp_path: Path, stock_kernel: Path) 
         assert s["create"] == "io.luod.Custody.NotReady"
         assert "released=nothing" in s["log"]
     assert s2["other_intact"] is True
+
+
+def test_orchestrated_update(tmp_path: Path, stock_kernel: Path) -> None:
+    s1, s2 = run(stock_kernel, "update", tmp_path / "results", 2, 420.0)
+    assert s1["load"]["rc"] == 0, s1["load"]
+    aborted = s1["aborted_update"]
+    assert aborted["rc"] == 1
+    assert (
+        "aborted: slow: did not acknowledge prepare within 1s; nothing was dropped"
+        in aborted["stderr"]
+    )
+    assert s1["unchanged_after_abort"] is True
+    assert s1["status_after_abort"]["lastUpdate"]["subscriber"] == "slow"
+    assert [e["phase"] for e in s1["db_events_after_abort"]] == ["subscribed", "prepare", "aborted"]
+    # The retry went through: the next kernel ran stage 2.
+    assert s2["status"]["kexecCount"] == 1
+    for name in ("db", "slow"):
+        first = s2[f"{name}_first"]
+        assert first["phase"] == "resumed", first
+        assert first["kexecCount"] == 1
+    assert sorted(s2["db_first"]["sessions"]) == ["db-state", "vmm"]
+    assert s2["vmm"] == s1["vmm"]
