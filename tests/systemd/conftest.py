@@ -1,0 +1,83 @@
+"""Fixtures of the systemd tier (marker `systemd`): a LUO kernel, the cached
+Debian sid root with systemd 262, and one disk image per test run with luod
+of this working tree (vm/build-root.sh, vm/build-image.sh)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm import qemu
+
+from . import harness
+
+# Where the results of a failed test are copied (serial log, stage logs,
+# journals), besides pytest's own tmp_path.
+ARTIFACTS = Path(os.environ.get("LUOD_SYSTEMD_ARTIFACTS", "/tmp/luod-systemd-artifacts"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemdVM:
+    """What a test boots: the image (used with snapshot=on) and its kernel."""
+
+    kernel: Path
+    image: Path
+    build_seconds: dict[str, float]
+
+    def boot(self, script: Path, results: Path, timeout: float) -> harness.GuestResult:
+        result = harness.boot(self.image, self.kernel, script, results, timeout)
+        print(harness.describe(result))
+        return result
+
+
+@pytest.fixture(scope="session")
+def systemd_vm(tmp_path_factory: pytest.TempPathFactory) -> SystemdVM:
+    """Skips (loudly) only when QEMU cannot run here; a failed kernel, root
+    or image build is an error. LUOD_SYSTEMD_KERNEL / LUOD_SYSTEMD_IMAGE
+    override the builds."""
+    reason = qemu.qemu_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"SYSTEMD TIER SKIPPED: {reason}")
+    seconds: dict[str, float] = {}
+    t = time.monotonic()
+    kernel_env = os.environ.get("LUOD_SYSTEMD_KERNEL")
+    kernel = Path(kernel_env) if kernel_env else qemu.build_kernel("stock")
+    seconds["kernel"] = time.monotonic() - t
+    image_env = os.environ.get("LUOD_SYSTEMD_IMAGE")
+    if image_env:
+        return SystemdVM(kernel, Path(image_env), seconds)
+    t = time.monotonic()
+    root = harness.build_root()
+    seconds["root"] = time.monotonic() - t
+    t = time.monotonic()
+    image = harness.build_image(tmp_path_factory.mktemp("systemd-image") / "root.img", kernel, root)
+    seconds["image"] = time.monotonic() - t
+    return SystemdVM(kernel, image, seconds)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    setattr(item, f"luod_report_{call.when}", report)
+    return report
+
+
+@pytest.fixture
+def results(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """The results share of a test's VM; copied to ARTIFACTS if it failed."""
+    path = tmp_path / "results"
+    yield path
+    report = getattr(request.node, "luod_report_call", None)
+    if report is not None and report.failed and path.exists():
+        dest = ARTIFACTS / request.node.name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(path, dest, ignore=shutil.ignore_patterns(".guest"))
+        print(f"results of the failed run kept in {dest}")

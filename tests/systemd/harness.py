@@ -1,0 +1,353 @@
+"""Boot a Debian sid root with systemd 262 as PID 1 and luod installed, under
+QEMU, and run a test program in it once per boot stage.
+
+The pieces:
+
+- vm/build-root.sh: the cached debootstrap'd sid root (`build_root()`).
+- vm/build-image.sh: root + luod of this working tree + the kernel at
+  /boot/vmlinuz -> a sparse ext4 image (`build_image()`), one per test run;
+  every boot uses it with `snapshot=on`, so each QEMU run starts clean (the
+  writes of one run do survive its kexecs: QEMU keeps running).
+- `boot()`: QEMU with the image as virtio-blk, virtio-rng, and `results`
+  as a writable 9p share mounted at /results by results.mount. systemd starts
+  luod-test-stage.service after multi-user.target, which runs
+  /usr/lib/luod-test/test-stage (vm/systemd/): it runs our program
+  (`results/.guest/stage-script`, bash) with tests/systemd/guest/lib.sh at
+  hand. The program either kexecs into the next stage (`stage_kexec` in
+  lib.sh: `luoctl kexec /boot/vmlinuz --append "... luod.test_stage=N+1"`,
+  which ends in `systemctl kexec`) or returns, and the VM powers off.
+
+Everything comes back as files in `results` (see vm/systemd/test-stage):
+serial.log, qemu.log, stage-N.log, stage-N/ (steps, journal, boot times),
+.guest/stage-N.{started,kexec,exit}, run.json. QEMU is killed after
+`timeout`. The result is a tests.vm.qemu.GuestResult, whose check() and
+report() fit this layout too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.vm import qemu
+from tests.vm.qemu import GuestError, GuestResult
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_ROOT = REPO / "vm" / "build-root.sh"
+BUILD_IMAGE = REPO / "vm" / "build-image.sh"
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+STAGE_PARAM = qemu.STAGE_PARAM
+
+BASE_CMDLINE = (
+    "console=ttyS0",
+    "root=/dev/vda",
+    "rootfstype=ext4",
+    "rw",
+    "init=/lib/systemd/systemd",
+    "kho=on",
+    "liveupdate=on",
+    "panic=-1",
+)
+
+__all__ = [
+    "BASE_CMDLINE",
+    "GuestError",
+    "GuestResult",
+    "Stage",
+    "Step",
+    "boot",
+    "build_image",
+    "build_root",
+    "describe",
+    "kexec_cycles",
+    "stage",
+]
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _run_script(argv: Sequence[str], timeout: float, what: str) -> str:
+    """Run a build script: stderr passes through (progress), the last stdout
+    line is its answer. Raises RuntimeError with the stderr tail on failure."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+        err.seek(0)
+        errors = err.read()
+    sys.stderr.write(errors)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{_tail(errors, 40)}")
+    lines = stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{what} printed no path:\n{_tail(errors, 40)}")
+    return lines[-1]
+
+
+def build_root(timeout: float = 1800.0) -> Path:
+    """vm/build-root.sh: the cached sid root (about a minute when cold)."""
+    return Path(_run_script([str(BUILD_ROOT)], timeout, "vm/build-root.sh"))
+
+
+def build_image(
+    image: Path, kernel: Path, root: Path | None = None, timeout: float = 600.0
+) -> Path:
+    """vm/build-image.sh: luod of this working tree in a copy of the root."""
+    argv = [str(BUILD_IMAGE), "--kernel", str(kernel)]
+    if root is not None:
+        argv += ["--root", str(root)]
+    return Path(_run_script([*argv, str(image)], timeout, "vm/build-image.sh"))
+
+
+def _opt(path: Path) -> str:
+    """A path inside a QEMU option list, where a comma is written twice."""
+    return str(path).replace(",", ",,")
+
+
+def _note_stages(guest_dir: Path, seen: dict[int, float], now: float) -> None:
+    for name in os.listdir(guest_dir):
+        m = re.fullmatch(r"stage-(\d+)\.started", name)
+        if m:
+            seen.setdefault(int(m.group(1)), now)
+
+
+def boot(
+    image: Path,
+    kernel: Path,
+    script: Path,
+    results: Path,
+    timeout: float,
+    *,
+    stage: int = 1,
+    extra_cmdline: Sequence[str] = (),
+    memory: str = "2G",
+    smp: int = 2,
+) -> GuestResult:
+    """Boot `image` with `kernel` and run the bash program `script` in each
+    stage, starting at `stage`. QEMU is killed after `timeout` seconds."""
+    results = results.resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    guest_dir = results / ".guest"
+    if guest_dir.exists():
+        shutil.rmtree(guest_dir)
+    guest_dir.mkdir()
+    for helper in GUEST_DIR.iterdir():
+        if helper.is_file() and helper.suffix in {".sh", ".py"}:
+            shutil.copy2(helper, guest_dir / helper.name)
+    shutil.copy2(script, guest_dir / "stage-script")
+    serial_log = results / "serial.log"
+    serial_log.unlink(missing_ok=True)
+
+    cmdline = [*BASE_CMDLINE, *extra_cmdline, f"{STAGE_PARAM}={stage}"]
+    command = (
+        qemu.QEMU,
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-m", memory,
+        "-smp", str(smp),
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial", f"file:{_opt(serial_log)}",
+        "-kernel", str(kernel.resolve()),
+        "-append", " ".join(cmdline),
+        "-drive", f"file={_opt(image.resolve())},if=virtio,format=raw,snapshot=on",
+        "-device", "virtio-rng-pci",
+        "-virtfs", f"local,path={_opt(results)},mount_tag=results,security_model=none",
+    )  # fmt: skip
+
+    seen: dict[int, float] = {}
+    start = time.monotonic()
+    timed_out = False
+    with open(results / "qemu.log", "wb") as qemu_log:
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT
+        )
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                _note_stages(guest_dir, seen, time.monotonic() - start)
+                if time.monotonic() - start > timeout:
+                    timed_out = True
+                    proc.kill()
+                    proc.wait()
+                    break
+        finally:
+            if proc.poll() is None:  # interrupted (KeyboardInterrupt...)
+                proc.kill()
+                proc.wait()
+    duration = time.monotonic() - start
+    _note_stages(guest_dir, seen, duration)
+
+    uptimes: dict[int, float] = {}
+    exits: dict[int, int] = {}
+    for f in guest_dir.glob("stage-*.started"):
+        uptimes[int(f.stem.split("-")[1])] = _float(f)
+    for f in guest_dir.glob("stage-*.exit"):
+        exits[int(f.stem.split("-")[1])] = int(f.read_text().strip() or "-1")
+    result = GuestResult(
+        results=results,
+        serial_log=serial_log,
+        command=command,
+        returncode=None if timed_out else proc.returncode,
+        timed_out=timed_out,
+        duration=duration,
+        stage_seen=seen,
+        stage_uptime=uptimes,
+        stage_exit=exits,
+    )
+    summary = result.summary()
+    summary["kexec_cycle"] = {str(n): round(v, 2) for n, v in kexec_cycles(result).items()}
+    (results / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def kexec_cycles(result: GuestResult) -> dict[int, float]:
+    """Seconds from `luoctl kexec` in stage N to the start of stage N+1,
+    by the host's clock: when the host saw stage N start, plus the guest
+    uptime from then to the kexec request (.guest/stage-N.kexec), to when
+    the host saw stage N+1 start. Polled, so ~0.1 s coarse."""
+    cycles: dict[int, float] = {}
+    for n in result.stages:
+        requested = _float(result.results / ".guest" / f"stage-{n}.kexec")
+        if n + 1 not in result.stage_seen or n not in result.stage_seen or requested != requested:
+            continue
+        at = result.stage_seen[n] + (requested - result.stage_uptime[n])
+        cycles[n] = result.stage_seen[n + 1] - at
+    return cycles
+
+
+def _float(path: Path) -> float:
+    try:
+        return float(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One command the guest program ran with lib.sh's `step`."""
+
+    name: str
+    rc: int
+    out: str
+    err: str
+
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def props(self) -> dict[str, str]:
+        """`systemctl show -p A,B` output as a dict."""
+        pairs = (line.partition("=") for line in self.out.splitlines() if "=" in line)
+        return {k: v for k, _, v in pairs}
+
+    def __str__(self) -> str:
+        return f"step {self.name}: rc={self.rc}\n--- stdout ---\n{self.out}\n--- stderr ---\n{self.err}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What the guest program left in results/stage-N/."""
+
+    number: int
+    path: Path
+
+    def step(self, name: str) -> Step:
+        def read(suffix: str) -> str:
+            try:
+                return (self.path / f"{name}.{suffix}").read_text(errors="replace")
+            except OSError:
+                return ""
+
+        rc_text = read("rc").strip()
+        if not rc_text:
+            raise GuestError(f"stage {self.number} has no step {name!r} (in {self.path})")
+        return Step(name, int(rc_text), read("out"), read("err"))
+
+    def text(self, name: str) -> str:
+        try:
+            return (self.path / name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def steps(self) -> list[str]:
+        return self.text("steps.txt").split()
+
+    def boot_seconds(self) -> dict[str, float]:
+        """systemd-analyze time of this boot: kernel, userspace, total (s)."""
+        return parse_analyze_time(self.text("boot-time.txt"))
+
+
+def stage(result: GuestResult, n: int) -> Stage:
+    return Stage(n, result.results / f"stage-{n}")
+
+
+_ANALYZE_PART = re.compile(r"([0-9.]+(?:min|ms|s|us)(?:\s+[0-9.]+(?:ms|s|us))?)\s+\((\w+)\)")
+_ANALYZE_TOTAL = re.compile(r"=\s*([0-9.]+(?:min|ms|s|us)(?:\s+[0-9.]+(?:ms|s|us))?)")
+
+
+def _seconds(text: str) -> float:
+    total = 0.0
+    for num, unit in re.findall(r"([0-9.]+)(min|ms|us|s)", text):
+        total += float(num) * {"min": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+    return total
+
+
+def parse_analyze_time(text: str) -> dict[str, float]:
+    """'Startup finished in 2.4s (kernel) + 15.8s (userspace) = 18.2s' ->
+    {'kernel': 2.4, 'userspace': 15.8, 'total': 18.2}; plus
+    'multi-user.target reached after 15.1s in userspace' -> 'multi-user'."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("Startup finished"):
+            for value, part in _ANALYZE_PART.findall(line):
+                found[part] = _seconds(value)
+            m = _ANALYZE_TOTAL.search(line)
+            if m:
+                found["total"] = _seconds(m.group(1))
+        m2 = re.search(r"multi-user\.target reached after (.+) in userspace", line)
+        if m2:
+            found["multi-user"] = _seconds(m2.group(1))
+    return found
+
+
+def describe(result: GuestResult) -> str:
+    """A short account of a run for logs: durations per stage."""
+    parts = [f"QEMU ran {result.duration:.1f}s ({shlex.join(result.command[:6])} ...)"]
+    cycles = kexec_cycles(result)
+    for n in result.stages:
+        times = stage(result, n).boot_seconds()
+        parts.append(
+            f"stage {n}: host saw it at {result.stage_seen.get(n, float('nan')):.1f}s, "
+            f"guest uptime {result.stage_uptime[n]:.1f}s, systemd-analyze {times}"
+        )
+        if n in cycles:
+            parts.append(
+                f"kexec {n} -> {n + 1}: {cycles[n]:.1f}s from `luoctl kexec` to stage {n + 1}"
+            )
+    return "\n".join(parts)

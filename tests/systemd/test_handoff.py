@@ -1,0 +1,59 @@
+"""Scenario (b): a memfd handed to luod with `varlinkctl --push-fd=` only,
+`luoctl kexec` (-> systemctl kexec), and after the boot luod-reclaim.service
+has run and `varlinkctl --exec ... RetrieveFd` gives the same bytes back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import harness
+from .conftest import SystemdVM
+
+pytestmark = pytest.mark.systemd
+
+GUEST = harness.GUEST_DIR / "handoff.sh"
+TIMEOUT = 420.0  # two boots of ~20 s and one kexec under TCG
+
+
+def _json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_memfd_pushed_by_varlinkctl_survives_systemctl_kexec(
+    systemd_vm: SystemdVM, results: Path
+) -> None:
+    result = systemd_vm.boot(GUEST, results, TIMEOUT)
+    report = result.report()
+    s1 = harness.stage(result, 1)
+
+    preserve = s1.step("preserve")
+    assert preserve.ok(), f"{preserve}\n{report}"
+    before = _json(s1.path / "memfd.json")
+    assert preserve.json()["file"]["size"] == before["size"] == 1 << 20
+    assert s1.step("check").ok(), s1.step("check")
+    assert s1.text("kexec.rc").strip() == "0", (
+        f"luoctl kexec failed:\n{s1.text('kexec.out')}\n--- luod ---\n{s1.text('journal-luod.txt')}"
+    )
+
+    result.check(final_stage=2)
+    s2 = harness.stage(result, 2)
+    reclaim = s2.step("reclaim").props()
+    assert (reclaim["ActiveState"], reclaim["Result"]) == ("active", "success"), (
+        f"{reclaim}\n{s2.step('journal-luod').out}"
+    )
+
+    retrieve = s2.step("retrieve")
+    assert retrieve.ok(), f"{retrieve}\n{s2.step('journal-luod').out}\n{report}"
+    after = _json(s2.path / "retrieved.json")
+    assert after["listen_fds"] == "1", after
+    assert after["sha256"] == before["sha256"], (before, after)
+    assert after["size"] == before["size"]
+    assert after["position"] == before["position"] == 4096
+
+    status = json.loads(s2.step("status").out)["status"]
+    assert status["files"] == 1, status
