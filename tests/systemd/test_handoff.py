@@ -36,9 +36,14 @@ def test_memfd_pushed_by_varlinkctl_survives_systemctl_kexec(
     before = _json(s1.path / "memfd.json")
     assert preserve.json()["file"]["size"] == before["size"] == 1 << 20
     assert s1.step("check").ok(), s1.step("check")
-    assert s1.text("kexec.rc").strip() == "0", (
-        f"luoctl kexec failed:\n{s1.text('kexec.out')}\n--- luod ---\n{s1.text('journal-luod.txt')}"
-    )
+    # luoctl kexec usually dies with the system before it can note its exit
+    # status; a status it did note must be 0, and stage 2 must come.
+    kexec_rc = s1.text("kexec.rc").strip()
+    if kexec_rc not in ("", "0") or 2 not in result.stage_uptime:
+        raise AssertionError(
+            f"luoctl kexec (exit status {kexec_rc or 'not recorded'}):\n{s1.text('kexec.out')}\n"
+            f"--- luod ---\n{s1.text('journal-luod.txt')}\n{report}"
+        )
 
     result.check(final_stage=2)
     s2 = harness.stage(result, 2)
