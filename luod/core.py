@@ -16,6 +16,7 @@ without luod's own references to the files in them (see _restore).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import time
@@ -35,6 +36,8 @@ from luod.peer import Peer
 log = structlog.get_logger("luod")
 
 MAX_SESSION_NAME = 48
+# How long to wait for the carrier to let go of a dropped session's fd.
+REPRESERVE_PATIENCE = 3.0
 MAX_FD_NAME = 255
 # Session names luod will not create or adopt: PID 1 owns 'systemd' (its fd
 # store carrier), luod owns everything starting with 'luod'.
@@ -330,14 +333,37 @@ class Custodian:
             self.carrier.session_dropped(old_kernel)
         kernel_name = self._new_kernel_name(s.name)
         sfd = self.backend.create_session(kernel_name)
+        # A carrier that holds copies of the old session fd (PID 1's fd
+        # store) lets go of them asynchronously: until it has, the files are
+        # still preserved in the old session and preserving them is EBUSY.
+        patience = REPRESERVE_PATIENCE if old_fd >= 0 and self.carrier.holds_after_exit else 0.0
         try:
             for f in files:
-                self.backend.preserve_fd(sfd, f.fd, f.token)
+                self._preserve_patiently(sfd, f, patience, s.name)
         except BaseException:
             os.close(sfd)
             raise
         s.fd, s.kernel_name, s.state = sfd, kernel_name, SessionState.OUTGOING
         self.carrier.session_held(kernel_name, sfd)
+
+    def _preserve_patiently(self, sfd: int, f: HeldFile, patience: float, session: str) -> None:
+        deadline = time.monotonic() + patience
+        delay = 0.005
+        while True:
+            try:
+                self.backend.preserve_fd(sfd, f.fd, f.token)
+                return
+            except LuoError as e:
+                if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    raise
+                log.debug(
+                    "represerve-waits",
+                    session=session,
+                    name=f.name,
+                    reason="old session still held",
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     def _manifest(self) -> Manifest:
         return Manifest(
@@ -395,7 +421,8 @@ class Custodian:
 
     # --- client operations --------------------------------------------------
 
-    def create_session(self, peer: Peer, name: str) -> Session:
+    def _new_session(self, peer: Peer, name: str, kind: SessionKind) -> Session:
+        """A new outgoing kernel session, named for luod, owned by `peer`."""
         self._require_usable()
         check_session_name(name)
         if name in self.sessions:
@@ -407,7 +434,7 @@ class Custodian:
             raise errors.KernelRefused("create_session", e.errno, e.message, name) from None
         s = Session(
             name=name,
-            kind=SessionKind.MANAGED,
+            kind=kind,
             owner=owner_of(peer),
             kernel_name=kernel_name,
             created_at=self.clock(),
@@ -417,8 +444,17 @@ class Custodian:
         self.sessions[name] = s
         self.carrier.session_held(kernel_name, sfd)
         self._save()
-        log.info("session-created", session=name, kernel_name=kernel_name, owner=s.owner.describe())
+        log.info(
+            "session-created",
+            session=name,
+            kind=kind.value,
+            kernel_name=kernel_name,
+            owner=s.owner.describe(),
+        )
         return s
+
+    def create_session(self, peer: Peer, name: str) -> Session:
+        return self._new_session(peer, name, SessionKind.MANAGED)
 
     def preserve_fds(
         self, peer: Peer, session: str, files: Sequence[Incoming], create: bool = False
@@ -551,31 +587,8 @@ class Custodian:
         fds that only the owning process may touch, say). luod keeps a
         reference, so the session survives the client's restart or crash and
         the shutdown; after the kexec the owner takes it back whole."""
-        self._require_usable()
-        check_session_name(name)
-        if name in self.sessions:
-            raise errors.SessionExists(name)
-        kernel_name = self._new_kernel_name(name)
-        try:
-            sfd = self.backend.create_session(kernel_name)
-        except LuoError as e:
-            raise errors.KernelRefused("create_session", e.errno, e.message, name) from None
-        s = Session(
-            name=name,
-            kind=SessionKind.DELEGATED,
-            owner=owner_of(peer),
-            kernel_name=kernel_name,
-            created_at=self.clock(),
-            fd=sfd,
-            kexec_count=self.kexec_count,
-        )
-        self.sessions[name] = s
-        self.carrier.session_held(kernel_name, sfd)
-        self._save()
-        log.info(
-            "session-delegated", session=name, kernel_name=kernel_name, owner=s.owner.describe()
-        )
-        return os.dup(sfd), s
+        s = self._new_session(peer, name, SessionKind.DELEGATED)
+        return os.dup(s.fd), s
 
     def list_sessions(self, peer: Peer, session: str | None = None) -> list[Session]:
         if session is not None:
