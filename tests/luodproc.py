@@ -16,7 +16,7 @@ from pathlib import Path
 from luod.client import Client
 from tests.util import fake_bzimage
 
-READY_TIMEOUT = 20.0
+READY_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass
@@ -30,6 +30,9 @@ class LuodProcess:
     extra_args: list[str]
     proc: subprocess.Popen[bytes] | None = None
     generation: int = 0
+    # Generous: under QEMU/TCG on a loaded 2-core host Python alone takes
+    # seconds to start.
+    ready_timeout: float = READY_TIMEOUT
 
     @property
     def socket(self) -> str:
@@ -77,7 +80,7 @@ class LuodProcess:
                 env=env,
             )
         # Ready means READY=1 on the notify socket, as systemd would see it.
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         try:
             notify.settimeout(0.2)
             while time.monotonic() < deadline:
@@ -89,7 +92,7 @@ class LuodProcess:
                     continue
                 if "READY=1" in msg.split("\n"):
                     return
-            raise RuntimeError(f"luod did not get ready in {READY_TIMEOUT}s:\n{self.log()}")
+            raise RuntimeError(f"luod did not get ready in {self.ready_timeout}s:\n{self.log()}")
         finally:
             notify.close()
 

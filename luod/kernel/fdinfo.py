@@ -7,7 +7,6 @@ Python has no fstatfs(), so it is called through ctypes. struct statfs is
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import enum
 import errno
@@ -18,7 +17,9 @@ import stat
 
 from luod.kernel import uapi
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols include libc's: no ctypes.util.find_library(),
+# which runs ldconfig or a compiler (seconds under emulation, at every start).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
 _STATFS_SIZE = 120

@@ -7,7 +7,6 @@ Only kexec_file_load(2) is used: the old kexec_load(2) (kexec-tools' plain
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -15,7 +14,9 @@ import stat
 
 from luod.kernel.backend import LuoError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols include libc's: no ctypes.util.find_library(),
+# which runs ldconfig or a compiler (seconds under emulation, at every start).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 _SYS_KEXEC_FILE_LOAD = {"x86_64": 320, "aarch64": 294, "riscv64": 294}

@@ -76,7 +76,7 @@ def memfd(data: bytes, position: int = 0, seals: int = 0) -> int:
 
 def start_luod(*args: str) -> LuodProcess:
     WORK.mkdir(parents=True, exist_ok=True)
-    p = LuodProcess(WORK, [], [f"--grace={GRACE}", *args])
+    p = LuodProcess(WORK, [], [f"--grace={GRACE}", *args], ready_timeout=180.0)
     t0 = time.monotonic()
     p.start()
     guestlib.write_json(
