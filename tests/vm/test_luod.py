@@ -45,7 +45,7 @@ def run(
 
 
 def test_main_scenario(luo_kernel: LuoKernel, tmp_path: Path) -> None:
-    s1, s2, s3 = run(luo_kernel.bzimage, "main", tmp_path / "results", 3, 420.0)
+    s1, s2, s3 = run(luo_kernel.bzimage, "main", tmp_path / "results", 3, 900.0)
 
     # Before the kexec: identified, held, refused what cannot be carried.
     assert s1["adopted"] == {"name": "client-own", "kind": "adopted"}
@@ -89,7 +89,7 @@ def test_main_scenario(luo_kernel: LuoKernel, tmp_path: Path) -> None:
 
 
 def test_scale_20_sessions_of_10(tmp_path: Path, stock_kernel: Path) -> None:
-    s1, s2 = run(stock_kernel, "scale", tmp_path / "results", 2, 600.0, memory="2G")
+    s1, s2 = run(stock_kernel, "scale", tmp_path / "results", 2, 900.0, memory="2G")
     assert s1["status"]["files"] == 200
     assert s2["status"]["reclaim"]["files"] == 200
     assert s2["got"] == s1["expected"]
@@ -97,7 +97,7 @@ def test_scale_20_sessions_of_10(tmp_path: Path, stock_kernel: Path) -> None:
 
 
 def test_unusable_manifest_releases_nothing(tmp_path: Path, stock_kernel: Path) -> None:
-    _s1, s2, s3 = run(stock_kernel, "manifest", tmp_path / "results", 3, 420.0)
+    _s1, s2, s3 = run(stock_kernel, "manifest", tmp_path / "results", 3, 600.0)
     for s, word in ((s2, "corrupt"), (s3, "version 99")):
         rec = s["status"]["reclaim"]
         assert rec["state"] == "failed"
@@ -110,7 +110,7 @@ def test_unusable_manifest_releases_nothing(tmp_path: Path, stock_kernel: Path) 
 
 
 def test_orchestrated_update(tmp_path: Path, stock_kernel: Path) -> None:
-    s1, s2 = run(stock_kernel, "update", tmp_path / "results", 2, 420.0)
+    s1, s2 = run(stock_kernel, "update", tmp_path / "results", 2, 600.0)
     assert s1["load"]["rc"] == 0, s1["load"]
     aborted = s1["aborted_update"]
     assert aborted["rc"] == 1
