@@ -45,7 +45,12 @@ def _read(path: str) -> str:
 
 def unit_of_pid(pid: int) -> str | None:
     """The systemd unit a process runs in, from its cgroup v2 path."""
-    for line in _read(f"/proc/{pid}/cgroup").splitlines():
+    return unit_of_cgroup(_read(f"/proc/{pid}/cgroup"))
+
+
+def unit_of_cgroup(text: str) -> str | None:
+    """The unit in /proc/PID/cgroup's text ("0::/system.slice/x.service/sub")."""
+    for line in text.splitlines():
         hierarchy, _, path = line.partition("::")
         if hierarchy != "0":
             continue
@@ -61,11 +66,39 @@ def unit_of_pid(pid: int) -> str | None:
     return None
 
 
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 lacks the name
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to now: -1 once that process is gone."""
+    for line in _read(f"/proc/self/fdinfo/{pidfd}").splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    return -1
+
+
 def peer_of_socket(sock: socket.socket) -> Peer:
+    """uid and pid from SO_PEERCRED; unit and comm from /proc/PID. The pid
+    alone could be reused between connect() and the read of /proc, so where
+    the kernel offers SO_PEERPIDFD the /proc facts are only kept if the
+    pidfd still names that same, living process after they were read."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
-    comm = _read(f"/proc/{pid}/comm").strip() if pid > 0 else ""
-    return Peer(pid=pid, uid=uid, gid=gid, unit=unit_of_pid(pid) if pid > 0 else None, comm=comm)
+    if pid <= 0:
+        return Peer(pid=pid, uid=uid, gid=gid)
+    try:
+        pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    except OSError:
+        pidfd = -1
+    try:
+        comm = _read(f"/proc/{pid}/comm").strip()
+        unit = unit_of_pid(pid)
+        if pidfd >= 0 and _pidfd_pid(pidfd) != pid:
+            comm, unit = "", None  # the peer is gone; its pid may be someone else's now
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    return Peer(pid=pid, uid=uid, gid=gid, unit=unit, comm=comm)
 
 
 def self_peer() -> Peer:
