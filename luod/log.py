@@ -1,20 +1,28 @@
-"""Logging: one logfmt (or JSON) line per event on stderr, with the <N>
-syslog priority prefix journald understands (SyslogLevelPrefix=yes)."""
+"""Logging: one event per line.
+
+On a terminal or in a file: logfmt (or JSON) on stderr with the <N> syslog
+priority prefix journald understands (SyslogLevelPrefix=yes). Under journald
+(stderr is the stream $JOURNAL_STREAM names): journald's native protocol, so
+every key of the event is a field of its own (LUOD_SESSION=, LUOD_NAME=,
+LUOD_OWNER=, ... in `journalctl -o verbose`) and MESSAGE is the logfmt line.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
+import struct
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
-
-
-def _priority_prefix(_logger: Any, method: str, rendered: Any) -> str:
-    # Runs after the renderer: `rendered` is the finished line.
-    return f"<{_PRIORITY.get(method, 6)}>{rendered}"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_FIELD = re.compile(r"[^A-Z0-9_]")
 
 
 class _LibraryHandler(logging.Handler):
@@ -31,18 +39,87 @@ class _LibraryHandler(logging.Handler):
         )
 
 
-def setup(level: str = "info", stream: TextIO | None = None, json: bool = False) -> None:
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.processors.LogfmtRenderer(key_order=["event"], drop_missing=True)
-    )
+def journal_field(key: str) -> str:
+    return "LUOD_" + _FIELD.sub("_", key.upper())
+
+
+def encode_journal(fields: dict[str, str]) -> bytes:
+    """journald's native datagram: KEY=value lines; a value with a newline
+    goes as KEY, newline, little-endian u64 length, value, newline."""
+    out = bytearray()
+    for key, value in fields.items():
+        raw = value.encode(errors="replace")
+        if b"\n" in raw:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(raw)) + raw + b"\n"
+        else:
+            out += key.encode() + b"=" + raw + b"\n"
+    return bytes(out)
+
+
+def stderr_is_journal() -> bool:
+    """True when systemd connected stderr to journald ($JOURNAL_STREAM is
+    the device:inode of that stream)."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return bool(want) and want == f"{st.st_dev}:{st.st_ino}"
+
+
+class _Emitter:
+    """The last processor: writes the event and drops it from structlog."""
+
+    def __init__(self, stream: TextIO, journal: str | None, json: bool) -> None:
+        self.stream = stream
+        self.journal = journal
+        self.sock: socket.socket | None = None
+        self.logfmt = structlog.processors.LogfmtRenderer(key_order=["event"], drop_missing=True)
+        self.json = structlog.processors.JSONRenderer() if json else None
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        priority = _PRIORITY.get(method, 6)
+        line = str(self.logfmt(logger, method, dict(event)))
+        if self.journal is not None and self._send(priority, line, event):
+            raise structlog.DropEvent
+        text = line if self.json is None else str(self.json(logger, method, event))
+        self.stream.write(f"<{priority}>{text}\n")
+        self.stream.flush()
+        raise structlog.DropEvent
+
+    def _send(self, priority: int, line: str, event: MutableMapping[str, Any]) -> bool:
+        fields = {
+            "MESSAGE": line,
+            "PRIORITY": str(priority),
+            "SYSLOG_IDENTIFIER": "luod",
+        }
+        for key, value in event.items():
+            fields[journal_field(key)] = str(value)
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            assert self.journal is not None
+            self.sock.sendto(encode_journal(fields), self.journal)
+        except OSError:
+            return False  # too large or journald gone: the stderr line still tells
+        return True
+
+
+def setup(
+    level: str = "info",
+    stream: TextIO | None = None,
+    json: bool = False,
+    journal: str | None = None,
+) -> None:
+    """`journal`: the socket to send native entries to; by default the
+    system journal when stderr is connected to it, else none."""
+    if journal is None and stream is None and stderr_is_journal():
+        journal = JOURNAL_SOCKET
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.format_exc_info,
-            renderer,
-            _priority_prefix,
+            _Emitter(stream if stream is not None else sys.stderr, journal, json),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import io
+import socket
+import struct
+from pathlib import Path
+
+import structlog
+
+from luod import log
+
+
+def _parse(datagram: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    rest = datagram
+    while rest:
+        line, _, after = rest.partition(b"\n")
+        if b"=" in line:
+            k, _, v = line.partition(b"=")
+            fields[k.decode()] = v.decode()
+            rest = after
+        else:
+            (n,) = struct.unpack("<Q", after[:8])
+            fields[line.decode()] = after[8 : 8 + n].decode()
+            rest = after[8 + n + 1 :]
+    return fields
+
+
+def test_stderr_lines_have_priority_prefix() -> None:
+    out = io.StringIO()
+    log.setup("info", stream=out)
+    structlog.get_logger().info("fd-preserved", session="cache", name="idx", owner="app (uid 0)")
+    structlog.get_logger().debug("hidden")
+    structlog.get_logger().error("kexec-failed", reason="x")
+    assert out.getvalue().splitlines() == [
+        '<6>event=fd-preserved session=cache name=idx owner="app (uid 0)"',
+        "<3>event=kexec-failed reason=x",
+    ]
+
+
+def test_journal_gets_one_field_per_key(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    out = io.StringIO()
+    log.setup("info", stream=out, journal=path)
+    structlog.get_logger().warning(
+        "unclaimed-released", session="orphan", files="a,b", detail="two\nlines"
+    )
+    fields = _parse(sock.recv(65536))
+    assert fields["PRIORITY"] == "4"
+    assert fields["SYSLOG_IDENTIFIER"] == "luod"
+    assert fields["LUOD_EVENT"] == "unclaimed-released"
+    assert fields["LUOD_SESSION"] == "orphan"
+    assert fields["LUOD_DETAIL"] == "two\nlines"
+    assert fields["MESSAGE"].startswith("event=unclaimed-released session=orphan")
+    assert out.getvalue() == ""  # not twice
+    sock.close()
+
+
+def test_journal_gone_falls_back_to_stderr(tmp_path: Path) -> None:
+    out = io.StringIO()
+    log.setup("info", stream=out, journal=str(tmp_path / "nobody-listens"))
+    structlog.get_logger().info("listening", pid=1)
+    assert out.getvalue() == "<6>event=listening pid=1\n"
