@@ -1,0 +1,453 @@
+"""`make bench`: luod's benchmarks on the real LUO kernel, in a QEMU guest.
+
+    .venv/bin/python -m bench.run [--repeats 3] [--profile] [--results DIR]
+
+Boots the project's LUO kernel (vm/build-kernel.sh stock) under QEMU/TCG
+with bench/guest.py as the stage program, and prints what luod costs next
+to what the kernel itself costs, measured in the same run:
+
+- hand-off of N memfds: PreserveFds batches and one PreserveFd per fd over
+  varlink, vs the raw in-process PRESERVE_FD loop (target: <= 3x);
+- reclaim at boot of S sessions x 10 memfds: luod's reclaim duration
+  (GetStatus reclaim.durationUSec) and luod's start to READY=1, vs the raw
+  RETRIEVE_SESSION + RETRIEVE_FD loop (target: <= 2x), and their share of
+  the blackout from `luoctl kexec` to the first fd retrieved through luod;
+- luod's RSS idle and with many held fds;
+- scaling: 10x the fds, the time ratio.
+
+No assertion on time anywhere: a missed target is printed as such. The exit
+status is non-zero only when the benchmark could not run. Numbers of one run
+also go to RESULTS.md in the results folder (or --markdown PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.vm import qemu
+from tests.vm.timeline import CLOCK_NOTE, Event, Timeline, cached_root_cmdline
+
+GUEST = Path(__file__).with_name("guest.py")
+HANDOFF_TARGET = 3.0
+RECLAIM_TARGET = 2.0
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt_s(x: float) -> str:
+    if x < 0.001:
+        return f"{x * 1e6:.0f} us"
+    if x < 1:
+        return f"{x * 1000:.1f} ms"
+    return f"{x:.2f} s"
+
+
+def fmt_x(x: float) -> str:
+    return f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"target <= {target:g}x: {'met' if ratio <= target else 'MISSED'}"
+
+
+class Progress:
+    def __call__(self, ev: Event) -> None:
+        d = ev.data
+        text = ev.name
+        if ev.name == "init":
+            text = f"kernel up, init runs stage {ev.stage} (guest uptime {d['uptime']:.1f} s)"
+        elif ev.name.startswith("handoff-"):
+            _, n, rep = ev.name.split("-")
+            text = (
+                f"hand-off {n} fds, run {int(rep) + 1}: raw {fmt_s(d['raw'])}, "
+                f"PreserveFds {fmt_s(d['batches'])}, PreserveFd x{n} {fmt_s(d['per_fd'])}"
+            )
+        elif ev.name == "probe":
+            text = f"PreserveFds with 253 fds ({d['bytes']} bytes of JSON): " + (
+                "ok"
+                if d["ok"]
+                else f"REFUSED ({d['error']}); batches kept under {d['limit']} bytes"
+            )
+        elif ev.name == "held":
+            text = f"luod holds {d['files']} fds: VmRSS {d['rss_kib'] / 1024:.1f} MiB"
+        elif ev.name == "measured":
+            text = f"reclaim measured: luod's reclaim took {d['reclaim_usec'] / 1000:.1f} ms"
+        elif ev.name == "failed":
+            text = f"FAILED: {d['error']}"
+        print(f"[{ev.seen:7.2f}] stage {ev.stage}: {text}", flush=True)
+
+
+def host_description() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    qemu_version = ""
+    try:
+        out = subprocess.run(
+            [qemu.QEMU, "--version"], capture_output=True, text=True, check=False, timeout=30
+        ).stdout
+        qemu_version = out.splitlines()[0] if out else ""
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "qemu": qemu_version,
+        "python": platform.python_version(),
+    }
+
+
+def analyse(
+    stages: list[dict[str, Any]], tl: Timeline, host: dict[str, str], memory: str
+) -> list[str]:
+    """The report as markdown-ish lines (also printed)."""
+    s1 = stages[0]
+    env = s1["environment"]
+    cfg = s1["config"]
+    lines: list[str] = []
+    w = lines.append
+    w("# luod benchmarks")
+    w("")
+    w(
+        f"Guest: {env['cpus']} vCPU QEMU/TCG (no KVM), {memory} ({env['memory']}), kernel "
+        f"{env['kernel']}, Python {env['python']}, luod on /dev/liveupdate with the state-session "
+        "carrier, info-level logs to a file on tmpfs."
+    )
+    load = "/".join(f"{x:.1f}" for x in cfg.get("host_load_before", []))
+    after = "/".join(f"{x:.1f}" for x in host.get("load_after", []))
+    w(
+        f"Host: {host['cpus']} cores ({host['cpu']}), shared with other QEMU runs (load average "
+        f"1/5/15 min {load} before the run, {after} after); {host['qemu']}; host kernel "
+        f"{host['kernel']}; host Python {host['python']}."
+    )
+    root = "cache=loose" if cfg.get("cached_root") else "no cache"
+    w(
+        f"The guest's root is the host's / read-only over 9p ({root}); luod, Python and the "
+        "venv are the host's own files."
+    )
+    w(
+        f"Memfds of {4096} bytes (one page) each. Hand-off: median of {cfg['repeats']} interleaved "
+        "runs; reclaim: one kexec per case."
+    )
+    w("")
+
+    # --- hand-off ---
+    h = s1["handoff"]
+    ns = [str(n) for n in cfg["handoff"]]
+    med = {m: {n: median(h[m][n]) for n in ns} for m in ("raw", "batches", "per_fd")}
+    w("## Hand-off: N memfds into a new session")
+    w("")
+    w(
+        "| N | raw PRESERVE_FD loop | luod PreserveFds (253/call) | ratio | luod PreserveFd x N | ratio |"
+    )
+    w("|---:|---:|---:|---:|---:|---:|")
+    for n in ns:
+        r, b, p = med["raw"][n], med["batches"][n], med["per_fd"][n]
+        w(
+            f"| {n} | {fmt_s(r)} ({r / int(n) * 1e6:.0f} us/fd) | {fmt_s(b)} "
+            f"({b / int(n) * 1e6:.0f} us/fd) | {fmt_x(b / r)} | {fmt_s(p)} "
+            f"({p / int(n) * 1e6:.0f} us/fd) | {fmt_x(p / r)} |"
+        )
+    big = ns[-1]
+    probe = s1["probe"]
+    calls = h["batch_calls"]
+    if probe["ok"]:
+        w(
+            f"- PreserveFds batches of up to 253 fds: {', '.join(f'N={n}: {calls[n]} calls' for n in ns)}"
+        )
+    else:
+        w(
+            f"- **PreserveFds with 253 fds ({probe['bytes']} bytes of JSON) was refused**: "
+            f"{probe['error']}. luod's varlink transport (asyncvarlink 0.3.3) reads "
+            f"{probe['limit']} bytes at a time and drops the fds of a message longer than that; "
+            f"the batches here were kept under {probe['limit']} bytes: "
+            + ", ".join(f"N={n}: {calls[n]} calls" for n in ns)
+        )
+    rb = med["batches"][big] / med["raw"][big]
+    rp = med["per_fd"][big] / med["raw"][big]
+    w("")
+    w(f"- PreserveFds batches vs raw, N={big}: {fmt_x(rb)} ({verdict(rb, HANDOFF_TARGET)})")
+    w(f"- PreserveFd per fd vs raw, N={big}: {fmt_x(rp)} ({verdict(rp, HANDOFF_TARGET)})")
+    all_runs = ", ".join(
+        f"{m} {n}: " + "/".join(fmt_s(x) for x in h[m][n])
+        for m in ("raw", "batches", "per_fd")
+        for n in ns
+    )
+    w(f"- every run: {all_runs}")
+    w("")
+
+    # --- reclaim ---
+    w("## Reclaim at boot: S sessions x 10 memfds, after a real kexec")
+    w("")
+    w(
+        "| S x F | luod reclaim (durationUSec) | luod start -> READY | raw RETRIEVE loop | "
+        "reclaim / raw | start / raw | raw + FINISH + re-PRESERVE | reclaim / that | blackout | "
+        "reclaim share | luod start share |"
+    )
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cases: list[dict[str, float]] = []
+    for k, st in enumerate(stages[1:], start=2):
+        rec = st["reclaim"]["durationUSec"] / 1e6
+        start = st["luod_start"]
+        raw = st["raw"]["retrieve"]
+        like = raw + st["raw"]["finish_represerve"]
+        blackout = tl.between((k - 1, "kexec-requested"), (k, "service-has-data"))
+        case = st["case"]
+        cases.append(
+            {"sessions": case["sessions"], "rec": rec, "start": start, "raw": raw, "like": like}
+        )
+        w(
+            f"| {case['sessions']} x {case['files']} | {fmt_s(rec)} | {fmt_s(start)} | "
+            f"{fmt_s(raw)} | {fmt_x(rec / raw)} | {fmt_x(start / raw)} | {fmt_s(like)} | "
+            f"{fmt_x(rec / like)} | {blackout:.1f} s | {rec / blackout * 100:.1f}% | "
+            f"{start / blackout * 100:.0f}% |"
+        )
+    w("")
+    fresh = s1["luod_start_fresh"]
+    w(f"- luod start -> READY with nothing to reclaim (stage 1, fresh boot): {fmt_s(fresh)}")
+    if cases:
+        c = cases[-1]
+        r = c["rec"] / c["raw"]
+        w(
+            f"- reclaim vs raw retrieve loop, {c['sessions']} x 10: {fmt_x(r)} "
+            f"({verdict(r, RECLAIM_TARGET)}); luod start -> READY vs raw: "
+            f"{fmt_x(c['start'] / c['raw'])} ({verdict(c['start'] / c['raw'], RECLAIM_TARGET)})"
+        )
+    for k, st in enumerate(stages[1:], start=2):
+        w(
+            f"- {st['case']['sessions']} x {st['case']['files']}: first RetrieveFd through luod "
+            f"{fmt_s(st['first_retrieve'])}; all {st['case']['sessions'] * st['case']['files']} "
+            f"RetrieveFd (copies) {fmt_s(st['retrieve_all_via_luod'])}; kexec (luoctl kexec -> "
+            f"init) {tl.between((k - 1, 'kexec-requested'), (k, 'init')):.1f} s; init -> luod "
+            f"spawned {tl.between((k, 'init'), (k, 'luod-starting')):.1f} s"
+        )
+    w("")
+
+    # --- RSS ---
+    held = s1["held"]
+    w("## luod's memory (VmRSS from /proc/PID/status)")
+    w("")
+    w("| state | VmRSS | RssAnon | fds |")
+    w("|---|---:|---:|---:|")
+    rows = [
+        ("idle, fresh start", s1["rss_idle"]),
+        ("idle, after one call", s1["rss_idle_after_call"]),
+        ("before the hold test (after the hand-off runs)", held["before"]),
+        (f"holding {held['files']} fds in {held['sessions']} sessions", held["held"]),
+        ("after releasing them", held["released"]),
+    ]
+    for st in stages[1:]:
+        n = st["case"]["sessions"] * st["case"]["files"]
+        rows.append((f"after reclaiming {n} fds", st["rss_after_reclaim"]))
+    for label, ps in rows:
+        w(
+            f"| {label} | {ps['VmRSS'] / 1024:.1f} MiB | {ps['RssAnon'] / 1024:.1f} MiB | {ps['fds']} |"
+        )
+    per_fd = (held["held"]["VmRSS"] - held["before"]["VmRSS"]) / held["files"]
+    w("")
+    w(
+        f"- {held['files']} held fds cost {(held['held']['VmRSS'] - held['before']['VmRSS']) / 1024:.1f} MiB "
+        f"more than before: {per_fd:.2f} KiB per fd; handing them off ({held['calls']} "
+        f"PreserveFds calls, {held['sessions']} sessions) took {fmt_s(held['handoff_seconds'])}"
+    )
+    w("")
+
+    # --- scaling ---
+    w("## Scaling: 10x the fds")
+    w("")
+    w("| what | small | 10x | time ratio |")
+    w("|---|---:|---:|---:|")
+    if len(ns) >= 2:
+        small, large = ns[0], ns[-1]
+        for m, label in (
+            ("raw", "raw PRESERVE_FD loop"),
+            ("batches", "luod PreserveFds"),
+            ("per_fd", "luod PreserveFd per fd"),
+        ):
+            w(
+                f"| hand-off {small} -> {large}: {label} | {fmt_s(med[m][small])} | {fmt_s(med[m][large])} | "
+                f"{fmt_x(med[m][large] / med[m][small])} |"
+            )
+        per_big = med["batches"][large] / int(large)
+        w(
+            f"| hand-off {large} -> {held['files']}: luod PreserveFds (held test) | "
+            f"{fmt_s(med['batches'][large])} | {fmt_s(held['handoff_seconds'])} | "
+            f"{fmt_x(held['handoff_seconds'] / med['batches'][large])} (per fd {per_big * 1e6:.0f} -> "
+            f"{held['handoff_seconds'] / held['files'] * 1e6:.0f} us) |"
+        )
+    if len(cases) >= 2:
+        a_, b_ = cases[0], cases[-1]
+        label = f"{a_['sessions']:.0f}x10 -> {b_['sessions']:.0f}x10"
+        for key_, what in (
+            ("rec", "luod reclaim"),
+            ("start", "luod start -> READY"),
+            ("raw", "raw RETRIEVE loop"),
+            ("like", "raw + FINISH + re-PRESERVE"),
+        ):
+            w(
+                f"| reclaim {label}: {what} | {fmt_s(a_[key_])} | {fmt_s(b_[key_])} | "
+                f"{fmt_x(b_[key_] / a_[key_])} |"
+            )
+    w("")
+    w(
+        f"Clock: hand-off and reclaim timings are the guest's monotonic clock; blackout is the {CLOCK_NOTE}."
+    )
+    return lines
+
+
+def profile_report(results: Path) -> list[str]:
+    out: list[str] = []
+    for name in ("luod-handoff.prof", "luod-reclaim.prof"):
+        path = results / name
+        if not path.exists():
+            continue
+        for order in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(str(path), stream=buf).strip_dirs().sort_stats(order).print_stats(25)
+            out.append(f"--- {name}, by {order} ---")
+            out.append(buf.getvalue().rstrip())
+    imp = results / "bench-1.json"
+    if imp.exists():
+        rows = json.loads(imp.read_text()).get("importtime")
+        if rows:
+            out.append(
+                "--- python -X importtime -c 'import luod.daemon' (in the guest), top 25 ---"
+            )
+            out.append(f"{'cumulative':>12} {'self':>10}  module")
+            out += [f"{c / 1000:10.1f} ms {s / 1000:8.1f} ms  {m}" for c, s, m in rows]
+    return out
+
+
+def collect(results: Path, final_stage: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The guest's bench-N.json of every stage, and what went wrong."""
+    stages: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for n in range(1, final_stage + 1):
+        path = results / f"bench-{n}.json"
+        if not path.exists():
+            problems.append(f"stage {n} wrote no results")
+            break
+        data: dict[str, Any] = json.loads(path.read_text())
+        if "error" in data:
+            problems.append(f"stage {n}: {data['error']}\n{data.get('traceback', '')}")
+            for name, text in data.get("luod_logs", {}).items():
+                problems.append(f"--- {name} ---\n{text}")
+            break
+        stages.append(data)
+    return stages, problems
+
+
+def report(
+    results: Path, stages: list[dict[str, Any]], tl: Timeline, memory: str, markdown: Path | None
+) -> None:
+    host_file = results / "host.json"
+    host = json.loads(host_file.read_text()) if host_file.exists() else host_description()
+    lines = analyse(stages, tl, host, memory)
+    if stages[0]["config"]["profile"]:
+        lines += ["", "## Profiles", "", "```", *profile_report(results), "```"]
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    (results / "RESULTS.md").write_text(text)
+    if markdown:
+        markdown.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=3, help="runs of each hand-off (default 3)")
+    p.add_argument("--handoff", default="100,1000", help="fds per hand-off run (default 100,1000)")
+    p.add_argument("--reclaim", default="10,100", help="sessions (x10 fds) per reclaim case")
+    p.add_argument("--held", type=int, default=10000, help="fds luod holds for the RSS test")
+    p.add_argument("--profile", action="store_true", help="luod under cProfile; import times")
+    p.add_argument("--results", type=Path, help="results folder (default: a new one in /tmp)")
+    p.add_argument("--markdown", type=Path, help="also write the report here")
+    p.add_argument("--kernel", type=Path, help="bzImage (default: vm/build-kernel.sh stock)")
+    p.add_argument("--memory", default="2G")
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument(
+        "--uncached-root",
+        action="store_true",
+        help="mount the guest's 9p root without cache=loose, as the tests do (much slower)",
+    )
+    p.add_argument(
+        "--analyse", type=Path, metavar="DIR", help="no run: report on the results in DIR again"
+    )
+    args = p.parse_args(argv)
+
+    if args.analyse is not None:
+        first = json.loads((args.analyse / "bench-1.json").read_text())
+        stages, problems = collect(args.analyse, len(first["config"]["reclaim"]) + 1)
+        if problems:
+            print("\n".join(["bench: that run FAILED", *problems]))
+            return 1
+        report(args.analyse, stages, Timeline.load(args.analyse), args.memory, args.markdown)
+        return 0
+
+    reason = qemu.qemu_unavailable_reason()
+    if reason is not None:
+        print(f"bench: cannot run: {reason}", file=sys.stderr)
+        return 2
+    kernel = args.kernel or qemu.build_kernel("stock")
+    results: Path = args.results or Path(tempfile.mkdtemp(prefix="luod-bench-"))
+    results.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "repeats": args.repeats,
+        "handoff": [int(x) for x in args.handoff.split(",")],
+        "reclaim": [int(x) for x in args.reclaim.split(",")],
+        "held": args.held,
+        "profile": args.profile,
+        "cached_root": not args.uncached_root,
+        "host_load_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    final_stage = len(cfg["reclaim"]) + 1
+    print(f"bench: {kernel}, QEMU/TCG 2 vCPU {args.memory}, results in {results}")
+    print(f"bench: config {json.dumps(cfg)}; {final_stage} stages ({final_stage - 1} kexecs)")
+    tl = Timeline(results, on_event=Progress())
+    result = tl.run_guest(
+        kernel,
+        GUEST,
+        args.timeout,
+        guest_env={"LUOD_BENCH_CONFIG": json.dumps(cfg)},
+        extra_cmdline=[] if args.uncached_root else cached_root_cmdline(),
+        memory=args.memory,
+    )
+    (results / "host.json").write_text(
+        json.dumps({**host_description(), "load_after": [round(x, 2) for x in os.getloadavg()]})
+    )
+    stages, problems = collect(results, final_stage)
+    try:
+        result.check(final_stage=final_stage)
+    except qemu.GuestError as e:
+        problems.append(str(e).split("\n", 1)[0])
+    if problems:
+        print("\n".join(["bench: FAILED", *problems, result.report()]))
+        print(f"bench: FAILED — results kept in {results}")
+        return 1
+    report(results, stages, tl, args.memory, args.markdown)
+    print(f"bench: done in {result.duration:.0f} s; report in {results / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
