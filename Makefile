@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all venv deps lint test test-fast test-vm demo bench idl kernel tools clean
+.PHONY: all venv deps lint test test-fast test-vm test-systemd demo bench idl kernel root tools clean
 
 all: test
 
@@ -46,7 +46,15 @@ test-fast: venv tools
 test-vm: venv deps kernel
 	$(PYTEST) -q -m vm tests/vm
 
-test: lint test-fast test-vm
+# A Debian sid root with systemd 262 (debootstrap, cached by its inputs).
+root: deps
+	vm/build-root.sh >/dev/null
+
+test-systemd: venv deps root
+	vm/build-kernel.sh stock >/dev/null
+	$(PYTEST) -q -m systemd tests/systemd
+
+test: lint test-fast test-vm test-systemd
 
 demo: venv deps
 	vm/build-kernel.sh stock >/dev/null

@@ -204,18 +204,11 @@ def _is_listening(fd: int) -> bool:
         s.close()
 
 
-PID1_MANAGER = "/run/systemd/io.systemd.Manager"
-
-
-def _ask_pid1_to_kexec() -> None:
-    from luod.client import Client, VarlinkError
-
-    try:
-        with Client(PID1_MANAGER) as c:
-            c.call("io.systemd.Manager.KExec", {})
-    except (OSError, VarlinkError) as e:
-        # ECONNRESET is what success looks like: PID 1 went away.
-        log.info("pid1-kexec-call-ended", detail=str(e))
+# `systemctl kexec` starts kexec.target: services are stopped in order (their
+# ExecStop= runs), then PID 1 carries the fd stores and jumps. (varlink's
+# io.systemd.Manager.KExec skips the stopping, like `systemctl kexec --force`.)
+# --no-block: luod is one of the services to be stopped.
+PID1_KEXEC = ("systemctl", "--no-block", "kexec")
 
 
 class Daemon:
@@ -284,10 +277,20 @@ class Daemon:
         if not self.via_pid1:
             self.schedule_kexec(None)
             return
-        log.warning("kexec-via-pid1", sessions=len(self.core.sessions))
-        # PID 1 stops the services (luod too), carries the fd stores and
-        # jumps; its reply may never come.
-        await asyncio.get_running_loop().run_in_executor(None, _ask_pid1_to_kexec)
+        log.warning(
+            "kexec-via-pid1", sessions=len(self.core.sessions), command=" ".join(PID1_KEXEC)
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *PID1_KEXEC, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
+            _, err = await proc.communicate()
+        except OSError as e:
+            raise errors.NotReady(f"cannot run {' '.join(PID1_KEXEC)}: {e.strerror}") from None
+        if proc.returncode != 0:
+            raise errors.NotReady(
+                f"{' '.join(PID1_KEXEC)} failed ({proc.returncode}): {err.decode(errors='replace').strip()}"
+            )
 
     def schedule_kexec(self, peer: Peer | None) -> None:
         log.warning(

@@ -261,14 +261,19 @@ class Orchestrator:
                     outcome.who, outcome.reason = failure
                     self._abort(update, outcome)
                     return outcome
-            outcome.ok = True
-            self.last_outcome = outcome
             log.info(
                 "barrier-passed",
                 update=update,
                 **{f"{k}_seconds": round(v, 4) for k, v in outcome.phases.items()},
             )
-            await jump()
+            try:
+                await jump()
+            except Exception as e:
+                # Everyone froze for nothing: tell them, so they thaw.
+                outcome.who, outcome.reason = "luod", f"the kexec could not start: {e}"
+                self._abort(update, outcome)
+                raise
+            outcome.ok = True
             return outcome
         finally:
             self.running = None

@@ -278,3 +278,22 @@ def test_resumed_after_kexec_for_known_names_only() -> None:
         assert ev is not None and ev.phase is Phase.subscribed
 
     run(main())
+
+
+def test_failed_jump_aborts_so_subscribers_thaw() -> None:
+    async def main() -> None:
+        orch = Orchestrator()
+        sub = orch.subscribe(ALICE, "a", 2, 0, [])
+        task = asyncio.create_task(acker(orch, sub))
+
+        async def broken() -> None:
+            raise RuntimeError("systemctl kexec failed")
+
+        with pytest.raises(RuntimeError):
+            await orch.run(broken)
+        assert orch.last_outcome is not None and not orch.last_outcome.ok
+        assert orch.last_outcome.reason == "the kexec could not start: systemctl kexec failed"
+        orch.unsubscribe(sub, "done")
+        assert (await task)[-1] is Phase.aborted
+
+    run(main())
