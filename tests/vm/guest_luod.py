@@ -41,7 +41,7 @@ from tests.luodproc import LuodProcess
 from . import guestlib
 
 WORK = Path("/run/luod-test")
-GRACE = "6s"
+GRACE = "15s"
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -194,7 +194,7 @@ def main_stage2(out: dict[str, Any]) -> None:
         os.close(fd)
         os.close(sfd)
         os.close(c.retrieve_fd("keep", "blob"))  # a copy: claims it, custody goes on
-    time.sleep(8)  # longer than the grace period
+    time.sleep(17)  # longer than the grace period
     with luod.client() as c:
         out["after_grace"] = [s["name"] for s in c.list_sessions()]
     out["log"] = luod.log()
@@ -213,9 +213,13 @@ def main_stage3(out: dict[str, Any]) -> None:
     luod.stop()
 
 
+# Scenarios that do not test the grace period must not race it.
+LONG_GRACE = "--grace=1h"
+
+
 def scale_stage1(out: dict[str, Any]) -> None:
     rng = random.Random(20)
-    luod = start_luod()
+    luod = start_luod(LONG_GRACE)
     expected: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
     handoff = 0.0
@@ -239,7 +243,7 @@ def scale_stage1(out: dict[str, Any]) -> None:
 
 
 def scale_stage2(out: dict[str, Any]) -> None:
-    luod = start_luod()
+    luod = start_luod(LONG_GRACE)
     got: dict[str, dict[str, Any]] = {}
     with luod.client() as c:
         out["status"] = c.status()
@@ -358,7 +362,7 @@ def _events(path: Path) -> list[dict[str, Any]]:
 
 def update_stage1(out: dict[str, Any]) -> None:
     be = KernelBackend()
-    luod = start_luod()
+    luod = start_luod(LONG_GRACE)
     vmm_data = {5: random.Random(5).randbytes(1 << 20), 6: random.Random(6).randbytes(4096)}
     with luod.client() as c:
         sfd = c.create_delegated_session("vmm")
@@ -395,7 +399,7 @@ def update_stage1(out: dict[str, Any]) -> None:
 
 def update_stage2(out: dict[str, Any]) -> None:
     be = KernelBackend()
-    luod = start_luod()
+    luod = start_luod(LONG_GRACE)
     for name in ("db", "slow"):
         p, path = _subscriber(luod, name)
         out[f"{name}_first"] = _events(path)[0]
