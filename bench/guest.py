@@ -53,7 +53,10 @@ DEFAULTS: dict[str, Any] = {
     "repeats": 3,  # of each hand-off run, interleaved
     "held": 10000,  # fds luod holds for the RSS measurement
     "held_per_session": 1000,
-    "reclaim": [10, 100],  # sessions per reclaim case, one kexec each
+    "reclaim": [10, 100, 100],  # sessions per reclaim case, one kexec each
+    # Per case: the raw loop runs before luod starts instead of after it
+    # (the first LUO calls after a boot may cost more: who goes first pays).
+    "raw_first": [False, False, True],
     "files_per_session": 10,
     "profile": False,  # luod under cProfile; importtime of luod.daemon
 }
@@ -336,6 +339,77 @@ def bench_held(luod: Luod, cfg: dict[str, Any], limit: int | None) -> dict[str, 
     }
 
 
+# --- where a hand-off's time goes: luod's building blocks, in this process ---
+
+
+def per_call(fn: Any, n: int) -> float:
+    """Seconds per call of fn(), over n calls."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def bench_breakdown(luod: Luod) -> dict[str, Any]:
+    """What luod does per PreserveFd, piece by piece, with luod's own code
+    (called here, not changed): the fd check, a log line, the manifest
+    written after every call (it holds every file luod holds), and a
+    varlink round trip of a call that does next to nothing."""
+    from luod import log as luodlog
+    from luod.kernel import fdinfo
+    from luod.manifest import Manifest, capacity_for, to_json, write_slot
+    from luod.model import HeldFile, Owner, Session, SessionKind
+
+    out: dict[str, Any] = {}
+    fd = memfds(1)[0]
+    try:
+        out["inspect_fd"] = per_call(lambda: fdinfo.inspect_fd(fd), 500)
+    finally:
+        os.close(fd)
+    with open(os.devnull, "w") as devnull:
+        luodlog.setup("info", stream=devnull)
+        import structlog
+
+        log = structlog.get_logger("luod")
+        out["log_line"] = per_call(
+            lambda: log.info(
+                "fd-preserved", session="s", name="f1", token=1, size=4096, owner="x (uid 0)"
+            ),
+            500,
+        )
+    out["manifest"] = {}
+    for n in (1, 100, 1000, 10000):
+        files = {
+            f"f{i}": HeldFile(name=f"f{i}", token=i + 1, size=FILE_SIZE, preserved_at=time.time())
+            for i in range(n)
+        }
+        s = Session("s", SessionKind.MANAGED, Owner(0, None, "bench"), "luod.1.s", time.time())
+        s.files = files
+        m = Manifest(sessions=[s])
+        payload = to_json(m)
+        mfd = os.memfd_create("manifest", os.MFD_CLOEXEC)
+        size = capacity_for(len(payload))
+        os.ftruncate(mfd, size)
+        reps = max(3, min(200, 20000 // n))
+        try:
+            out["manifest"][str(n)] = {
+                "bytes": len(payload),
+                "to_json": per_call(lambda m=m: to_json(m), reps),
+                "write_slot": per_call(
+                    lambda mfd=mfd, size=size, payload=payload: write_slot(
+                        mfd, size, 0, 1, payload
+                    ),
+                    reps,
+                ),
+            }
+        finally:
+            os.close(mfd)
+    with luod.client() as c:
+        c.status()
+        out["status_round_trip"] = per_call(c.status, 100)
+    return out
+
+
 # --- reclaim ----------------------------------------------------------------------
 
 
@@ -464,6 +538,8 @@ def stage1(cfg: dict[str, Any], out: dict[str, Any]) -> None:
         out["probe"] = probe = probe_batch(c)
     mark("probe", **probe)
     out["handoff"] = bench_handoff(luod, cfg, probe["limit"])
+    out["breakdown"] = bench_breakdown(luod)
+    mark("breakdown", **out["breakdown"])
     out["held"] = bench_held(luod, cfg, probe["limit"])
     if cfg["profile"]:
         luod.stop()  # writes the profile; custody is empty now
@@ -478,8 +554,12 @@ def stage1(cfg: dict[str, Any], out: dict[str, Any]) -> None:
 def stage_reclaim(cfg: dict[str, Any], out: dict[str, Any], n: int) -> None:
     """Stage n >= 2 measures reclaim case n-2."""
     sessions, files = cfg["reclaim"][n - 2], cfg["files_per_session"]
+    raw_first = bool(cfg["raw_first"][n - 2])
     last = n - 1 == len(cfg["reclaim"])
     mark("boot")
+    if raw_first:
+        out["raw"] = raw_reclaim(sessions, files)
+        mark("raw-measured")
     luod = Luod(profile="luod-reclaim.prof" if cfg["profile"] and last else None)
     mark("luod-starting")
     out["luod_start"] = luod.start()
@@ -498,8 +578,9 @@ def stage_reclaim(cfg: dict[str, Any], out: dict[str, Any], n: int) -> None:
     out["status"] = status
     out["reclaim"] = status["reclaim"]
     out["rss_after_reclaim"] = luod.proc_status()
-    out["raw"] = raw_reclaim(sessions, files)
-    out["case"] = {"sessions": sessions, "files": files}
+    if not raw_first:
+        out["raw"] = raw_reclaim(sessions, files)
+    out["case"] = {"sessions": sessions, "files": files, "raw_first": raw_first}
     mark("measured", reclaim_usec=status["reclaim"]["durationUSec"])
     with luod.client() as c:
         for s in range(sessions):
