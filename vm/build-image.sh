@@ -14,6 +14,9 @@
 #                    a unit change in a VM before committing it)
 #   --no-test-stage  leave out the test hooks (results.mount,
 #                    luod-test-stage.service)
+#   --test-units DIR test-only units and their programs (tests/systemd/units):
+#                    unit files (*.service, *.socket, ...) go next to luod's
+#                    but are not enabled, everything else to /usr/lib/luod-test/
 #
 # What goes in, on top of a copy of the root (the cached root is not changed):
 #   /usr/lib/python3/dist-packages/luod   the luod package of the working tree
@@ -22,6 +25,9 @@
 #   /usr/bin/luod, /usr/bin/luoctl        entry scripts (python3 -m style)
 #   /usr/lib/systemd/system/              units/*; luod.socket and
 #                                         luod-reclaim.service enabled
+#   /usr/lib/systemd/system/<test units>  --test-units DIR: installed, not enabled
+#                                         (a test enables or starts them);
+#   /usr/lib/luod-test/<programs>         the other files of DIR (0755)
 #   /usr/lib/systemd/system/results.mount the 9p results share at /results
 #   /usr/lib/systemd/system/luod-test-stage.service + /usr/lib/luod-test/test-stage
 #                                         (vm/systemd/): run the host's test
@@ -40,11 +46,11 @@ die() {
 	exit 1
 }
 usage() {
-	sed -n '4,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+	sed -n '4,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 	exit 2
 }
 
-root="" kernel="" size=2G test_stage=1 image="" units=""
+root="" kernel="" size=2G test_stage=1 image="" units="" test_units=""
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--root) root=$2 && shift 2 ;;
@@ -52,6 +58,7 @@ while [[ $# -gt 0 ]]; do
 	--size) size=$2 && shift 2 ;;
 	--units) units=$2 && shift 2 ;;
 	--no-test-stage) test_stage=0 && shift ;;
+	--test-units) test_units=$2 && shift 2 ;;
 	-h | --help) usage ;;
 	-*) usage ;;
 	*)
@@ -132,6 +139,17 @@ if [[ $test_stage == 1 ]]; then
 	install -D -m 0755 "$here/systemd/test-stage" "$r/usr/lib/luod-test/test-stage"
 	mkdir -p "$r/results"
 	enable+=(results.mount luod-test-stage.service)
+fi
+if [[ -n $test_units ]]; then
+	[[ -d $test_units ]] || die "--test-units $test_units: not a directory"
+	for f in "$test_units"/*; do
+		[[ -f $f ]] || continue
+		case $f in
+		*.service | *.socket | *.target | *.timer | *.path | *.mount) install -m 0644 "$f" "$unitdir/" ;;
+		*) install -D -m 0755 "$f" "$r/usr/lib/luod-test/$(basename "$f")" ;;
+		esac
+	done
+	source_desc+=", test units from $test_units"
 fi
 # The root's own systemctl, offline (it sees the chroot and makes the links).
 chroot "$r" systemctl enable "${enable[@]}" >"$stage/enable.log" 2>&1 || {

@@ -47,6 +47,9 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_ROOT = REPO / "vm" / "build-root.sh"
 BUILD_IMAGE = REPO / "vm" / "build-image.sh"
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
+# Test-only units and their programs, put into every test image
+# (build-image.sh --test-units): installed, never enabled by the image.
+TEST_UNITS = Path(__file__).resolve().parent / "units"
 STAGE_PARAM = qemu.STAGE_PARAM
 
 BASE_CMDLINE = (
@@ -108,12 +111,19 @@ def build_root(timeout: float = 1800.0) -> Path:
 
 
 def build_image(
-    image: Path, kernel: Path, root: Path | None = None, timeout: float = 600.0
+    image: Path,
+    kernel: Path,
+    root: Path | None = None,
+    timeout: float = 600.0,
+    test_units: Path | None = TEST_UNITS,
 ) -> Path:
-    """vm/build-image.sh: luod of this working tree in a copy of the root."""
+    """vm/build-image.sh: luod of this working tree in a copy of the root,
+    with the test-only units of `test_units` (None: without)."""
     argv = [str(BUILD_IMAGE), "--kernel", str(kernel)]
     if root is not None:
         argv += ["--root", str(root)]
+    if test_units is not None:
+        argv += ["--test-units", str(test_units)]
     return Path(_run_script([*argv, str(image)], timeout, "vm/build-image.sh"))
 
 
@@ -140,9 +150,11 @@ def boot(
     extra_cmdline: Sequence[str] = (),
     memory: str = "2G",
     smp: int = 2,
+    extra_files: Sequence[Path] = (),
 ) -> GuestResult:
     """Boot `image` with `kernel` and run the bash program `script` in each
-    stage, starting at `stage`. QEMU is killed after `timeout` seconds."""
+    stage, starting at `stage`. QEMU is killed after `timeout` seconds.
+    `extra_files` are copied into /results/.guest/ next to the helpers."""
     results = results.resolve()
     results.mkdir(parents=True, exist_ok=True)
     guest_dir = results / ".guest"
@@ -152,6 +164,8 @@ def boot(
     for helper in GUEST_DIR.iterdir():
         if helper.is_file() and helper.suffix in {".sh", ".py"}:
             shutil.copy2(helper, guest_dir / helper.name)
+    for extra in extra_files:
+        shutil.copy2(extra, guest_dir / extra.name)
     shutil.copy2(script, guest_dir / "stage-script")
     serial_log = results / "serial.log"
     serial_log.unlink(missing_ok=True)
