@@ -570,6 +570,10 @@ def stage_reclaim(cfg: dict[str, Any], out: dict[str, Any], n: int) -> None:
         out["first_retrieve"] = time.perf_counter() - t0
         mark("service-has-data")
         status = c.status()
+        if not raw_first:
+            # Right after luod's reclaim, so that both see the same load.
+            out["raw"] = raw_reclaim(sessions, files)
+        out["rss_after_reclaim"] = luod.proc_status()
         t0 = time.perf_counter()
         for s in range(sessions):
             for i in range(files):
@@ -577,9 +581,6 @@ def stage_reclaim(cfg: dict[str, Any], out: dict[str, Any], n: int) -> None:
         out["retrieve_all_via_luod"] = time.perf_counter() - t0
     out["status"] = status
     out["reclaim"] = status["reclaim"]
-    out["rss_after_reclaim"] = luod.proc_status()
-    if not raw_first:
-        out["raw"] = raw_reclaim(sessions, files)
     out["case"] = {"sessions": sessions, "files": files, "raw_first": raw_first}
     mark("measured", reclaim_usec=status["reclaim"]["durationUSec"])
     with luod.client() as c:

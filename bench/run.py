@@ -313,7 +313,8 @@ def analyse(
     ]
     for st in stages[1:]:
         n = st["case"]["sessions"] * st["case"]["files"]
-        rows.append((f"after reclaiming {n} fds", st["rss_after_reclaim"]))
+        first_ = ", raw loop first" if st["case"].get("raw_first") else ""
+        rows.append((f"after reclaiming {n} fds{first_}", st["rss_after_reclaim"]))
     for label, ps in rows:
         w(
             f"| {label} | {ps['VmRSS'] / 1024:.1f} MiB | {ps['RssAnon'] / 1024:.1f} MiB | {ps['fds']} |"
