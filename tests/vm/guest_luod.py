@@ -28,6 +28,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +42,7 @@ from tests.luodproc import LuodProcess
 from . import guestlib
 
 WORK = Path("/run/luod-test")
+TMP = Path(tempfile.gettempdir())
 GRACE = "15s"
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -119,7 +121,9 @@ def _refusals(c: Client) -> dict[str, Any]:
     got: dict[str, Any] = {}
     r, w = os.pipe()
     a, b = socket.socketpair()
-    reg = os.open("/tmp/regular-file", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # The guest's writable temp dir: /tmp is the host's, read-only, when the
+    # repo itself lives under /tmp (a CI clone); init sets TMPDIR then.
+    reg = os.open(TMP / "regular-file", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.write(reg, b"on tmpfs, but a named file")
     ev = os.eventfd(0, os.EFD_CLOEXEC)
     for label, fd in (("pipe", r), ("socket", a.fileno()), ("regular", reg), ("eventfd", ev)):
@@ -332,7 +336,7 @@ def _luoctl(luod: LuodProcess, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _subscriber(luod: LuodProcess, name: str, *args: str) -> tuple[subprocess.Popen[str], Path]:
-    out = Path(f"/tmp/sub-{name}-{guestlib.stage()}.jsonl")
+    out = TMP / f"sub-{name}-{guestlib.stage()}.jsonl"
     f = open(out, "w")  # noqa: SIM115 - handed to the child
     p = subprocess.Popen(
         [
