@@ -174,15 +174,24 @@ def test_coexistence_with_pid1_luo(run: harness.GuestResult) -> None:
     sessions = _sessions(s2.step("list"))
     assert {"keep", "ordering", "busy"} <= set(sessions), sessions
 
-    # luod never operates on 'systemd': only the refused AdoptSession names it.
+    # luod never operates on 'systemd': the refused AdoptSession is the
+    # only entry of luod's journal (both boots) that names it.
+    refused = 0
     for n, name in ((1, "journal-json"), (2, "journal-prev-luod-json"), (2, "journal-luod-json")):
         for entry in _journal(harness.stage(run, n).step(name)):
-            text = json.dumps(entry)
-            if not re.search(r"\bsystemd\b", entry.get("LUOD_SESSION", "")) and (
-                "session=systemd" not in text
-            ):
+            if not _names_systemd(entry):
                 continue
-            assert "Reserved" in text or "refus" in text.lower(), entry
+            assert entry.get("LUOD_EVENT") == "call-refused", entry
+            assert entry.get("LUOD_ERROR") == "io.luod.Custody.ReservedSessionName", entry
+            refused += 1
+    assert refused >= 1, "the refused AdoptSession of 'systemd' is not in luod's journal"
+
+
+def _names_systemd(entry: dict[str, Any]) -> bool:
+    """Whether a journal entry of luod names the session 'systemd'."""
+    if "systemd" in (entry.get("LUOD_SESSION"), entry.get("LUOD_KERNEL_NAME")):
+        return True
+    return bool(re.search(r"session[= ]'?systemd\b|'systemd'", str(entry.get("MESSAGE", ""))))
 
 
 def test_journal_has_luod_fields(run: harness.GuestResult) -> None:
