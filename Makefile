@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all venv deps lint test test-fast test-vm test-systemd demo bench idl kernel root tools clean
+.PHONY: all venv deps lint test test-fast test-vm test-systemd demo bench bench-systemd idl kernel root tools clean
 
 all: test
 
@@ -63,6 +63,11 @@ demo: venv deps
 bench: venv deps
 	vm/build-kernel.sh stock >/dev/null
 	$(PY) -m bench.run
+
+# luod vs a service's own fd store (sd_notify FDSTORE=1) under systemd 262.
+bench-systemd: venv deps root
+	vm/build-kernel.sh stock >/dev/null
+	$(PY) -m bench.systemd
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

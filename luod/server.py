@@ -968,6 +968,17 @@ class LuodServer(VarlinkUnixServer):
         serve_connection(self._loop, conn, self._protocol_factory, self._transports)
 
 
+class LuodTransport(VarlinkTransport):
+    """asyncvarlink peeks at most RECV_BUFFER_SIZE bytes to find where a
+    message ends, so that the fds sent with it are received with it. A
+    message longer than that (PreserveFds with a few dozen files) lost its
+    fds: they came with a chunk holding no complete message, and were closed.
+    Peek far enough for the largest call luod takes: 253 fds (SCM_MAX_FD)
+    named in JSON are well below this."""
+
+    RECV_BUFFER_SIZE = 256 * 1024
+
+
 def serve_connection(
     loop: asyncio.AbstractEventLoop,
     conn: socket.socket,
@@ -975,7 +986,7 @@ def serve_connection(
     transports: typing.Any = None,
 ) -> VarlinkTransport:
     conn.setblocking(False)
-    transport = VarlinkTransport(loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)})
+    transport = LuodTransport(loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)})
     if transports is not None:
         transports.add(transport)
     return transport

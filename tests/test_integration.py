@@ -447,3 +447,21 @@ def test_kernel_backend_refuses_without_liveupdate(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "CONFIG_LIVEUPDATE=y" in r.stderr
     assert "liveupdate=on" in r.stderr
+
+
+def test_batch_of_253_fds_in_one_call(luod: LuodProcess) -> None:
+    """SCM_MAX_FD memfds in one PreserveFds: the JSON is far longer than
+    asyncvarlink's default 4 KiB peek, and no fd may get lost on the way."""
+    fds = [make_memfd(f"file {i}".encode() * 10) for i in range(253)]
+    with luod.client() as c:
+        added = c.preserve_fds(
+            "big-batch",
+            [(f"a-rather-long-name-{i:04d}", fd) for i, fd in enumerate(fds)],
+            create_session=True,
+        )
+        assert len(added) == 253
+        got = c.retrieve_fd("big-batch", "a-rather-long-name-0252")
+        assert os.pread(got, 100, 0) == b"file 252" * 10
+        os.close(got)
+    for fd in fds:
+        os.close(fd)
