@@ -8,30 +8,61 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import socket
 from collections.abc import Sequence
 
 SD_LISTEN_FDS_START = 3
 
 
+def _address() -> str | None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return None
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def send(message: str, fds: Sequence[int] = ()) -> None:
+    """Send `message` (with `fds`) to $NOTIFY_SOCKET; raises OSError when it
+    did not go out (FileNotFoundError when there is no $NOTIFY_SOCKET)."""
+    path = _address()
+    if path is None:
+        raise FileNotFoundError("$NOTIFY_SOCKET is not set")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(path)
+        if fds:
+            socket.send_fds(sock, [message.encode()], list(fds))
+        else:
+            sock.sendall(message.encode())
+
+
 def notify(message: str, fds: Sequence[int] = ()) -> bool:
     """Send `message` to the service manager. False when there is none or
     it did not take the message; like sd_notify(3) callers, luod goes on."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return False
-    if path.startswith("@"):
-        path = "\0" + path[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(path)
-            if fds:
-                socket.send_fds(sock, [message.encode()], list(fds))
-            else:
-                sock.sendall(message.encode())
+        send(message, fds)
     except OSError:
         return False
     return True
+
+
+def barrier(timeout: float) -> bool:
+    """sd_notify_barrier(3): True once the service manager has processed
+    every message sent before (it closes its copy of a pipe's write end that
+    came with BARRIER=1); False after `timeout` seconds. Raises OSError when
+    the message did not go out."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        send("BARRIER=1", [w])
+        os.close(w)
+        w = -1
+        poller = select.poll()
+        poller.register(r, 0)  # POLLHUP is always reported
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 @dataclasses.dataclass
