@@ -53,10 +53,10 @@ DEFAULTS: dict[str, Any] = {
     "repeats": 3,  # of each hand-off run, interleaved
     "held": 10000,  # fds luod holds for the RSS measurement
     "held_per_session": 1000,
-    "reclaim": [10, 100, 100],  # sessions per reclaim case, one kexec each
+    "reclaim": [10, 100, 100, 100, 100],  # sessions per reclaim case, one kexec each
     # Per case: the raw loop runs before luod starts instead of after it
     # (the first LUO calls after a boot may cost more: who goes first pays).
-    "raw_first": [False, False, True],
+    "raw_first": [False, False, True, False, True],
     "files_per_session": 10,
     "profile": False,  # luod under cProfile; importtime of luod.daemon
 }

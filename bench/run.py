@@ -258,33 +258,34 @@ def analyse(
         w("")
     fresh = s1["luod_start_fresh"]
     w(f"- luod start -> READY with nothing to reclaim (stage 1, fresh boot): {fmt_s(fresh)}")
-    first = [c for c in cases if not c["raw_first"]]
-    if first:
-        c = first[-1]
-        r = c["rec"] / c["raw"]
+    # Cases of the same size and order: medians (each case is one kexec).
+    groups: dict[tuple[int, bool], dict[str, float]] = {}
+    for key in sorted({(int(c["sessions"]), bool(c["raw_first"])) for c in cases}):
+        members = [c for c in cases if (c["sessions"], c["raw_first"]) == key]
+        groups[key] = {
+            f: median([float(c[f]) for c in members])
+            for f in ("rec", "start", "raw", "like", "blackout")
+        }
+        groups[key]["n"] = len(members)
+    for (sessions, raw_first), g in groups.items():
+        r = g["rec"] / g["raw"]
+        order = "raw loop first" if raw_first else "luod first, as in production"
+        runs = f"median of {g['n']:.0f} kexecs" if g["n"] > 1 else "one kexec"
         w(
-            f"- reclaim vs raw retrieve loop, {c['sessions']} x 10, luod first (as in "
-            f"production): {fmt_x(r)} ({verdict(r, RECLAIM_TARGET)}); vs raw retrieve + FINISH "
-            f"+ re-PRESERVE (what custody across the next kexec takes): "
-            f"{fmt_x(c['rec'] / c['like'])}; luod start -> READY vs raw: "
-            f"{fmt_x(c['start'] / c['raw'])} ({verdict(c['start'] / c['raw'], RECLAIM_TARGET)})"
+            f"- {sessions} x 10, {order} ({runs}): reclaim vs raw retrieve loop {fmt_x(r)} "
+            f"({verdict(r, RECLAIM_TARGET)}); vs raw retrieve + FINISH + re-PRESERVE (what "
+            f"custody across the next kexec takes) {fmt_x(g['rec'] / g['like'])}; luod start -> "
+            f"READY vs raw {fmt_x(g['start'] / g['raw'])}; reclaim {fmt_s(g['rec'])}, "
+            f"{g['rec'] / g['blackout'] * 100:.1f}% of the blackout"
+            + (" (which includes the raw loop)" if raw_first else "")
         )
-    for c in cases:
-        if not c["raw_first"]:
-            continue
-        r = c["rec"] / c["raw"]
-        w(
-            f"- reclaim vs raw retrieve loop, {c['sessions']} x 10, raw loop first: {fmt_x(r)} "
-            f"({verdict(r, RECLAIM_TARGET)}); vs raw + FINISH + re-PRESERVE: "
-            f"{fmt_x(c['rec'] / c['like'])}"
-        )
-        same = [x for x in first if x["sessions"] == c["sessions"]]
-        if same:
-            x = same[-1]
+    for (sessions, raw_first), g in groups.items():
+        other = groups.get((sessions, not raw_first))
+        if raw_first and other is not None:
             w(
-                f"- order effect at {c['sessions']} x 10 (the first LUO calls after a boot): luod "
-                f"reclaim {fmt_s(x['rec'])} when first, {fmt_s(c['rec'])} when second; raw "
-                f"loop {fmt_s(c['raw'])} when first, {fmt_s(x['raw'])} when second"
+                f"- order effect at {sessions} x 10 (who makes the first LUO calls after the "
+                f"boot): luod reclaim {fmt_s(other['rec'])} when first, {fmt_s(g['rec'])} when "
+                f"second; raw loop {fmt_s(g['raw'])} when first, {fmt_s(other['raw'])} when second"
             )
     for k, st in enumerate(stages[1:], start=2):
         w(
@@ -311,10 +312,10 @@ def analyse(
         (f"holding {held['files']} fds in {held['sessions']} sessions", held["held"]),
         ("after releasing them", held["released"]),
     ]
-    for st in stages[1:]:
+    for k, st in enumerate(stages[1:], start=1):
         n = st["case"]["sessions"] * st["case"]["files"]
         first_ = ", raw loop first" if st["case"].get("raw_first") else ""
-        rows.append((f"after reclaiming {n} fds{first_}", st["rss_after_reclaim"]))
+        rows.append((f"after kexec {k}: reclaimed {n} fds{first_}", st["rss_after_reclaim"]))
     for label, ps in rows:
         w(
             f"| {label} | {ps['VmRSS'] / 1024:.1f} MiB | {ps['RssAnon'] / 1024:.1f} MiB | {ps['fds']} |"
@@ -351,9 +352,10 @@ def analyse(
             f"{fmt_x(held['handoff_seconds'] / med['batches'][large])} (per fd {per_big * 1e6:.0f} -> "
             f"{held['handoff_seconds'] / held['files'] * 1e6:.0f} us) |"
         )
-    if len(first) >= 2:
-        a_, b_ = first[0], first[-1]
-        label = f"{a_['sessions']:.0f}x10 -> {b_['sessions']:.0f}x10"
+    sizes = sorted(k[0] for k in groups if not k[1])
+    if len(sizes) >= 2:
+        a_, b_ = groups[(sizes[0], False)], groups[(sizes[-1], False)]
+        label = f"{sizes[0]}x10 -> {sizes[-1]}x10"
         for key_, what in (
             ("rec", "luod reclaim"),
             ("start", "luod start -> READY"),
@@ -435,9 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--handoff", default="100,1000", help="fds per hand-off run (default 100,1000)")
     p.add_argument(
         "--reclaim",
-        default="10,100,100r",
+        default="10,100,100r,100,100r",
         help="sessions (x10 fds) per reclaim case, one kexec each; a trailing r: the raw "
-        "loop runs before luod starts (default 10,100,100r)",
+        "loop runs before luod starts; repeated cases are reported as medians "
+        "(default 10,100,100r,100,100r)",
     )
     p.add_argument("--held", type=int, default=10000, help="fds luod holds for the RSS test")
     p.add_argument("--profile", action="store_true", help="luod under cProfile; import times")
