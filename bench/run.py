@@ -171,10 +171,10 @@ def analyse(
     big = ns[-1]
     probe = s1["probe"]
     calls = h["batch_calls"]
+    w("")
     if probe["ok"]:
-        w(
-            f"- PreserveFds batches of up to 253 fds: {', '.join(f'N={n}: {calls[n]} calls' for n in ns)}"
-        )
+        counts = ", ".join(f"N={n}: {calls[n]} call{'s' if calls[n] != 1 else ''}" for n in ns)
+        w(f"- PreserveFds batches of up to 253 fds: {counts}")
     else:
         w(
             f"- **PreserveFds with 253 fds ({probe['bytes']} bytes of JSON) was refused**: "
@@ -185,7 +185,6 @@ def analyse(
         )
     rb = med["batches"][big] / med["raw"][big]
     rp = med["per_fd"][big] / med["raw"][big]
-    w("")
     w(f"- PreserveFds batches vs raw, N={big}: {fmt_x(rb)} ({verdict(rb, HANDOFF_TARGET)})")
     w(f"- PreserveFd per fd vs raw, N={big}: {fmt_x(rp)} ({verdict(rp, HANDOFF_TARGET)})")
     all_runs = ", ".join(
