@@ -253,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         extra_cmdline=[] if args.uncached_root else cached_root_cmdline(),
         memory=args.memory,
     )
-    narrator.say(result.duration, "host", "QEMU exited (the guest powered off)")
+    if result.timed_out:
+        narrator.say(result.duration, "host", f"QEMU killed after {args.timeout:.0f} s")
+    elif result.returncode == 0:
+        narrator.say(result.duration, "host", "QEMU exited (the guest powered off)")
+    else:
+        narrator.say(result.duration, "host", f"QEMU exited with status {result.returncode}")
     print()
 
     problems: list[str] = []
@@ -279,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: FAILED — " + "; ".join(problems))
         print()
         print(result.report())
-        for log in sorted(results.glob("luod-stage-*.log")):
+        for log in [results / "qemu.log", *sorted(results.glob("luod-stage-*.log"))]:
+            if not log.exists() or not log.read_text(errors="replace").strip():
+                continue
             print(f"--- {log.name} ---\n{log.read_text(errors='replace').rstrip()}")
         print(f"\ndemo: FAILED — results kept in {results}")
         return 1
