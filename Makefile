@@ -63,6 +63,7 @@ demo: venv deps
 bench: venv deps
 	vm/build-kernel.sh stock >/dev/null
 	$(PY) -m bench.run
+	$(PY) -m bench.barrier 100
 
 # luod vs a service's own fd store (sd_notify FDSTORE=1) under systemd 262.
 bench-systemd: venv deps root
