@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,13 +130,6 @@ def _opt(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
-def _note_stages(guest_dir: Path, seen: dict[int, float], now: float) -> None:
-    for name in os.listdir(guest_dir):
-        m = re.fullmatch(r"stage-(\d+)\.started", name)
-        if m:
-            seen.setdefault(int(m.group(1)), now)
-
-
 def boot(
     image: Path,
     kernel: Path,
@@ -188,50 +179,7 @@ def boot(
         "-virtfs", f"local,path={_opt(results)},mount_tag=results,security_model=none",
     )  # fmt: skip
 
-    seen: dict[int, float] = {}
-    start = time.monotonic()
-    timed_out = False
-    with open(results / "qemu.log", "wb") as qemu_log:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT
-        )
-        try:
-            while True:
-                try:
-                    proc.wait(timeout=0.1)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                _note_stages(guest_dir, seen, time.monotonic() - start)
-                if time.monotonic() - start > timeout:
-                    timed_out = True
-                    proc.kill()
-                    proc.wait()
-                    break
-        finally:
-            if proc.poll() is None:  # interrupted (KeyboardInterrupt...)
-                proc.kill()
-                proc.wait()
-    duration = time.monotonic() - start
-    _note_stages(guest_dir, seen, duration)
-
-    uptimes: dict[int, float] = {}
-    exits: dict[int, int] = {}
-    for f in guest_dir.glob("stage-*.started"):
-        uptimes[int(f.stem.split("-")[1])] = _float(f)
-    for f in guest_dir.glob("stage-*.exit"):
-        exits[int(f.stem.split("-")[1])] = int(f.read_text().strip() or "-1")
-    result = GuestResult(
-        results=results,
-        serial_log=serial_log,
-        command=command,
-        returncode=None if timed_out else proc.returncode,
-        timed_out=timed_out,
-        duration=duration,
-        stage_seen=seen,
-        stage_uptime=uptimes,
-        stage_exit=exits,
-    )
+    result = qemu.run_qemu(command, results, serial_log, guest_dir, timeout, poll=0.1)
     summary = result.summary()
     summary["kexec_cycle"] = {str(n): round(v, 2) for n, v in kexec_cycles(result).items()}
     (results / "run.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -301,6 +301,21 @@ def run_guest(
         "-virtfs", f"local,path={_opt(results)},mount_tag=results,security_model=none",
     )  # fmt: skip
 
+    result = run_qemu(command, results, serial_log, guest_dir, timeout, poll=0.05)
+    (results / "run.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    return result
+
+
+def run_qemu(
+    command: Sequence[str],
+    results: Path,
+    serial_log: Path,
+    guest_dir: Path,
+    timeout: float,
+    poll: float,
+) -> GuestResult:
+    """Run QEMU, noting when each stage starts (by the host's clock); kill it
+    after `timeout` seconds. QEMU's own output goes to results/qemu.log."""
     seen: dict[int, float] = {}
     start = time.monotonic()
     timed_out = False
@@ -311,7 +326,7 @@ def run_guest(
         try:
             while True:
                 try:
-                    proc.wait(timeout=0.05)
+                    proc.wait(timeout=poll)
                     break
                 except subprocess.TimeoutExpired:
                     pass
@@ -334,10 +349,10 @@ def run_guest(
         uptimes[int(f.stem.split("-")[1])] = float(f.read_text().strip() or "nan")
     for f in guest_dir.glob("stage-*.exit"):
         exits[int(f.stem.split("-")[1])] = int(f.read_text().strip() or "-1")
-    result = GuestResult(
+    return GuestResult(
         results=results,
         serial_log=serial_log,
-        command=command,
+        command=tuple(command),
         returncode=None if timed_out else proc.returncode,
         timed_out=timed_out,
         duration=duration,
@@ -345,8 +360,6 @@ def run_guest(
         stage_uptime=uptimes,
         stage_exit=exits,
     )
-    (results / "run.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-    return result
 
 
 def _opt(path: Path) -> str:
