@@ -198,17 +198,8 @@ class Custodian:
         report = ReclaimReport("reclaimed")
         deadline = self.clock() + self.grace
         for old in manifest.sessions:
-            try:
-                sfd = self.carrier.retrieve_session(old.kernel_name)
-            except LuoError as e:
-                report.lost.append(old.name)
-                log.error(
-                    "session-lost",
-                    session=old.name,
-                    kernel_name=old.kernel_name,
-                    owner=old.owner.describe(),
-                    reason=str(e),
-                )
+            sfd = self._retrieve_or_report(old, report)
+            if sfd < 0:
                 continue
             old.fd = sfd
             old.state = SessionState.INCOMING
@@ -229,6 +220,22 @@ class Custodian:
         self._save()
         return report
 
+    def _retrieve_or_report(self, s: Session, report: ReclaimReport) -> int:
+        """The carrier's fd for a session named in the manifest, or -1 with
+        the loss recorded in `report` and logged."""
+        try:
+            return self.carrier.retrieve_session(s.kernel_name)
+        except LuoError as e:
+            report.lost.append(s.name)
+            log.error(
+                "session-lost",
+                session=s.name,
+                kernel_name=s.kernel_name,
+                owner=s.owner.describe(),
+                reason=str(e),
+            )
+            return -1
+
     def _restore(self, manifest: Manifest) -> ReclaimReport:
         """luod was restarted in this boot: the carrier kept every session
         fd, so the sessions are taken back as they were, outgoing (or still
@@ -241,17 +248,8 @@ class Custodian:
         self.known_subscribers = dict(manifest.subscribers)
         report = ReclaimReport("restored")
         for s in manifest.sessions:
-            try:
-                s.fd = self.carrier.retrieve_session(s.kernel_name)
-            except LuoError as e:
-                report.lost.append(s.name)
-                log.error(
-                    "session-lost",
-                    session=s.name,
-                    kernel_name=s.kernel_name,
-                    owner=s.owner.describe(),
-                    reason=str(e),
-                )
+            s.fd = self._retrieve_or_report(s, report)
+            if s.fd < 0:
                 continue
             s.kexec_count = self.kexec_count
             self.sessions[s.name] = s
