@@ -569,7 +569,16 @@ def stage_reclaim(cfg: dict[str, Any], out: dict[str, Any], n: int) -> None:
         os.close(c.retrieve_fd("rec-0", "f0"))
         out["first_retrieve"] = time.perf_counter() - t0
         mark("service-has-data")
+        # luod preserves the sessions again after READY, in the background:
+        # wait for it, so that it is measured and does not overlap the raw loop.
+        deadline = time.monotonic() + 120
         status = c.status()
+        while status["reclaim"].get("preservedAgainUSec") is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("luod did not preserve the sessions again within 120 s")
+            time.sleep(0.05)
+            status = c.status()
+        mark("preserved-again")
         if not raw_first:
             # Right after luod's reclaim, so that both see the same load.
             out["raw"] = raw_reclaim(sessions, files)

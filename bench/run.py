@@ -8,10 +8,12 @@ to what the kernel itself costs, measured in the same run:
 
 - hand-off of N memfds: PreserveFds batches and one PreserveFd per fd over
   varlink, vs the raw in-process PRESERVE_FD loop (target: <= 3x);
-- reclaim at boot of S sessions x 10 memfds: luod's reclaim duration
-  (GetStatus reclaim.durationUSec) and luod's start to READY=1, vs the raw
-  RETRIEVE_SESSION + RETRIEVE_FD loop (target: <= 2x), and their share of
-  the blackout from `luoctl kexec` to the first fd retrieved through luod;
+- reclaim at boot of S sessions x 10 memfds: luod's reclaim until every
+  file is retrievable (GetStatus reclaim.durationUSec) and luod's start to
+  READY=1, vs the raw RETRIEVE_SESSION + RETRIEVE_FD loop (target: <= 2x),
+  and their share of the blackout from `luoctl kexec` to the first fd
+  retrieved through luod; then luod preserving every session again after
+  READY (reclaim.preservedAgainUSec), vs the raw FINISH + re-PRESERVE loop;
 - luod's RSS idle and with many held fds;
 - scaling: 10x the fds, the time ratio.
 
@@ -223,10 +225,10 @@ def analyse(
     w("")
     w(
         "| S x F | luod reclaim (durationUSec) | luod start -> READY | raw RETRIEVE loop | "
-        "reclaim / raw | start / raw | raw + FINISH + re-PRESERVE | reclaim / that | blackout | "
-        "reclaim share | luod start share |"
+        "reclaim / raw | start / raw | then preserved again (after READY) | raw FINISH + "
+        "re-PRESERVE | ratio | blackout | reclaim share | luod start share |"
     )
-    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     cases: list[dict[str, Any]] = []
     for k, st in enumerate(stages[1:], start=2):
         case = st["case"]
@@ -237,6 +239,8 @@ def analyse(
             "start": st["luod_start"],
             "raw": st["raw"]["retrieve"],
             "like": st["raw"]["retrieve"] + st["raw"]["finish_represerve"],
+            "again": (st["reclaim"].get("preservedAgainUSec") or 0) / 1e6,
+            "raw_again": st["raw"]["finish_represerve"],
             "blackout": tl.between((k - 1, "kexec-requested"), (k, "service-has-data")),
         }
         cases.append(c)
@@ -248,7 +252,8 @@ def analyse(
         w(
             f"| {label} | {fmt_s(c['rec'])} | {fmt_s(c['start'])} | {fmt_s(c['raw'])} | "
             f"{fmt_x(c['rec'] / c['raw'])} | {fmt_x(c['start'] / c['raw'])} | "
-            f"{fmt_s(c['like'])} | {fmt_x(c['rec'] / c['like'])} | {c['blackout']:.1f} s{star} | "
+            f"{fmt_s(c['again'])} | {fmt_s(c['raw_again'])} | {fmt_x(c['again'] / c['raw_again'])} | "
+            f"{c['blackout']:.1f} s{star} | "
             f"{c['rec'] / c['blackout'] * 100:.1f}% | {c['start'] / c['blackout'] * 100:.0f}% |"
         )
     w("")
@@ -263,7 +268,7 @@ def analyse(
         members = [c for c in cases if (c["sessions"], c["raw_first"]) == key]
         groups[key] = {
             f: median([float(c[f]) for c in members])
-            for f in ("rec", "start", "raw", "like", "blackout")
+            for f in ("rec", "start", "raw", "like", "again", "raw_again", "blackout")
         }
         groups[key]["n"] = len(members)
     for (sessions, raw_first), g in groups.items():
@@ -272,8 +277,9 @@ def analyse(
         runs = f"median of {g['n']:.0f} kexecs" if g["n"] > 1 else "one kexec"
         w(
             f"- {sessions} x 10, {order} ({runs}): reclaim vs raw retrieve loop {fmt_x(r)} "
-            f"({verdict(r, RECLAIM_TARGET)}); vs raw retrieve + FINISH + re-PRESERVE (what "
-            f"custody across the next kexec takes) {fmt_x(g['rec'] / g['like'])}; luod start -> "
+            f"({verdict(r, RECLAIM_TARGET)}); luod's whole reclaim including preserving every "
+            f"session again after READY vs raw retrieve + FINISH + re-PRESERVE (what custody "
+            f"across the next kexec takes) {fmt_x((g['rec'] + g['again']) / g['like'])}; luod start -> "
             f"READY vs raw {fmt_x(g['start'] / g['raw'])}; reclaim {fmt_s(g['rec'])}, "
             f"{g['rec'] / g['blackout'] * 100:.1f}% of the blackout"
             + (" (which includes the raw loop)" if raw_first else "")

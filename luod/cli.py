@@ -95,6 +95,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     rec = st.get("reclaim")
     if rec:
         line = f"reclaim: {rec['state']}, {rec['sessions']} sessions, {rec['files']} files in {rec['durationUSec'] / 1000:.1f} ms"
+        again = rec.get("preservedAgainUSec")
+        if rec["state"] == "reclaimed":
+            line += (
+                ", preserving them again for the next kexec"
+                if again is None
+                else f", preserved again in {again / 1000:.1f} ms"
+            )
         if rec.get("lost"):
             line += f", lost: {', '.join(rec['lost'])}"
         if rec.get("error"):

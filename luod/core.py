@@ -107,7 +107,12 @@ class ReclaimReport:
     files: int = 0
     lost: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
+    # Until every file that came over could be retrieved.
     duration: float = 0.0
+    # After a kexec, managed sessions are preserved again (FINISH, then a new
+    # outgoing session) once luod is ready, session by session: how long that
+    # took, None while sessions are still waiting for it.
+    preserved_again: float | None = 0.0
 
 
 @dataclasses.dataclass
@@ -142,6 +147,11 @@ class Custodian:
         self.reclaim: ReclaimReport | None = None
         self.manifest_error: ManifestError | None = None
         self._by_inode: dict[tuple[int, int], tuple[str, str]] = {}
+        # Managed sessions that came over the kexec: every file is retrieved
+        # and held (copies can be handed out), but the session is still the
+        # incoming one, to be finished and preserved again (settle()).
+        self.unsettled: dict[str, int] = {}  # name -> incoming session fd
+        self._settle_started = 0.0
         self.started_at = clock()
 
     # --- start, reclaim and the manifest ---------------------------------
@@ -201,23 +211,28 @@ class Custodian:
             sfd = self._retrieve_or_report(old, report)
             if sfd < 0:
                 continue
-            old.fd = sfd
             old.state = SessionState.INCOMING
             old.claim_deadline = deadline
             old.kexec_count = self.kexec_count
+            self.sessions[old.name] = old
+            report.sessions += 1
             if old.kind is SessionKind.MANAGED:
-                self._take_over_managed(old, report)
+                # Only what makes the files retrievable happens before luod
+                # is ready; settle() carries custody on afterwards.
+                self._retrieve_files(old, sfd, report)
+                self.unsettled[old.name] = sfd
             else:
-                self.sessions[old.name] = old
+                old.fd = sfd
                 log.info(
                     "session-arrived",
                     session=old.name,
                     kind=old.kind.value,
                     owner=old.owner.describe(),
                 )
-            report.sessions += 1
-        self.carrier.finish_incoming()
-        self._save()
+        if self.unsettled:
+            report.preserved_again = None
+        else:
+            self._settled(report)
         return report
 
     def _retrieve_or_report(self, s: Session, report: ReclaimReport) -> int:
@@ -248,13 +263,21 @@ class Custodian:
         self.known_subscribers = dict(manifest.subscribers)
         report = ReclaimReport("restored")
         for s in manifest.sessions:
-            s.fd = self._retrieve_or_report(s, report)
-            if s.fd < 0:
+            fd = self._retrieve_or_report(s, report)
+            if fd < 0:
                 continue
             s.kexec_count = self.kexec_count
             self.sessions[s.name] = s
             report.sessions += 1
-            report.files += len(s.files)
+            if s.kind is SessionKind.MANAGED and s.state is SessionState.INCOMING:
+                # The previous luod died before it preserved this session
+                # again (settle()): it is still the incoming session, not
+                # finished, and the kernel hands its files out again.
+                self._retrieve_files(s, fd, report)
+                self.unsettled[s.name] = fd
+            else:
+                s.fd = fd
+                report.files += len(s.files)
             log.info(
                 "session-restored",
                 session=s.name,
@@ -263,40 +286,55 @@ class Custodian:
                 owner=s.owner.describe(),
                 files=len(s.files),
             )
+        if self.unsettled:
+            report.preserved_again = None
         self.carrier.finish_incoming()
         self._save()
         return report
 
-    def _take_over_managed(self, s: Session, report: ReclaimReport) -> None:
-        """Retrieve every file of an incoming managed session and preserve it
-        again into a new outgoing session, so custody goes on. A retrieved
-        file counts as preserved until its incoming session is finished, so
-        the session is finished before anything is preserved again."""
-        incoming_fd, s.fd = s.fd, -1
+    def _retrieve_files(self, s: Session, incoming_fd: int, report: ReclaimReport) -> None:
+        """Retrieve every file of an incoming managed session; a file the
+        kernel cannot give back is recorded as lost."""
+        for f in list(s.files.values()):
+            try:
+                f.fd = self.backend.retrieve_fd(incoming_fd, f.token)
+            except LuoError as e:
+                log.error(
+                    "fd-lost",
+                    session=s.name,
+                    name=f.name,
+                    token=f.token,
+                    owner=s.owner.describe(),
+                    reason=str(e),
+                )
+                del s.files[f.name]
+                report.lost.append(f"{s.name}/{f.name}")
+                continue
+            report.files += 1
+
+    def settle(self, name: str | None = None) -> bool:
+        """Carry custody on for one session that came over the kexec (`name`,
+        or the next one waiting): FINISH its incoming session and preserve
+        its files again into a new outgoing one. A retrieved file counts as
+        preserved until its incoming session is finished, so FINISH comes
+        first. True while more sessions are waiting."""
+        if name is None:
+            name = next(iter(self.unsettled), None)
+        if name is None or name not in self.unsettled:
+            return bool(self.unsettled)
+        if not self._settle_started:
+            self._settle_started = time.monotonic()
+        s = self.sessions[name]
+        incoming_fd = self.unsettled.pop(name)
         try:
-            for f in list(s.files.values()):
-                try:
-                    f.fd = self.backend.retrieve_fd(incoming_fd, f.token)
-                except LuoError as e:
-                    log.error(
-                        "fd-lost",
-                        session=s.name,
-                        name=f.name,
-                        token=f.token,
-                        owner=s.owner.describe(),
-                        reason=str(e),
-                    )
-                    del s.files[f.name]
-                    report.lost.append(f"{s.name}/{f.name}")
-                    continue
-                report.files += 1
             self.backend.finish_session(incoming_fd)
+        except LuoError as e:
+            log.error("finish-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
         finally:
             os.close(incoming_fd)
             # Finished or not, the incoming session is done with; a carrier
             # holding a copy (the fd store) lets go of it too.
             self.carrier.session_dropped(s.kernel_name)
-        self.sessions[s.name] = s
         for f in s.files.values():
             self._index(s, f)
         try:
@@ -312,6 +350,27 @@ class Custodian:
             owner=s.owner.describe(),
             files=len(s.files),
         )
+        if not self.unsettled and self.reclaim is not None:
+            self._settled(self.reclaim)
+        return bool(self.unsettled)
+
+    def settle_all(self) -> None:
+        while self.settle():
+            pass
+
+    def _settled(self, report: ReclaimReport) -> None:
+        """Every session that came over is held as it will be carried: the
+        previous boot's state is finished with and the manifest written."""
+        self.carrier.finish_incoming()
+        self._save()
+        if self._settle_started:
+            report.preserved_again = time.monotonic() - self._settle_started
+            log.info(
+                "custody-resumed",
+                sessions=report.sessions,
+                files=report.files,
+                seconds=round(report.preserved_again, 4),
+            )
 
     def _new_kernel_name(self, name: str) -> str:
         self.name_counter += 1
@@ -388,12 +447,16 @@ class Custodian:
 
     # --- access -------------------------------------------------------------
 
-    def _session(self, peer: Peer, name: str) -> Session:
+    def _session(self, peer: Peer, name: str, settle: bool = True) -> Session:
+        """The session `name` if `peer` may use it; settled first unless the
+        caller only reads (a copy of a file needs no settled session)."""
         s = self.sessions.get(name)
         if s is None:
             raise errors.NoSuchSession(name)
         if not peer.is_root and peer.uid != s.owner.uid:
             raise errors.PermissionDenied(name, s.owner.describe())
+        if settle and name in self.unsettled:
+            self.settle(name)
         if s.claim_deadline is not None:
             s.claim_deadline = None
             log.info(
@@ -469,6 +532,9 @@ class Custodian:
         self, peer: Peer, session: str, files: Sequence[Incoming], create: bool
     ) -> list[HeldFile]:
         self._require_usable()
+        # Files that came over the kexec are indexed (AlreadyPreserved) when
+        # their session is settled.
+        self.settle_all()
         created = False
         if create and session not in self.sessions:
             check_session_name(session)
@@ -487,9 +553,10 @@ class Custodian:
                     "one file per call"
                 )
         names: set[str] = set()
-        sizes: list[int] = []
+        checked: list[fdinfo.FdFacts] = []
         for inc in files:
-            check_fd_name(inc.name, inc.parameter("name"))
+            if not _FD_NAME.match(inc.name) or len(inc.name) > MAX_FD_NAME:
+                check_fd_name(inc.name, inc.parameter("name"))  # says what is wrong
             if inc.name in names or (
                 session in self.sessions and inc.name in self.sessions[session].files
             ):
@@ -503,25 +570,27 @@ class Custodian:
             held = self._by_inode.get((facts.dev, facts.ino))
             if held is not None:
                 raise errors.AlreadyPreserved(inc.parameter("fileDescriptor"), held[0], held[1])
-            sizes.append(facts.size)
+            checked.append(facts)
         if session not in self.sessions:
             self.create_session(peer, session)
             created = True
         s = self.sessions[session]
         now = self.clock()
-        next_token = max((f.token for f in s.files.values()), default=0) + 1
         added: list[HeldFile] = []
         try:
-            for inc, size in zip(files, sizes, strict=True):
+            for inc, facts in zip(files, checked, strict=True):
                 f = HeldFile(
-                    name=inc.name, token=next_token, size=size, preserved_at=now, fd=inc.fd
+                    name=inc.name,
+                    token=s.next_token(),
+                    size=facts.size,
+                    preserved_at=now,
+                    fd=inc.fd,
                 )
-                next_token += 1
                 self.backend.preserve_fd(s.fd, f.fd, f.token)
                 inc.fd = -1  # owned by the session from here on
                 added.append(f)
                 s.files[f.name] = f
-                self._index(s, f)
+                self._by_inode[(facts.dev, facts.ino)] = (s.name, f.name)
         except LuoError as e:
             self._rollback(s, added, created)
             raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
@@ -613,7 +682,7 @@ class Custodian:
 
     def retrieve_fd(self, peer: Peer, session: str, name: str, take: bool) -> tuple[int, HeldFile]:
         """A copy of a held file (custody goes on), or the file itself (custody ends)."""
-        s = self._session(peer, session)
+        s = self._session(peer, session, settle=take)
         f = s.files.get(name)
         if f is None:
             raise errors.NoSuchFd(session, name)
@@ -694,7 +763,8 @@ class Custodian:
         return fd
 
     def discard_session(self, peer: Peer, session: str) -> Session:
-        s = self._session(peer, session)
+        # Nothing to settle in what is let go of (_drop closes it as it is).
+        s = self._session(peer, session, settle=False)
         self._drop(s, f"discarded by {peer.describe()}")
         self._save()
         return s
@@ -703,6 +773,10 @@ class Custodian:
         for f in s.files.values():
             self._unindex(f)
         s.close()
+        incoming_fd = self.unsettled.pop(s.name, -1)
+        if incoming_fd >= 0:
+            # The kernel finishes a retrieved session when its fd is closed.
+            os.close(incoming_fd)
         self.sessions.pop(s.name, None)
         self.carrier.session_dropped(s.kernel_name)
         log.info(
@@ -746,6 +820,7 @@ class Custodian:
 
     def check(self) -> list[Problem]:
         """What would be lost if the kexec happened now, and why."""
+        self.settle_all()
         problems: list[Problem] = []
         if self.manifest_error is not None:
             problems.append(
@@ -792,6 +867,9 @@ class Custodian:
         """luod is stopping without a kexec (tests, fallback): close all."""
         for s in self.sessions.values():
             s.close()
+        for fd in self.unsettled.values():
+            os.close(fd)
+        self.unsettled.clear()
 
 
 def _refusal(facts: fdinfo.FdFacts) -> str:

@@ -330,6 +330,16 @@ class Daemon:
         os.chmod(path, 0o666)  # access is decided per call from SO_PEERCRED
         return sock
 
+    async def _settle(self) -> None:
+        """After READY: carry custody on for what came over the kexec, one
+        session per turn of the loop, so that calls are served in between
+        (a client asking for its files first gets its session settled first)."""
+        try:
+            while self.core.settle():
+                await asyncio.sleep(0)
+        except Exception:
+            log.exception("settle-failed")
+
     async def _grace_timer(self) -> None:
         while (deadline := self.core.next_deadline()) is not None:
             await asyncio.sleep(max(0.0, deadline - self.core.clock()))
@@ -347,6 +357,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         grace = asyncio.create_task(self._grace_timer())
+        settler = asyncio.create_task(self._settle())
         status = f"Holding {len(self.core.sessions)} sessions"
         if report.state == "failed":
             status = f"Incoming manifest unusable: {report.error}"
@@ -361,9 +372,12 @@ class Daemon:
         self.orchestrator.end_all("luod is stopping")
         await asyncio.sleep(0.05)  # let the subscription streams end
         grace.cancel()
+        settler.cancel()
         server.close()
         if not self.kexeced:
             if self.core.sessions and self.core.carrier.holds_after_exit:
+                # What stays in the fd store must be what the next kexec carries.
+                self.core.settle_all()
                 log.info(
                     "stopping-custody-stays",
                     sessions=len(self.core.sessions),

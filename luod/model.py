@@ -48,6 +48,10 @@ class HeldFile:
     # file back out of an outgoing session, so a copy before the kexec, and
     # re-preserving after it, both need it. -1 when luod holds none.
     fd: int = -1
+    # This file's entry in the manifest, serialised once by luod.manifest:
+    # the fields above the fd never change, and serialising every held file
+    # again on every hand-off call was most of a hand-off's cost.
+    manifest_entry: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -68,6 +72,15 @@ class Session:
     # After a kexec: when the owner must have claimed it by, else released.
     claim_deadline: float | None = None
     kexec_count: int = 0
+    # The highest token handed out in this session so far (0: not known
+    # yet), so that a hand-off does not look at every file to find the next.
+    token_high: int = dataclasses.field(default=0, repr=False, compare=False)
+
+    def next_token(self) -> int:
+        if not self.token_high and self.files:
+            self.token_high = max(f.token for f in self.files.values())
+        self.token_high += 1
+        return self.token_high
 
     @property
     def bytes_pinned(self) -> int:

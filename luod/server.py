@@ -37,13 +37,15 @@ from asyncvarlink import (
     VarlinkTransport,
     VarlinkUnixServer,
     varlinkmethod,
+    varlinksignature,
 )
+from asyncvarlink.conversion import ObjectVarlinkType, VarlinkType
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 import luod
 from luod import errors, orchestrator
 from luod.core import Custodian, Incoming, Problem, ReclaimReport
-from luod.kernel import fdinfo
+from luod.fastconv import FlatRecordList
 from luod.model import HeldFile, Session
 from luod.orchestrator import OrchestrationError, Orchestrator, Phase
 from luod.peer import Peer, peer_of_socket
@@ -116,7 +118,11 @@ class ReclaimInfo:
     files: int
     lost: list[str]
     error: typing.Optional[str]  # noqa: UP045
+    # Until every file that came over could be retrieved.
     durationUSec: int
+    # Then, until every managed session was preserved again for the next
+    # kexec; null while that is still going on.
+    preservedAgainUSec: typing.Optional[int]  # noqa: UP045
 
 
 @dataclasses.dataclass
@@ -243,6 +249,7 @@ def reclaim_info(r: ReclaimReport) -> ReclaimInfo:
         lost=r.lost,
         error=r.error,
         durationUSec=_usec(r.duration),
+        preservedAgainUSec=_opt_usec(r.preserved_again),
     )
 
 
@@ -691,6 +698,28 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         self.core.discard_session(_ctx().peer, session)
 
 
+def _quicken_preserve_fds() -> None:
+    """PreserveFds converts its two lists with FlatRecordList (luod.fastconv):
+    the same types, quicker. Rebuilt as asyncvarlink's varlinkmethod builds
+    them (optional arguments with a default are dropped when None); if this
+    asyncvarlink has no signature to adjust, the generic conversion stays."""
+    sig = varlinksignature(CustodyInterface.PreserveFds)
+    if sig is None:
+        return
+    sig.parameter_type = ObjectVarlinkType(
+        {
+            "session": VarlinkType.from_type_annotation(str),
+            "files": FlatRecordList(FileToPreserve),
+            "createSession": VarlinkType.from_type_annotation(bool).optional(),
+        },
+        discardnone={"createSession"},
+    )
+    sig.return_type = ObjectVarlinkType({"files": FlatRecordList(FileInfo)})
+
+
+_quicken_preserve_fds()
+
+
 class ManagerInterface(VarlinkInterface, name=MANAGER):
     """Inspect and drive luod: status, the preflight check, reclaim after a
     kexec, and the kexec itself where no service manager does it."""
@@ -896,7 +925,7 @@ class DaemonHooks(typing.Protocol):
 
 
 class LuodProtocol(VarlinkInterfaceServerProtocol):
-    """Knows its peer, marks received fds FD_CLOEXEC, and sets the call context."""
+    """Knows its peer and sets the call context."""
 
     peer: Peer
 
@@ -928,10 +957,6 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
-        if fds:
-            for fd in fds:
-                if fd:
-                    fdinfo.set_cloexec(fd.fileno())
         token = _current.set(CallContext(self.peer, fds, self))
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
@@ -979,12 +1004,24 @@ class LuodTransport(VarlinkTransport):
     RECV_BUFFER_SIZE = 256 * 1024
 
 
+class CloexecSocket(socket.socket):
+    """A connection whose received fds come with FD_CLOEXEC set, so that none
+    leaks into a child luod spawns. asyncvarlink receives with
+    socket.recv_fds(), which calls this recvmsg(); the flag costs nothing,
+    where fcntl() afterwards cost two syscalls per fd."""
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> typing.Any:
+        return super().recvmsg(bufsize, ancbufsize, flags | socket.MSG_CMSG_CLOEXEC)
+
+
 def serve_connection(
     loop: asyncio.AbstractEventLoop,
     conn: socket.socket,
     factory: collections.abc.Callable[[], typing.Any],
     transports: typing.Any = None,
 ) -> VarlinkTransport:
+    if not isinstance(conn, CloexecSocket):
+        conn = CloexecSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
     conn.setblocking(False)
     transport = LuodTransport(loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)})
     if transports is not None:

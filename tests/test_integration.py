@@ -465,3 +465,33 @@ def test_batch_of_253_fds_in_one_call(luod: LuodProcess) -> None:
         os.close(got)
     for fd in fds:
         os.close(fd)
+
+
+def _cloexec_flags(pid: int) -> dict[int, bool]:
+    """fd -> whether O_CLOEXEC is set, for every fd of process `pid`."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fdinfo"):
+        with open(f"/proc/{pid}/fdinfo/{name}") as f:
+            flags = next(line for line in f if line.startswith("flags:"))
+        out[int(name)] = bool(int(flags.split()[1], 8) & os.O_CLOEXEC)
+    return out
+
+
+def test_received_fds_are_cloexec(luod: LuodProcess) -> None:
+    """Clients send fds without FD_CLOEXEC (varlinkctl does); every fd luod
+    keeps must have it, or a child luod spawns (systemctl kexec) inherits it."""
+    before = set(_cloexec_flags(luod.pid))
+    fds = [make_memfd(b"x" * 10) for _ in range(3)]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    with luod.client() as c:
+        c.preserve_fds("cloexec", [(f"f{i}", fd) for i, fd in enumerate(fds)], create_session=True)
+        sfd = c.create_delegated_session("cloexec-delegated")
+        os.close(sfd)
+        flags = _cloexec_flags(luod.pid)
+    for fd in fds:
+        os.close(fd)
+    new = {fd: cloexec for fd, cloexec in flags.items() if fd not in before}
+    # 3 memfds, at least one session fd each for the two sessions.
+    assert len(new) >= 5
+    assert all(new.values()), new

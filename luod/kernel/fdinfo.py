@@ -25,13 +25,18 @@ _libc.fstatfs.restype = ctypes.c_int
 _STATFS_SIZE = 120
 
 
+# One buffer for every call: making one per call cost as much as the syscall.
+# luod calls this from one thread only.
+_statfs_buf = ctypes.create_string_buffer(_STATFS_SIZE)
+_f_type = ctypes.c_long.from_buffer(_statfs_buf)
+
+
 def fstatfs_type(fd: int) -> int:
     """f_type of the filesystem `fd` lives on."""
-    buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    if _libc.fstatfs(fd, buf) != 0:
+    if _libc.fstatfs(fd, _statfs_buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+    return int(_f_type.value) & 0xFFFFFFFF
 
 
 def fd_link(fd: int) -> str:
@@ -110,8 +115,14 @@ def inspect_fd(fd: int) -> FdFacts:
     """
     st = os.fstat(fd)
     fs_type = fstatfs_type(fd)
-    link = fd_link(fd)
     mode = st.st_mode
+    if stat.S_ISREG(mode) and fs_type == uapi.TMPFS_MAGIC and st.st_nlink == 0:
+        # memfd_create() files, and O_TMPFILE or unlinked files on tmpfs: all
+        # are shmem files with no name in any directory, which memfd_luo
+        # accepts. The common case of a hand-off, so it costs two syscalls:
+        # the link only matters when something is refused.
+        return FdFacts(FdKind.MEMFD, fs_type, "", mode, st.st_size, st.st_ino, st.st_dev)
+    link = fd_link(fd)
     kind: FdKind
     if fs_type == uapi.LUO_SESSION_MAGIC:
         kind = FdKind.LUO_SESSION
@@ -127,13 +138,7 @@ def inspect_fd(fd: int) -> FdFacts:
         kind = FdKind.DEVICE
     elif fs_type == uapi.HUGETLBFS_MAGIC:
         kind = FdKind.HUGETLB_MEMFD
-    elif (
-        stat.S_ISREG(mode)
-        and fs_type == uapi.TMPFS_MAGIC
-        and (link.startswith("/memfd:") or st.st_nlink == 0)
-    ):
-        # memfd_create() files, and O_TMPFILE files on tmpfs: both are shmem
-        # files with no name in any directory, which memfd_luo accepts.
+    elif stat.S_ISREG(mode) and fs_type == uapi.TMPFS_MAGIC and link.startswith("/memfd:"):
         kind = FdKind.MEMFD
     elif stat.S_ISREG(mode):
         kind = FdKind.REGULAR_FILE
