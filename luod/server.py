@@ -1004,14 +1004,32 @@ class LuodTransport(VarlinkTransport):
     RECV_BUFFER_SIZE = 256 * 1024
 
 
-class CloexecSocket(socket.socket):
-    """A connection whose received fds come with FD_CLOEXEC set, so that none
-    leaks into a child luod spawns. asyncvarlink receives with
-    socket.recv_fds(), which calls this recvmsg(); the flag costs nothing,
-    where fcntl() afterwards cost two syscalls per fd."""
+# One buffer for every peek of every connection (luod serves from one thread).
+_peek_buffer = bytearray(LuodTransport.RECV_BUFFER_SIZE)
+_peek_view = memoryview(_peek_buffer)
+
+
+class ConnectionSocket(socket.socket):
+    """A client connection as asyncvarlink reads it, with two changes:
+
+    - received fds come with FD_CLOEXEC set, so that none leaks into a child
+      luod spawns: asyncvarlink receives with socket.recv_fds(), which calls
+      this recvmsg(); the flag costs nothing, where fcntl() afterwards cost
+      two syscalls per fd;
+    - asyncvarlink peeks RECV_BUFFER_SIZE bytes before every message: a
+      fresh 256 KiB bytes object each time cost 18 us on the host (the heap
+      shrinking and growing again), 16 times the peek itself; luod peeks
+      into one buffer and copies out what came.
+    """
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> typing.Any:
         return super().recvmsg(bufsize, ancbufsize, flags | socket.MSG_CMSG_CLOEXEC)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not flags & socket.MSG_PEEK or bufsize > len(_peek_buffer):
+            return super().recv(bufsize, flags)
+        n = self.recv_into(_peek_buffer, bufsize, flags)
+        return bytes(_peek_view[:n])
 
 
 def serve_connection(
@@ -1020,8 +1038,8 @@ def serve_connection(
     factory: collections.abc.Callable[[], typing.Any],
     transports: typing.Any = None,
 ) -> VarlinkTransport:
-    if not isinstance(conn, CloexecSocket):
-        conn = CloexecSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
+    if not isinstance(conn, ConnectionSocket):
+        conn = ConnectionSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
     conn.setblocking(False)
     transport = LuodTransport(loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)})
     if transports is not None:
