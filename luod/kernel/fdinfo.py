@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import functools
 import os
 import re
 import stat
@@ -37,6 +38,19 @@ def fstatfs_type(fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(_f_type.value) & 0xFFFFFFFF
+
+
+@functools.cache
+def memfd_dev() -> int:
+    """st_dev of memfd_create() files. Every one lives on the kernel's
+    internal shmem mount (hugetlb memfds excepted), one for the whole system,
+    so a regular file without links on that device is a memfd: no fstatfs()
+    needed to tell."""
+    fd = os.memfd_create("luod-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
 
 
 def fd_link(fd: int) -> str:
@@ -114,13 +128,15 @@ def inspect_fd(fd: int) -> FdFacts:
     SESSION_GET_NAME before trusting it.
     """
     st = os.fstat(fd)
-    fs_type = fstatfs_type(fd)
     mode = st.st_mode
+    if stat.S_ISREG(mode) and st.st_nlink == 0 and st.st_dev == memfd_dev():
+        # A memfd: the common case of a hand-off, so it costs one syscall.
+        # The link only matters when something is refused.
+        return FdFacts(FdKind.MEMFD, uapi.TMPFS_MAGIC, "", mode, st.st_size, st.st_ino, st.st_dev)
+    fs_type = fstatfs_type(fd)
     if stat.S_ISREG(mode) and fs_type == uapi.TMPFS_MAGIC and st.st_nlink == 0:
-        # memfd_create() files, and O_TMPFILE or unlinked files on tmpfs: all
-        # are shmem files with no name in any directory, which memfd_luo
-        # accepts. The common case of a hand-off, so it costs two syscalls:
-        # the link only matters when something is refused.
+        # O_TMPFILE or unlinked files on a tmpfs mount: shmem files with no
+        # name in any directory, which memfd_luo accepts like memfds.
         return FdFacts(FdKind.MEMFD, fs_type, "", mode, st.st_size, st.st_ino, st.st_dev)
     link = fd_link(fd)
     kind: FdKind
