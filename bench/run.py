@@ -207,16 +207,16 @@ def analyse(
         w(
             f"| varlink round trip of GetStatus (client, asyncvarlink, luod) | {fmt_s(bd['status_round_trip'])} | per call |"
         )
-        w(f"| fdinfo.inspect_fd (fstat, fstatfs, readlink) | {fmt_s(bd['inspect_fd'])} | per fd |")
+        w(f"| fdinfo.inspect_fd of a memfd (one fstat) | {fmt_s(bd['inspect_fd'])} | per fd |")
         w(
-            f"| one structlog info line (luod.log, to /dev/null) | {fmt_s(bd['log_line'])} | per fd |"
+            f"| one structlog info line (luod.log, to /dev/null) | {fmt_s(bd['log_line'])} | per call |"
         )
         w(
             f"| raw PRESERVE_FD ioctl (hand-off above, N={big}) | {fmt_s(med['raw'][big] / int(big))} | per fd |"
         )
         for n, m in bd["manifest"].items():
             w(
-                f"| manifest to_json + write_slot, {n} files held ({m['bytes']} bytes) | "
+                f"| manifest to_json (file entries cached) + write_slot, {n} files held ({m['bytes']} bytes) | "
                 f"{fmt_s(m['to_json'] + m['write_slot'])} | per call (every hand-off call) |"
             )
         w("")
