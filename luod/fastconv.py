@@ -51,7 +51,7 @@ class FlatRecordList(ListVarlinkType):
 
     def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
         if type(obj) is list and all(type(r) is self.record for r in obj):
-            out = [{name: getattr(r, name) for name, _t in self.fields} for r in obj]
+            out = [r.__dict__.copy() for r in obj]
             if all(self._fits(d) for d in out):
                 return out
         return super().tojson(obj, oobstate)

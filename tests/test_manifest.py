@@ -125,3 +125,42 @@ def test_bad_state_or_deadline_is_corrupt(mutate: object) -> None:
     with pytest.raises(ManifestError) as e:
         from_json(json.dumps(doc).encode())
     assert e.value.kind == "corrupt"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("x", "manifest: sessions[0].files[1] is not an object"),
+        ({"name": "x", "token": 3, "size": 1}, "manifest: sessions[0].files[1] has no 'preserved'"),
+        (
+            {"name": "x", "token": True, "size": 1, "preserved": 1.0},
+            "manifest: sessions[0].files[1].token has the wrong type",
+        ),
+        (
+            {"name": "x", "token": 3, "size": 1.5, "preserved": 1.0},
+            "manifest: sessions[0].files[1].size has the wrong type",
+        ),
+        (
+            {"name": 7, "token": 3, "size": 1, "preserved": 1.0},
+            "manifest: sessions[0].files[1].name has the wrong type",
+        ),
+    ],
+)
+def test_bad_file_entry_is_named(entry: object, message: str) -> None:
+    """Well-formed entries take a shortcut; anything else the checked path."""
+    doc = json.loads(to_json(_manifest()))
+    doc["sessions"][0]["files"][1] = entry
+    with pytest.raises(ManifestError) as e:
+        from_json(json.dumps(doc).encode())
+    assert (e.value.kind, e.value.message) == ("corrupt", message)
+
+
+def test_file_entry_with_more_fields_is_read() -> None:
+    """A newer luod may add fields to a file entry; they are ignored."""
+    doc = json.loads(to_json(_manifest()))
+    doc["sessions"][0]["files"][1]["checksum"] = "abc"
+    (s,) = from_json(json.dumps(doc).encode()).sessions
+    assert [(f.name, f.token, f.size, f.preserved_at) for f in s.files.values()] == [
+        ("idx", 1, 4096, 2.5),
+        ("log", 2, 10, 3.0),
+    ]
