@@ -326,15 +326,13 @@ class Custodian:
             self._settle_started = time.monotonic()
         s = self.sessions[name]
         incoming_fd = self.unsettled.pop(name)
+        incoming_name = s.kernel_name
         try:
             self.backend.finish_session(incoming_fd)
         except LuoError as e:
             log.error("finish-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
         finally:
             os.close(incoming_fd)
-            # Finished or not, the incoming session is done with; a carrier
-            # holding a copy (the fd store) lets go of it too.
-            self.carrier.session_dropped(s.kernel_name)
         for f in s.files.values():
             self._index(s, f)
         try:
@@ -343,6 +341,12 @@ class Custodian:
             # The files are held and usable in this boot; check() reports
             # that they would not survive the next kexec.
             log.error("represerve-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
+        if self.carrier.holds_after_exit:
+            # A luod restarted from now on must find the new session by its
+            # name: the manifest says it before the carrier lets go of the
+            # incoming one (finished, it has nothing left to give).
+            self._save()
+        self.carrier.session_dropped(incoming_name)
         log.info(
             "session-arrived",
             session=s.name,

@@ -172,7 +172,7 @@ def test_restart_before_settling_loses_nothing(kernel: FakeBackend, peer: Peer) 
     try:
         old = Custodian(kernel, FdStoreCarrier(kernel, [], send=store.send), boot_id="boot-1")
         old.start()
-        for session, names in (("app", "ab"), ("other", "c")):
+        for session, names in (("app", "ab"), ("other", "c"), ("more", "d")):
             fds = [make_memfd(f"data {n}".encode()) for n in names]
             old.preserve_fds(
                 peer, session, [Incoming(n, fd) for n, fd in zip(names, fds, strict=True)], True
@@ -187,6 +187,8 @@ def test_restart_before_settling_loses_nothing(kernel: FakeBackend, peer: Peer) 
         # Taking a file settles 'other' and writes the manifest of this boot.
         fd, _ = new.retrieve_fd(peer, "other", "c", take=True)
         os.close(fd)
+        # Settled in the background, no call writes the manifest after it.
+        assert new.settle("more")
         assert list(new.unsettled) == ["app"]
         new.close()  # luod dies here: 'app' is not preserved again
 
@@ -196,11 +198,15 @@ def test_restart_before_settling_loses_nothing(kernel: FakeBackend, peer: Peer) 
         report = again.start()
         assert (report.state, report.sessions, report.files, report.lost) == (
             "restored",
-            1,
             2,
+            3,
             [],
         )
         assert list(again.unsettled) == ["app"]
+        # 'more' was preserved again before the crash: it is held, outgoing.
+        more = again.sessions["more"]
+        assert more.state is SessionState.OUTGOING
+        assert kernel.snapshot()["outgoing"][more.kernel_name]["tokens"] == [1]
         fd, _ = again.retrieve_fd(peer, "app", "b", take=False)
         assert os.pread(fd, 100, 0) == b"data b"
         os.close(fd)
