@@ -71,6 +71,8 @@ def check_session_name(
 
 
 def check_fd_name(name: str, parameter: str = "name") -> None:
+    if len(name) <= MAX_FD_NAME and _FD_NAME.match(name):
+        return  # the common case first: a hand-off checks every name
     if not name:
         raise errors.InvalidName(parameter, name, "must not be empty")
     if len(name) > MAX_FD_NAME:
@@ -559,8 +561,7 @@ class Custodian:
         names: set[str] = set()
         checked: list[fdinfo.FdFacts] = []
         for inc in files:
-            if not _FD_NAME.match(inc.name) or len(inc.name) > MAX_FD_NAME:
-                check_fd_name(inc.name, inc.parameter("name"))  # says what is wrong
+            check_fd_name(inc.name, inc.parameter("name"))
             if inc.name in names or (
                 session in self.sessions and inc.name in self.sessions[session].files
             ):

@@ -129,14 +129,14 @@ def inspect_fd(fd: int) -> FdFacts:
     """
     st = os.fstat(fd)
     mode = st.st_mode
-    if stat.S_ISREG(mode) and st.st_nlink == 0 and st.st_dev == memfd_dev():
-        # A memfd: the common case of a hand-off, so it costs one syscall.
-        # The link only matters when something is refused.
-        return FdFacts(FdKind.MEMFD, uapi.TMPFS_MAGIC, "", mode, st.st_size, st.st_ino, st.st_dev)
-    fs_type = fstatfs_type(fd)
-    if stat.S_ISREG(mode) and fs_type == uapi.TMPFS_MAGIC and st.st_nlink == 0:
-        # O_TMPFILE or unlinked files on a tmpfs mount: shmem files with no
-        # name in any directory, which memfd_luo accepts like memfds.
+    unlinked = stat.S_ISREG(mode) and st.st_nlink == 0
+    # A memfd, the common case of a hand-off, is known by its device: one
+    # syscall. Anything else needs its filesystem.
+    fs_type = uapi.TMPFS_MAGIC if unlinked and st.st_dev == memfd_dev() else fstatfs_type(fd)
+    if unlinked and fs_type == uapi.TMPFS_MAGIC:
+        # memfd_create() files, and O_TMPFILE or unlinked files on a tmpfs
+        # mount: shmem files with no name in any directory, which memfd_luo
+        # accepts. The link only matters when something is refused.
         return FdFacts(FdKind.MEMFD, fs_type, "", mode, st.st_size, st.st_ino, st.st_dev)
     link = fd_link(fd)
     kind: FdKind
@@ -154,8 +154,6 @@ def inspect_fd(fd: int) -> FdFacts:
         kind = FdKind.DEVICE
     elif fs_type == uapi.HUGETLBFS_MAGIC:
         kind = FdKind.HUGETLB_MEMFD
-    elif stat.S_ISREG(mode) and fs_type == uapi.TMPFS_MAGIC and link.startswith("/memfd:"):
-        kind = FdKind.MEMFD
     elif stat.S_ISREG(mode):
         kind = FdKind.REGULAR_FILE
     else:
