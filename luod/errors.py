@@ -78,6 +78,20 @@ class MissingFd(LuodError):
         )
 
 
+class TooManyOpenFiles(LuodError):
+    """The fd was sent, but luod was at its open-file limit: the kernel
+    dropped the fds it could not install (MSG_CTRUNC)."""
+
+    def __init__(self, parameter: str, index: int, limit: int) -> None:
+        super().__init__(
+            f"{parameter}: file descriptor {index} was dropped on the way in: luod is at its "
+            f"limit of {limit} open files (LimitNOFILE=)",
+            parameter=parameter,
+            index=index,
+            limit=limit,
+        )
+
+
 class PermissionDenied(LuodError):
     def __init__(self, session: str, owner: str) -> None:
         super().__init__(

@@ -27,6 +27,7 @@ _TEMPLATES: dict[str, str] = {
     f"{CUSTODY}.ReservedSessionName": "session name {session} is reserved: {reason}",
     f"{CUSTODY}.UnsupportedFd": "{parameter}: {reason}",
     f"{CUSTODY}.MissingFd": "{parameter}: no file descriptor with index {index} came with the call",
+    f"{CUSTODY}.TooManyOpenFiles": "{parameter}: file descriptor {index} was dropped on the way in: luod is at its limit of {limit} open files",
     f"{CUSTODY}.AlreadyPreserved": "{parameter}: this file is held already as {name} in session {session}",
     f"{CUSTODY}.PermissionDenied": "session {session} belongs to another user",
     f"{CUSTODY}.WrongSessionKind": "session {session} ({kind}): {reason}",

@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import functools
 import os
+import resource
 import socket
 import typing
 
@@ -344,6 +345,16 @@ class MissingFd(TypedVarlinkErrorReply, interface=CUSTODY):
         index: int
 
 
+class TooManyOpenFiles(TypedVarlinkErrorReply, interface=CUSTODY):
+    """The fd was sent, but luod is at its limit of open files (limit), so
+    the kernel dropped it on the way in; nothing of the call was kept."""
+
+    class Parameters:
+        parameter: str
+        index: int
+        limit: int
+
+
 class AlreadyPreserved(TypedVarlinkErrorReply, interface=CUSTODY):
     """The file is in luod's custody already, under another name."""
 
@@ -475,6 +486,7 @@ _ERRORS: dict[str, type[TypedVarlinkErrorReply]] = {
         ReservedSessionName,
         UnsupportedFd,
         MissingFd,
+        TooManyOpenFiles,
         AlreadyPreserved,
         PermissionDenied,
         WrongSessionKind,
@@ -516,6 +528,8 @@ class CallContext:
     peer: Peer
     fds: FileDescriptorArray | None
     protocol: "LuodProtocol"
+    # The kernel dropped fds of this call: luod was at its open-file limit.
+    fds_dropped: bool = False
     taken: set[int] = dataclasses.field(default_factory=set)
 
 
@@ -527,9 +541,13 @@ def _ctx() -> CallContext:
 
 
 def take_fd(index: int, parameter: str) -> int:
-    """Take ownership of fd `index` of the current call, or MissingFd."""
+    """Take ownership of fd `index` of the current call, or MissingFd
+    (TooManyOpenFiles when the kernel dropped fds of the call)."""
     ctx = _ctx()
     if ctx.fds is None or index < 0 or index >= len(ctx.fds) or index in ctx.taken:
+        if ctx.fds_dropped and index >= (0 if ctx.fds is None else len(ctx.fds)):
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            raise errors.TooManyOpenFiles(parameter, index, limit)
         raise errors.MissingFd(parameter, index)
     fd = ctx.fds[index]
     if not fd:
@@ -586,6 +604,7 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         ReservedSessionName,
         UnsupportedFd,
         MissingFd,
+        TooManyOpenFiles,
         AlreadyPreserved,
         PermissionDenied,
         WrongSessionKind,
@@ -928,12 +947,15 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     """Knows its peer and sets the call context."""
 
     peer: Peer
+    sock: "ConnectionSocket | None"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("luod.peer")
         assert isinstance(peer, Peer)
         self.peer = peer
+        sock = transport.get_extra_info("luod.socket")
+        self.sock = sock if isinstance(sock, ConnectionSocket) else None
         self._disconnect_hooks: list[collections.abc.Callable[[], None]] = []
 
     def on_disconnect(self, hook: collections.abc.Callable[[], None]) -> None:
@@ -957,7 +979,10 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
-        token = _current.set(CallContext(self.peer, fds, self))
+        # asyncvarlink hands each message on as soon as it is received, so
+        # the flags of the last recvmsg() are this call's.
+        dropped = self.sock is not None and self.sock.fds_dropped
+        token = _current.set(CallContext(self.peer, fds, self, dropped))
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
         finally:
@@ -1016,14 +1041,21 @@ class ConnectionSocket(socket.socket):
       luod spawns: asyncvarlink receives with socket.recv_fds(), which calls
       this recvmsg(); the flag costs nothing, where fcntl() afterwards cost
       two syscalls per fd;
+    - it remembers whether the kernel dropped fds of the last message
+      (MSG_CTRUNC: luod at its open-file limit), which asyncvarlink does not
+      look at, so that the call can be refused for that reason by name;
     - asyncvarlink peeks RECV_BUFFER_SIZE bytes before every message: a
       fresh 256 KiB bytes object each time cost 18 us on the host (the heap
       shrinking and growing again), 16 times the peek itself; luod peeks
       into one buffer and copies out what came.
     """
 
+    fds_dropped = False
+
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> typing.Any:
-        return super().recvmsg(bufsize, ancbufsize, flags | socket.MSG_CMSG_CLOEXEC)
+        got = super().recvmsg(bufsize, ancbufsize, flags | socket.MSG_CMSG_CLOEXEC)
+        self.fds_dropped = bool(got[2] & socket.MSG_CTRUNC)
+        return got
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if not flags & socket.MSG_PEEK or bufsize > len(_peek_buffer):
@@ -1041,7 +1073,9 @@ def serve_connection(
     if not isinstance(conn, ConnectionSocket):
         conn = ConnectionSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
     conn.setblocking(False)
-    transport = LuodTransport(loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)})
+    transport = LuodTransport(
+        loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn), "luod.socket": conn}
+    )
     if transports is not None:
         transports.add(transport)
     return transport

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -33,6 +34,8 @@ class LuodProcess:
     # Generous: under QEMU/TCG on a loaded 2-core host Python alone takes
     # seconds to start.
     ready_timeout: float = READY_TIMEOUT
+    # RLIMIT_NOFILE (soft and hard) luod starts with; None: the caller's.
+    nofile: int | None = None
 
     @property
     def socket(self) -> str:
@@ -78,6 +81,7 @@ class LuodProcess:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=None if self.nofile is None else self._limit_nofile,
             )
         # Ready means READY=1 on the notify socket, as systemd would see it.
         deadline = time.monotonic() + self.ready_timeout
@@ -95,6 +99,10 @@ class LuodProcess:
             raise RuntimeError(f"luod did not get ready in {self.ready_timeout}s:\n{self.log()}")
         finally:
             notify.close()
+
+    def _limit_nofile(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def client(self) -> Client:
         return Client(self.socket)

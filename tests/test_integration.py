@@ -8,7 +8,6 @@ import fcntl
 import multiprocessing
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ import pytest
 
 from luod.client import Client, VarlinkError
 from luod.kernel.fake import FakeBackend
-from tests.luodproc import LuodProcess, running_luod
-from tests.util import make_memfd, memfd_facts
+from tests.luodproc import LuodProcess, fake_backend_args, running_luod
+from tests.util import make_memfd, memfd_facts, wait_until
 
 
 def _status(luod: LuodProcess) -> dict[str, object]:
@@ -348,6 +347,44 @@ def test_no_fd_leak_after_1000_failing_calls(luod: LuodProcess, workdir: Path) -
         assert luod.fd_count() == baseline
 
 
+def test_fds_dropped_at_the_open_file_limit_are_named(workdir: Path, fake_kernel: str) -> None:
+    """At its RLIMIT_NOFILE the kernel installs what fits of a message's fds
+    and drops the rest (MSG_CTRUNC): luod names that, not a client error,
+    keeps nothing of the call and closes what did come."""
+    limit = 200
+    luod = LuodProcess(workdir, fake_backend_args(fake_kernel), [], nofile=limit)
+    luod.start()
+    try:
+        fds = [make_memfd(b"x") for _ in range(253)]  # SCM_MAX_FD
+        with luod.client() as c:
+            c.status()  # warm up lazily opened files
+            baseline = luod.fd_count()
+            assert baseline + len(fds) > limit, baseline
+            with pytest.raises(VarlinkError) as e:
+                c.preserve_fds(
+                    "s", [(f"f{i}", fd) for i, fd in enumerate(fds)], create_session=True
+                )
+            assert e.value.short == "TooManyOpenFiles", e.value
+            index = e.value.parameters["index"]
+            assert e.value.parameters == {
+                "parameter": f"files[{index}].fileDescriptor",
+                "index": index,
+                "limit": limit,
+            }
+            assert 0 < index < len(fds)
+            assert c.list_sessions() == []
+            assert luod.fd_count() == baseline
+            # What fits goes through.
+            c.preserve_fds(
+                "s", [(f"f{i}", fd) for i, fd in enumerate(fds[:10])], create_session=True
+            )
+        for fd in fds:
+            os.close(fd)
+        assert "error=io.luod.Custody.TooManyOpenFiles" in luod.log()
+    finally:
+        luod.stop()
+
+
 def test_grace_period_releases_unclaimed(workdir: Path, fake_kernel: str) -> None:
     with running_luod(workdir, fake_kernel, "--grace=1s") as luod:
         with luod.client() as c:
@@ -358,9 +395,12 @@ def test_grace_period_releases_unclaimed(workdir: Path, fake_kernel: str) -> Non
             st = c.status()
             assert st["nextReleaseUSec"] is not None
             os.close(c.retrieve_fd("claimed", "a"))
-        time.sleep(2.0)
-        with luod.client() as c:
-            assert [s["name"] for s in c.list_sessions()] == ["claimed"]
+
+        def released() -> bool:
+            with luod.client() as c:
+                return [s["name"] for s in c.list_sessions()] == ["claimed"]
+
+        wait_until(released, "only 'claimed' left after the 1s grace")
         log = luod.log()
         assert "event=unclaimed-released session=orphan" in log
         assert "files=b" in log

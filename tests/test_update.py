@@ -15,7 +15,7 @@ import pytest
 from luod.client import Client, VarlinkError
 from luod.kernel.fake import FakeBackend
 from tests.luodproc import LuodProcess
-from tests.util import fake_bzimage, make_memfd
+from tests.util import fake_bzimage, make_memfd, wait_until
 
 
 class Subscriber(threading.Thread):
@@ -159,8 +159,7 @@ def test_missed_deadline_aborts_nothing_lost_retry_succeeds(luod: LuodProcess) -
     assert e.value.short == "UpdateAborted"
     assert e.value.parameters["subscriber"] == "slow"
     assert e.value.parameters["reason"] == "did not acknowledge prepare within 0.5s"
-    time.sleep(0.2)
-    assert good.phases()[-1] == "aborted"
+    wait_until(lambda: good.phases()[-1] == "aborted", "good's last phase is aborted")
     assert "slow: did not acknowledge prepare" in good.events[-1]["reason"]
     with luod.client() as c:
         assert c.list_sessions() == before

@@ -6,6 +6,8 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -54,3 +56,14 @@ def fake_bzimage(path: Path) -> Path:
     head[0x202:0x206] = b"HdrS"
     path.write_bytes(bytes(head))
     return path
+
+
+def wait_until(done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Polls `done` until it holds: what luod does in the background (a
+    grace timer, a subscriber's last event) is waited for, never slept for,
+    so a loaded machine makes a test slower, not red."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not so after {timeout:g}s")
+        time.sleep(0.02)

@@ -142,12 +142,14 @@ def test_coexistence_with_pid1_luo(run: harness.GuestResult) -> None:
     shown = s1.step("luosession-show").props()
     started = int(shown["ExecMainStartTimestampMonotonic"]) / 1e6
     print(
-        f"1,000 memfds into luod: {busy['seconds']:.2f}s in {busy['batches']} batches "
-        f"({busy['start_monotonic']:.2f}..{busy['end_monotonic']:.2f}); "
+        f"1,000 memfds into luod, then {busy['extra']} more until the unit had started: "
+        f"{busy['seconds']:.2f}s ({busy['start_monotonic']:.2f}..{busy['end_monotonic']:.2f}); "
         f"LUOSession= unit started at {started:.2f}"
     )
+    # bulk.py hands off until coexist.sh has started the unit, so this holds
+    # unless the unit's start or the timestamps are wrong.
     assert busy["start_monotonic"] < started < busy["end_monotonic"], (
-        "the LUOSession= unit did not start during the hand-off; raise the count",
+        "the LUOSession= unit did not start during the hand-off",
         busy,
         started,
     )

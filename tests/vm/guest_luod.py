@@ -198,9 +198,17 @@ def main_stage2(out: dict[str, Any]) -> None:
         os.close(fd)
         os.close(sfd)
         os.close(c.retrieve_fd("keep", "blob"))  # a copy: claims it, custody goes on
-    time.sleep(17)  # longer than the grace period
-    with luod.client() as c:
-        out["after_grace"] = [s["name"] for s in c.list_sessions()]
+    # The grace timer started at the reclaim, before the claims above: wait
+    # for luod to have nothing left to release (bounded, for a loaded host)
+    # rather than sleep for the grace period and hope its timer has run.
+    deadline = time.monotonic() + 120
+    while True:
+        with luod.client() as c:
+            pending = c.status()["nextReleaseUSec"] is not None
+            out["after_grace"] = [s["name"] for s in c.list_sessions()]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     out["log"] = luod.log()
     luoctl_kexec(luod, out, "luod-main-2.json")
 

@@ -1,10 +1,12 @@
 #!/usr/bin/python3
 """Guest helper of tests/systemd and bench/systemd.py: many memfds at once.
 
-    bulk.py luod --count N --session S --info FILE [--mark FILE]
+    bulk.py luod --count N --session S --info FILE [--mark FILE] [--until FILE]
         N memfds of one 4 KiB page each into luod (PreserveFds batches of at
-        most 253 fds, SCM_MAX_FD; smaller when luod's varlink layer cannot
-        take a message that long), timed.
+        most 253 fds, SCM_MAX_FD), timed. --mark: a file written once the
+        first batch is in. --until: after the N, go on with batches of fresh
+        memfds until that file exists, so that whatever the caller does
+        before creating it happens while luod is busy, however fast luod is.
     bulk.py compare --count N --info FILE
         the same N memfds into luod (session bench) and then into this
         service's own fd store (sd_notify FDSTORE=1, up to 253 fds per
@@ -19,7 +21,6 @@ the barrier (PID 1); creating the memfds is not counted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -30,13 +31,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from luod import notify
-from luod.client import Client, VarlinkError, connect
+from luod.client import Client, connect
 
 PAGE = b"\xa5" * 4096
 SCM_MAX_FD = 253
-# asyncvarlink 0.3.3 reads 4096 bytes at a time and drops the fds of a call
-# whose JSON is longer (bench/guest.py, RECV_CHUNK): luod answers MissingFd.
-RECV_CHUNK = 4096
+# Bounds the extra batches of --until: the caller's step takes seconds, not
+# the minutes this many fds would take under TCG.
+UNTIL_MAX_FDS = 50_000
 
 
 def memfds(n: int) -> list[int]:
@@ -48,58 +49,50 @@ def memfds(n: int) -> list[int]:
     return fds
 
 
-def message_size(session: str, names: Sequence[str], create: bool) -> int:
-    params: dict[str, Any] = {
-        "session": session,
-        "files": [{"name": n, "fileDescriptor": i} for i, n in enumerate(names)],
-    }
-    if create:
-        params["createSession"] = True
-    return len(json.dumps({"method": "io.luod.Custody.PreserveFds", "parameters": params})) + 1
-
-
-def plan(session: str, names: Sequence[str], limit: int | None) -> list[range]:
-    out: list[range] = []
-    start = 0
-    while start < len(names):
-        end = min(start + SCM_MAX_FD, len(names))
-        if limit is not None:
-            while end - start > 1 and message_size(session, names[start:end], not out) > limit:
-                end -= 1
-        out.append(range(start, end))
-        start = end
-    return out
-
-
 def push_luod(
-    c: Client, session: str, fds: Sequence[int], mark: str | None = None
+    c: Client,
+    session: str,
+    fds: Sequence[int],
+    mark: str | None = None,
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """`mark`: a file written once the first batch is in (luod is busy)."""
-    names = [f"f{i}" for i in range(len(fds))]
-    for limit in (None, RECV_CHUNK):
-        batches = plan(session, names, limit)
-        t0 = time.monotonic()
+    """`fds` into a new session, in PreserveFds batches of SCM_MAX_FD, timed.
+    `mark`: a file written once the first batch is in (luod is busy).
+    `until`: a file whose existence ends the extra batches after `fds`."""
+    t0 = time.monotonic()
+    batches = range(0, len(fds), SCM_MAX_FD)
+    for start in batches:
+        part = [(f"f{i}", fds[i]) for i in range(start, min(start + SCM_MAX_FD, len(fds)))]
+        c.preserve_fds(session, part, create_session=start == 0)
+        if start == 0 and mark:
+            with open(mark, "w") as f:
+                f.write(f"{time.monotonic()}\n")
+    extra = push_until(c, session, until, len(fds)) if until else 0
+    t1 = time.monotonic()
+    return {
+        "seconds": t1 - t0,
+        "start_monotonic": t0,
+        "end_monotonic": t1,
+        "batches": len(batches),
+        "extra": extra,
+    }
+
+
+def push_until(c: Client, session: str, until: str, first: int) -> int:
+    """Batches of fresh memfds, named on from f<first>, until `until`
+    exists; returns how many fds they carried."""
+    pushed = 0
+    while not os.path.exists(until):
+        if pushed >= UNTIL_MAX_FDS:
+            raise RuntimeError(f"{until} not created after {pushed} extra fds")
+        fds = memfds(SCM_MAX_FD)
         try:
-            for k, part in enumerate(batches):
-                c.preserve_fds(session, [(names[i], fds[i]) for i in part], create_session=k == 0)
-                if k == 0 and mark:
-                    with open(mark, "w") as f:
-                        f.write(f"{time.monotonic()}\n")
-        except VarlinkError as e:
-            if limit is None and e.short == "MissingFd":
-                with contextlib.suppress(VarlinkError):
-                    c.discard_session(session)
-                continue
-            raise
-        t1 = time.monotonic()
-        return {
-            "seconds": t1 - t0,
-            "start_monotonic": t0,
-            "end_monotonic": t1,
-            "batches": len(batches),
-            "byte_limit": limit,
-        }
-    raise AssertionError("unreachable")
+            c.preserve_fds(session, [(f"f{first + pushed + i}", fd) for i, fd in enumerate(fds)])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        pushed += len(fds)
+    return pushed
 
 
 def barrier(timeout: float = 120.0) -> bool:
@@ -138,16 +131,20 @@ def main() -> int:
     p.add_argument("--session", default="bulk")
     p.add_argument("--info", required=True)
     p.add_argument("--mark", help="file written after the first batch")
+    p.add_argument("--until", help="go on with more batches until this file exists")
     args = p.parse_args()
     out: dict[str, Any] = {"count": args.count}
+    # The N memfds, one batch more at a time for --until, and some to spare;
+    # services start with a soft limit of 1024.
+    need = args.count + (SCM_MAX_FD if args.until else 0) + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < args.count + 64 <= hard:  # services start with a soft limit of 1024
-        resource.setrlimit(resource.RLIMIT_NOFILE, (args.count + 64, hard))
+    if soft < need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     fds = memfds(args.count)
     try:
         with connect() as c:
             session = args.session if args.what == "luod" else "bench"
-            out["luod"] = push_luod(c, session, fds, args.mark)
+            out["luod"] = push_luod(c, session, fds, args.mark, args.until)
         if args.what == "compare":
             out["fdstore"] = push_fdstore(fds, "bench")
             out["fdstore"]["n_store"] = os.environ.get("FDSTORE")

@@ -59,14 +59,17 @@ print("adopted")
 	step list-after-kill luoctl --json list
 	step journal-kill journalctl -b --no-pager -o short-monotonic -u luod.service
 
-	# coexist: a LUOSession= unit started while luod takes 1,000 memfds.
-	rm -f "$OUT/busy.mark"
+	# coexist: a LUOSession= unit started while luod takes 1,000 memfds;
+	# bulk.py goes on with more until busy.stop exists, so the unit starts
+	# inside the hand-off however fast luod is.
+	rm -f "$OUT/busy.mark" "$OUT/busy.stop"
 	python3 "$G/bulk.py" luod --count 1000 --session busy --info "$OUT/busy.json" \
-		--mark "$OUT/busy.mark" >"$OUT/busy.log" 2>&1 &
+		--mark "$OUT/busy.mark" --until "$OUT/busy.stop" >"$OUT/busy.log" 2>&1 &
 	bulk=$!
 	step_sh wait-busy "for i in \$(seq 1200); do [[ -e $OUT/busy.mark ]] && exit 0; sleep 0.05; done; exit 1"
 	step luosession-start systemctl start luod-test-luosession.service
 	step luosession-show systemctl show -p "$ts" luod-test-luosession.service
+	touch "$OUT/busy.stop"
 	wait "$bulk"
 	echo "$?" >"$OUT/busy.rc"
 	step luosession-json cat /run/luod-test/luod-test-luosession.json
