@@ -833,11 +833,12 @@ class Custodian:
                     "", None, f"the incoming manifest is unusable: {self.manifest_error.message}"
                 )
             )
-        not_carried: dict[str | None, str] = {
-            p.kernel_name: p.reason for p in self.carrier.problems()
-        }
-        if None in not_carried:
-            problems.append(Problem("", None, not_carried[None]))
+        not_carried: dict[str, str] = {}
+        for p in self.carrier.problems():
+            if p.kernel_name is None:  # not about one session: about all of them
+                problems.append(Problem("", None, p.reason))
+            else:
+                not_carried[p.kernel_name] = p.reason
         for s in self.sessions.values():
             if s.kernel_name in not_carried:
                 problems.append(Problem(s.name, None, not_carried[s.kernel_name]))

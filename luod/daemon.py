@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import structlog
 
 import luod
-from luod import errors, notify
+from luod import errors, notify, servicemanager
 from luod import log as logsetup
 from luod.carrier import Carrier, StateSessionCarrier
 from luod.core import Custodian
@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
             "carried by PID 1 (systemd >= 261, FileDescriptorStorePreserve=yes). state-session: "
             "the manifest in a LUO session of luod's own, luod holds every session until the "
             "reboot syscall. auto (default): fdstore when $FDSTORE and $NOTIFY_SOCKET are set"
+        ),
+    )
+    p.add_argument(
+        "--service-manager",
+        metavar="PATH",
+        default=servicemanager.MANAGER_SOCKET,
+        help=(
+            "with the fdstore carrier: the service manager's varlink socket, asked for its "
+            "version at start; unless it is systemd >= "
+            f"{servicemanager.CARRIES_FDSTORE_OVER_KEXEC}, which carries the fd store over a "
+            "kexec, the preflight check (luoctl check) fails (default: %(default)s)"
         ),
     )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -176,7 +187,19 @@ def make_carrier(args: argparse.Namespace, backend: Backend, listen: list[Listen
         )
     log.info("carrier-chosen", carrier=chosen, reason=why)
     if chosen == "fdstore":
-        return FdStoreCarrier(backend, listen, store_max_from_env(os.environ.get("FDSTORE")))
+        problem, version = servicemanager.fdstore_kexec_problem(args.service_manager)
+        if problem is None:
+            log.info("service-manager-carries-fdstore", version=version)
+        else:
+            # Within this boot the store still keeps everything across a
+            # restart of luod; a kexec is what the preflight check refuses.
+            log.warning("service-manager-drops-fdstore", version=version, reason=problem)
+        return FdStoreCarrier(
+            backend,
+            listen,
+            store_max_from_env(os.environ.get("FDSTORE")),
+            kexec_problem=problem,
+        )
     for entry in listen:
         # A store keeps its own copy: closing luod's releases nothing.
         os.close(entry.fd)

@@ -112,11 +112,15 @@ class FdStoreCarrier:
         listen: Sequence[ListenFd],
         store_max: int | None = None,
         send: Send = notify.notify,
+        kexec_problem: str | None = None,
     ) -> None:
         """`listen`: the LISTEN_FDS entries other than the varlink socket;
-        every one of them is now owned by the carrier."""
+        every one of them is now owned by the carrier. `kexec_problem`: why
+        the service manager would not carry the store over a kexec
+        (luod.servicemanager), None when it does."""
         self.backend = backend
         self.store_max = store_max
+        self.kexec_problem = kexec_problem
         self._send = send
         # kernel session name -> FDNAME, for every session fd in the store.
         self._stored: dict[str, str] = {}
@@ -185,9 +189,11 @@ class FdStoreCarrier:
             manifest = f"manifest '{self._out.name}' ({self._out.size} bytes)"
         limit = f" of at most {self.store_max}" if self.store_max is not None else ""
         text = f"fd store: {manifest}, {len(self._stored)} session fds{limit}"
-        problems = self.problems()
-        if problems:
-            text += f"; {len(problems)} not in the store"
+        if self.kexec_problem is not None:
+            text += "; NOT carried over a kexec by the service manager"
+        not_stored = len(self._failed) + (self._out is not None and not self._out.pushed)
+        if not_stored:
+            text += f"; {not_stored} not in the store"
         return text
 
     def load(self) -> IncomingState | None:
@@ -308,6 +314,8 @@ class FdStoreCarrier:
 
     def problems(self) -> list[CarrierProblem]:
         out = [CarrierProblem(k, why) for k, why in self._failed.items()]
+        if self.kexec_problem is not None:
+            out.append(CarrierProblem(None, self.kexec_problem))
         if self._out is not None and not self._out.pushed:
             out.append(
                 CarrierProblem(

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from luod import fdstore
+from luod import fdstore, servicemanager
 from luod.carrier import IncomingState
 from luod.client import Client, VarlinkError
 from luod.daemon import choose_carrier
@@ -38,7 +38,7 @@ from luod.kernel.backend import LuoError
 from luod.kernel.fake import FakeBackend
 from luod.manifest import ManifestError, capacity_for, write_slot
 from luod.notify import ListenFd
-from tests.util import make_memfd, memfd_facts
+from tests.util import fake_bzimage, make_memfd, memfd_facts
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 20.0
@@ -77,8 +77,17 @@ class StoreEntry:
 class FakePid1:
     """One service's manager: notify socket, fd store, socket activation."""
 
-    def __init__(self, workdir: Path, fake_kernel: str, store_max: int | None = 4096) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        fake_kernel: str,
+        store_max: int | None = 4096,
+        version: str | None = "262.1-1",
+    ) -> None:
+        """`version`: what the manager's varlink socket answers to GetInfo
+        (None: there is no such socket, as before systemd 257)."""
         self.workdir = workdir
+        self.version = version
         self.fake_kernel = fake_kernel
         self.kernel = FakeBackend(fake_kernel)
         self.store_max = store_max
@@ -102,6 +111,32 @@ class FakePid1:
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+        # The manager's own varlink socket (io.systemd.Manager).
+        self.manager_path = str(workdir / "io.systemd.Manager")
+        if version is not None:
+            self.manager = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self.manager.bind(self.manager_path)
+            self.manager.listen(16)
+            threading.Thread(target=self._serve_manager, daemon=True).start()
+
+    # --- io.systemd.Manager: GetInfo only -------------------------------------
+
+    def _serve_manager(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.manager.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while not request.endswith(b"\0"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                if json.loads(request[:-1]).get("method") == "org.varlink.service.GetInfo":
+                    info = {"vendor": "systemd", "product": "systemd", "version": self.version}
+                    conn.sendall(json.dumps({"parameters": info}).encode() + b"\0")
 
     # --- the notify socket --------------------------------------------------
 
@@ -223,6 +258,7 @@ class FakePid1:
                     f"--fake-kernel={self.fake_kernel}",
                     # Not used when activated: tests check it never appears.
                     f"--socket={self.workdir / 'unused.sock'}",
+                    f"--service-manager={self.manager_path}",
                     *args,
                 ],
                 pass_fds=[fd for _, fd in passed],
@@ -329,6 +365,9 @@ class FakePid1:
         self._thread.join()
         self.notify.close()
         self.varlink.close()
+        if self.version is not None:
+            self.manager.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            self.manager.close()
         for e in self.store:
             os.close(e.fd)
         self.store = []
@@ -433,6 +472,7 @@ def _listing(c: Client) -> list[tuple[str, str, str, list[tuple[str, int, int]]]
 def test_kill9_restart_loses_nothing(pid1: FakePid1) -> None:
     pid1.start()
     assert "event=carrier-chosen carrier=fdstore" in pid1.log()
+    assert "event=service-manager-carries-fdstore version=262.1-1" in pid1.log()
     # What luod needs anyway: all it holds at first is the manifest.
     infra = settled_fd_count(pid1) - 1
     data = {"app/a": os.urandom(100_000), "app/b": os.urandom(5000), "db/x": os.urandom(70_000)}
@@ -750,6 +790,75 @@ def test_without_fd_store_falls_back_and_closes_listen_fds(workdir: Path, fake_k
         assert manager.names() == ["session.x"]
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "said"),
+    [
+        (
+            "258.3-1",
+            "the service manager is systemd 258.3-1, which closes luod's fd store before a kexec",
+        ),
+        (None, "cannot tell whether the service manager carries luod's fd store over a kexec"),
+    ],
+)
+def test_service_manager_that_drops_the_store_fails_preflight(
+    workdir: Path, fake_kernel: str, version: str | None, said: str
+) -> None:
+    """$FDSTORE alone does not say the store survives a kexec: under systemd
+    254..260 (or one that cannot be asked) luod still uses the store within
+    the boot, but its preflight check names what a kexec would do."""
+    manager = FakePid1(workdir, fake_kernel, version=version)
+    try:
+        manager.start()
+        log = manager.log()
+        assert "event=carrier-chosen carrier=fdstore" in log
+        assert "event=service-manager-drops-fdstore" in log
+        with manager.client() as c:
+            c.preserve_fd("s", "f", make_memfd(b"f"), create_session=True)
+            check = c.check()
+            assert check["ready"] is False
+            assert [p["session"] for p in check["problems"]] == [""]
+            assert said in check["problems"][0]["reason"]
+            assert "NOT carried over a kexec" in c.status()["carrier"]
+            c.load_kernel(str(fake_bzimage(workdir / "bzImage")), cmdline="console=ttyS0")
+            with pytest.raises(VarlinkError) as e:
+                c.update()
+            assert e.value.short == "PreflightFailed", e.value
+            assert said in e.value.parameters["reason"]
+        # Within the boot the store works as ever.
+        assert "session.luod.1.s" in manager.names()
+    finally:
+        manager.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [
+        ("262.1-1", False),
+        ("261", False),
+        ("300~rc1", False),
+        ("260.5-2", True),
+        ("254", True),
+        ("v262", True),  # not systemd's form: not trusted
+    ],
+)
+def test_fdstore_kexec_problem_by_version(
+    workdir: Path, fake_kernel: str, version: str, problem: bool
+) -> None:
+    manager = FakePid1(workdir, fake_kernel, version=version)
+    try:
+        found, reported = servicemanager.fdstore_kexec_problem(manager.manager_path)
+        assert reported == version
+        assert (found is not None) is problem, found
+    finally:
+        manager.close()
+
+
+def test_fdstore_kexec_problem_without_socket(workdir: Path) -> None:
+    found, reported = servicemanager.fdstore_kexec_problem(str(workdir / "none"))
+    assert reported == "unknown"
+    assert found is not None and f"{workdir / 'none'}: No such file or directory" in found
 
 
 # --- pieces -------------------------------------------------------------------------
