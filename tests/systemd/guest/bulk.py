@@ -5,8 +5,9 @@
         N memfds of one 4 KiB page each into luod (PreserveFds batches of at
         most 253 fds, SCM_MAX_FD), timed. --mark: a file written once the
         first batch is in. --until: after the N, go on with batches of fresh
-        memfds until that file exists, so that whatever the caller does
-        before creating it happens while luod is busy, however fast luod is.
+        memfds into a scratch session (discarded after each batch) until
+        that file exists, so that whatever the caller does before creating
+        it happens while luod is busy, however fast luod is.
     bulk.py compare --count N --info FILE
         the same N memfds into luod (session bench) and then into this
         service's own fd store (sd_notify FDSTORE=1, up to 253 fds per
@@ -67,7 +68,7 @@ def push_luod(
         if start == 0 and mark:
             with open(mark, "w") as f:
                 f.write(f"{time.monotonic()}\n")
-    extra = push_until(c, session, until, len(fds)) if until else 0
+    extra = push_until(c, session, until) if until else 0
     t1 = time.monotonic()
     return {
         "seconds": t1 - t0,
@@ -78,16 +79,21 @@ def push_luod(
     }
 
 
-def push_until(c: Client, session: str, until: str, first: int) -> int:
-    """Batches of fresh memfds, named on from f<first>, until `until`
-    exists; returns how many fds they carried."""
+def push_until(c: Client, session: str, until: str) -> int:
+    """Batches of fresh memfds into a scratch session, discarded after each,
+    until `until` exists, so that luod keeps working but holds no more than
+    before however long that takes; returns how many fds they carried."""
+    scratch = f"{session}-extra"
     pushed = 0
     while not os.path.exists(until):
         if pushed >= UNTIL_MAX_FDS:
             raise RuntimeError(f"{until} not created after {pushed} extra fds")
         fds = memfds(SCM_MAX_FD)
         try:
-            c.preserve_fds(session, [(f"f{first + pushed + i}", fd) for i, fd in enumerate(fds)])
+            c.preserve_fds(
+                scratch, [(f"f{i}", fd) for i, fd in enumerate(fds)], create_session=True
+            )
+            c.discard_session(scratch)
         finally:
             for fd in fds:
                 os.close(fd)
