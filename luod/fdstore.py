@@ -191,9 +191,9 @@ class FdStoreCarrier:
         text = f"fd store: {manifest}, {len(self._stored)} session fds{limit}"
         if self.kexec_problem is not None:
             text += "; NOT carried over a kexec by the service manager"
-        not_stored = len(self._failed) + (self._out is not None and not self._out.pushed)
+        not_stored = self._not_stored()
         if not_stored:
-            text += f"; {not_stored} not in the store"
+            text += f"; {len(not_stored)} not in the store"
         return text
 
     def load(self) -> IncomingState | None:
@@ -313,9 +313,14 @@ class FdStoreCarrier:
             self._remove(fdname)
 
     def problems(self) -> list[CarrierProblem]:
-        out = [CarrierProblem(k, why) for k, why in self._failed.items()]
+        out = self._not_stored()
         if self.kexec_problem is not None:
             out.append(CarrierProblem(None, self.kexec_problem))
+        return out
+
+    def _not_stored(self) -> list[CarrierProblem]:
+        """What should be in the store and is not."""
+        out = [CarrierProblem(k, why) for k, why in self._failed.items()]
         if self._out is not None and not self._out.pushed:
             out.append(
                 CarrierProblem(
