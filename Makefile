@@ -23,14 +23,14 @@ deps:
 	vm/host-deps.sh all
 
 lint: venv
-	$(VENV)/bin/ruff check luod tests $(wildcard bench/*.py)
-	$(VENV)/bin/ruff format --check luod tests $(wildcard bench/*.py)
-	$(VENV)/bin/mypy --strict luod tests $(wildcard bench/*.py)
+	$(VENV)/bin/ruff check luod tests testsupport $(wildcard bench/*.py)
+	$(VENV)/bin/ruff format --check luod tests testsupport $(wildcard bench/*.py)
+	$(VENV)/bin/mypy --strict luod tests testsupport $(wildcard bench/*.py)
 
-# The IDL files in protocol/ are rendered from luod/server.py's types;
-# tests/test_idl.py fails when they differ.
+# The IDL files in protocol/ are rendered from luod/varlink/'s types and
+# luod/errors.py's catalogue; tests/test_idl.py fails when they differ.
 idl: venv
-	$(PY) -m luod.server protocol
+	$(PY) -m luod.varlink.registry protocol
 
 # systemd 262's varlinkctl and systemd-analyze from sid, unpacked privately.
 tools:

@@ -18,9 +18,9 @@ import threading
 from pathlib import Path
 
 from luod.client import Client
-from luod.kernel.fake import running_fake_kernel
-from tests.luodproc import LuodProcess, fake_backend_args
-from tests.util import fake_bzimage
+from testsupport.fakekernel import running_fake_kernel
+from testsupport.luodproc import LuodProcess, fake_backend_args
+from testsupport.util import fake_bzimage
 
 
 def _subscriber(

@@ -3,7 +3,7 @@
 # The guest side of bench/systemd.py (one stage, no kexec): the same N
 # memfds into luod (PreserveFds batches) and into a service's own fd store
 # (sd_notify FDSTORE=1), in one transient service that has an fd store.
-# shellcheck source=tests/systemd/guest/lib.sh
+# shellcheck source=testsupport/systemd/guest/lib.sh
 . "$LUOD_TEST_GUEST/lib.sh"
 
 count=$(cat "$G/bench-count" 2>/dev/null || echo 1000)

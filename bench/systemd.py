@@ -4,7 +4,7 @@
 
 Boots the systemd tier's image (vm/build-root.sh, vm/build-image.sh, the
 project's LUO kernel) under QEMU/TCG, and in one transient service with
-FileDescriptorStoreMax= (bench/systemd-stage.sh, tests/systemd/guest/bulk.py)
+FileDescriptorStoreMax= (bench/systemd-stage.sh, testsupport/systemd/guest/bulk.py)
 pushes the same N memfds of one page each
 
 - into luod: PreserveFds batches over varlink (luod preserves every memfd
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.systemd import harness
-from tests.vm import qemu
+from testsupport.systemd import harness
+from testsupport.vm import qemu
 
 STAGE = Path(__file__).with_name("systemd-stage.sh")
 

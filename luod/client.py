@@ -21,18 +21,20 @@ import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from luod.protocol import CUSTODY, DEFAULT_SOCKET, MANAGER, describe_error
+from luod.errors import describe
+from luod.interfaces import CUSTODY, DEFAULT_SOCKET, MANAGER
 
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
 
 
 class VarlinkError(Exception):
-    """luod (or the varlink layer) answered with an error."""
+    """luod (or the varlink layer) answered with an error; the message is
+    its sentence from luod's error catalogue (luod.errors)."""
 
     def __init__(self, error: str, parameters: dict[str, Any]) -> None:
         self.error = error
         self.parameters = parameters
-        super().__init__(describe_error(error, parameters))
+        super().__init__(describe(error, parameters))
 
     @property
     def short(self) -> str:

@@ -1,161 +1,319 @@
-"""Errors of luod's core, each named for what went wrong.
+"""luod's error catalogue: every error a caller can get, each written once.
 
-The core raises these; the varlink server turns each into the error of the
-same name in the interface it was called on, with the same parameters.
+An entry is a class: the interface whose IDL declares it, its name there
+(the class name unless given), its typed parameters (dataclass fields, in
+constructor order), the IDL comment (the docstring) and the sentence a
+human reads (`sentence`, formatted from the parameters). luod's layers raise
+the entries as exceptions (`raise errors.NoSuchSession(session)`); the
+varlink layer (luod.varlink.replies) derives its error replies and the IDL
+`error` lines from them, and clients say them with `describe`. A field made
+with `local()` goes to luod's log only, never to the caller: a refused user
+is not told who owns what it asked for.
+
+To add an error: a class in its interface's section below (the IDL lists
+them in this order), raise it, `make idl`. Its reply, its IDL line and its
+sentence in luoctl follow; tests/unit/test_errors.py checks that they do.
+No varlink here: luod.client imports this, and services import the client.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
+from luod.interfaces import CUSTODY, MANAGER
+
+_LOCAL = "luod.local"
+
+
+def local() -> Any:
+    """A field for luod's log only: not a parameter of the varlink error."""
+    return dataclasses.field(metadata={_LOCAL: True})
+
+
+CATALOGUE: dict[str, type[LuodError]] = {}
+"""Every error, by its full varlink name, in the order the IDL lists them."""
+
+
+@typing.dataclass_transform(eq_default=False, field_specifiers=(local,))
 class LuodError(Exception):
-    """Base: `parameters` are the varlink error parameters, `message` is for humans."""
+    """Base of the catalogue. Subclasses are dataclasses; a subclass names
+    its interface (and its varlink name when it is not the class name)."""
 
-    interface = "io.luod.Custody"
+    interface: ClassVar[str]
+    varlink_name: ClassVar[str]
+    error_name: ClassVar[str]
+    sentence: ClassVar[str]
+    # The fields that are the varlink error's parameters, in order; and
+    # those that are for luod's log only.
+    wire_names: ClassVar[tuple[str, ...]]
+    local_names: ClassVar[tuple[str, ...]]
 
-    def __init__(self, text: str, /, **parameters: object) -> None:
-        super().__init__(text)
-        self.message = text
-        self.parameters = parameters
+    def __init_subclass__(cls, *, interface: str, name: str | None = None, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.interface = interface
+        cls.varlink_name = name or cls.__name__
+        cls.error_name = f"{interface}.{cls.varlink_name}"
+        # In place (no slots): the class stays the one being defined.
+        made: Any = dataclasses.dataclass(eq=False)(cls)
+        fields = dataclasses.fields(made)
+        cls.wire_names = tuple(f.name for f in fields if not f.metadata.get(_LOCAL))
+        cls.local_names = tuple(f.name for f in fields if f.metadata.get(_LOCAL))
+        if cls.error_name in CATALOGUE:
+            raise TypeError(f"{cls.error_name} is in the catalogue twice")
+        CATALOGUE[cls.error_name] = cls
 
     @property
-    def error_name(self) -> str:
-        return f"{self.interface}.{type(self).__name__}"
+    def parameters(self) -> dict[str, Any]:
+        """The varlink error's parameters (None: optional and absent)."""
+        return {name: getattr(self, name) for name in self.wire_names}
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The `local()` fields: for luod's log."""
+        return {name: getattr(self, name) for name in self.local_names}
+
+    def __str__(self) -> str:
+        return self.sentence.format_map(self.parameters)
 
 
-class NoSuchSession(LuodError):
-    def __init__(self, session: str) -> None:
-        super().__init__(f"no session named '{session}'", session=session)
+# --- io.luod.Custody -----------------------------------------------------------
 
 
-class NoSuchFd(LuodError):
-    def __init__(self, session: str, name: str) -> None:
-        super().__init__(
-            f"session '{session}' holds no fd named '{name}'", session=session, name=name
-        )
+class NoSuchSession(LuodError, interface=CUSTODY):
+    """No session of that name is in luod's custody."""
+
+    sentence = "no session named '{session}'"
+    session: str
 
 
-class SessionExists(LuodError):
-    def __init__(self, session: str) -> None:
-        super().__init__(f"a session named '{session}' exists already", session=session)
+class NoSuchFd(LuodError, interface=CUSTODY):
+    """The session holds no fd of that name."""
+
+    sentence = "session '{session}' holds no fd named '{name}'"
+    session: str
+    name: str
 
 
-class FdNameExists(LuodError):
-    def __init__(self, session: str, name: str) -> None:
-        super().__init__(
-            f"session '{session}' holds an fd named '{name}' already", session=session, name=name
-        )
+class SessionExists(LuodError, interface=CUSTODY):
+    """A session of that name exists already."""
+
+    sentence = "a session named '{session}' exists already"
+    session: str
 
 
-class InvalidName(LuodError):
-    def __init__(self, parameter: str, value: str, reason: str) -> None:
-        super().__init__(
-            f"invalid {parameter} '{value}': {reason}", parameter=parameter, reason=reason
-        )
+class FdNameExists(LuodError, interface=CUSTODY):
+    """The session holds an fd of that name already."""
+
+    sentence = "session '{session}' holds an fd named '{name}' already"
+    session: str
+    name: str
 
 
-class ReservedSessionName(LuodError):
-    def __init__(self, session: str, reason: str) -> None:
-        super().__init__(
-            f"session name '{session}' is reserved: {reason}", session=session, reason=reason
-        )
+class InvalidName(LuodError, interface=CUSTODY):
+    """A session or fd name breaks the naming rules; reason says which."""
+
+    sentence = "invalid {parameter}: {reason}"
+    parameter: str
+    # The caller knows what it sent; the log says it.
+    value: str = local()
+    reason: str
 
 
-class UnsupportedFd(LuodError):
-    """The fd is of a kind the kernel cannot carry over a kexec."""
+class ReservedSessionName(LuodError, interface=CUSTODY):
+    """The session name belongs to PID 1 ('systemd') or to luod ('luod*')."""
 
-    def __init__(self, parameter: str, kind: str, reason: str) -> None:
-        super().__init__(f"{parameter}: {reason}", parameter=parameter, kind=kind, reason=reason)
-
-
-class MissingFd(LuodError):
-    """A fileDescriptor index points past the fds sent with the message."""
-
-    def __init__(self, parameter: str, index: int) -> None:
-        super().__init__(
-            f"{parameter}: no file descriptor with index {index} was sent with the call",
-            parameter=parameter,
-            index=index,
-        )
+    sentence = "session name '{session}' is reserved: {reason}"
+    session: str
+    reason: str
 
 
-class TooManyOpenFiles(LuodError):
-    """The fd was sent, but luod was at its open-file limit: the kernel
-    dropped the fds it could not install (MSG_CTRUNC)."""
+class UnsupportedFd(LuodError, interface=CUSTODY):
+    """The kernel cannot carry this kind of file over a kexec; kind names it."""
 
-    def __init__(self, parameter: str, index: int, limit: int) -> None:
-        super().__init__(
-            f"{parameter}: file descriptor {index} was dropped on the way in: luod is at its "
-            f"limit of {limit} open files (LimitNOFILE=)",
-            parameter=parameter,
-            index=index,
-            limit=limit,
-        )
+    sentence = "{parameter}: {reason}"
+    parameter: str
+    kind: str
+    reason: str
 
 
-class PermissionDenied(LuodError):
-    def __init__(self, session: str, owner: str) -> None:
-        super().__init__(
-            f"session '{session}' belongs to {owner}; only its owner or root may use it",
-            session=session,
-        )
+class MissingFd(LuodError, interface=CUSTODY):
+    """A file descriptor index names no fd sent with the call."""
+
+    sentence = "{parameter}: no file descriptor with index {index} came with the call"
+    parameter: str
+    index: int
 
 
-class WrongSessionKind(LuodError):
-    def __init__(self, session: str, kind: str, reason: str) -> None:
-        super().__init__(
-            f"session '{session}' ({kind}): {reason}", session=session, kind=kind, reason=reason
-        )
+class TooManyOpenFiles(LuodError, interface=CUSTODY):
+    """The fd was sent, but luod is at its limit of open files (limit), so
+    the kernel dropped it on the way in; nothing of the call was kept."""
+
+    sentence = (
+        "{parameter}: file descriptor {index} was dropped on the way in: "
+        "luod is at its limit of {limit} open files"
+    )
+    parameter: str
+    index: int
+    limit: int
 
 
-class KernelRefused(LuodError):
-    """The kernel refused an operation luod had checked; `errno` says how."""
+class AlreadyPreserved(LuodError, interface=CUSTODY):
+    """The file is in luod's custody already, under another name."""
 
-    def __init__(
-        self, operation: str, errno: int, message: str, session: str | None = None
-    ) -> None:
-        params: dict[str, object] = {"operation": operation, "errno": errno, "message": message}
-        if session is not None:
-            params["session"] = session
-        super().__init__(f"{operation}: {message}", **params)
+    sentence = "{parameter}: this file is held already as '{name}' in session '{session}'"
+    parameter: str
+    session: str
+    name: str
 
 
-class NotReady(LuodError):
-    """luod cannot do this now (state not reclaimed, manifest broken, ...)."""
+class PermissionDenied(LuodError, interface=CUSTODY):
+    """The session belongs to another user; only its owner or root may use it."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason, reason=reason)
-
-
-class PreflightFailed(LuodError):
-    interface = "io.luod.Manager"
-
-    def __init__(self, problems: int, reason: str) -> None:
-        super().__init__(reason, problems=problems, reason=reason)
+    sentence = "session '{session}' belongs to another user"
+    session: str
+    owner: str = local()
 
 
-class RootRequired(LuodError):
-    interface = "io.luod.Manager"
+class WrongSessionKind(LuodError, interface=CUSTODY):
+    """The operation does not apply to this kind of session."""
 
-    def __init__(self, method: str) -> None:
-        super().__init__(f"{method} needs root", method=method)
-
-
-class AlreadyPreserved(LuodError):
-    """The same file is in luod's custody already (a file can be in one session only)."""
-
-    def __init__(self, parameter: str, session: str, name: str) -> None:
-        super().__init__(
-            f"{parameter}: this file is held already as '{name}' in session '{session}'",
-            parameter=parameter,
-            session=session,
-            name=name,
-        )
+    sentence = "session '{session}' ({kind}): {reason}"
+    session: str
+    kind: str
+    reason: str
 
 
-class KernelUnusable(LuodError):
-    """The kernel image or initrd cannot be loaded for kexec."""
+class KernelRefused(LuodError, interface=CUSTODY):
+    """The kernel refused an operation; errno and message say why."""
 
-    interface = "io.luod.Manager"
+    sentence = "the kernel refused {operation}: {message}"
+    operation: str
+    errno: int
+    message: str
+    session: str | None = None
 
-    def __init__(self, parameter: str, reason: str) -> None:
-        super().__init__(f"{parameter}: {reason}", parameter=parameter, reason=reason)
+
+class NotReady(LuodError, interface=CUSTODY):
+    """luod cannot do this now; reason says why."""
+
+    sentence = "{reason}"
+    reason: str
+
+
+# --- io.luod.Manager -----------------------------------------------------------
+
+
+class PreflightFailed(LuodError, interface=MANAGER):
+    """The preflight check found problems; the kexec was not started."""
+
+    sentence = "preflight check failed ({problems} problems): {reason}"
+    problems: int
+    reason: str
+
+
+class RootRequired(LuodError, interface=MANAGER):
+    """Only root may call this method."""
+
+    sentence = "{method} needs root"
+    method: str
+
+
+class KernelUnusable(LuodError, interface=MANAGER):
+    """The kernel image (or initrd) cannot be loaded; reason says why."""
+
+    sentence = "cannot load {parameter}: {reason}"
+    parameter: str
+    reason: str
+
+
+class InvalidDeadline(LuodError, interface=MANAGER):
+    """The deadline is not more than 0 and at most maximum seconds."""
+
+    sentence = "{parameter} must be more than 0 and at most {maximum} seconds"
+    parameter: str
+    maximum: int
+
+
+class SubscriptionExists(LuodError, interface=MANAGER):
+    """A subscriber of that name is connected already."""
+
+    sentence = "a subscriber named '{name}' is connected already"
+    name: str
+
+
+class NoSuchSubscription(LuodError, interface=MANAGER):
+    """No subscription with that id (of the caller's)."""
+
+    sentence = "no subscription '{subscription}'"
+    subscription: str
+
+
+class SubscriptionPermissionDenied(LuodError, interface=MANAGER, name="PermissionDenied"):
+    """The subscription belongs to another user; only its owner or root
+    may acknowledge for it."""
+
+    sentence = "subscription '{subscription}' belongs to another user"
+    subscription: str
+    owner: str = local()
+
+
+class UnexpectedAcknowledge(LuodError, interface=MANAGER):
+    """The acknowledgement does not answer an event this subscription is waiting on."""
+
+    sentence = "acknowledge of {phase} for update {update}: {reason}"
+    subscription: str
+    update: int
+    phase: str
+    reason: str
+
+
+class UpdateInProgress(LuodError, interface=MANAGER):
+    """Another update is running."""
+
+    sentence = "update {update} is running"
+    update: int
+
+
+class UpdateAborted(LuodError, interface=MANAGER):
+    """A subscriber refused, missed its deadline or went away; nothing was dropped."""
+
+    sentence = "update {update} aborted: {subscriber}: {reason}; nothing was dropped"
+    update: int
+    subscriber: str
+    reason: str
+
+
+class SubscriptionEnded(LuodError, interface=MANAGER):
+    """The subscription was ended by luod (it is stopping)."""
+
+    sentence = "{reason}"
+    reason: str
+
+
+def of_interface(interface: str) -> tuple[type[LuodError], ...]:
+    """The errors an interface declares, in catalogue order."""
+    return tuple(e for e in CATALOGUE.values() if e.interface == interface)
+
+
+# Not luod's: the varlink service interface's own errors, as luod's callers
+# meet them.
+_VARLINK_SENTENCES = {
+    "org.varlink.service.InvalidParameter": "invalid parameter {parameter}",
+    "org.varlink.service.MethodNotFound": "luod does not know the method {method} (too old?)",
+    "org.varlink.service.InterfaceNotFound": "luod does not serve the interface {interface}",
+}
+
+
+def describe(error: str, parameters: Mapping[str, Any]) -> str:
+    """One sentence for a varlink error reply, as a client received it."""
+    entry = CATALOGUE.get(error)
+    template = entry.sentence if entry is not None else _VARLINK_SENTENCES.get(error)
+    if template is not None:
+        try:
+            return template.format_map(parameters)
+        except (KeyError, IndexError, ValueError):
+            pass
+    return f"{error} {dict(parameters)}" if parameters else error

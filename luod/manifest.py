@@ -1,40 +1,23 @@
-"""luod's own metadata across the kexec: the manifest.
+"""luod's own metadata across the kexec: the manifest and its JSON form.
 
 The kernel carries bare u64 tokens; who owns a session, what its files are
 called and which token is which only survive if luod writes them down. The
-manifest is JSON in a memfd, versioned and checksummed.
-
-Once preserved a memfd cannot grow or shrink, but writes into it are carried.
-So the memfd has a fixed capacity and two slots; each write goes to the
-slot not holding the newest copy, so a torn write can never destroy the last
-good manifest. Slot layout (little endian):
-
-    magic  8 bytes  b"LUODMAN\\0"
-    format u32      SLOT_FORMAT
-    seq    u64      increases with every write
-    length u32      bytes of JSON
-    sha256 32 bytes of the JSON
-    json   `length` bytes
+manifest is versioned JSON; this module turns luod's sessions into it and
+back, and refuses what it cannot trust (ManifestError). How the JSON is
+kept in a checksummed two-slot memfd is luod.carriers.slots' concern.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import json.encoder
-import os
-import struct
 from collections.abc import Callable
 from typing import Any
 
 from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
 
 MANIFEST_VERSION = 1
-SLOT_FORMAT = 1
-SLOT_MAGIC = b"LUODMAN\0"
-_HEADER = struct.Struct("<8sIQI32s")
-PAGE = 4096
 
 
 class ManifestError(Exception):
@@ -238,74 +221,3 @@ def _subscribers(raw: Any) -> dict[str, int]:
             raise ManifestError("corrupt", f"manifest: subscribers[{i}] is not an object")
         out[_get(d, "name", str, f"subscribers[{i}]")] = _get(d, "uid", int, f"subscribers[{i}]")
     return out
-
-
-# --- the two-slot memfd ---------------------------------------------------
-
-
-def slot_capacity(memfd_size: int) -> int:
-    return memfd_size // 2 - _HEADER.size
-
-
-def capacity_for(payload: int) -> int:
-    """A memfd size with room for `payload` bytes per slot, and then some."""
-    need = 2 * (payload + _HEADER.size)
-    size = 64 * 1024
-    while size < 2 * need:
-        size *= 2
-    return size
-
-
-def write_slot(fd: int, memfd_size: int, slot: int, seq: int, payload: bytes) -> None:
-    if len(payload) > slot_capacity(memfd_size):
-        raise ValueError("manifest does not fit the slot")
-    header = _HEADER.pack(
-        SLOT_MAGIC, SLOT_FORMAT, seq, len(payload), hashlib.sha256(payload).digest()
-    )
-    # Body first, header last: a reader never sees a header for a body that
-    # is not fully written.
-    base = slot * (memfd_size // 2)
-    os.pwrite(fd, payload, base + _HEADER.size)
-    os.pwrite(fd, header, base)
-
-
-@dataclasses.dataclass
-class SlotRead:
-    seq: int
-    slot: int
-    payload: bytes
-
-
-def read_newest(fd: int) -> SlotRead:
-    """The newest intact slot of a manifest memfd, or ManifestError."""
-    size = os.fstat(fd).st_size
-    if size < 2 * _HEADER.size:
-        raise ManifestError(
-            "corrupt", f"manifest memfd is {size} bytes, too small to hold a manifest"
-        )
-    best: SlotRead | None = None
-    problems: list[str] = []
-    for slot in (0, 1):
-        base = slot * (size // 2)
-        head = os.pread(fd, _HEADER.size, base)
-        magic, fmt, seq, length, digest = _HEADER.unpack(head)
-        if magic != SLOT_MAGIC:
-            problems.append(f"slot {slot}: no manifest")
-            continue
-        if fmt != SLOT_FORMAT:
-            raise ManifestError(
-                "version",
-                f"manifest slot format {fmt} is not known to this luod (it reads format {SLOT_FORMAT})",
-            )
-        if length > slot_capacity(size):
-            problems.append(f"slot {slot}: length {length} exceeds the slot")
-            continue
-        payload = os.pread(fd, length, base + _HEADER.size)
-        if hashlib.sha256(payload).digest() != digest:
-            problems.append(f"slot {slot}: checksum mismatch")
-            continue
-        if best is None or seq > best.seq:
-            best = SlotRead(seq, slot, payload)
-    if best is None:
-        raise ManifestError("corrupt", "manifest is corrupt: " + "; ".join(problems))
-    return best

@@ -94,3 +94,12 @@ class Session:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Holdings:
+    """How much luod holds, in all: what its status reports."""
+
+    sessions: int
+    files: int
+    bytes_pinned: int

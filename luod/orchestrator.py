@@ -11,6 +11,7 @@ After the kexec a subscriber that reconnects under the same name gets
 `resumed`.
 
 No varlink and no kernel here: the server feeds calls in, `jump` is given.
+Refusals are errors of the catalogue (luod.errors), served as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from luod import errors
 from luod.peer import Peer
 
 log = structlog.get_logger("luod")
@@ -50,16 +52,6 @@ class Event:
     reason: str | None = None
     kexec_count: int | None = None
     sessions: list[str] | None = None
-
-
-class OrchestrationError(Exception):
-    """Refused call; `name` is the varlink error's short name."""
-
-    def __init__(self, name: str, message: str, /, **parameters: object) -> None:
-        super().__init__(message)
-        self.name = name
-        self.message = message
-        self.parameters = parameters
 
 
 @dataclasses.dataclass
@@ -122,19 +114,10 @@ class Orchestrator:
         sessions: list[str],
     ) -> Subscriber:
         if deadline is not None and not 0 < deadline <= self.max_deadline:
-            raise OrchestrationError(
-                "InvalidDeadline",
-                f"deadline must be more than 0 and at most {self.max_deadline:g} seconds",
-                parameter="deadlineSec",
-                maximum=int(self.max_deadline),
-            )
+            raise errors.InvalidDeadline("deadlineSec", int(self.max_deadline))
         for s in self.subscribers.values():
             if s.name == name:
-                raise OrchestrationError(
-                    "SubscriptionExists",
-                    f"a subscriber named '{name}' is connected already",
-                    name=name,
-                )
+                raise errors.SubscriptionExists(name)
         sub = Subscriber(
             id=secrets.token_hex(8),
             name=name,
@@ -187,25 +170,12 @@ class Orchestrator:
     ) -> None:
         sub = self.subscribers.get(subscription)
         if sub is None:
-            raise OrchestrationError(
-                "NoSuchSubscription", f"no subscription '{subscription}'", subscription=subscription
-            )
+            raise errors.NoSuchSubscription(subscription)
         if not peer.is_root and peer.uid != sub.peer.uid:
-            raise OrchestrationError(
-                "PermissionDenied",
-                "the subscription belongs to another user",
-                subscription=subscription,
-            )
+            raise errors.SubscriptionPermissionDenied(subscription, sub.peer.describe())
 
-        def unexpected(why: str) -> OrchestrationError:
-            return OrchestrationError(
-                "UnexpectedAcknowledge",
-                f"acknowledge of {phase.value} for update {update}: {why}",
-                subscription=subscription,
-                update=update,
-                phase=phase.value,
-                reason=why,
-            )
+        def unexpected(why: str) -> errors.UnexpectedAcknowledge:
+            return errors.UnexpectedAcknowledge(subscription, update, phase.value, why)
 
         if phase not in (Phase.prepare, Phase.freeze):
             raise unexpected("only prepare and freeze are acknowledged")
@@ -236,9 +206,7 @@ class Orchestrator:
     async def run(self, jump: Callable[[], Awaitable[None]]) -> Outcome:
         """prepare → freeze → jump, with the barrier after each phase."""
         if self.running is not None:
-            raise OrchestrationError(
-                "UpdateInProgress", f"update {self.running} is running", update=self.running
-            )
+            raise errors.UpdateInProgress(self.running)
         self.update_id += 1
         update = self.update_id
         self.running = update

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from luod.kernel.fake import FakeBackend, running_fake_kernel
-from tests.luodproc import LuodProcess, running_luod
+from testsupport.fakekernel import FakeBackend, running_fake_kernel
+from testsupport.luodproc import LuodProcess, running_luod
 
 
 @pytest.fixture

@@ -27,9 +27,10 @@ from typing import Any
 
 import pytest
 
-from luod.kernel import fake, fdinfo, uapi
+from luod.kernel import fdinfo, uapi
 from luod.kernel.backend import Backend, KernelBackend, LuoError
-from luod.kernel.fake import FakeBackend, running_fake_kernel
+from testsupport import fakekernel as fake
+from testsupport.fakekernel import FakeBackend, running_fake_kernel
 
 
 class Fds:
@@ -606,7 +607,7 @@ def test_session_of_exited_child_is_dropped(luo: FakeBackend) -> None:
 
 def test_command_line_kexec_and_snapshot(luo: FakeBackend, fds: Fds) -> None:
     preserved_session(luo, fds, "s", {1: b"a"})
-    cli = [sys.executable, "-m", "luod.kernel.fake"]
+    cli = [sys.executable, "-m", "testsupport.fakekernel"]
     out = subprocess.run(
         [*cli, "kexec", "--socket", luo.socket_path], check=True, capture_output=True, text=True
     )

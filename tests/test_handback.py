@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.luodproc import LuodProcess
-from tests.util import make_memfd, memfd_facts
+from testsupport.luodproc import LuodProcess
+from testsupport.util import make_memfd, memfd_facts
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from luod.server import interface_descriptions
+from luod.varlink.registry import interface_descriptions
 
 PROTOCOL = Path(__file__).resolve().parent.parent / "protocol"
 
@@ -15,7 +15,7 @@ def test_protocol_files_equal_what_luod_serves() -> None:
     assert set(files) == set(served), "one IDL file per interface (make idl)"
     for name, text in served.items():
         assert files[name] == text, (
-            f"protocol/{name}.varlink differs from luod/server.py (make idl)"
+            f"protocol/{name}.varlink differs from what luod.varlink serves (make idl)"
         )
 
 

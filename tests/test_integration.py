@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from luod.client import Client, VarlinkError
-from luod.kernel.fake import FakeBackend
-from tests.luodproc import LuodProcess, fake_backend_args, running_luod
-from tests.util import make_memfd, memfd_facts, wait_until
+from testsupport.fakekernel import FakeBackend
+from testsupport.luodproc import LuodProcess, fake_backend_args, running_luod
+from testsupport.util import make_memfd, memfd_facts, wait_until
 
 
 def _status(luod: LuodProcess) -> dict[str, object]:
@@ -436,8 +436,8 @@ def test_unusable_incoming_manifest_releases_nothing(
 ) -> None:
     """A state session whose manifest is corrupt or of an unknown version:
     luod reports it, releases nothing, stays up."""
-    from luod.kernel import fake
-    from luod.manifest import capacity_for, write_slot
+    from luod.carriers.slots import capacity_for, write_slot
+    from testsupport import fakekernel as fake
 
     kernel = FakeBackend(fake_kernel)
     state = kernel.create_session("luod")

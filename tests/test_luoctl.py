@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.luodproc import LuodProcess
+from testsupport.luodproc import LuodProcess
 
 
 def luoctl(

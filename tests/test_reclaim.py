@@ -10,14 +10,14 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from luod.carrier import StateSessionCarrier
-from luod.core import Custodian, Incoming
-from luod.fdstore import FdStoreCarrier
-from luod.kernel.fake import FakeBackend
+from luod.carriers.fdstore import FdStoreCarrier
+from luod.carriers.state_session import StateSessionCarrier
+from luod.custody import Custodian, Handoff
 from luod.model import SessionState
 from luod.notify import ListenFd
 from luod.peer import Peer, peer_of_socket
-from tests.util import make_memfd
+from testsupport.fakekernel import FakeBackend
+from testsupport.util import make_memfd
 
 
 @pytest.fixture
@@ -38,19 +38,21 @@ def _custodian(kernel: FakeBackend, boot: str) -> Custodian:
 
 def _after_kexec(kernel: FakeBackend, peer: Peer) -> Custodian:
     """Sessions 'app' (a, b) and 'other' (c), a kexec, and the next luod
-    started (its reclaim done, nothing settled yet)."""
+    started (its reclaim done, nothing preserved again yet)."""
     old = _custodian(kernel, "boot-1")
     for session, names in (("app", "ab"), ("other", "c")):
         fds = [make_memfd(f"data {n}".encode()) for n in names]
         old.preserve_fds(
-            peer, session, [Incoming(n, fd) for n, fd in zip(names, fds, strict=True)], True
+            peer, session, [Handoff(n, fd) for n, fd in zip(names, fds, strict=True)], True
         )
     kernel.reboot_kexec()
     old.close()  # the old boot's fds: dead after the kexec
     return _custodian(kernel, "boot-2")
 
 
-def test_reclaim_makes_files_retrievable_before_settling(kernel: FakeBackend, peer: Peer) -> None:
+def test_reclaim_makes_files_retrievable_before_preserving_again(
+    kernel: FakeBackend, peer: Peer
+) -> None:
     new = _after_kexec(kernel, peer)
     try:
         report = new.reclaim
@@ -63,29 +65,29 @@ def test_reclaim_makes_files_retrievable_before_settling(kernel: FakeBackend, pe
         )
         # Retrieved, not finished, nothing preserved again yet.
         assert report.preserved_again is None
-        assert sorted(new.unsettled) == ["app", "other"]
+        assert sorted(new.ledger.awaiting_preservation) == ["app", "other"]
         snap = kernel.snapshot()
         assert snap["incoming"]["luod.1.app"]["retrieved_tokens"] == [1, 2]
         assert not snap["incoming"]["luod.1.app"]["finished"]
         assert not [n for n in snap["outgoing"] if n.endswith(".app")]
 
-        # A copy needs nothing settled.
+        # A copy needs nothing preserved again.
         fd, _ = new.retrieve_fd(peer, "app", "a", take=False)
         assert os.pread(fd, 100, 0) == b"data a"
         os.close(fd)
-        assert "app" in new.unsettled
+        assert "app" in new.ledger.awaiting_preservation
 
-        # Taking a file settles that session only, then rebuilds it.
+        # Taking a file preserves that session again only, then rebuilds it.
         fd, _ = new.retrieve_fd(peer, "other", "c", take=True)
         assert os.pread(fd, 100, 0) == b"data c"
         os.close(fd)
-        assert list(new.unsettled) == ["app"]
+        assert list(new.ledger.awaiting_preservation) == ["app"]
         assert "other" not in new.sessions
         assert report.preserved_again is None
 
-        # The preflight settles the rest: everything is carried again.
+        # The preflight preserves the rest again: everything is carried again.
         assert new.check() == []
-        assert not new.unsettled
+        assert not new.ledger.awaiting_preservation
         assert report.preserved_again is not None
         app = new.sessions["app"]
         assert app.state is SessionState.OUTGOING
@@ -96,14 +98,16 @@ def test_reclaim_makes_files_retrievable_before_settling(kernel: FakeBackend, pe
         new.close()
 
 
-def test_unsettled_session_released_by_grace_or_discard(kernel: FakeBackend, peer: Peer) -> None:
+def test_session_waiting_to_be_preserved_again_released_by_grace_or_discard(
+    kernel: FakeBackend, peer: Peer
+) -> None:
     new = _after_kexec(kernel, peer)
     try:
         new.discard_session(peer, "other")
-        assert list(new.unsettled) == ["app"]
+        assert list(new.ledger.awaiting_preservation) == ["app"]
         new.clock = lambda: 1e12  # far past every claim deadline
         assert new.expire() == ["app"]
-        assert not new.unsettled and not new.sessions
+        assert not new.ledger.awaiting_preservation and not new.sessions
         snap = kernel.snapshot()
         # Closing a retrieved session finishes it: nothing is left over.
         assert not [n for n in snap["incoming"] if n.startswith("luod.1.")]
@@ -112,16 +116,16 @@ def test_unsettled_session_released_by_grace_or_discard(kernel: FakeBackend, pee
         new.close()
 
 
-def test_handoff_settles_what_came_over_first(kernel: FakeBackend, peer: Peer) -> None:
+def test_handoff_preserves_what_came_over_again_first(kernel: FakeBackend, peer: Peer) -> None:
     """AlreadyPreserved knows the files that came over once their session
-    is settled, so a hand-off settles everything first."""
+    is preserved again, so a hand-off preserves everything again first."""
     new = _after_kexec(kernel, peer)
     try:
         fd, _ = new.retrieve_fd(peer, "app", "a", take=False)
         with pytest.raises(Exception, match="already") as e:
-            new.preserve_fds(peer, "again", [Incoming("a", fd)], True)
+            new.preserve_fds(peer, "again", [Handoff("a", fd)], True)
         assert type(e.value).__name__ == "AlreadyPreserved"
-        assert not new.unsettled
+        assert not new.ledger.awaiting_preservation
     finally:
         new.close()
 
@@ -164,10 +168,10 @@ class Store:
             os.close(fd)
 
 
-def test_restart_before_settling_loses_nothing(kernel: FakeBackend, peer: Peer) -> None:
+def test_restart_before_preserving_again_loses_nothing(kernel: FakeBackend, peer: Peer) -> None:
     """Under the fd-store carrier a luod that dies after the kexec, before
     it preserved a session again, leaves that session incoming and not
-    finished: the next luod retrieves its files again and settles it."""
+    finished: the next luod retrieves its files again and preserves it again."""
     store = Store()
     try:
         old = Custodian(kernel, FdStoreCarrier(kernel, [], send=store.send), boot_id="boot-1")
@@ -175,7 +179,7 @@ def test_restart_before_settling_loses_nothing(kernel: FakeBackend, peer: Peer) 
         for session, names in (("app", "ab"), ("other", "c"), ("more", "d")):
             fds = [make_memfd(f"data {n}".encode()) for n in names]
             old.preserve_fds(
-                peer, session, [Incoming(n, fd) for n, fd in zip(names, fds, strict=True)], True
+                peer, session, [Handoff(n, fd) for n, fd in zip(names, fds, strict=True)], True
             )
         old.close()  # luod stops before the kexec; the store keeps everything
         store.kexec(kernel)
@@ -184,12 +188,12 @@ def test_restart_before_settling_loses_nothing(kernel: FakeBackend, peer: Peer) 
             kernel, FdStoreCarrier(kernel, store.listen(), send=store.send), boot_id="boot-2"
         )
         assert new.start().state == "reclaimed"
-        # Taking a file settles 'other' and writes the manifest of this boot.
+        # Taking a file preserves 'other' again and writes the manifest of this boot.
         fd, _ = new.retrieve_fd(peer, "other", "c", take=True)
         os.close(fd)
-        # Settled in the background, no call writes the manifest after it.
-        assert new.settle("more")
-        assert list(new.unsettled) == ["app"]
+        # Preserved again in the background: no call writes the manifest after it.
+        assert new.preserve_again("more")
+        assert list(new.ledger.awaiting_preservation) == ["app"]
         new.close()  # luod dies here: 'app' is not preserved again
 
         again = Custodian(
@@ -202,7 +206,7 @@ def test_restart_before_settling_loses_nothing(kernel: FakeBackend, peer: Peer) 
             3,
             [],
         )
-        assert list(again.unsettled) == ["app"]
+        assert list(again.ledger.awaiting_preservation) == ["app"]
         # 'more' was preserved again before the crash: it is held, outgoing.
         more = again.sessions["more"]
         assert more.state is SessionState.OUTGOING

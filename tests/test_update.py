@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from luod.client import Client, VarlinkError
-from luod.kernel.fake import FakeBackend
-from tests.luodproc import LuodProcess
-from tests.util import fake_bzimage, make_memfd, wait_until
+from testsupport.fakekernel import FakeBackend
+from testsupport.luodproc import LuodProcess
+from testsupport.util import fake_bzimage, make_memfd, wait_until
 
 
 class Subscriber(threading.Thread):

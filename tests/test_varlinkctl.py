@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests import sidtools
-from tests.luodproc import LuodProcess
-from tests.util import make_memfd
+from testsupport.luodproc import LuodProcess
+from testsupport.util import make_memfd
 
 pytestmark = pytest.mark.varlinkctl
 

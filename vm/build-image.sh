@@ -18,6 +18,11 @@
 #                    unit files (*.service, *.socket, ...) go next to luod's
 #                    but are not enabled, everything else to /usr/lib/luod-test/
 #
+# With the test hooks or test units, the Python helpers the test programs
+# share go in too: testsupport/{__init__,util,guest}.py of the working tree
+# (never from LUOD_IMAGE_REF: they are the tests' side) as the package
+# testsupport, next to luod.
+#
 # What goes in, on top of a copy of the root (the cached root is not changed):
 #   /usr/lib/python3/dist-packages/luod   the luod package of the working tree
 #                                         (LUOD_IMAGE_REF=<git ref> takes it
@@ -28,6 +33,8 @@
 #   /usr/lib/systemd/system/<test units>  --test-units DIR: installed, not enabled
 #                                         (a test enables or starts them);
 #   /usr/lib/luod-test/<programs>         the other files of DIR (0755)
+#   /usr/lib/python3/dist-packages/testsupport  the test programs' helpers
+#                                         (see above), byte-compiled
 #   /usr/lib/systemd/system/results.mount the 9p results share at /results
 #   /usr/lib/systemd/system/luod-test-stage.service + /usr/lib/luod-test/test-stage
 #                                         (vm/systemd/): run the host's test
@@ -35,7 +42,7 @@
 #   /boot/vmlinuz                         the kernel
 #   /etc/luod-image.json                  what was built from what
 # and then `mkfs.ext4 -d` into a sparse IMAGE. Boot it with
-# root=/dev/vda rootfstype=ext4 rw init=/lib/systemd/systemd (tests/systemd/harness.py).
+# root=/dev/vda rootfstype=ext4 rw init=/lib/systemd/systemd (testsupport/systemd/harness.py).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -151,6 +158,14 @@ if [[ -n $test_units ]]; then
 	done
 	source_desc+=", test units from $test_units"
 fi
+# The helpers of the test programs (testsupport.guest), for the root's python3.
+testsupport=(__init__.py util.py guest.py)
+rm -rf "$site/testsupport"
+if [[ $test_stage == 1 || -n $test_units ]]; then
+	for f in "${testsupport[@]}"; do
+		install -D -m 0644 "$repo/testsupport/$f" "$site/testsupport/$f"
+	done
+fi
 # The root's own systemctl, offline (it sees the chroot and makes the links).
 chroot "$r" systemctl enable "${enable[@]}" >"$stage/enable.log" 2>&1 || {
 	cat "$stage/enable.log" >&2
@@ -165,6 +180,14 @@ chroot "$r" python3 -m compileall -q /usr/lib/python3/dist-packages/luod >/dev/n
 if ! check=$(chroot "$r" sh -c 'luod --version && luoctl --help >/dev/null' 2>&1); then
 	printf '%s\n' "$check" >&2
 	die "luod does not start with the root's python3 (above)"
+fi
+if [[ -d $site/testsupport ]]; then
+	chroot "$r" python3 -m compileall -q /usr/lib/python3/dist-packages/testsupport >/dev/null ||
+		die "testsupport does not byte-compile with the root's python3"
+	if ! out=$(chroot "$r" python3 -c 'import testsupport.guest' 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "testsupport.guest does not import with the root's python3 (above)"
+	fi
 fi
 
 python3 - "$r/etc/luod-image.json" "$root" "$kernel" "$source_desc" "$check" <<-'EOF'

@@ -1,5 +1,5 @@
 #!/bin/sh
-# vm/guest-init.sh — PID 1 of luod's bare test VMs (started by tests/vm/qemu.py).
+# vm/guest-init.sh — PID 1 of luod's bare test VMs (started by testsupport/vm/qemu.py).
 #
 # The root filesystem is the HOST's / over 9p, read-only; results go out
 # through a second, writable 9p share (mount tag "results"). So:

@@ -1,8 +1,10 @@
 """The kernel backend: the one place luod talks to /dev/liveupdate.
 
 `Backend` is what the rest of luod sees. `KernelBackend` is the real kernel;
-`luod.kernel.fake.FakeBackend` obeys the same rules for fast tests and is only
-ever chosen explicitly.
+the tests' fake kernel, kept outside the runtime package, obeys the same
+rules. Dependencies go one way: this module uses uapi, fdinfo and kexec,
+which raise OSError and import nothing above them; it turns their errors
+into LuoError.
 
 /dev/liveupdate is exclusive: while any process holds it, systemd cannot
 start units with LUOSession= and services cannot create their own sessions.
@@ -19,7 +21,9 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from luod.kernel import fdinfo, uapi
+from luod.kernel import fdinfo, kexec, uapi
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 MISSING_LUO = (
     "/dev/liveupdate does not exist. luod needs a kernel built with "
@@ -81,6 +85,11 @@ class Backend(Protocol):
     def unload_kernel(self) -> None: ...
 
     def kernel_loaded(self) -> bool: ...
+
+    def boot_id(self) -> str:
+        """What tells this boot from the one before a kexec; raises OSError
+        when it cannot be read."""
+        ...
 
 
 class KernelBackend:
@@ -171,21 +180,30 @@ class KernelBackend:
             return None
 
     def reboot_kexec(self) -> None:
-        from luod.kernel import kexec
-
-        kexec.reboot_kexec()
+        try:
+            kexec.reboot_kexec()
+        except OSError as e:
+            raise LuoError("reboot", e.errno or errno.EIO, _subject(e)) from None
 
     def load_kernel(self, kernel: str, initrd: str | None, cmdline: str) -> None:
-        from luod.kernel import kexec
-
-        kexec.load(kernel, initrd, cmdline)
+        try:
+            kexec.load(kernel, initrd, cmdline)
+        except OSError as e:
+            raise LuoError("kexec_file_load", e.errno or errno.EIO, _subject(e, kernel)) from None
 
     def unload_kernel(self) -> None:
-        from luod.kernel import kexec
-
-        kexec.unload()
+        try:
+            kexec.unload()
+        except OSError as e:
+            raise LuoError("kexec_file_load", e.errno or errno.EIO, _subject(e)) from None
 
     def kernel_loaded(self) -> bool:
-        from luod.kernel import kexec
-
         return kexec.is_loaded()
+
+    def boot_id(self) -> str:
+        with open(BOOT_ID_PATH) as f:
+            return f.read().strip()
+
+
+def _subject(e: OSError, default: str = "") -> str:
+    return str(e.filename) if e.filename is not None else default

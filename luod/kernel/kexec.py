@@ -1,7 +1,9 @@
-"""Loading the next kernel and jumping into it.
+"""Loading the next kernel and jumping into it: the kexec syscalls.
 
 Only kexec_file_load(2) is used: the old kexec_load(2) (kexec-tools' plain
 `kexec -l`) carries no KHO handover data, so every LUO session would be lost.
+Like uapi, this module raises OSError; `backend.KernelBackend` turns it into
+LuoError (this module imports nothing of luod's, so no cycle).
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import errno
 import os
 import platform
 import stat
-
-from luod.kernel.backend import LuoError
 
 # The process's own symbols include libc's: no ctypes.util.find_library(),
 # which runs ldconfig or a compiler (seconds under emulation, at every start).
@@ -30,12 +30,17 @@ LINUX_REBOOT_CMD_KEXEC = 0x45584543
 KEXEC_LOADED = "/sys/kernel/kexec_loaded"
 
 
+def _error(err: int, subject: str) -> OSError:
+    """The failed call's errno, and what it was about as the filename."""
+    return OSError(err, os.strerror(err), subject)
+
+
 def _syscall_nr() -> int:
     machine = platform.machine()
     try:
         return _SYS_KEXEC_FILE_LOAD[machine]
     except KeyError:
-        raise LuoError("kexec_file_load", errno.ENOSYS, f"architecture {machine}") from None
+        raise _error(errno.ENOSYS, f"architecture {machine}") from None
 
 
 def image_problem(path: str, machine: str | None = None) -> str | None:
@@ -65,7 +70,7 @@ def image_problem(path: str, machine: str | None = None) -> str | None:
 
 
 def load(kernel: str, initrd: str | None, cmdline: str) -> None:
-    """kexec_file_load KERNEL [INITRD] with CMDLINE."""
+    """kexec_file_load KERNEL [INITRD] with CMDLINE. Raises OSError."""
     kfd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
     ifd = -1
     try:
@@ -84,7 +89,7 @@ def load(kernel: str, initrd: str | None, cmdline: str) -> None:
             ctypes.c_ulong(flags),
         )
         if rc != 0:
-            raise LuoError("kexec_file_load", ctypes.get_errno(), kernel)
+            raise _error(ctypes.get_errno(), kernel)
     finally:
         os.close(kfd)
         if ifd >= 0:
@@ -92,6 +97,7 @@ def load(kernel: str, initrd: str | None, cmdline: str) -> None:
 
 
 def unload() -> None:
+    """kexec_file_load with KEXEC_FILE_UNLOAD. Raises OSError."""
     rc = _libc.syscall(
         ctypes.c_long(_syscall_nr()),
         ctypes.c_int(-1),
@@ -101,7 +107,7 @@ def unload() -> None:
         ctypes.c_ulong(KEXEC_FILE_UNLOAD),
     )
     if rc != 0:
-        raise LuoError("kexec_file_load", ctypes.get_errno(), "unload")
+        raise _error(ctypes.get_errno(), "unload")
 
 
 def is_loaded() -> bool:
@@ -113,7 +119,7 @@ def is_loaded() -> bool:
 
 
 def reboot_kexec() -> None:
-    """reboot(LINUX_REBOOT_CMD_KEXEC). Returns only on failure."""
+    """reboot(LINUX_REBOOT_CMD_KEXEC). Returns only on failure, with OSError."""
     os.sync()
     rc = _libc.syscall(
         ctypes.c_long(169 if platform.machine() == "x86_64" else 142),
@@ -123,4 +129,4 @@ def reboot_kexec() -> None:
         ctypes.c_void_p(None),
     )
     if rc != 0:
-        raise LuoError("reboot", ctypes.get_errno(), "LINUX_REBOOT_CMD_KEXEC")
+        raise _error(ctypes.get_errno(), "LINUX_REBOOT_CMD_KEXEC")

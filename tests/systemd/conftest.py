@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import qemu
+from testsupport.systemd import harness
+from testsupport.vm import qemu
 
-from . import harness
-
+# The stage programs of the tests (bash; harness.boot runs one per test).
+SCENARIOS = Path(__file__).resolve().parent / "guest"
+# Test-only units and their programs, put into every test image
+# (build-image.sh --test-units): installed, never enabled by the image.
+TEST_UNITS = Path(__file__).resolve().parent / "units"
 # Where the results of a failed test are copied (serial log, stage logs,
 # journals), besides pytest's own tmp_path.
 ARTIFACTS = Path(os.environ.get("LUOD_SYSTEMD_ARTIFACTS", "/tmp/luod-systemd-artifacts"))
@@ -56,7 +60,9 @@ def systemd_vm(tmp_path_factory: pytest.TempPathFactory) -> SystemdVM:
     root = harness.build_root()
     seconds["root"] = time.monotonic() - t
     t = time.monotonic()
-    image = harness.build_image(tmp_path_factory.mktemp("systemd-image") / "root.img", kernel, root)
+    image = harness.build_image(
+        tmp_path_factory.mktemp("systemd-image") / "root.img", kernel, root, test_units=TEST_UNITS
+    )
     seconds["image"] = time.monotonic() - t
     return SystemdVM(kernel, image, seconds)
 

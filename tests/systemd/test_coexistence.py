@@ -28,12 +28,13 @@ from typing import Any
 
 import pytest
 
-from . import harness
-from .conftest import ARTIFACTS, SystemdVM
+from testsupport.systemd import harness
+
+from .conftest import ARTIFACTS, SCENARIOS, SystemdVM
 
 pytestmark = pytest.mark.systemd
 
-GUEST = harness.GUEST_DIR / "coexist.sh"
+GUEST = SCENARIOS / "coexist.sh"
 # Two boots of ~20-45 s, a 1,000-memfd hand-off and a kexec carrying it,
 # under TCG on a shared machine.
 TIMEOUT = 600.0
@@ -85,11 +86,6 @@ def _sessions(step: harness.Step) -> dict[str, Any]:
     data = step.json()
     sessions = data["sessions"] if isinstance(data, dict) else data
     return {s["name"]: s for s in sessions}
-
-
-def _journal(step: harness.Step) -> list[dict[str, Any]]:
-    assert step.ok(), step
-    return [json.loads(line) for line in step.out.splitlines() if line.startswith("{")]
 
 
 def test_kill_luod_before_kexec_loses_nothing(run: harness.GuestResult) -> None:
@@ -180,7 +176,7 @@ def test_coexistence_with_pid1_luo(run: harness.GuestResult) -> None:
     # only entry of luod's journal (both boots) that names it.
     refused = 0
     for n, name in ((1, "journal-json"), (2, "journal-prev-luod-json"), (2, "journal-luod-json")):
-        for entry in _journal(harness.stage(run, n).step(name)):
+        for entry in harness.stage(run, n).step(name).journal():
             if not _names_systemd(entry):
                 continue
             assert entry.get("LUOD_EVENT") == "call-refused", entry
@@ -202,7 +198,7 @@ def test_journal_has_luod_fields(run: harness.GuestResult) -> None:
     assert verbose.ok(), verbose
     for field in ("LUOD_SESSION=keep", "LUOD_EVENT=", "LUOD_NAME=blob", "LUOD_OWNER="):
         assert field in verbose.out, f"{field} missing from journalctl -o verbose\n{verbose.out}"
-    entries = _journal(s1.step("journal-json"))
+    entries = s1.step("journal-json").journal()
     handoff = [e for e in entries if e.get("LUOD_SESSION") == "keep" and "LUOD_NAME" in e]
     assert handoff, entries
     for e in entries:

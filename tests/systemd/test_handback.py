@@ -11,18 +11,18 @@ adds the fd store). One QEMU run: boot, one kexec, boot (guest/handback.sh)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from . import harness
-from .conftest import SystemdVM
+from testsupport.systemd import harness
+
+from .conftest import SCENARIOS, SystemdVM
 
 pytestmark = pytest.mark.systemd
 
-GUEST = harness.GUEST_DIR / "handback.sh"
+GUEST = SCENARIOS / "handback.sh"
 # Two boots of ~20-45 s and one kexec, under TCG on a shared 2-core host.
 TIMEOUT = 600.0
 
@@ -54,12 +54,7 @@ def test_service_finds_its_memfd_in_its_fd_store_after_kexec(
     assert held["owner"].get("unit") == "luod-test-handback.service", held
     assert s1.step("enable").ok(), s1.step("enable")
 
-    kexec_rc = s1.text("kexec.rc").strip()
-    if kexec_rc not in ("", "0") or 2 not in result.stage_uptime:
-        raise AssertionError(
-            f"luoctl kexec (exit status {kexec_rc or 'not recorded'}):\n{s1.text('kexec.out')}\n"
-            f"--- luod ---\n{s1.text('journal-luod.txt')}\n{report}"
-        )
+    harness.assert_kexec_reached(result, 1)
     result.check(final_stage=2)
     s2 = harness.stage(result, 2)
 
@@ -97,7 +92,7 @@ def test_service_finds_its_memfd_in_its_fd_store_after_kexec(
     # the ExecStartPre= helper (luoctl) and to no one else.
     copies = [
         e
-        for e in _journal(s2.step("journal-luod-json"))
+        for e in s2.step("journal-luod-json").journal()
         if e.get("LUOD_EVENT") in ("fd-copied", "fd-taken") and e.get("LUOD_SESSION") == "handback"
     ]
     assert len(copies) == 1, copies
@@ -105,8 +100,3 @@ def test_service_finds_its_memfd_in_its_fd_store_after_kexec(
         f"handback: {now['size']} bytes, sha256 {now['sha256'][:16]}..., "
         f"copied to {copies[0].get('LUOD_TO') or copies[0].get('MESSAGE')}"
     )
-
-
-def _journal(step: harness.Step) -> list[dict[str, Any]]:
-    assert step.ok(), step
-    return [json.loads(line) for line in step.out.splitlines() if line.startswith("{")]

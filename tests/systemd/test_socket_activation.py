@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from . import harness
-from .conftest import SystemdVM
+from testsupport.systemd import harness
+
+from .conftest import SCENARIOS, SystemdVM
 
 pytestmark = pytest.mark.systemd
 
-GUEST = harness.GUEST_DIR / "socket_activation.sh"
+GUEST = SCENARIOS / "socket_activation.sh"
 PROTOCOL = harness.REPO / "protocol"
 TIMEOUT = 300.0  # boot ~20 s, the steps ~10 s under TCG
 

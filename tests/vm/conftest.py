@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from . import qemu
+from testsupport.vm import qemu
 
 VARIANTS = ("stock", "magic")
 

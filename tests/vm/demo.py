@@ -6,7 +6,7 @@ payload), hands it to luod over varlink and exits; the operator runs
 `luoctl kexec` into the next kernel; there luod starts and reclaims, the
 service starts again, gets its memfd back from luod by name and verifies it.
 
-Timings come from the host's clock: see tests/vm/timeline.py for why and
+Timings come from the host's clock: see testsupport/vm/timeline.py for why and
 how precise. Guest side: tests/vm/guest_demo.py.
 
     .venv/bin/python -m tests.vm.demo [--mib 64] [--results DIR] [--kernel BZIMAGE]
@@ -27,8 +27,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from . import qemu
-from .timeline import CLOCK_NOTE, Event, Timeline, cached_root_cmdline
+from testsupport.vm import qemu
+from testsupport.vm.timeline import CLOCK_NOTE, Event, Timeline, cached_root_cmdline
 
 GUEST = Path(__file__).with_name("guest_demo.py")
 TIMEOUT = 600.0

@@ -24,7 +24,6 @@ import mmap
 import os
 import platform
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -33,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from luod.client import Client
-from tests.luodproc import LuodProcess
-
-from . import guestlib
-from .timeline import mark
+from testsupport.luodproc import LuodProcess
+from testsupport.vm import guestlib
+from testsupport.vm.timeline import mark
 
 WORK = Path("/run/luod-demo")
 SESSION = "demo-cache"
@@ -149,14 +147,9 @@ def service_restore(sock: str, expect_sha256: str, expect_bytes: int) -> int:
 # --- the stage program ----------------------------------------------------------
 
 
-def luoctl() -> list[str]:
-    exe = Path(sys.executable).with_name("luoctl")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "luod.cli"]
-
-
 def run_luoctl(luod: LuodProcess, *args: str) -> str:
     r = subprocess.run(
-        [*luoctl(), f"--socket={luod.socket}", *args], capture_output=True, text=True, check=False
+        [*guestlib.luoctl(luod.socket), *args], capture_output=True, text=True, check=False
     )
     return (r.stdout + r.stderr).rstrip()
 
@@ -177,10 +170,6 @@ def start_luod() -> LuodProcess:
     return luod
 
 
-def keep_log(luod: LuodProcess) -> None:
-    shutil.copy(luod.log_path, guestlib.results_dir() / f"luod-stage-{guestlib.stage()}.log")
-
-
 def stage1(mib: int) -> None:
     mark("boot", kernel=platform.release(), python=platform.python_version(), boot_id=boot_id())
     luod = start_luod()
@@ -192,21 +181,11 @@ def stage1(mib: int) -> None:
         list=run_luoctl(luod, "list"),
         check=run_luoctl(luod, "check"),
     )
-    keep_log(luod)
-    kernel = os.environ["LUOD_VM_KERNEL"]
-    argv = [
-        *luoctl(),
-        f"--socket={luod.socket}",
-        "kexec",
-        kernel,
-        "--append",
-        guestlib.next_stage_cmdline(),
-    ]
+    guestlib.keep_log(luod)
+    argv = guestlib.luoctl_kexec_argv(luod.socket)
     mark("kexec-requested", argv=argv)
-    r = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if r.returncode == 0:
-        time.sleep(120)  # luod jumps right after its reply
-    keep_log(luod)
+    r = guestlib.run_luoctl_kexec(argv)
+    guestlib.keep_log(luod)
     raise RuntimeError(f"still here after luoctl kexec (exit {r.returncode}): {r.stdout}{r.stderr}")
 
 
@@ -230,7 +209,7 @@ def stage2() -> None:
             list=run_luoctl(luod, "list"),
         )
     finally:
-        keep_log(luod)
+        guestlib.keep_log(luod)
         luod.stop()
 
 

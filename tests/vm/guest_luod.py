@@ -20,6 +20,7 @@ LUOD_VM_SCENARIO:
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -27,19 +28,18 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from luod.carriers.slots import capacity_for, write_slot
 from luod.client import Client, VarlinkError
 from luod.kernel.backend import KernelBackend, LuoError
-from luod.manifest import capacity_for, write_slot
-from tests.luodproc import LuodProcess
-
-from . import guestlib
+from testsupport.luodproc import LuodProcess
+from testsupport.util import make_memfd, memfd_facts
+from testsupport.vm import guestlib
 
 WORK = Path("/run/luod-test")
 TMP = Path(tempfile.gettempdir())
@@ -48,32 +48,12 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 def facts(fd: int) -> dict[str, Any]:
-    st = os.fstat(fd)
-    h = hashlib.sha256()
-    off = 0
-    while off < st.st_size:
-        chunk = os.pread(fd, min(1 << 20, st.st_size - off), off)
-        if not chunk:
-            break
-        h.update(chunk)
-        off += len(chunk)
-    return {
-        "sha256": h.hexdigest(),
-        "size": st.st_size,
-        "position": os.lseek(fd, 0, os.SEEK_CUR),
-        "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS),
-    }
+    """sha256, size, position and seals of a memfd, as JSON for the host."""
+    return dataclasses.asdict(memfd_facts(fd))
 
 
 def memfd(data: bytes, position: int = 0, seals: int = 0) -> int:
-    fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    os.lseek(fd, position, os.SEEK_SET)
-    if seals:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return fd
+    return make_memfd(data, position, seals, name="guest")
 
 
 def start_luod(*args: str) -> LuodProcess:
@@ -93,25 +73,10 @@ def luoctl_kexec(luod: LuodProcess, out: dict[str, Any], name: str) -> None:
     kexec_file_load and asks luod (no systemd here) to reboot into it."""
     out["uptime_kexec"] = guestlib.uptime()
     guestlib.write_json(name, out)
-    kernel = os.environ["LUOD_VM_KERNEL"]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "luod.cli",
-            f"--socket={luod.socket}",
-            "kexec",
-            kernel,
-            "--append",
-            guestlib.next_stage_cmdline(),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    # Usually not reached: luod jumps right after its reply.
+    r = guestlib.run_luoctl_kexec(guestlib.luoctl_kexec_argv(luod.socket))
+    # Not reached when the kexec came: luod jumps right after its reply.
     out["luoctl_kexec"] = {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
     guestlib.write_json(name, out)
-    time.sleep(120)  # luod jumps; this process ends with the old kernel
     raise RuntimeError(f"still here after luoctl kexec: {r.stderr}")
 
 
@@ -336,10 +301,7 @@ def manifest_stage3(out: dict[str, Any]) -> None:
 
 def _luoctl(luod: LuodProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "luod.cli", f"--socket={luod.socket}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*guestlib.luoctl(luod.socket), *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -347,16 +309,7 @@ def _subscriber(luod: LuodProcess, name: str, *args: str) -> tuple[subprocess.Po
     out = TMP / f"sub-{name}-{guestlib.stage()}.jsonl"
     f = open(out, "w")  # noqa: SIM115 - handed to the child
     p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "luod.cli",
-            f"--socket={luod.socket}",
-            "--json",
-            "subscribe",
-            name,
-            *args,
-        ],
+        [*guestlib.luoctl(luod.socket), "--json", "subscribe", name, *args],
         stdout=f,
         stderr=subprocess.STDOUT,
         text=True,

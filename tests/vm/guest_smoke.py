@@ -20,8 +20,8 @@ from typing import Any
 
 from luod.kernel import fdinfo
 from luod.kernel.backend import KernelBackend
-
-from . import guestlib
+from testsupport.util import memfd_facts
+from testsupport.vm import guestlib
 
 SESSION = "luod-vm-smoke"
 TOKEN = 0x5EED_0001
@@ -38,18 +38,6 @@ def fd_facts(fd: int) -> dict[str, Any]:
         "mode": facts.mode,
         "size": facts.size,
     }
-
-
-def sha256_of(fd: int, size: int) -> str:
-    h = hashlib.sha256()
-    off = 0
-    while off < size:
-        chunk = os.pread(fd, min(1 << 16, size - off), off)
-        if not chunk:
-            break
-        h.update(chunk)
-        off += len(chunk)
-    return h.hexdigest()
 
 
 def common() -> dict[str, Any]:
@@ -93,7 +81,7 @@ def stage2(be: KernelBackend, out: dict[str, Any]) -> None:
     out["memfd"] = fd_facts(fd)
     out["size"] = st.st_size
     out["position"] = os.lseek(fd, 0, os.SEEK_CUR)
-    out["sha256"] = sha256_of(fd, st.st_size)
+    out["sha256"] = memfd_facts(fd).sha256
     be.finish_session(session)
     out["finished"] = True
     out["uptime_end"] = guestlib.uptime()

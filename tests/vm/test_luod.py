@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from . import qemu
+from testsupport.vm import qemu
+
 from .conftest import LuoKernel
 
 pytestmark = pytest.mark.vm

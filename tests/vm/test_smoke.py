@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from luod.kernel import fdinfo, uapi
+from testsupport.vm import qemu
 
-from . import qemu
 from .conftest import LuoKernel
 
 pytestmark = pytest.mark.vm

@@ -8,7 +8,7 @@
 #   journal  luod's native journal fields (-o verbose / -o json)
 #   ordering luod-test-wants-fds.service (After=/Wants=luod-reclaim.service)
 #            gets its memfd from luod at boot on the first try
-# shellcheck source=tests/systemd/guest/lib.sh
+# shellcheck source=testsupport/systemd/guest/lib.sh
 . "$LUOD_TEST_GUEST/lib.sh"
 
 svc=ActiveState,SubState,Result,InvocationID,MainPID,NRestarts,NFileDescriptorStore

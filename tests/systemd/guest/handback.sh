@@ -7,7 +7,7 @@
 #   stage 2  after `luoctl kexec` it starts at boot after luod-reclaim.service;
 #            its ExecStartPre= pushes the fd into the unit's fd store and the
 #            program finds it in LISTEN_FDNAMES without calling luod.
-# shellcheck source=tests/systemd/guest/lib.sh
+# shellcheck source=testsupport/systemd/guest/lib.sh
 . "$LUOD_TEST_GUEST/lib.sh"
 
 unit=luod-test-handback.service

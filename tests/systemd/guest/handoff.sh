@@ -3,7 +3,7 @@
 # Scenario (b), two stages: a memfd handed to luod with nothing but
 # `varlinkctl --push-fd=`, `luoctl kexec` (-> systemctl kexec), and after the
 # boot luod-reclaim.service has run and `varlinkctl --exec` gives it back.
-# shellcheck source=tests/systemd/guest/lib.sh
+# shellcheck source=testsupport/systemd/guest/lib.sh
 . "$LUOD_TEST_GUEST/lib.sh"
 
 svc=ActiveState,SubState,Result,InvocationID,MainPID,NFileDescriptorStore,FileDescriptorStorePreserve

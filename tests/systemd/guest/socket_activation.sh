@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # Scenario (a), one stage: luod.socket activation and varlinkctl's view of luod.
-# shellcheck source=tests/systemd/guest/lib.sh
+# shellcheck source=testsupport/systemd/guest/lib.sh
 . "$LUOD_TEST_GUEST/lib.sh"
 
 props=ActiveState,SubState,Result,InvocationID,MainPID,TriggeredBy

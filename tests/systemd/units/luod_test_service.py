@@ -2,7 +2,7 @@
 """Test-only service program of tests/systemd (installed by vm/build-image.sh
 --test-units as /usr/lib/luod-test/luod_test_service.py; run by the
 luod-test-*.service units next to it). Runs on the guest's python3 with the
-luod package of the image.
+image's luod and testsupport.
 
     luod_test_service.py luosession NAME   (LUOSession=NAME)
         The session PID 1 hands over in LISTEN_FDS (FDNAME=NAME): an outgoing
@@ -14,75 +14,47 @@ luod package of the image.
     luod_test_service.py wants-fds SESSION NAME
         One RetrieveFd from luod, no retry (boot ordering after
         luod-reclaim.service); describes what came back.
+    luod_test_service.py handback SESSION NAME
+        (luod-test-handback.service) If the fd store handed it an fd named
+        NAME (LISTEN_FDNAMES, put there by `luoctl handback` in
+        ExecStartPre=), describe it: mode "from-store", and luod is not
+        called. Otherwise (the first boot) create a memfd of known bytes and
+        hand it to luod under SESSION/NAME: mode "pushed-to-luod".
 
-Each writes what it did to /run/luod-test/<unit>.json; exit status 0 on
-success.
+Each writes what it did to /run/luod-test/$LUOD_TEST_UNIT.json and stdout;
+exit status 0 on success.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import select
 import sys
 import time
 from typing import Any
 
 from luod import notify
 from luod.kernel.backend import KernelBackend
+from testsupport.guest import describe, listen_fds_by_name, seeded_memfd
 
 OUT = "/run/luod-test"
 SIZE = 256 * 1024
 TOKEN = 1
+HANDBACK_SIZE = 512 * 1024
+HANDBACK_POSITION = 4096
 
 
-def content(seed: str) -> bytes:
-    out = bytearray()
-    block = hashlib.sha256(seed.encode()).digest()
-    while len(out) < SIZE:
-        block = hashlib.sha256(block).digest()
-        out += block * 64
-    return bytes(out[:SIZE])
-
-
-def describe(fd: int) -> dict[str, Any]:
-    size = os.fstat(fd).st_size
-    return {
-        "size": size,
-        "sha256": hashlib.sha256(os.pread(fd, size, 0)).hexdigest(),
-        "link": os.readlink(f"/proc/self/fd/{fd}"),
-    }
-
-
-def new_memfd(seed: str) -> int:
-    fd = os.memfd_create(seed, os.MFD_CLOEXEC)
-    os.write(fd, content(seed))
-    return fd
-
-
-def listen() -> dict[str, int]:
-    return {entry.name: entry.fd for entry in notify.listen_fds()}
-
-
-def barrier() -> bool:
-    """sd_notify_barrier(): True once PID 1 processed every message before."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        if not notify.notify("BARRIER=1", [w]):
-            return False
-        os.close(w)
-        w = -1
-        ready, _, _ = select.select([r], [], [], 30.0)
-        return bool(ready)
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
+def from_store(fds: dict[str, int], name: str, out: dict[str, Any]) -> bool:
+    """Whether the fd store passed an fd named `name`; describes it if so."""
+    if name not in fds:
+        return False
+    out["mode"] = "from-store"
+    out["memfd"] = describe(fds[name])
+    return True
 
 
 def luosession(name: str, out: dict[str, Any]) -> bool:
-    fds = listen()
+    fds = listen_fds_by_name()
     out["listen_fdnames"] = sorted(fds)
     sfd = fds.get(name)
     if sfd is None:
@@ -99,7 +71,7 @@ def luosession(name: str, out: dict[str, Any]) -> bool:
         out["mode"] = "retrieved"
         out["memfd"] = describe(fd)
         return True
-    fd = new_memfd(f"luosession-{name}")
+    fd = seeded_memfd(SIZE, f"luosession-{name}", name=f"luosession-{name}")
     be.preserve_fd(sfd, fd, TOKEN)
     out["mode"] = "preserved"
     out["memfd"] = describe(fd)
@@ -107,19 +79,17 @@ def luosession(name: str, out: dict[str, Any]) -> bool:
 
 
 def fdstore(name: str, out: dict[str, Any]) -> bool:
-    fds = listen()
+    fds = listen_fds_by_name()
     out["listen_fdnames"] = sorted(fds)
-    if name in fds:
-        out["mode"] = "from-store"
-        out["memfd"] = describe(fds[name])
+    if from_store(fds, name, out):
         return True
-    fd = new_memfd(f"fdstore-{name}")
+    fd = seeded_memfd(SIZE, f"fdstore-{name}", name=f"fdstore-{name}")
     out["mode"] = "pushed"
     out["memfd"] = describe(fd)
     if not notify.notify(f"FDSTORE=1\nFDNAME={name}", [fd]):
         out["error"] = "FDSTORE=1 not sent (no $NOTIFY_SOCKET?)"
         return False
-    return barrier()
+    return notify.barrier(30.0)  # PID 1 has it in the store
 
 
 def wants_fds(session: str, name: str, out: dict[str, Any]) -> bool:
@@ -135,6 +105,28 @@ def wants_fds(session: str, name: str, out: dict[str, Any]) -> bool:
     return True
 
 
+def handback(session: str, name: str, out: dict[str, Any]) -> bool:
+    out.update(session=session, name=name, pid=os.getpid())
+    out["listen_fds"] = os.environ.get("LISTEN_FDS")
+    out["listen_fdnames"] = os.environ.get("LISTEN_FDNAMES")
+    fds = listen_fds_by_name()
+    out["names"] = sorted(fds)
+    if from_store(fds, name, out):
+        return True
+    if fds:
+        out["error"] = f"fds in the store, but none named {name!r}"
+        return False
+    from luod.client import connect
+
+    seed = f"{session}/{name}"
+    fd = seeded_memfd(HANDBACK_SIZE, seed, position=HANDBACK_POSITION, name=f"handback-{name}")
+    out["memfd"] = describe(fd)
+    with connect() as c:
+        out["preserved"] = c.preserve_fd(session, name, fd, create_session=True)
+    out["mode"] = "pushed-to-luod"
+    return True
+
+
 def main() -> int:
     what, args = sys.argv[1], sys.argv[2:]
     out: dict[str, Any] = {"what": what, "args": args, "start_monotonic": time.monotonic()}
@@ -145,6 +137,8 @@ def main() -> int:
             ok = fdstore(args[0], out)
         elif what == "wants-fds":
             ok = wants_fds(args[0], args[1], out)
+        elif what == "handback":
+            ok = handback(args[0], args[1], out)
         else:
             out["error"] = f"unknown command {what!r}"
             ok = False

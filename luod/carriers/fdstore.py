@@ -1,0 +1,352 @@
+"""The fd-store carrier: luod's session fds and its manifest in luod's own fd store.
+
+Under systemd >= 261 with FileDescriptorStorePreserve=yes, PID 1 carries a
+service's fd store over a kexec: at shutdown it preserves every memfd of the
+store into its own LUO session 'systemd' and records every LUO session fd of
+the store by its session name (sessions cannot be nested); after the kexec it
+retrieves both and puts them back into the store under the same FDNAME. The
+service gets its store in LISTEN_FDS/LISTEN_FDNAMES when it starts, after a
+kexec as after a plain restart.
+
+So luod pushes every session fd it holds (FDSTORE=1, FDNAME=session.NAME)
+and its manifest memfd (FDNAME=luod-manifest-a or -b) into the store, and
+takes them back from LISTEN_FDS at start. What that gives:
+
+- luod may crash or be restarted: the store keeps every session open, so
+  nothing is unpreserved; the new luod holds the same OUTGOING sessions
+  again. It has no reference to the memfds inside them any more (the kernel
+  cannot hand a file back out of an outgoing session) until the next kexec.
+- luod is stopped before the kexec like any service and releases
+  /dev/liveupdate on the way out; PID 1 does the rest. After the kexec the
+  session fds in LISTEN_FDS are INCOMING sessions already retrieved by PID 1:
+  `retrieve_session()` hands those out instead of asking the kernel, which
+  would answer EINVAL (a session can be retrieved once).
+
+The manifest keeps the two-slot format of luod.carriers.slots. A memfd in the
+store is not preserved before shutdown, so it could grow; but a new, larger
+memfd under the other name is pushed before the old one is removed, so the
+store always holds one complete manifest, also when luod dies in between
+(load() then takes the newer of the two).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from luod import notify, servicemanager
+from luod.carriers import CarrierOptions, CarrierProblem, IncomingState, store_max_from_env
+from luod.carriers.slots import SlotWriter, newest
+from luod.kernel import fdinfo
+from luod.kernel.backend import Backend, LuoError
+from luod.manifest import ManifestError
+from luod.notify import ListenFd
+
+log = structlog.get_logger("luod")
+
+MANIFEST_NAMES = ("luod-manifest-a", "luod-manifest-b")
+SESSION_FDNAME_PREFIX = "session."
+VARLINK_FDNAME = "varlink"
+
+# notify.notify's signature: send a message with fds, True when it went out.
+Send = Callable[[str, Sequence[int]], bool]
+
+
+def fdname_for(kernel_name: str) -> str:
+    """The FDNAME a session fd is stored under.
+
+    A valid fd name is printable ASCII without ':' (the separator of
+    LISTEN_FDNAMES) and at most 255 characters. Session names may contain
+    ':', so it and everything else outside printable ASCII is percent-encoded
+    ('%' too, so that two session names never share an fd name). 63 bytes
+    of name give at most 8 + 3 * 63 = 197 characters."""
+    out: list[str] = []
+    for b in kernel_name.encode():
+        if 0x20 < b < 0x7F and b not in b":%":
+            out.append(chr(b))
+        else:
+            out.append(f"%{b:02X}")
+    return SESSION_FDNAME_PREFIX + "".join(out)
+
+
+def open_carrier(
+    backend: Backend, listen: Sequence[ListenFd], options: CarrierOptions
+) -> FdStoreCarrier:
+    """The carrier, owning `listen`; SystemExit without a service manager."""
+    if not options.environ.get("NOTIFY_SOCKET"):
+        raise SystemExit(
+            "luod: --carrier=fdstore needs a service manager with an fd store "
+            "($NOTIFY_SOCKET and FileDescriptorStoreMax=); there is none"
+        )
+    problem, version = servicemanager.fdstore_kexec_problem(options.service_manager)
+    if problem is None:
+        log.info("service-manager-carries-fdstore", version=version)
+    else:
+        # Within this boot the store still keeps everything across a
+        # restart of luod; a kexec is what the preflight check refuses.
+        log.warning("service-manager-drops-fdstore", version=version, reason=problem)
+    return FdStoreCarrier(
+        backend,
+        listen,
+        store_max_from_env(options.environ.get("FDSTORE")),
+        kexec_problem=problem,
+    )
+
+
+class FdStoreCarrier:
+    """The Carrier for luod under systemd >= 261 (FileDescriptorStorePreserve=yes)."""
+
+    name = "fdstore"
+    # The store keeps every session open when luod exits without a kexec.
+    holds_after_exit = True
+
+    def __init__(
+        self,
+        backend: Backend,
+        listen: Sequence[ListenFd],
+        store_max: int | None = None,
+        send: Send = notify.notify,
+        kexec_problem: str | None = None,
+    ) -> None:
+        """`listen`: the LISTEN_FDS entries other than the varlink socket;
+        every one of them is now owned by the carrier. `kexec_problem`: why
+        the service manager would not carry the store over a kexec
+        (luod.servicemanager), None when it does."""
+        self.backend = backend
+        self.store_max = store_max
+        self.kexec_problem = kexec_problem
+        self._send = send
+        # kernel session name -> FDNAME, for every session fd in the store.
+        self._stored: dict[str, str] = {}
+        # Session fds from LISTEN_FDS the core has not taken (retrieve_session).
+        self._incoming: dict[str, int] = {}
+        self._manifests: list[tuple[str, int]] = []  # manifest memfds from LISTEN_FDS
+        self._junk: set[str] = set()  # FDNAMEs of store entries closed as unknown
+        self._manifest = SlotWriter(MANIFEST_NAMES)
+        self._pushed = False  # whether the store has the manifest memfd written to
+        self._failed: dict[str, str] = {}  # kernel name -> why its push failed
+        for entry in listen:
+            self._sort(entry)
+
+    # --- LISTEN_FDS -----------------------------------------------------------
+
+    def _sort(self, entry: ListenFd) -> None:
+        """Keep a manifest memfd or a LUO session; close anything else."""
+        if entry.name in MANIFEST_NAMES:
+            facts = fdinfo.inspect_fd(entry.fd)
+            if facts.kind is fdinfo.FdKind.MEMFD:
+                self._manifests.append((entry.name, entry.fd))
+                return
+            self._discard(entry, f"named like a manifest but {facts.describe()}")
+            return
+        kernel_name = self.backend.identify_session(entry.fd)
+        if kernel_name is None:
+            facts = fdinfo.inspect_fd(entry.fd)
+            self._discard(entry, f"neither a manifest nor a LUO session: {facts.describe()}")
+            return
+        if kernel_name in self._incoming:
+            # The store never holds one session twice unless a push was
+            # repeated; the copy kept is as good as this one.
+            os.close(entry.fd)
+            log.warning(
+                "fdstore-duplicate-closed",
+                kernel_name=kernel_name,
+                name=entry.name,
+                kept=self._stored[kernel_name],
+            )
+            if entry.name != self._stored[kernel_name]:
+                self._junk.add(entry.name)
+            return
+        if entry.name != fdname_for(kernel_name):
+            # The kernel's name is authoritative; the label only has to be
+            # known to remove the entry later.
+            log.warning(
+                "fdstore-unexpected-name",
+                kernel_name=kernel_name,
+                name=entry.name,
+                expected=fdname_for(kernel_name),
+            )
+        self._incoming[kernel_name] = entry.fd
+        self._stored[kernel_name] = entry.name
+
+    def _discard(self, entry: ListenFd, why: str) -> None:
+        os.close(entry.fd)
+        self._junk.add(entry.name)
+        log.warning("fdstore-fd-closed", name=entry.name, reason=why)
+
+    # --- Carrier --------------------------------------------------------------
+
+    def describe(self) -> str:
+        out = self._manifest.current
+        manifest = "no manifest yet" if out is None else f"manifest '{out.name}' ({out.size} bytes)"
+        limit = f" of at most {self.store_max}" if self.store_max is not None else ""
+        text = f"fd store: {manifest}, {len(self._stored)} session fds{limit}"
+        if self.kexec_problem is not None:
+            text += "; NOT carried over a kexec by the service manager"
+        not_stored = self._not_stored()
+        if not_stored:
+            text += f"; {len(not_stored)} not in the store"
+        return text
+
+    def load(self) -> IncomingState | None:
+        found = newest(self._manifests, unreadable=_log_unreadable)
+        if found is None:
+            if self._incoming:
+                raise ManifestError(
+                    "corrupt",
+                    f"luod's fd store holds {len(self._incoming)} LUO sessions but no manifest "
+                    f"({', '.join(sorted(self._incoming))}): nobody knows what they hold",
+                )
+            return None
+        # The incoming manifest memfd is in the store already: write on in it.
+        self._manifest.follow(found, write_in_it=True)
+        self._pushed = True
+        return IncomingState(found.read.payload, f"fd store entry '{found.name}'")
+
+    def retrieve_session(self, kernel_name: str) -> int:
+        fd = self._incoming.pop(kernel_name, None)
+        if fd is None:
+            raise LuoError("retrieve_session", errno.ENOENT, f"{kernel_name} (not in the fd store)")
+        return fd
+
+    def finish_incoming(self) -> None:
+        """Release what the manifest does not name: session fds nobody
+        claimed (their store entry goes too, so the kernel drops them), an
+        older manifest, and entries closed as unknown."""
+        for kernel_name, fd in self._incoming.items():
+            os.close(fd)
+            fdname = self._stored.pop(kernel_name)
+            self._remove(fdname)
+            log.warning(
+                "fdstore-session-released",
+                kernel_name=kernel_name,
+                name=fdname,
+                reason="not in the manifest",
+            )
+        self._incoming.clear()
+        out = self._manifest.current
+        for name, fd in self._manifests:
+            if out is not None and fd == out.fd:
+                continue
+            os.close(fd)
+            self._remove_unless_used(name)
+            log.info("fdstore-manifest-dropped", name=name, reason="an older manifest")
+        self._manifests.clear()
+        for name in sorted(self._junk):
+            self._remove_unless_used(name)
+        self._junk.clear()
+
+    def save(self, payload: bytes) -> None:
+        new = self._manifest.save(payload)
+        if new is None:
+            out = self._manifest.current
+            assert out is not None
+            if not self._pushed:
+                self._pushed = self._push(out.name, out.fd, what="manifest")
+            return
+        # A new, larger memfd under the other name, pushed before the old
+        # one is removed.
+        pushed = self._push(new.name, new.fd, what="manifest")
+        old, old_pushed = self._manifest.replace(new), self._pushed
+        self._pushed = pushed
+        log.info("fdstore-manifest-created", name=new.name, size=new.size, pushed=pushed)
+        if old is not None:
+            # Even if the new one did not reach the store: an old manifest
+            # would name fewer sessions than the store holds, and the next
+            # luod would release the rest. No manifest releases nothing.
+            if old_pushed:
+                self._remove(old.name)
+            os.close(old.fd)
+
+    def session_held(self, kernel_name: str, fd: int) -> None:
+        if kernel_name in self._stored:
+            return  # it came from the store
+        fdname = fdname_for(kernel_name)
+        if self._push(fdname, fd, what="session", kernel_name=kernel_name):
+            self._stored[kernel_name] = fdname
+            self._failed.pop(kernel_name, None)
+        else:
+            self._failed[kernel_name] = (
+                "its session fd is not in luod's fd store: it is lost when luod stops"
+            )
+
+    def session_dropped(self, kernel_name: str) -> None:
+        self._failed.pop(kernel_name, None)
+        fdname = self._stored.pop(kernel_name, None)
+        if fdname is not None:
+            self._remove(fdname)
+
+    def problems(self) -> list[CarrierProblem]:
+        out = self._not_stored()
+        if self.kexec_problem is not None:
+            out.append(CarrierProblem(None, self.kexec_problem))
+        return out
+
+    def _not_stored(self) -> list[CarrierProblem]:
+        """What should be in the store and is not."""
+        out = [CarrierProblem(k, why) for k, why in self._failed.items()]
+        manifest = self._manifest.current
+        if manifest is not None and not self._pushed:
+            out.append(
+                CarrierProblem(
+                    None,
+                    f"the manifest '{manifest.name}' is not in luod's fd store: "
+                    "after a restart or kexec luod would not know what it holds",
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        """Close luod's copies; the store keeps its own."""
+        for fd in self._incoming.values():
+            os.close(fd)
+        self._incoming.clear()
+        out = self._manifest.current
+        for _name, fd in self._manifests:
+            if out is None or fd != out.fd:
+                os.close(fd)
+        self._manifests.clear()
+        self._manifest.close()
+
+    # --- the store ------------------------------------------------------------
+
+    def _entries(self) -> int:
+        return len(self._stored) + (1 if self._manifest.current is not None and self._pushed else 0)
+
+    def _push(self, fdname: str, fd: int, what: str, kernel_name: str | None = None) -> bool:
+        fields = {"name": fdname, "what": what}
+        if kernel_name is not None:
+            fields["kernel_name"] = kernel_name
+        if self.store_max is not None and self._entries() >= self.store_max:
+            log.error("fdstore-full", max=self.store_max, **fields)
+            return False
+        # FDPOLL=0: PID 1 must not drop a session fd for a poll event; luod
+        # removes its entries itself.
+        if not self._send(f"FDSTORE=1\nFDNAME={fdname}\nFDPOLL=0", [fd]):
+            log.error("fdstore-push-failed", reason="the service manager did not take it", **fields)
+            return False
+        log.debug("fdstore-pushed", **fields)
+        return True
+
+    def _remove(self, fdname: str) -> None:
+        if not self._send(f"FDSTOREREMOVE=1\nFDNAME={fdname}", []):
+            log.error("fdstore-remove-failed", name=fdname)
+            return
+        log.debug("fdstore-removed", name=fdname)
+
+    def _remove_unless_used(self, fdname: str) -> None:
+        """FDSTOREREMOVE removes every entry of a name: spare names in use."""
+        used = set(self._stored.values())
+        if self._manifest.current is not None:
+            used.add(self._manifest.current.name)
+        if fdname in used:
+            log.warning("fdstore-entry-kept", name=fdname, reason="its name is in use")
+            return
+        self._remove(fdname)
+
+
+def _log_unreadable(name: str, e: ManifestError) -> None:
+    log.error("fdstore-manifest-unreadable", name=name, reason=e.message)

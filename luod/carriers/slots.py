@@ -1,0 +1,217 @@
+"""The manifest memfd: two checksummed slots, written alternately.
+
+Once preserved a memfd cannot grow or shrink, but writes into it are carried.
+So the memfd has a fixed capacity and two slots; each write goes to the
+slot not holding the newest copy, so a torn write can never destroy the last
+good manifest. Slot layout (little endian):
+
+    magic  8 bytes  b"LUODMAN\\0"
+    format u32      SLOT_FORMAT
+    seq    u64      increases with every write
+    length u32      bytes of JSON
+    sha256 32 bytes of the JSON
+    json   `length` bytes
+
+Both carriers keep their manifest this way; they differ only in where a
+memfd lives (a LUO session of luod's own, or luod's fd store). This module
+is the one place that reads and writes slots, picks the newest manifest of
+several memfds, and makes a larger memfd when the manifest outgrows one.
+What the JSON says is luod.manifest's concern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+
+from luod.manifest import ManifestError
+
+SLOT_FORMAT = 1
+SLOT_MAGIC = b"LUODMAN\0"
+_HEADER = struct.Struct("<8sIQI32s")
+
+
+def slot_capacity(memfd_size: int) -> int:
+    return memfd_size // 2 - _HEADER.size
+
+
+def capacity_for(payload: int) -> int:
+    """A memfd size with room for `payload` bytes per slot, and then some."""
+    need = 2 * (payload + _HEADER.size)
+    size = 64 * 1024
+    while size < 2 * need:
+        size *= 2
+    return size
+
+
+def write_slot(fd: int, memfd_size: int, slot: int, seq: int, payload: bytes) -> None:
+    if len(payload) > slot_capacity(memfd_size):
+        raise ValueError("manifest does not fit the slot")
+    header = _HEADER.pack(
+        SLOT_MAGIC, SLOT_FORMAT, seq, len(payload), hashlib.sha256(payload).digest()
+    )
+    # Body first, header last: a reader never sees a header for a body that
+    # is not fully written.
+    base = slot * (memfd_size // 2)
+    os.pwrite(fd, payload, base + _HEADER.size)
+    os.pwrite(fd, header, base)
+
+
+@dataclasses.dataclass
+class SlotRead:
+    seq: int
+    slot: int
+    payload: bytes
+
+
+def read_newest(fd: int) -> SlotRead:
+    """The newest intact slot of a manifest memfd, or ManifestError."""
+    size = os.fstat(fd).st_size
+    if size < 2 * _HEADER.size:
+        raise ManifestError(
+            "corrupt", f"manifest memfd is {size} bytes, too small to hold a manifest"
+        )
+    best: SlotRead | None = None
+    problems: list[str] = []
+    for slot in (0, 1):
+        base = slot * (size // 2)
+        head = os.pread(fd, _HEADER.size, base)
+        magic, fmt, seq, length, digest = _HEADER.unpack(head)
+        if magic != SLOT_MAGIC:
+            problems.append(f"slot {slot}: no manifest")
+            continue
+        if fmt != SLOT_FORMAT:
+            raise ManifestError(
+                "version",
+                f"manifest slot format {fmt} is not known to this luod (it reads format {SLOT_FORMAT})",
+            )
+        if length > slot_capacity(size):
+            problems.append(f"slot {slot}: length {length} exceeds the slot")
+            continue
+        payload = os.pread(fd, length, base + _HEADER.size)
+        if hashlib.sha256(payload).digest() != digest:
+            problems.append(f"slot {slot}: checksum mismatch")
+            continue
+        if best is None or seq > best.seq:
+            best = SlotRead(seq, slot, payload)
+    if best is None:
+        raise ManifestError("corrupt", "manifest is corrupt: " + "; ".join(problems))
+    return best
+
+
+@dataclasses.dataclass
+class Found:
+    """The newest manifest among several memfds, and which memfd holds it."""
+
+    name: str
+    fd: int
+    read: SlotRead
+
+
+def newest(
+    candidates: Iterable[tuple[str, int | ManifestError]],
+    unreadable: Callable[[str, ManifestError], None] | None = None,
+) -> Found | None:
+    """The newest manifest of the named memfds; None when there are none.
+
+    A candidate is a memfd, or the ManifestError saying why a carrier found
+    none where one should be. An unreadable memfd is passed over (and told
+    to `unreadable`) as long as another one holds a manifest; when none
+    does, the last error is raised, so that nothing is released on the
+    strength of a manifest nobody could read."""
+    best: Found | None = None
+    broken: ManifestError | None = None
+    for name, fd in candidates:
+        if isinstance(fd, ManifestError):
+            broken = fd
+            continue
+        try:
+            read = read_newest(fd)
+        except ManifestError as e:
+            if unreadable is not None:
+                unreadable(name, e)
+            broken = e
+            continue
+        if best is None or read.seq > best.read.seq:
+            best = Found(name, fd, read)
+    if best is None and broken is not None:
+        raise broken
+    return best
+
+
+@dataclasses.dataclass
+class SlotMemfd:
+    """One manifest memfd luod writes to."""
+
+    name: str
+    fd: int
+    size: int
+    slot: int  # the slot written last; the next write goes to the other
+
+    @classmethod
+    def create(cls, name: str, seq: int, payload: bytes) -> SlotMemfd:
+        """A new memfd with room to grow, `payload` in slot 0."""
+        size = capacity_for(len(payload))
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            write_slot(fd, size, 0, seq, payload)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, fd, size, 0)
+
+
+class SlotWriter:
+    """luod's outgoing manifest: the memfd written to and the sequence
+    number of its newest copy.
+
+    save() writes into the slot not holding the newest copy while the
+    manifest fits; when it does not (or there is no memfd yet) it makes a
+    new, larger memfd and hands it back, for the carrier to put where the
+    next boot finds it before it calls replace() and drops the old one."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        """`names`: what a new memfd is called; a new one takes the first
+        name the current one does not have, so with two names the old and
+        the new memfd never share one."""
+        self.names = names
+        self.current: SlotMemfd | None = None
+        self.seq = 0
+
+    def follow(self, found: Found, write_in_it: bool) -> None:
+        """Carry on after the incoming manifest `found`: the next write is
+        newer. `write_in_it`: the incoming memfd becomes the one written to
+        (where it is kept for the next boot already, as in an fd store);
+        else the next save() makes a new memfd."""
+        self.seq = found.read.seq
+        if write_in_it:
+            fd = found.fd
+            self.current = SlotMemfd(found.name, fd, os.fstat(fd).st_size, found.read.slot)
+
+    def save(self, payload: bytes) -> SlotMemfd | None:
+        """Write `payload` as the newest manifest. None when it went into the
+        current memfd; else a new memfd holding it, not the current one yet."""
+        self.seq += 1
+        out = self.current
+        if out is not None and len(payload) <= slot_capacity(out.size):
+            slot = 1 - out.slot
+            write_slot(out.fd, out.size, slot, self.seq, payload)
+            out.slot = slot
+            return None
+        name = next((n for n in self.names if out is None or n != out.name), self.names[0])
+        return SlotMemfd.create(name, self.seq, payload)
+
+    def replace(self, new: SlotMemfd) -> SlotMemfd | None:
+        """`new` (from save()) is the memfd written to from now on; the old
+        one is returned for the caller to drop."""
+        old, self.current = self.current, new
+        return old
+
+    def close(self) -> None:
+        if self.current is not None:
+            os.close(self.current.fd)
+            self.current = None

@@ -1,0 +1,105 @@
+"""luoctl's looking-glass commands: status, check, reclaim."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from luod.cli.common import connect, format_bytes, format_time, print_json
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect(args) as c:
+        st = c.status()
+        check = c.check()
+    if args.json:
+        print_json({"status": st, "check": check})
+        return 0
+    print(f"luod {st['version']}  backend: {st['backend']}  carrier: {st['carrier']}")
+    print(
+        f"kexecs: {st['kexecCount']}  sessions: {st['sessions']}  files: {st['files']}  pinned: {format_bytes(st['bytesPinned'])}"
+    )
+    rec = st.get("reclaim")
+    if rec:
+        print(_reclaim_line(rec))
+    if st.get("nextReleaseUSec") is not None:
+        print(
+            f"unclaimed sessions are released at {format_time(st['nextReleaseUSec'])} (grace {st['graceSec']}s)"
+        )
+    lk = st.get("loadedKernel")
+    if lk:
+        print(
+            f"loaded kernel: {lk['kernel']}"
+            + (f" initrd {lk['initrd']}" if lk.get("initrd") else "")
+            + f", command line: {lk['commandLine']!r}"
+        )
+    else:
+        print(
+            "loaded kernel: "
+            + ("yes (not loaded by luod)" if st["kernelLoaded"] else "none (luoctl load KERNEL)")
+        )
+    for sub in st.get("subscribers", []):
+        owner = sub["owner"]
+        print(
+            f"subscriber {sub['name']}: {owner.get('unit') or owner.get('comm')} (uid {owner['uid']}), {sub['state']}, deadline {sub['deadlineSec']:g}s, last event {sub['lastEvent']}"
+        )
+    lu = st.get("lastUpdate")
+    if lu:
+        print(
+            f"last update {lu['update']}: "
+            + (
+                "passed the barrier"
+                if lu["ok"]
+                else f"aborted by {lu['subscriber']}: {lu['reason']}"
+            )
+        )
+    print(
+        "ready for kexec: "
+        + ("yes" if check["ready"] else f"no ({len(check['problems'])} problems, see luoctl check)")
+    )
+    return 0
+
+
+def _reclaim_line(rec: dict[str, Any]) -> str:
+    """status's line on what came over the last kexec."""
+    line = f"reclaim: {rec['state']}, {rec['sessions']} sessions, {rec['files']} files in {rec['durationUSec'] / 1000:.1f} ms"
+    again = rec.get("preservedAgainUSec")
+    if rec["state"] == "reclaimed":
+        line += (
+            ", preserving them again for the next kexec"
+            if again is None
+            else f", preserved again in {again / 1000:.1f} ms"
+        )
+    if rec.get("lost"):
+        line += f", lost: {', '.join(rec['lost'])}"
+    if rec.get("error"):
+        line += f", error: {rec['error']}"
+    return line
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with connect(args) as c:
+        res = c.check()
+    if args.json:
+        print_json(res)
+    elif res["ready"]:
+        print("ready: nothing would be lost by a kexec now")
+    else:
+        for p in res["problems"]:
+            where = p["session"] + (f"/{p['name']}" if p.get("name") else "")
+            print(f"{where or 'luod'}: {p['reason']}")
+    return 0 if res["ready"] else 1
+
+
+def cmd_reclaim(args: argparse.Namespace) -> int:
+    with connect(args) as c:
+        rec = c.reclaim()
+    if args.json:
+        print_json(rec)
+    else:
+        print(
+            f"reclaim {rec['state']}: {rec['sessions']} sessions, {rec['files']} files, {len(rec['lost'])} lost"
+        )
+        if rec.get("error"):
+            print(f"error: {rec['error']}")
+    return 1 if rec["state"] == "failed" else 0

@@ -1,0 +1,205 @@
+"""The ledger of custody: what luod holds, and the few changes every custody
+step is made of, each keeping the kernel, the carrier and the manifest in
+agreement.
+
+What it records: the sessions by name, which held file is which (by inode,
+to refuse a file handed off twice), the managed sessions that came over the
+kexec and wait to be preserved again, the counters and the subscribers
+written into the manifest. The changes: write the manifest (`save`), carry
+a session's files in a brand-new kernel session (`represerve`), let go of a
+session (`drop`). Who may do what, and when, is decided by the callers
+(luod.custody, luod.reclaim); nothing here checks a peer.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import structlog
+
+from luod import errors
+from luod.carriers import Carrier
+from luod.kernel.backend import Backend, LuoError
+from luod.manifest import Manifest, ManifestError, to_json
+from luod.model import HeldFile, Holdings, Session, SessionState
+from luod.names import kernel_session_name
+
+log = structlog.get_logger("luod")
+
+# How long to wait for the carrier to let go of a dropped session's fd.
+REPRESERVE_PATIENCE = 3.0
+
+# (st_dev, st_ino) of a held file.
+InodeKey = tuple[int, int]
+
+
+class Ledger:
+    def __init__(
+        self,
+        backend: Backend,
+        carrier: Carrier,
+        clock: Callable[[], float] = time.time,
+        boot_id: str = "",
+    ) -> None:
+        self.backend = backend
+        self.carrier = carrier
+        self.clock = clock
+        # Written into the manifest: a manifest of this very boot means luod
+        # was restarted, not kexeced. "" (unknown) never matches.
+        self.boot_id = boot_id
+        self.sessions: dict[str, Session] = {}
+        self.kexec_count = 0
+        # How many kernel sessions luod has named so far, across kexecs.
+        self.name_counter = 0
+        # Subscribers of this boot, and of the boot before the last kexec.
+        self.known_subscribers: dict[str, int] = {}
+        self.previous_subscribers: dict[str, int] = {}
+        # Set when the incoming manifest could not be read: luod then
+        # releases nothing and takes no new custody (require_usable).
+        self.manifest_error: ManifestError | None = None
+        # Managed sessions that came over the kexec: every file is retrieved
+        # and held (copies can be handed out), but the session is still the
+        # incoming one, to be finished and preserved again (luod.reclaim).
+        self.awaiting_preservation: dict[str, int] = {}  # name -> incoming session fd
+        self._by_inode: dict[InodeKey, tuple[str, str]] = {}
+
+    # --- what is held ----------------------------------------------------------
+
+    def holdings(self) -> Holdings:
+        return Holdings(
+            sessions=len(self.sessions),
+            files=sum(len(s.files) for s in self.sessions.values()),
+            bytes_pinned=sum(s.bytes_pinned for s in self.sessions.values()),
+        )
+
+    def require_usable(self) -> None:
+        if self.manifest_error is not None:
+            raise errors.NotReady(
+                f"the incoming manifest is unusable ({self.manifest_error.message}); "
+                "luod releases nothing and accepts no new custody until an operator resolves it"
+            )
+
+    def holder_of(self, key: InodeKey) -> tuple[str, str] | None:
+        """(session, name) of the held file with inode `key`, if any."""
+        return self._by_inode.get(key)
+
+    def index(self, s: Session, f: HeldFile, key: InodeKey | None = None) -> None:
+        if key is None:
+            st = os.fstat(f.fd)
+            key = (st.st_dev, st.st_ino)
+        self._by_inode[key] = (s.name, f.name)
+
+    def unindex(self, f: HeldFile) -> None:
+        if f.fd >= 0:
+            st = os.fstat(f.fd)
+            self._by_inode.pop((st.st_dev, st.st_ino), None)
+
+    # --- the manifest ----------------------------------------------------------
+
+    def manifest(self) -> Manifest:
+        return Manifest(
+            sessions=list(self.sessions.values()),
+            kexec_count=self.kexec_count,
+            name_counter=self.name_counter,
+            written_at=self.clock(),
+            boot_id=self.boot_id,
+            subscribers=self.known_subscribers,
+        )
+
+    def save(self) -> None:
+        if self.manifest_error is not None:
+            # Writing would shadow the incoming state the operator must see.
+            return
+        self.carrier.save(to_json(self.manifest()))
+
+    def note_subscriber(self, name: str, uid: int) -> None:
+        """Remember who subscribed in this boot, so that after the kexec
+        they are told what came with them ("resumed")."""
+        if self.known_subscribers.get(name) != uid:
+            self.known_subscribers[name] = uid
+            self.save()
+
+    # --- kernel sessions -------------------------------------------------------
+
+    def new_kernel_name(self, name: str) -> str:
+        self.name_counter += 1
+        return kernel_session_name(self.name_counter, name)
+
+    def represerve(self, s: Session, files: Iterable[HeldFile]) -> None:
+        """Put `files` (fds luod holds) into a brand-new outgoing session for
+        `s`. The kernel has no 'unpreserve one file' and keeps a file in one
+        session at a time (EBUSY), so the old session goes first: closing its
+        last fd unpreserves everything in it. If the new one cannot be made,
+        luod still holds the files but the session is not carried: check()
+        says so and the preflight refuses the kexec."""
+        old_fd, old_kernel = s.fd, s.kernel_name
+        s.fd = -1
+        if old_fd >= 0:
+            os.close(old_fd)
+            self.carrier.session_dropped(old_kernel)
+        kernel_name = self.new_kernel_name(s.name)
+        sfd = self.backend.create_session(kernel_name)
+        # A carrier that holds copies of the old session fd (PID 1's fd
+        # store) lets go of them asynchronously: until it has, the files are
+        # still preserved in the old session and preserving them is EBUSY.
+        patience = REPRESERVE_PATIENCE if old_fd >= 0 and self.carrier.holds_after_exit else 0.0
+        try:
+            for f in files:
+                self._preserve_patiently(sfd, f, patience, s.name)
+        except BaseException:
+            os.close(sfd)
+            raise
+        s.fd, s.kernel_name, s.state = sfd, kernel_name, SessionState.OUTGOING
+        self.carrier.session_held(kernel_name, sfd)
+
+    def _preserve_patiently(self, sfd: int, f: HeldFile, patience: float, session: str) -> None:
+        deadline = time.monotonic() + patience
+        delay = 0.005
+        while True:
+            try:
+                self.backend.preserve_fd(sfd, f.fd, f.token)
+                return
+            except LuoError as e:
+                if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    raise
+                log.debug(
+                    "represerve-waits",
+                    session=session,
+                    name=f.name,
+                    reason="old session still held",
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
+    # --- letting go ------------------------------------------------------------
+
+    def drop(self, s: Session, why: str) -> None:
+        """Let go of `s` and everything in it (the caller saves)."""
+        for f in s.files.values():
+            self.unindex(f)
+        s.close()
+        incoming_fd = self.awaiting_preservation.pop(s.name, -1)
+        if incoming_fd >= 0:
+            # The kernel finishes a retrieved session when its fd is closed.
+            os.close(incoming_fd)
+        self.sessions.pop(s.name, None)
+        self.carrier.session_dropped(s.kernel_name)
+        log.info(
+            "session-released",
+            session=s.name,
+            owner=s.owner.describe(),
+            files=",".join(s.files) or "-",
+            bytes=s.bytes_pinned,
+            reason=why,
+        )
+
+    def close(self) -> None:
+        """luod is stopping without a kexec (tests, fallback): close all."""
+        for s in self.sessions.values():
+            s.close()
+        for fd in self.awaiting_preservation.values():
+            os.close(fd)
+        self.awaiting_preservation.clear()

@@ -1,0 +1,71 @@
+"""Naming rules: which session and fd names luod accepts, which it keeps for
+itself, and how it names the kernel sessions it creates.
+
+A client's session name is luod's handle for it; the kernel session behind
+it gets a name of luod's own (`kernel_session_name`), unique across kexecs,
+so that a name used again after a kexec never meets the session it named
+before. Refusals are raised as catalogue errors naming the offending
+parameter.
+"""
+
+from __future__ import annotations
+
+import re
+
+from luod import errors
+from luod.kernel import uapi
+
+MAX_SESSION_NAME = 48
+# The kernel's own limit: the most an adopted session's name can have.
+MAX_KERNEL_SESSION_NAME = uapi.MAX_SESSION_NAME
+MAX_FD_NAME = 255
+# Session names luod will not create or adopt: PID 1 owns 'systemd' (its fd
+# store carrier), luod owns everything starting with 'luod'.
+RESERVED_EXACT = frozenset({"systemd"})
+RESERVED_PREFIX = "luod"
+# Matched whole (fullmatch): "$" would let a trailing newline through.
+_SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:+=-]*")
+# A valid systemd fd name (no ':' which separates LISTEN_FDNAMES), so a name
+# can be handed on to a service's fd store unchanged.
+_FD_NAME = re.compile(r"[A-Za-z0-9_.@+=,-]+")
+
+
+def check_session_name(
+    name: str, parameter: str = "session", limit: int = MAX_SESSION_NAME
+) -> None:
+    if not name:
+        raise errors.InvalidName(parameter, name, "must not be empty")
+    if len(name.encode()) > limit:
+        raise errors.InvalidName(parameter, name, f"longer than {limit} bytes")
+    if not _SESSION_NAME.fullmatch(name):
+        raise errors.InvalidName(
+            parameter,
+            name,
+            "must start with a letter or digit and use only letters, digits and _.@:+=-",
+        )
+    if name in RESERVED_EXACT:
+        raise errors.ReservedSessionName(
+            name, "PID 1 uses it for the fd stores it carries over kexec"
+        )
+    if name.startswith(RESERVED_PREFIX):
+        raise errors.ReservedSessionName(name, "names starting with 'luod' are luod's own")
+
+
+def check_fd_name(name: str, parameter: str = "name") -> None:
+    if len(name) <= MAX_FD_NAME and _FD_NAME.fullmatch(name):
+        return  # the common case first: a hand-off checks every name
+    if not name:
+        raise errors.InvalidName(parameter, name, "must not be empty")
+    if len(name) > MAX_FD_NAME:
+        raise errors.InvalidName(parameter, name, f"longer than {MAX_FD_NAME} characters")
+    if not _FD_NAME.fullmatch(name):
+        raise errors.InvalidName(
+            parameter, name, "must use only letters, digits and _.@+=,- (a valid fd name)"
+        )
+
+
+def kernel_session_name(counter: int, name: str) -> str:
+    """The kernel's name for the `counter`th session luod creates, for the
+    client's session `name`: reserved for luod, cut to the kernel's limit
+    (session names are ASCII, so characters are bytes)."""
+    return f"{RESERVED_PREFIX}.{counter}.{name}"[:MAX_KERNEL_SESSION_NAME]

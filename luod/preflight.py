@@ -1,0 +1,59 @@
+"""The preflight check: what would be lost if the kexec happened now, and why.
+
+Read-only over the ledger. KExec and Update refuse to jump while `check`
+finds anything (unless forced); Check shows the same list. Sessions
+that came over the last kexec are expected to have been preserved again
+before this is asked (luod.custody does so first), else every one of them
+would be reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from luod.ledger import Ledger
+from luod.model import SessionState
+
+
+@dataclasses.dataclass
+class Problem:
+    # The session concerned, "" for what concerns all of them.
+    session: str
+    # The file concerned, None for the whole session.
+    name: str | None
+    reason: str
+
+
+def check(ledger: Ledger) -> list[Problem]:
+    problems: list[Problem] = []
+    if ledger.manifest_error is not None:
+        problems.append(
+            Problem("", None, f"the incoming manifest is unusable: {ledger.manifest_error.message}")
+        )
+    not_carried: dict[str, str] = {}
+    for p in ledger.carrier.problems():
+        if p.kernel_name is None:  # not about one session: about all of them
+            problems.append(Problem("", None, p.reason))
+        else:
+            not_carried[p.kernel_name] = p.reason
+    for s in ledger.sessions.values():
+        if s.kernel_name in not_carried:
+            problems.append(Problem(s.name, None, not_carried[s.kernel_name]))
+        if s.fd < 0:
+            problems.append(Problem(s.name, None, "luod holds no fd for this session"))
+        elif s.state is SessionState.INCOMING:
+            problems.append(
+                Problem(
+                    s.name,
+                    None,
+                    "arrived with the last kexec and was not taken back by its owner; the kernel only "
+                    "carries sessions created in the current boot, so it will be lost",
+                )
+            )
+        # An outgoing session luod holds carries its files; luod's own
+        # references are missing only after a restart in this boot.
+        carried = s.fd >= 0 and s.state is SessionState.OUTGOING
+        for f in s.files.values():
+            if f.fd < 0 and not carried:
+                problems.append(Problem(s.name, f.name, "luod holds no reference to this file"))
+    return problems

@@ -1,0 +1,307 @@
+"""Reclaim: taking over what the previous luod left, and carrying it on.
+
+At start luod reads the manifest its carrier kept and takes back every
+session it names. After a kexec (`reclaimed`) this happens in two steps:
+before luod is ready, every file of a managed session is retrieved, so it
+can be handed out at once; afterwards, session by session, the incoming
+session is finished and its files are preserved again into a new outgoing
+one (`Reclaimer.preserve_again`), because the kernel only carries sessions
+created in the current boot. A carrier that holds sessions across luod's
+exit (the fd store) also hands them back to a luod restarted in the same
+boot (`restored`), as they were: outgoing, and without luod's own
+references to the files in them.
+
+What came over a kexec waits for its owner for a grace period: using a
+session claims it (luod.custody), and `Reclaimer.expire` releases what
+nobody claimed in time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import structlog
+
+from luod.kernel.backend import LuoError
+from luod.ledger import Ledger
+from luod.manifest import Manifest, ManifestError, from_json
+from luod.model import Session, SessionKind, SessionState
+
+log = structlog.get_logger("luod")
+
+
+@dataclasses.dataclass
+class ReclaimReport:
+    # "fresh" (nothing came over), "reclaimed" (after a kexec), "restored"
+    # (luod restarted in the same boot), "failed"
+    state: str
+    sessions: int = 0
+    files: int = 0
+    lost: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    # Until every file that came over could be retrieved.
+    duration: float = 0.0
+    # After a kexec, managed sessions are preserved again (FINISH, then a new
+    # outgoing session) once luod is ready, session by session: how long that
+    # took, None while sessions are still waiting for it.
+    preserved_again: float | None = 0.0
+
+
+class Reclaimer:
+    def __init__(self, ledger: Ledger, grace: float) -> None:
+        self.ledger = ledger
+        # How long after a kexec an owner has to claim what came with it.
+        self.grace = grace
+        self.report: ReclaimReport | None = None
+        self._preserving_since = 0.0
+
+    def start(self) -> ReclaimReport:
+        """Take over what the previous kernel carried, if anything."""
+        ledger = self.ledger
+        t0 = time.monotonic()
+        try:
+            incoming = ledger.carrier.load()
+        except ManifestError as e:
+            return self._unusable(e, t0)
+        if incoming is None:
+            self.report = ReclaimReport("fresh", duration=time.monotonic() - t0)
+            ledger.carrier.finish_incoming()
+            ledger.save()
+            log.info("started-fresh", backend=ledger.backend.name, carrier=ledger.carrier.name)
+            return self.report
+        try:
+            manifest = from_json(incoming.payload)
+        except ManifestError as e:
+            return self._unusable(e, t0, source=incoming.source)
+        if ledger.boot_id and manifest.boot_id == ledger.boot_id:
+            report = self._restore(manifest)
+        else:
+            report = self._reclaim(manifest)
+        report.duration = time.monotonic() - t0
+        self.report = report
+        log.info(
+            report.state,
+            sessions=report.sessions,
+            files=report.files,
+            lost=len(report.lost),
+            kexec_count=ledger.kexec_count,
+            seconds=round(report.duration, 4),
+        )
+        return report
+
+    def _unusable(self, e: ManifestError, t0: float, **where: str) -> ReclaimReport:
+        self.ledger.manifest_error = e
+        self.report = ReclaimReport("failed", error=e.message, duration=time.monotonic() - t0)
+        log.error("manifest-unusable", kind=e.kind, reason=e.message, **where, released="nothing")
+        return self.report
+
+    def _reclaim(self, manifest: Manifest) -> ReclaimReport:
+        ledger = self.ledger
+        ledger.kexec_count = manifest.kexec_count + 1
+        ledger.name_counter = manifest.name_counter
+        ledger.previous_subscribers = dict(manifest.subscribers)
+        report = ReclaimReport("reclaimed")
+        deadline = ledger.clock() + self.grace
+        for old in manifest.sessions:
+            sfd = self._retrieve_or_report(old, report)
+            if sfd < 0:
+                continue
+            old.state = SessionState.INCOMING
+            old.claim_deadline = deadline
+            old.kexec_count = ledger.kexec_count
+            ledger.sessions[old.name] = old
+            report.sessions += 1
+            if old.kind is SessionKind.MANAGED:
+                # Only what makes the files retrievable happens before luod
+                # is ready; preserve_again() carries custody on afterwards.
+                self._retrieve_files(old, sfd, report)
+                ledger.awaiting_preservation[old.name] = sfd
+            else:
+                old.fd = sfd
+                log.info(
+                    "session-arrived",
+                    session=old.name,
+                    kind=old.kind.value,
+                    owner=old.owner.describe(),
+                )
+        if ledger.awaiting_preservation:
+            report.preserved_again = None
+        else:
+            self._all_preserved_again(report)
+        return report
+
+    def _retrieve_or_report(self, s: Session, report: ReclaimReport) -> int:
+        """The carrier's fd for a session named in the manifest, or -1 with
+        the loss recorded in `report` and logged."""
+        try:
+            return self.ledger.carrier.retrieve_session(s.kernel_name)
+        except LuoError as e:
+            report.lost.append(s.name)
+            log.error(
+                "session-lost",
+                session=s.name,
+                kernel_name=s.kernel_name,
+                owner=s.owner.describe(),
+                reason=str(e),
+            )
+            return -1
+
+    def _restore(self, manifest: Manifest) -> ReclaimReport:
+        """luod was restarted in this boot: the carrier kept every session
+        fd, so the sessions are taken back as they were, outgoing (or still
+        incoming if unclaimed since the last kexec). The kernel cannot hand
+        a file back out of an outgoing session, so luod holds no reference
+        to the files of managed sessions (fd -1) until the next kexec: no
+        copies until then, and check() does not count that as a problem."""
+        ledger = self.ledger
+        ledger.kexec_count = manifest.kexec_count
+        ledger.name_counter = manifest.name_counter
+        ledger.known_subscribers = dict(manifest.subscribers)
+        report = ReclaimReport("restored")
+        for s in manifest.sessions:
+            fd = self._retrieve_or_report(s, report)
+            if fd < 0:
+                continue
+            s.kexec_count = ledger.kexec_count
+            ledger.sessions[s.name] = s
+            report.sessions += 1
+            if s.kind is SessionKind.MANAGED and s.state is SessionState.INCOMING:
+                # The previous luod died before it preserved this session
+                # again: it is still the incoming session, not finished,
+                # and the kernel hands its files out again.
+                self._retrieve_files(s, fd, report)
+                ledger.awaiting_preservation[s.name] = fd
+            else:
+                s.fd = fd
+                report.files += len(s.files)
+            log.info(
+                "session-restored",
+                session=s.name,
+                kind=s.kind.value,
+                state=s.state.value,
+                owner=s.owner.describe(),
+                files=len(s.files),
+            )
+        if ledger.awaiting_preservation:
+            report.preserved_again = None
+        ledger.carrier.finish_incoming()
+        ledger.save()
+        return report
+
+    def _retrieve_files(self, s: Session, incoming_fd: int, report: ReclaimReport) -> None:
+        """Retrieve every file of an incoming managed session; a file the
+        kernel cannot give back is recorded as lost."""
+        for f in list(s.files.values()):
+            try:
+                f.fd = self.ledger.backend.retrieve_fd(incoming_fd, f.token)
+            except LuoError as e:
+                log.error(
+                    "fd-lost",
+                    session=s.name,
+                    name=f.name,
+                    token=f.token,
+                    owner=s.owner.describe(),
+                    reason=str(e),
+                )
+                del s.files[f.name]
+                report.lost.append(f"{s.name}/{f.name}")
+                continue
+            report.files += 1
+
+    def preserve_again(self, name: str | None = None) -> bool:
+        """Carry custody on for one session that came over the kexec (`name`,
+        or the next one waiting): FINISH its incoming session and preserve
+        its files again into a new outgoing one. A retrieved file counts as
+        preserved until its incoming session is finished, so FINISH comes
+        first. True while more sessions are waiting."""
+        ledger = self.ledger
+        waiting = ledger.awaiting_preservation
+        if name is None:
+            name = next(iter(waiting), None)
+        if name is None or name not in waiting:
+            return bool(waiting)
+        if not self._preserving_since:
+            self._preserving_since = time.monotonic()
+        s = ledger.sessions[name]
+        incoming_fd = waiting.pop(name)
+        incoming_name = s.kernel_name
+        try:
+            ledger.backend.finish_session(incoming_fd)
+        except LuoError as e:
+            log.error("finish-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
+        finally:
+            os.close(incoming_fd)
+        for f in s.files.values():
+            ledger.index(s, f)
+        try:
+            ledger.represerve(s, s.files.values())
+        except LuoError as e:
+            # The files are held and usable in this boot; check() reports
+            # that they would not survive the next kexec.
+            log.error("represerve-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
+        if ledger.carrier.holds_after_exit:
+            # A luod restarted from now on must find the new session by its
+            # name: the manifest says it before the carrier lets go of the
+            # incoming one (finished, it has nothing left to give).
+            ledger.save()
+        ledger.carrier.session_dropped(incoming_name)
+        log.info(
+            "session-arrived",
+            session=s.name,
+            kind=s.kind.value,
+            owner=s.owner.describe(),
+            files=len(s.files),
+        )
+        if not waiting and self.report is not None:
+            self._all_preserved_again(self.report)
+        return bool(waiting)
+
+    def preserve_all_again(self) -> None:
+        while self.preserve_again():
+            pass
+
+    def _all_preserved_again(self, report: ReclaimReport) -> None:
+        """Every session that came over is held as it will be carried: the
+        previous boot's state is finished with and the manifest written."""
+        self.ledger.carrier.finish_incoming()
+        self.ledger.save()
+        if self._preserving_since:
+            report.preserved_again = time.monotonic() - self._preserving_since
+            log.info(
+                "custody-resumed",
+                sessions=report.sessions,
+                files=report.files,
+                seconds=round(report.preserved_again, 4),
+            )
+
+    # --- the grace period --------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            s.claim_deadline for s in self.ledger.sessions.values() if s.claim_deadline is not None
+        ]
+        return min(deadlines, default=None)
+
+    def expire(self) -> list[str]:
+        ledger = self.ledger
+        now = ledger.clock()
+        gone = [
+            s
+            for s in ledger.sessions.values()
+            if s.claim_deadline is not None and s.claim_deadline <= now
+        ]
+        for s in gone:
+            log.warning(
+                "unclaimed-released",
+                session=s.name,
+                owner=s.owner.describe(),
+                files=",".join(s.files) or "-",
+                bytes=s.bytes_pinned,
+                grace=self.grace,
+            )
+            ledger.drop(s, f"not claimed within {self.grace:g}s after the kexec")
+        if gone:
+            ledger.save()
+        return [s.name for s in gone]

@@ -1,0 +1,84 @@
+"""The varlink error replies, made from luod's error catalogue.
+
+For each entry of luod.errors this makes the asyncvarlink
+TypedVarlinkErrorReply class that is served (same full name, the wire
+parameters with their types, the docstring as the IDL comment), and each
+interface declares `replies_of(ITS_NAME)`: so every error luod can raise is
+a reply and an IDL `error` line, with nothing to keep in step by hand.
+`refused` turns a raised catalogue error into its reply and logs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from collections.abc import Callable
+
+import structlog
+from asyncvarlink import TypedVarlinkErrorReply
+
+from luod import errors
+from luod.varlink import transport
+
+log = structlog.get_logger("luod")
+
+
+def _reply_class(error: type[errors.LuodError]) -> type[TypedVarlinkErrorReply]:
+    hints = typing.get_type_hints(error)
+    parameters = type(
+        "Parameters", (), {"__annotations__": {name: hints[name] for name in error.wire_names}}
+    )
+
+    def body(ns: dict[str, typing.Any]) -> None:
+        ns.update(__doc__=error.__doc__, __module__=__name__, Parameters=parameters)
+
+    made = types.new_class(
+        error.__name__, (TypedVarlinkErrorReply,), {"name": error.error_name}, body
+    )
+    return typing.cast(type[TypedVarlinkErrorReply], made)
+
+
+REPLIES: dict[type[errors.LuodError], type[TypedVarlinkErrorReply]] = {
+    error: _reply_class(error) for error in errors.CATALOGUE.values()
+}
+
+
+def replies_of(interface: str) -> tuple[type[TypedVarlinkErrorReply], ...]:
+    """An interface's `errors`: the replies of its catalogue entries."""
+    return tuple(REPLIES[e] for e in errors.of_interface(interface))
+
+
+def reply(e: errors.LuodError) -> TypedVarlinkErrorReply:
+    """The reply for `e`: its wire parameters (an absent optional one is left out)."""
+    return REPLIES[type(e)](**{k: v for k, v in e.parameters.items() if v is not None})
+
+
+def refused(method: str, e: errors.LuodError) -> TypedVarlinkErrorReply:
+    """Log a refused call and make its reply."""
+    log.info(
+        "call-refused",
+        method=method,
+        error=e.error_name,
+        detail=str(e),
+        peer=transport.current().peer.describe(),
+        **e.context,
+    )
+    return reply(e)
+
+
+_P = typing.ParamSpec("_P")
+_R = typing.TypeVar("_R")
+
+
+def translating(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Serve catalogue errors raised by a (synchronous) method as their replies."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except errors.LuodError as e:
+            raise refused(fn.__name__, e) from None
+
+    return wrapper

@@ -1,0 +1,365 @@
+"""luod.custody: the operations clients call, against the fake kernel, in
+process: what each keeps, what it refuses, and that nothing changes (and
+no fd leaks) when it refuses."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from luod import errors
+from luod.custody import Custodian, Handoff
+from luod.kernel.backend import LuoError
+from luod.manifest import ManifestError, from_json, to_json
+from luod.model import Holdings, SessionKind, SessionState
+from luod.peer import Peer
+from tests.unit.spycarrier import SpyCarrier
+from testsupport.fakekernel import FakeBackend
+from testsupport.util import make_memfd
+
+ROOT = Peer(pid=1, uid=0, gid=0, comm="root-client")
+ALICE = Peer(pid=2, uid=1000, gid=1000, unit="alice.service")
+BOB = Peer(pid=3, uid=1001, gid=1001, comm="bob")
+
+
+@pytest.fixture
+def carrier(kernel: FakeBackend) -> SpyCarrier:
+    return SpyCarrier(kernel)
+
+
+@pytest.fixture
+def custodian(kernel: FakeBackend, carrier: SpyCarrier) -> Iterator[Custodian]:
+    c = Custodian(kernel, carrier, grace=60, boot_id="boot-1")
+    c.start()
+    yield c
+    c.close()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+    return True
+
+
+def _handoffs(*names: str) -> list[Handoff]:
+    return [
+        Handoff(n, make_memfd(f"data {n}".encode()), f"files[{i}]") for i, n in enumerate(names)
+    ]
+
+
+def _outgoing(kernel: FakeBackend) -> dict[str, list[int]]:
+    """Outgoing kernel sessions (but luod's own state session) and their tokens."""
+    snap = kernel.snapshot()
+    return {n: s["tokens"] for n, s in snap["outgoing"].items() if n not in ("luod", "luod.b")}
+
+
+# --- sessions ------------------------------------------------------------------
+
+
+def test_create_session(custodian: Custodian, kernel: FakeBackend) -> None:
+    s = custodian.create_session(ALICE, "app")
+    assert (s.name, s.kind, s.state, s.kernel_name) == (
+        "app",
+        SessionKind.MANAGED,
+        SessionState.OUTGOING,
+        "luod.1.app",
+    )
+    assert s.owner.uid == 1000 and s.owner.unit == "alice.service"
+    assert _outgoing(kernel) == {"luod.1.app": []}
+    with pytest.raises(errors.SessionExists):
+        custodian.create_session(BOB, "app")
+    with pytest.raises(errors.ReservedSessionName):
+        custodian.create_session(ALICE, "luod-app")
+    with pytest.raises(errors.InvalidName):
+        custodian.create_session(ALICE, "")
+    # The kernel names are never used again, also after the session is gone.
+    custodian.discard_session(ALICE, "app")
+    assert custodian.create_session(ALICE, "app").kernel_name == "luod.2.app"
+
+
+def test_every_change_is_written_down(custodian: Custodian, carrier: SpyCarrier) -> None:
+    before = carrier.saves()
+    custodian.create_session(ALICE, "app")
+    assert carrier.saves() == before + 1
+    custodian.preserve_fds(ALICE, "app", _handoffs("a", "b"))
+    assert carrier.saves() == before + 2  # one write for a batch
+
+
+# --- hand-off ------------------------------------------------------------------
+
+
+def test_preserve_fds_creates_and_keeps(custodian: Custodian, kernel: FakeBackend) -> None:
+    files = _handoffs("a", "b", "c")
+    added = custodian.preserve_fds(ALICE, "app", files, create=True)
+    assert [(f.name, f.token, f.size) for f in added] == [("a", 1, 6), ("b", 2, 6), ("c", 3, 6)]
+    # Kept by the session: the handed-off entries no longer own them.
+    assert all(h.fd == -1 for h in files)
+    assert all(_is_open(f.fd) for f in added)
+    assert _outgoing(kernel) == {"luod.1.app": [1, 2, 3]}
+    more = custodian.preserve_fds(ALICE, "app", _handoffs("d"))
+    assert [f.token for f in more] == [4]
+    assert custodian.status() == Holdings(sessions=1, files=4, bytes_pinned=24)
+
+
+def test_preserve_fds_needs_a_session_without_create(custodian: Custodian) -> None:
+    files = _handoffs("a")
+    with pytest.raises(errors.NoSuchSession):
+        custodian.preserve_fds(ALICE, "app", files)
+    assert not _is_open(files[0].fd)  # taken and closed, also on error
+    assert custodian.session_count == 0
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_preserve_fds_all_or_nothing(
+    custodian: Custodian, kernel: FakeBackend, create: bool
+) -> None:
+    if not create:
+        custodian.preserve_fds(ALICE, "app", _handoffs("x"), create=True)
+    before = _outgoing(kernel)
+    r, w = os.pipe()
+    os.close(w)
+    batches: list[tuple[list[Handoff], type[Exception], str]] = [
+        (_handoffs("a", "a"), errors.FdNameExists, "a"),
+        (_handoffs("a", "b:c"), errors.InvalidName, "files[1].name"),
+        (
+            [*_handoffs("a"), Handoff("p", r, "files[1]")],
+            errors.UnsupportedFd,
+            "files[1].fileDescriptor",
+        ),
+    ]
+    for files, error, detail in batches:
+        fds = [h.fd for h in files]
+        with pytest.raises(error) as e:
+            custodian.preserve_fds(ALICE, "app", files, create=True)
+        assert detail in str(e.value) or detail in repr(e.value)
+        assert not any(_is_open(fd) for fd in fds)
+        assert _outgoing(kernel) == before
+        assert custodian.status().files == (0 if create else 1)
+        assert ("app" in custodian.sessions) is not create
+
+
+def test_a_file_is_held_once(custodian: Custodian) -> None:
+    (h,) = _handoffs("a")
+    copy = os.dup(h.fd)
+    custodian.preserve_fds(ALICE, "app", [h], create=True)
+    with pytest.raises(errors.AlreadyPreserved) as e:
+        custodian.preserve_fds(ALICE, "other", [Handoff("b", copy, "files[0]")], create=True)
+    assert (e.value.parameter, e.value.session, e.value.name) == (
+        "files[0].fileDescriptor",
+        "app",
+        "a",
+    )
+    # Once taken back the file can be handed off again.
+    fd, _ = custodian.retrieve_fd(ALICE, "app", "a", take=True)
+    custodian.preserve_fds(ALICE, "other", [Handoff("b", fd)], create=True)
+
+
+def test_kernel_refusal_mid_batch_is_undone(kernel: FakeBackend, carrier: SpyCarrier) -> None:
+    class Refusing(FakeBackend):
+        refuse_token = 0
+
+        def preserve_fd(self, session_fd: int, fd: int, token: int) -> None:
+            if token == self.refuse_token:
+                raise LuoError("preserve_fd", errno.ENOMEM)
+            super().preserve_fd(session_fd, fd, token)
+
+    backend = Refusing(kernel.socket_path)
+    c = Custodian(backend, carrier, boot_id="boot-1")
+    c.start()
+    try:
+        c.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
+        backend.refuse_token = 3
+        files = _handoffs("b", "c")
+        with pytest.raises(errors.KernelRefused) as e:
+            c.preserve_fds(ALICE, "app", files)
+        assert (e.value.operation, e.value.errno, e.value.session) == (
+            "preserve_fd",
+            errno.ENOMEM,
+            "app",
+        )
+        assert not any(_is_open(h.fd) for h in files)
+        # 'b' made it into the kernel session before 'c' was refused: the
+        # session is rebuilt without it.
+        assert list(c.sessions["app"].files) == ["a"]
+        assert _outgoing(kernel) == {c.sessions["app"].kernel_name: [1]}
+        # A session created for the batch goes with it.
+        backend.refuse_token = 1
+        with pytest.raises(errors.KernelRefused):
+            c.preserve_fds(ALICE, "new", _handoffs("x"), create=True)
+        assert "new" not in c.sessions
+        assert not [n for n in _outgoing(kernel) if n.endswith(".new")]
+    finally:
+        c.close()
+
+
+def test_only_managed_sessions_take_files(custodian: Custodian) -> None:
+    fd, _ = custodian.create_delegated(ALICE, "own")
+    os.close(fd)
+    with pytest.raises(errors.WrongSessionKind):
+        custodian.preserve_fds(ALICE, "own", _handoffs("a"))
+
+
+# --- access --------------------------------------------------------------------
+
+
+def test_owner_or_root(custodian: Custodian) -> None:
+    custodian.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
+    custodian.create_session(BOB, "bobs")
+    with pytest.raises(errors.PermissionDenied) as e:
+        custodian.retrieve_fd(BOB, "app", "a", take=False)
+    assert e.value.session == "app" and "alice.service" in e.value.owner
+    with pytest.raises(errors.PermissionDenied):
+        custodian.list_sessions(BOB, "app")
+    with pytest.raises(errors.PermissionDenied):
+        custodian.discard_session(BOB, "app")
+    with pytest.raises(errors.PermissionDenied):
+        custodian.preserve_fds(BOB, "app", _handoffs("b"), create=True)
+    with pytest.raises(errors.NoSuchSession):
+        custodian.list_sessions(ALICE, "nope")
+    assert [s.name for s in custodian.list_sessions(BOB)] == ["bobs"]
+    assert [s.name for s in custodian.list_sessions(ALICE)] == ["app"]
+    assert sorted(s.name for s in custodian.list_sessions(ROOT)) == ["app", "bobs"]
+    fd, _ = custodian.retrieve_fd(ROOT, "app", "a", take=False)
+    os.close(fd)
+
+
+# --- giving back ---------------------------------------------------------------
+
+
+def test_retrieve_fd_copy_and_take(custodian: Custodian, kernel: FakeBackend) -> None:
+    custodian.preserve_fds(ALICE, "app", _handoffs("a", "b"), create=True)
+    fd, f = custodian.retrieve_fd(ALICE, "app", "a", take=False)
+    assert f.name == "a" and os.pread(fd, 100, 0) == b"data a"
+    os.close(fd)
+    assert custodian.status().files == 2
+    with pytest.raises(errors.NoSuchFd):
+        custodian.retrieve_fd(ALICE, "app", "z", take=False)
+
+    fd, f = custodian.retrieve_fd(ALICE, "app", "a", take=True)
+    assert os.pread(fd, 100, 0) == b"data a" and f.fd == -1
+    os.close(fd)
+    # The kernel cannot unpreserve one file: the rest is in a new session.
+    s = custodian.sessions["app"]
+    assert list(s.files) == ["b"]
+    assert _outgoing(kernel) == {s.kernel_name: [2]}
+    assert s.kernel_name == "luod.2.app"
+
+    fd, _ = custodian.retrieve_fd(ALICE, "app", "b", take=True)
+    os.close(fd)
+    assert "app" not in custodian.sessions  # its last file was taken
+    assert _outgoing(kernel) == {}
+
+
+def test_adopt_session(custodian: Custodian, kernel: FakeBackend) -> None:
+    sfd = kernel.create_session("vm-1")
+    s = custodian.adopt_session(ALICE, sfd)
+    assert (s.name, s.kind, s.kernel_name) == ("vm-1", SessionKind.ADOPTED, "vm-1")
+    assert "vm-1" in _outgoing(kernel)
+
+    dup = kernel.create_session("luod-mine")
+    with pytest.raises(errors.ReservedSessionName):
+        custodian.adopt_session(ALICE, dup)
+    assert not _is_open(dup)
+
+    memfd = make_memfd(b"x")
+    with pytest.raises(errors.UnsupportedFd) as e:
+        custodian.adopt_session(ALICE, memfd)
+    assert e.value.parameter == "fileDescriptor" and "not a LUO session" in e.value.reason
+    assert not _is_open(memfd)
+
+
+def test_delegated_session_is_handed_back(custodian: Custodian, kernel: FakeBackend) -> None:
+    fd, s = custodian.create_delegated(ALICE, "own")
+    assert s.kind is SessionKind.DELEGATED and fd != s.fd
+    kernel.preserve_fd(fd, make_memfd(b"device"), 7)
+    os.close(fd)
+    # Before the kexec a copy: luod goes on holding it.
+    fd, seen = custodian.retrieve_session(ALICE, "own")
+    assert seen.name == "own" and kernel.identify_session(fd) == s.kernel_name
+    os.close(fd)
+    assert "own" in custodian.sessions
+    with pytest.raises(errors.PermissionDenied):
+        custodian.retrieve_session(BOB, "own")
+    custodian.create_session(ALICE, "managed")
+    with pytest.raises(errors.WrongSessionKind):
+        custodian.retrieve_session(ALICE, "managed")
+
+
+def test_discard_session(custodian: Custodian, kernel: FakeBackend) -> None:
+    added = custodian.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
+    gone = custodian.discard_session(ALICE, "app")
+    assert gone.name == "app"
+    assert not _is_open(added[0].fd) and added[0].fd == -1
+    assert custodian.session_count == 0 and _outgoing(kernel) == {}
+    with pytest.raises(errors.NoSuchSession):
+        custodian.discard_session(ALICE, "app")
+
+
+# --- an unusable manifest --------------------------------------------------------
+
+
+def test_no_new_custody_while_the_manifest_is_unusable(custodian: Custodian) -> None:
+    custodian.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
+    custodian.ledger.manifest_error = ManifestError("corrupt", "bad checksum")
+    for attempt in (
+        lambda: custodian.create_session(ALICE, "new"),
+        lambda: custodian.preserve_fds(ALICE, "app", _handoffs("b")),
+        lambda: custodian.adopt_session(ALICE, make_memfd(b"")),
+    ):
+        with pytest.raises(errors.NotReady, match="manifest is unusable"):
+            attempt()
+    # What is held can still be looked at.
+    fd, _ = custodian.retrieve_fd(ALICE, "app", "a", take=False)
+    os.close(fd)
+
+
+# --- across a kexec --------------------------------------------------------------
+
+
+def test_after_the_kexec_owners_take_back_what_is_theirs(kernel: FakeBackend) -> None:
+    old = Custodian(kernel, SpyCarrier(kernel), boot_id="boot-1", grace=60, clock=lambda: 1000.0)
+    old.start()
+    old.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
+    fd, _ = old.create_delegated(ALICE, "own")
+    os.close(fd)
+    old.note_subscriber("db.service", 1000)
+    kernel.reboot_kexec()
+    old.close()
+
+    new = Custodian(kernel, SpyCarrier(kernel), boot_id="boot-2", grace=60, clock=lambda: 2000.0)
+    try:
+        new.start()
+        assert new.kexec_count == 1
+        assert new.previous_subscribers == {"db.service": 1000}
+        assert {s.claim_deadline for s in new.sessions.values()} == {2060.0}
+        assert new.next_deadline() == 2060.0
+        # Handed back whole, with the deadline it was found with.
+        fd, seen = new.retrieve_session(ALICE, "own")
+        assert seen.state is SessionState.INCOMING and seen.claim_deadline == 2060.0
+        assert kernel.identify_session(fd) == "luod.2.own"
+        os.close(fd)
+        assert "own" not in new.sessions
+        # The managed session: preserved again when used, and claimed.
+        fd, _f = new.retrieve_fd(ALICE, "app", "a", take=False)
+        assert os.pread(fd, 100, 0) == b"data a"
+        os.close(fd)
+        app = new.sessions["app"]
+        assert app.claim_deadline is None and new.next_deadline() is None
+        assert new.check() == []
+        assert app.state is SessionState.OUTGOING and app.kernel_name == "luod.3.app"
+    finally:
+        new.close()
+
+
+def test_manifest_names_every_held_file(custodian: Custodian) -> None:
+    custodian.preserve_fds(ALICE, "app", _handoffs("a", "b"), create=True)
+    m = from_json(to_json(custodian.ledger.manifest()))
+    (s,) = m.sessions
+    assert (s.name, sorted(s.files), s.owner.uid) == ("app", ["a", "b"], 1000)
+    assert m.boot_id == "boot-1"

@@ -1,0 +1,123 @@
+"""luod.daemon: the command line (durations, choices, defaults) and the
+little the wiring decides itself (the boot identity)."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+from typing import cast
+
+import pytest
+
+from luod import daemon, servicemanager
+from luod.interfaces import DEFAULT_SOCKET
+from luod.kernel.backend import Backend
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("600", 600.0),
+        ("0", 0.0),
+        ("1.5s", 1.5),
+        ("30sec", 30.0),
+        ("10min", 600.0),
+        ("2m", 120.0),
+        ("2h", 7200.0),
+        ("250ms", 0.25),
+        ("500us", 0.0005),
+        (" 5 min ", 300.0),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert daemon.parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "ten", "-1", "5d", "1.s", "min", "1e3"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a duration"):
+        daemon.parse_duration(text)
+
+
+def test_defaults() -> None:
+    args = daemon.build_parser().parse_args([])
+    assert args.socket == DEFAULT_SOCKET
+    assert args.grace == 600.0
+    assert args.carrier == "auto"
+    assert args.service_manager == servicemanager.MANAGER_SOCKET
+    assert (args.log_level, args.log_format) == ("info", "logfmt")
+
+
+def test_options() -> None:
+    args = daemon.build_parser().parse_args(
+        [
+            "--socket=/tmp/x",
+            "--grace=1min",
+            "--carrier=fdstore",
+            "--service-manager=/tmp/m",
+            "--log-level=debug",
+            "--log-format=json",
+        ]
+    )
+    assert args.socket == "/tmp/x"
+    assert args.grace == 60.0
+    assert args.carrier == "fdstore"
+    assert args.service_manager == "/tmp/m"
+    assert (args.log_level, args.log_format) == ("debug", "json")
+
+
+@pytest.mark.parametrize("carrier", ["auto", "state-session", "fdstore"])
+def test_carrier_choices(carrier: str) -> None:
+    assert daemon.build_parser().parse_args([f"--carrier={carrier}"]).carrier == carrier
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--grace=soon"],
+        ["--carrier=floppy"],
+        ["--log-level=trace"],
+        ["--log-format=xml"],
+        # The fake kernel is the tests' (testsupport.luod_fake), not luod's.
+        ["--backend=fake"],
+        ["--fake-kernel=/tmp/k"],
+    ],
+)
+def test_refused_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        daemon.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert "luod: error:" in capsys.readouterr().err
+
+
+def test_help_never_mentions_the_fake_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        daemon.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: luod ")
+    assert "fake" not in out and "--backend" not in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        daemon.build_parser().parse_args(["--version"])
+    assert capsys.readouterr().out.startswith("luod ")
+
+
+class _BootId:
+    def __init__(self, answer: str | OSError) -> None:
+        self.answer = answer
+
+    def boot_id(self) -> str:
+        if isinstance(self.answer, OSError):
+            raise self.answer
+        return self.answer
+
+
+def test_boot_identity_is_the_backends() -> None:
+    assert daemon.boot_identity(cast(Backend, _BootId("abc+fake-kexec-2"))) == "abc+fake-kexec-2"
+
+
+def test_boot_identity_unreadable_is_never_the_same_boot() -> None:
+    failing = _BootId(OSError(errno.ENOENT, "No such file or directory"))
+    assert daemon.boot_identity(cast(Backend, failing)) == ""

@@ -1,0 +1,171 @@
+"""Run luod as a separate process, as tests need it: against the fake kernel
+in the fast tier (through the test entry point testsupport.luod_fake, since
+production luod has no fake backend), against /dev/liveupdate inside the
+QEMU guests (luod.daemon itself)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from luod.client import Client
+from testsupport.util import fake_bzimage
+
+READY_TIMEOUT = 60.0
+REPO = str(Path(__file__).resolve().parents[1])
+
+# luod on the real kernel, and luod on the fake kernel of testsupport.fakekernel.
+LUOD_MODULE = "luod.daemon"
+LUOD_FAKE_MODULE = "testsupport.luod_fake"
+
+
+@dataclasses.dataclass
+class LuodProcess:
+    """One luod process; `restart()` starts the next one ("the next boot")."""
+
+    workdir: Path
+    # fake_backend_args(PATH) in the fast tier; empty (the real kernel, luod
+    # started as itself) in the VM tiers.
+    backend_args: list[str]
+    extra_args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    generation: int = 0
+    # Generous: under QEMU/TCG on a loaded 2-core host Python alone takes
+    # seconds to start.
+    ready_timeout: float = READY_TIMEOUT
+    # RLIMIT_NOFILE (soft and hard) luod starts with; None: the caller's.
+    nofile: int | None = None
+    # Interpreter arguments before `-m MODULE` (the bench: -m cProfile -o FILE).
+    python_args: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def module(self) -> str:
+        """What runs: the test entry point when a fake kernel is named."""
+        return LUOD_FAKE_MODULE if self.backend_args else LUOD_MODULE
+
+    @property
+    def socket(self) -> str:
+        return str(self.workdir / "io.luod")
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"luod-{self.generation}.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def all_logs(self) -> str:
+        return "".join(
+            (self.workdir / f"luod-{g}.log").read_text()
+            for g in range(1, self.generation + 1)
+            if (self.workdir / f"luod-{g}.log").exists()
+        )
+
+    def start(self) -> None:
+        self.generation += 1
+        notify_path = str(self.workdir / f"notify-{self.generation}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        notify.bind(notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
+        # testsupport is no installed package: the test entry point needs
+        # the tree on the path, wherever the tests run from.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    *self.python_args,
+                    "-m",
+                    self.module,
+                    *self.backend_args,
+                    f"--socket={self.socket}",
+                    *self.extra_args,
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=None if self.nofile is None else self._limit_nofile,
+            )
+        # Ready means READY=1 on the notify socket, as systemd would see it.
+        deadline = time.monotonic() + self.ready_timeout
+        try:
+            notify.settimeout(0.2)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"luod exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    msg = notify.recv(4096).decode()
+                except TimeoutError:
+                    continue
+                if "READY=1" in msg.split("\n"):
+                    return
+            raise RuntimeError(f"luod did not get ready in {self.ready_timeout}s:\n{self.log()}")
+        finally:
+            notify.close()
+
+    def _limit_nofile(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def kexec(self) -> None:
+        """A simulated kexec: luod jumps (the fake kernel serializes); the
+        old luod exits; the next one starts as in the next boot."""
+        image = fake_bzimage(self.workdir / "bzImage")
+        with self.client() as c:
+            c.call("io.luod.Manager.LoadKernel", {"kernel": str(image)}).close()
+            c.kexec()
+        self.wait_exit()
+        self.start()
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def fake_backend_args(fake_kernel: str) -> list[str]:
+    """The arguments of testsupport.luod_fake that pick the fake kernel."""
+    return [f"--fake-kernel={fake_kernel}"]
+
+
+@contextlib.contextmanager
+def running_luod(workdir: Path, fake_kernel: str | None, *args: str) -> Iterator[LuodProcess]:
+    """luod on the fake kernel at `fake_kernel`, or on the real one if None."""
+    backend = [] if fake_kernel is None else fake_backend_args(fake_kernel)
+    p = LuodProcess(workdir, backend, list(args))
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+        # Shown by pytest when the test failed.
+        print(f"--- luod logs ({workdir}) ---\n{p.all_logs()}")
