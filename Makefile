@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all venv deps lint test test-fast test-vm test-systemd demo bench bench-systemd idl kernel root tools clean
+.PHONY: all venv deps lint test test-fast test-vm test-systemd demo bench bench-systemd idl kernel root tools man wheel deb debdeps clean
 
 all: test
 
@@ -23,14 +23,29 @@ deps:
 	vm/host-deps.sh all
 
 lint: venv
-	$(VENV)/bin/ruff check luod tests testsupport $(wildcard bench/*.py)
-	$(VENV)/bin/ruff format --check luod tests testsupport $(wildcard bench/*.py)
-	$(VENV)/bin/mypy --strict luod tests testsupport $(wildcard bench/*.py)
+	$(VENV)/bin/ruff check luod tests testsupport tools $(wildcard bench/*.py)
+	$(VENV)/bin/ruff format --check luod tests testsupport tools $(wildcard bench/*.py)
+	$(VENV)/bin/mypy --strict luod tests testsupport tools $(wildcard bench/*.py)
 
 # The IDL files in protocol/ are rendered from luod/varlink/'s types and
 # luod/errors.py's catalogue; tests/test_idl.py fails when they differ.
 idl: venv
 	$(PY) -m luod.varlink.registry protocol
+
+# luod(8), luoctl(1), luod.varlink(7) and luoctl's bash/zsh completion,
+# rendered from the parsers and the served IDL into build/docs (tools/gendocs.py;
+# tests/test_manpages.py checks them).
+man: venv
+	$(PY) -m tools.gendocs build/docs
+
+# The wheel (luod, luoctl, the typed client; never testsupport) in dist/.
+wheel: venv
+	$(PY) -m build --wheel --outdir dist .
+
+# luod's Debian package, for unstable, in dist/ (tools/build-deb.sh: built
+# on the host with bookworm's debhelper, lintian-clean, cached by its inputs).
+deb: man
+	tools/build-deb.sh dist
 
 # systemd 262's varlinkctl and systemd-analyze from sid, unpacked privately.
 tools:
@@ -39,8 +54,13 @@ tools:
 kernel: deps
 	vm/build-kernel.sh stock
 	vm/build-kernel.sh magic
+	vm/build-kernel.sh abi
 
-test-fast: venv tools
+# debdeps: tests/test_deb.py builds the package (tools/build-deb.sh).
+debdeps:
+	vm/host-deps.sh deb
+
+test-fast: venv tools debdeps
 	LUOD_REQUIRE_SID_TOOLS=1 $(PYTEST) -q -m "not vm and not systemd" tests
 
 test-vm: venv deps kernel
@@ -71,4 +91,4 @@ bench-systemd: venv deps root
 	$(PY) -m bench.systemd
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from luod.client import Client
 from testsupport.fakekernel import running_fake_kernel
+from testsupport.images import fake_bzimage
 from testsupport.luodproc import LuodProcess, fake_backend_args
-from testsupport.util import fake_bzimage
 
 
 def _subscriber(

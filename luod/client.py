@@ -183,12 +183,16 @@ class Client:
             self._call(f"{CUSTODY}.AdoptSession", {"fileDescriptor": 0}, [session_fd])["session"]
         )
 
-    def list_sessions(self, session: str | None = None) -> list[dict[str, Any]]:
-        params = {} if session is None else {"session": session}
+    def list_sessions(
+        self, session: str | None = None, owner: int | None = None
+    ) -> list[dict[str, Any]]:
+        params = _with_owner({} if session is None else {"session": session}, owner)
         return list(self._call(f"{CUSTODY}.ListSessions", params)["sessions"])
 
-    def retrieve_fd(self, session: str, name: str, take: bool = False) -> int:
-        params: dict[str, Any] = {"session": session, "name": name}
+    def retrieve_fd(
+        self, session: str, name: str, take: bool = False, owner: int | None = None
+    ) -> int:
+        params: dict[str, Any] = _with_owner({"session": session, "name": name}, owner)
         if take:
             params["take"] = True
         return self.call(f"{CUSTODY}.RetrieveFd", params).take_fd()
@@ -197,11 +201,12 @@ class Client:
         """A session fd to preserve your own files into; luod holds a copy."""
         return self.call(f"{CUSTODY}.CreateDelegatedSession", {"session": session}).take_fd()
 
-    def retrieve_session(self, session: str) -> int:
-        return self.call(f"{CUSTODY}.RetrieveSession", {"session": session}).take_fd()
+    def retrieve_session(self, session: str, owner: int | None = None) -> int:
+        params = _with_owner({"session": session}, owner)
+        return self.call(f"{CUSTODY}.RetrieveSession", params).take_fd()
 
-    def discard_session(self, session: str) -> None:
-        self._call(f"{CUSTODY}.DiscardSession", {"session": session})
+    def discard_session(self, session: str, owner: int | None = None) -> None:
+        self._call(f"{CUSTODY}.DiscardSession", _with_owner({"session": session}, owner))
 
     # --- io.luod.Manager ----------------------------------------------------
 
@@ -223,8 +228,11 @@ class Client:
         initrd: str | None = None,
         cmdline: str | None = None,
         reuse_cmdline: bool = False,
+        force: bool = False,
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"kernel": kernel}
+        if force:
+            params["force"] = True
         if initrd is not None:
             params["initrd"] = initrd
         if cmdline is not None:
@@ -263,6 +271,13 @@ class Client:
         if reason is not None:
             params["reason"] = reason
         self._call(f"{MANAGER}.Acknowledge", params)
+
+
+def _with_owner(params: dict[str, Any], owner: int | None) -> dict[str, Any]:
+    """`owner` (root acting on another uid's session) goes only when given."""
+    if owner is not None:
+        params["owner"] = owner
+    return params
 
 
 @contextlib.contextmanager

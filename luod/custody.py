@@ -3,12 +3,19 @@ holds for it, and when luod lets go of them.
 
 `Custodian` is the one object the varlink layer and the daemon talk to: the
 operations clients call (create, hand off, adopt, delegate, list, retrieve,
-discard), who may call them on what (a session's owner, or root), and the
+discard), who may call them on what, and the
 entry points of reclaim and of the grace period after a kexec
 (luod.reclaim) and of the preflight check (luod.preflight). It returns
 domain objects (luod.model), never wire shapes. The record of what is
 held, and the steps that keep kernel, carrier and manifest in agreement,
-are luod.ledger's.
+are luod.ledger's; the hand-off itself (PreserveFd, PreserveFds) is
+luod.handoff's, and how much each uid may hold luod.quotas'.
+
+Session names are scoped by owner (uid): every call addresses the caller's
+own sessions, and a name another uid holds is, to the caller, no session at
+all. Root acts on another uid's session only when it says so (`owner`), and
+that is logged (`for`). Nothing joins, creates into or reveals another
+owner's session implicitly.
 
 Every method that receives an fd takes ownership of it: it is either kept
 (in a Session) or closed before the method returns, also on error. Every
@@ -24,16 +31,26 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from luod import errors
+from luod import errors, handoff
 from luod.carriers import Carrier
+from luod.handoff import Handoff
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError
 from luod.ledger import Ledger
-from luod.model import HeldFile, Holdings, Owner, Session, SessionKind, SessionState
-from luod.names import MAX_KERNEL_SESSION_NAME, check_fd_name, check_session_name
+from luod.model import (
+    HeldFile,
+    Holdings,
+    Owner,
+    Session,
+    SessionKey,
+    SessionKind,
+    SessionState,
+)
+from luod.names import MAX_KERNEL_SESSION_NAME, check_session_name
 from luod.peer import Peer
 from luod.preflight import Problem
 from luod.preflight import check as preflight_check
+from luod.quotas import Quotas
 from luod.reclaim import Reclaimer, ReclaimReport
 
 __all__ = ["Custodian", "Handoff", "Holdings", "Problem", "ReclaimReport", "owner_of"]
@@ -45,20 +62,6 @@ def owner_of(peer: Peer) -> Owner:
     return Owner(uid=peer.uid, unit=peer.unit, comm=peer.comm)
 
 
-@dataclasses.dataclass
-class Handoff:
-    """A file a client hands off: its name, fd (owned), and where in the
-    call it came from."""
-
-    name: str
-    fd: int
-    # Where in the call it came from, e.g. "files[2]"; "" for top-level parameters.
-    where: str = ""
-
-    def parameter(self, field: str) -> str:
-        return f"{self.where}.{field}" if self.where else field
-
-
 class Custodian:
     def __init__(
         self,
@@ -67,8 +70,10 @@ class Custodian:
         grace: float = 600.0,
         clock: Callable[[], float] = time.time,
         boot_id: str = "",
+        quotas: Quotas | None = None,
     ) -> None:
         self.ledger = Ledger(backend, carrier, clock, boot_id)
+        self.quotas = quotas or Quotas()
         self._reclaimer = Reclaimer(self.ledger, grace)
 
     # --- what the daemon and the varlink layer read ----------------------------
@@ -104,13 +109,13 @@ class Custodian:
         return self._reclaimer.report
 
     @property
-    def previous_subscribers(self) -> dict[str, int]:
-        """Who subscribed in the boot before the last kexec (name -> uid)."""
+    def previous_subscribers(self) -> set[tuple[str, int]]:
+        """Who subscribed in the boot before the last kexec: (name, uid)."""
         return self.ledger.previous_subscribers
 
     @property
-    def sessions(self) -> dict[str, Session]:
-        """Every session held, by name: for the custody modules and tests.
+    def sessions(self) -> dict[SessionKey, Session]:
+        """Every session held, by (owner uid, name): for the custody modules and tests.
         Everyone else goes through list_sessions() (which checks the peer),
         status() or session_count."""
         return self.ledger.sessions
@@ -119,8 +124,9 @@ class Custodian:
     def session_count(self) -> int:
         return len(self.ledger.sessions)
 
-    def status(self) -> Holdings:
-        return self.ledger.holdings()
+    def status(self, uid: int | None = None) -> Holdings:
+        """What luod holds in all, or (`uid`) for one owner."""
+        return self.ledger.holdings(uid)
 
     def note_subscriber(self, name: str, uid: int) -> None:
         self.ledger.note_subscriber(name, uid)
@@ -131,36 +137,51 @@ class Custodian:
         """Take over what the previous kernel carried, if anything."""
         return self._reclaimer.start()
 
-    def preserve_again(self, name: str | None = None) -> bool:
-        """Preserve one session that came over the kexec again (`name`, or
+    def preserve_again(self, key: SessionKey | None = None) -> bool:
+        """Preserve one session that came over the kexec again (`key`, or
         the next one waiting); True while more are waiting."""
-        return self._reclaimer.preserve_again(name)
+        return self._reclaimer.preserve_again(key)
 
     def preserve_all_again(self) -> None:
         self._reclaimer.preserve_all_again()
 
     # --- access ----------------------------------------------------------------
 
-    def _lookup(self, peer: Peer, name: str) -> Session:
-        """The session `name` if `peer` may see it: its owner, or root."""
-        s = self.ledger.sessions.get(name)
+    @staticmethod
+    def scope(peer: Peer, owner: int | None, session: str = "") -> int:
+        """The uid whose sessions a call addresses: the caller's own, or
+        another's when root says so (`owner`). Refused before any lookup,
+        so the refusal says nothing about what that uid holds."""
+        if owner is None or owner == peer.uid:
+            return peer.uid
+        if not peer.is_root:
+            raise errors.PermissionDenied(session, f"uid {owner}")
+        return owner
+
+    def _lookup(self, peer: Peer, name: str, owner: int | None = None) -> Session:
+        """The session `name` of the caller, or of `owner` (root only)."""
+        s = self.ledger.sessions.get((self.scope(peer, owner, name), name))
         if s is None:
             raise errors.NoSuchSession(name)
-        if not peer.is_root and peer.uid != s.owner.uid:
-            raise errors.PermissionDenied(name, s.owner.describe())
         return s
 
-    def _session(self, peer: Peer, name: str, preserve_again: bool = True) -> Session:
-        """The session `name` if `peer` may use it; preserved again first
-        unless the caller only reads (a copy of a file needs no session
-        preserved again). Using a session claims it."""
-        s = self._lookup(peer, name)
-        if preserve_again and name in self.ledger.awaiting_preservation:
-            self.preserve_again(name)
+    def use_session(
+        self, peer: Peer, name: str, preserve_again: bool = True, owner: int | None = None
+    ) -> Session:
+        """The session `name` of the caller (or of `owner`, root only);
+        preserved again first unless the caller only reads (a copy of a
+        file needs no session preserved again). Using a session claims it."""
+        s = self._lookup(peer, name, owner)
+        if preserve_again and s.key in self.ledger.awaiting_preservation:
+            self.preserve_again(s.key)
         if s.claim_deadline is not None:
             s.claim_deadline = None
             log.info(
-                "session-claimed", session=s.name, owner=s.owner.describe(), by=peer.describe()
+                "session-claimed",
+                session=s.name,
+                owner=s.owner.describe(),
+                by=peer.describe(),
+                **_acting_for(peer, s),
             )
         return s
 
@@ -171,9 +192,10 @@ class Custodian:
         ledger = self.ledger
         ledger.require_usable()
         check_session_name(name)
-        if name in ledger.sessions:
+        if (peer.uid, name) in ledger.sessions:
             raise errors.SessionExists(name)
-        kernel_name = ledger.new_kernel_name(name)
+        self.quotas.check(peer.uid, ledger.holdings, sessions=1)
+        kernel_name = ledger.new_kernel_name(peer.uid, name)
         try:
             sfd = ledger.backend.create_session(kernel_name)
         except LuoError as e:
@@ -187,7 +209,7 @@ class Custodian:
             fd=sfd,
             kexec_count=ledger.kexec_count,
         )
-        ledger.sessions[name] = s
+        ledger.sessions[s.key] = s
         ledger.carrier.session_held(kernel_name, sfd)
         ledger.save()
         log.info(
@@ -205,117 +227,9 @@ class Custodian:
     def preserve_fds(
         self, peer: Peer, session: str, files: Sequence[Handoff], create: bool = False
     ) -> list[HeldFile]:
-        """Hand off memfds into a managed session. All or nothing."""
-        try:
-            return self._preserve_fds(peer, session, files, create)
-        finally:
-            for h in files:
-                if h.fd >= 0:
-                    os.close(h.fd)
-
-    def _preserve_fds(
-        self, peer: Peer, session: str, files: Sequence[Handoff], create: bool
-    ) -> list[HeldFile]:
-        ledger = self.ledger
-        ledger.require_usable()
-        # Files that came over the kexec are indexed (AlreadyPreserved) when
-        # their session is preserved again.
-        self.preserve_all_again()
-        created = False
-        if create and session not in ledger.sessions:
-            check_session_name(session)
-        else:
-            s = self._session(peer, session)
-            if s.kind is not SessionKind.MANAGED:
-                raise errors.WrongSessionKind(
-                    session, s.kind.value, "files can only be handed off into sessions luod manages"
-                )
-            if len(files) > 1 and any(f.fd < 0 for f in s.files.values()):
-                # Undoing a half-done batch rebuilds the session from all its
-                # files; one file alone needs no undoing.
-                raise errors.NotReady(
-                    f"luod was restarted and holds no reference to the files in '{session}' "
-                    "until the next kexec, so it could not undo a failed batch: hand off "
-                    "one file per call"
-                )
-        names: set[str] = set()
-        checked: list[fdinfo.FdFacts] = []
-        for h in files:
-            check_fd_name(h.name, h.parameter("name"))
-            if h.name in names or (
-                session in ledger.sessions and h.name in ledger.sessions[session].files
-            ):
-                raise errors.FdNameExists(session, h.name)
-            names.add(h.name)
-            facts = fdinfo.inspect_fd(h.fd)
-            if facts.kind is not fdinfo.FdKind.MEMFD:
-                raise errors.UnsupportedFd(
-                    h.parameter("fileDescriptor"), facts.kind.value, _refusal(facts)
-                )
-            held = ledger.holder_of((facts.dev, facts.ino))
-            if held is not None:
-                raise errors.AlreadyPreserved(h.parameter("fileDescriptor"), held[0], held[1])
-            checked.append(facts)
-        if session not in ledger.sessions:
-            self.create_session(peer, session)
-            created = True
-        s = ledger.sessions[session]
-        now = ledger.clock()
-        added: list[HeldFile] = []
-        try:
-            for h, facts in zip(files, checked, strict=True):
-                f = HeldFile(
-                    name=h.name,
-                    token=s.next_token(),
-                    size=facts.size,
-                    preserved_at=now,
-                    fd=h.fd,
-                )
-                ledger.backend.preserve_fd(s.fd, f.fd, f.token)
-                h.fd = -1  # owned by the session from here on
-                added.append(f)
-                s.files[f.name] = f
-                ledger.index(s, f, (facts.dev, facts.ino))
-        except LuoError as e:
-            self._rollback(s, added, created)
-            raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
-        ledger.save()
-        if len(added) == 1:
-            (f,) = added
-            log.info(
-                "fd-preserved",
-                session=s.name,
-                name=f.name,
-                token=f.token,
-                size=f.size,
-                owner=s.owner.describe(),
-            )
-        elif added:
-            # One line for a batch: a line per fd cost more than the
-            # preserve itself (bench/RESULTS.md); every name is still in it.
-            log.info(
-                "fds-preserved",
-                session=s.name,
-                names=",".join(f.name for f in added),
-                tokens=f"{added[0].token}-{added[-1].token}",
-                count=len(added),
-                bytes=sum(f.size for f in added),
-                owner=s.owner.describe(),
-            )
-        return added
-
-    def _rollback(self, s: Session, added: list[HeldFile], created: bool) -> None:
-        """Undo a partial hand-off: nothing may change on bad input."""
-        ledger = self.ledger
-        for f in added:
-            ledger.unindex(f)
-            del s.files[f.name]
-            f.close()
-        if created:
-            ledger.drop(s, "hand-off failed")
-        elif added:
-            ledger.represerve(s, s.files.values())
-        ledger.save()
+        """Hand off memfds into the caller's managed session. All or nothing
+        (luod.handoff)."""
+        return handoff.preserve_fds(self, peer, session, files, create)
 
     def adopt_session(self, peer: Peer, fd: int, parameter: str = "fileDescriptor") -> Session:
         """Hold a session fd the client created itself, as it is."""
@@ -329,8 +243,9 @@ class Custodian:
                     parameter, facts.kind.value, f"not a LUO session: {facts.describe()}"
                 )
             check_session_name(name, "session", limit=MAX_KERNEL_SESSION_NAME)
-            if name in ledger.sessions:
+            if (peer.uid, name) in ledger.sessions:
                 raise errors.SessionExists(name)
+            self.quotas.check(peer.uid, ledger.holdings, sessions=1)
         except BaseException:
             os.close(fd)
             raise
@@ -343,7 +258,7 @@ class Custodian:
             fd=fd,
             kexec_count=ledger.kexec_count,
         )
-        ledger.sessions[name] = s
+        ledger.sessions[s.key] = s
         ledger.carrier.session_held(name, fd)
         ledger.save()
         log.info("session-adopted", session=name, owner=s.owner.describe())
@@ -357,15 +272,32 @@ class Custodian:
         s = self._new_session(peer, name, SessionKind.DELEGATED)
         return os.dup(s.fd), s
 
-    def list_sessions(self, peer: Peer, session: str | None = None) -> list[Session]:
-        if session is not None:
-            return [self._lookup(peer, session)]
-        return [s for s in self.ledger.sessions.values() if peer.is_root or s.owner.uid == peer.uid]
+    def list_sessions(
+        self, peer: Peer, session: str | None = None, owner: int | None = None
+    ) -> list[Session]:
+        """The caller's sessions; root's view (no `owner`) is everyone's.
+        `session`: only those of that name (NoSuchSession if none)."""
+        if owner is None and peer.is_root:
+            found = [
+                s for s in self.ledger.sessions.values() if session is None or s.name == session
+            ]
+        else:
+            uid = self.scope(peer, owner, session or "")
+            found = [
+                s
+                for s in self.ledger.sessions.values()
+                if s.owner.uid == uid and (session is None or s.name == session)
+            ]
+        if session is not None and not found:
+            raise errors.NoSuchSession(session)
+        return found
 
-    def retrieve_fd(self, peer: Peer, session: str, name: str, take: bool) -> tuple[int, HeldFile]:
+    def retrieve_fd(
+        self, peer: Peer, session: str, name: str, take: bool, owner: int | None = None
+    ) -> tuple[int, HeldFile]:
         """A copy of a held file (custody goes on), or the file itself (custody ends)."""
         ledger = self.ledger
-        s = self._session(peer, session, preserve_again=take)
+        s = self.use_session(peer, session, preserve_again=take, owner=owner)
         f = s.files.get(name)
         if f is None:
             raise errors.NoSuchFd(session, name)
@@ -394,6 +326,7 @@ class Custodian:
                 name=f.name,
                 owner=s.owner.describe(),
                 to=peer.describe(),
+                **_acting_for(peer, s),
             )
             return out, f
         try:
@@ -409,20 +342,27 @@ class Custodian:
             ledger.drop(s, "its last fd was taken")
         ledger.save()
         log.info(
-            "fd-taken", session=session, name=name, owner=s.owner.describe(), by=peer.describe()
+            "fd-taken",
+            session=session,
+            name=name,
+            owner=s.owner.describe(),
+            by=peer.describe(),
+            **_acting_for(peer, s),
         )
         return out, f
 
-    def retrieve_session(self, peer: Peer, session: str) -> tuple[int, Session]:
+    def retrieve_session(
+        self, peer: Peer, session: str, owner: int | None = None
+    ) -> tuple[int, Session]:
         """An adopted or delegated session's fd for its owner, and the
         session as the owner found it (before this call claimed it). Before
         the kexec a copy: luod must go on holding it for it to be carried (a
         client that restarted gets its session back this way). After the
         kexec the session itself: custody ends."""
         ledger = self.ledger
-        found = ledger.sessions.get(session)
+        found = ledger.sessions.get((self.scope(peer, owner, session), session))
         deadline = None if found is None else found.claim_deadline
-        s = self._session(peer, session)
+        s = self.use_session(peer, session, owner=owner)
         if s.kind is SessionKind.MANAGED:
             raise errors.WrongSessionKind(
                 session,
@@ -434,11 +374,15 @@ class Custodian:
         seen = dataclasses.replace(s, claim_deadline=deadline)
         if s.state is SessionState.OUTGOING:
             log.info(
-                "session-copied", session=session, owner=s.owner.describe(), to=peer.describe()
+                "session-copied",
+                session=session,
+                owner=s.owner.describe(),
+                to=peer.describe(),
+                **_acting_for(peer, s),
             )
             return os.dup(s.fd), seen
         fd, s.fd = s.fd, -1
-        del ledger.sessions[session]
+        del ledger.sessions[s.key]
         ledger.carrier.session_dropped(s.kernel_name)
         ledger.save()
         log.info(
@@ -447,22 +391,24 @@ class Custodian:
             state=s.state.value,
             owner=s.owner.describe(),
             to=peer.describe(),
+            **_acting_for(peer, s),
         )
         return fd, seen
 
-    def discard_session(self, peer: Peer, session: str) -> Session:
+    def discard_session(self, peer: Peer, session: str, owner: int | None = None) -> Session:
         # Nothing to preserve again in what is let go of (drop closes it as
         # it is).
-        s = self._session(peer, session, preserve_again=False)
-        self.ledger.drop(s, f"discarded by {peer.describe()}")
+        s = self.use_session(peer, session, preserve_again=False, owner=owner)
+        acting = f" for uid {s.owner.uid}" if s.owner.uid != peer.uid else ""
+        self.ledger.drop(s, f"discarded by {peer.describe()}{acting}")
         self.ledger.save()
         return s
 
     # --- the grace period after a kexec ----------------------------------------
 
-    def next_deadline(self) -> float | None:
-        """When the next unclaimed session is to be released, if any is."""
-        return self._reclaimer.next_deadline()
+    def next_deadline(self, uid: int | None = None) -> float | None:
+        """When the next unclaimed session (of `uid`'s) is to be released, if any is."""
+        return self._reclaimer.next_deadline(uid)
 
     def expire(self) -> list[str]:
         """Release what nobody claimed within the grace period."""
@@ -470,19 +416,20 @@ class Custodian:
 
     # --- preflight and shutdown ------------------------------------------------
 
-    def check(self) -> list[Problem]:
-        """What would be lost if the kexec happened now, and why."""
+    def check(self, uid: int | None = None) -> list[Problem]:
+        """What would be lost if the kexec happened now, and why: all of it,
+        or (`uid`) what concerns that owner's sessions or every session."""
         self.preserve_all_again()
-        return preflight_check(self.ledger)
+        problems = preflight_check(self.ledger)
+        if uid is None:
+            return problems
+        return [p for p in problems if p.uid is None or p.uid == uid]
 
     def close(self) -> None:
         """luod is stopping without a kexec (tests, fallback): close all."""
         self.ledger.close()
 
 
-def _refusal(facts: fdinfo.FdFacts) -> str:
-    if facts.kind is fdinfo.FdKind.LUO_SESSION:
-        return "this is a LUO session; hand it over with AdoptSession, sessions are not nested"
-    if facts.kind is fdinfo.FdKind.HUGETLB_MEMFD:
-        return "the kernel cannot preserve hugetlb memfds"
-    return f"the kernel can only preserve memfds (and tmpfs O_TMPFILE files); this is {facts.describe()}"
+def _acting_for(peer: Peer, s: Session) -> dict[str, int]:
+    """The log field that says root acted on another uid's session."""
+    return {"for": s.owner.uid} if s.owner.uid != peer.uid else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import pwd
 import re
 import resource
 import sys
@@ -20,14 +21,15 @@ from collections.abc import Sequence
 import structlog
 
 import luod
-from luod import carriers, notify, service, servicemanager
+from luod import carriers, config, notify, quotas, service, servicemanager
 from luod import log as logsetup
 from luod.custody import Custodian
 from luod.interfaces import DEFAULT_SOCKET
 from luod.kernel.backend import BOOT_ID_PATH, Backend, KernelBackend
 from luod.nextkernel import NextKernel
 from luod.notify import ListenFd
-from luod.orchestrator import Orchestrator
+from luod.orchestrator import MAX_SUBSCRIPTIONS, MAX_SUBSCRIPTIONS_ROOT, Orchestrator, Policy
+from luod.varlink import limits
 from luod.varlink.registry import make_registry
 
 log = structlog.get_logger("luod")
@@ -51,6 +53,28 @@ def parse_duration(text: str) -> float:
     if m is None:
         raise argparse.ArgumentTypeError(f"'{text}' is not a duration (try 600, 10min, 30s, 1h)")
     return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def parse_users(text: str) -> frozenset[int]:
+    """'vmm,1001' → uids; names through the user database, now."""
+    uids: set[int] = set()
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        if item.isdigit():
+            uids.add(int(item))
+            continue
+        try:
+            uids.add(pwd.getpwnam(item).pw_uid)
+        except KeyError:
+            raise argparse.ArgumentTypeError(
+                f"no user named '{item}' (give a name or a uid)"
+            ) from None
+    return frozenset(uids)
+
+
+def parse_count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of 0 or more")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +120,108 @@ def build_parser() -> argparse.ArgumentParser:
             "kexec, the preflight check (luoctl check) fails (default: %(default)s)"
         ),
     )
+    p.add_argument(
+        "--update-veto",
+        metavar="USER[,USER...]",
+        type=parse_users,
+        action="append",
+        default=[],
+        help=(
+            "users (names or uids; repeatable) whose subscribers may stop a live update by "
+            "refusing, missing their deadline or going away, as root's may. Anyone else's "
+            "subscribers are told every phase, but their refusal is logged and the update goes "
+            "on. A forced update (luoctl update --force) goes on past every refusal "
+            "(default: root only)"
+        ),
+    )
+    p.add_argument(
+        "--max-subscriptions-per-user",
+        metavar="N",
+        type=parse_count,
+        default=MAX_SUBSCRIPTIONS,
+        help="update subscriptions each non-root uid may hold at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-subscriptions-root",
+        metavar="N",
+        type=parse_count,
+        default=MAX_SUBSCRIPTIONS_ROOT,
+        help="update subscriptions root may hold at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=parse_count,
+        default=None,
+        help=(
+            "varlink connections luod serves at once; more are closed at once. The rest of "
+            "the open-file limit is for the files luod holds (default: a quarter of the "
+            f"open-file limit, at most {limits.DEFAULT_MAX_CONNECTIONS})"
+        ),
+    )
+    p.add_argument(
+        "--connections-reserved-for-root",
+        metavar="N",
+        type=parse_count,
+        default=None,
+        help="of --max-connections, how many only root may use (default: an eighth)",
+    )
+    p.add_argument(
+        "--max-connections-per-user",
+        metavar="N",
+        type=parse_count,
+        default=limits.DEFAULT_MAX_CONNECTIONS_PER_USER,
+        help="varlink connections each non-root uid may hold at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        metavar="DURATION",
+        type=parse_duration,
+        default=limits.DEFAULT_IDLE_TIMEOUT,
+        help=(
+            "close a connection that sent no message this long after connecting; 0: never "
+            "(default: 30s)"
+        ),
+    )
+    quotas.add_options(p)
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
+    # Last: the keys are every option above (luod.config).
+    p.epilog = config.epilog(p)
     return p
+
+
+def update_policy(args: argparse.Namespace) -> Policy:
+    return Policy(
+        veto_uids=frozenset().union(*args.update_veto),
+        max_subscriptions=args.max_subscriptions_per_user,
+        max_subscriptions_root=args.max_subscriptions_root,
+    )
+
+
+def connection_limits(args: argparse.Namespace) -> limits.Limits:
+    """The caps of luod.varlink.limits; after raise_nofile_limit(), since the
+    default cap is a share of the open-file limit."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    total = args.max_connections
+    if total is None:
+        total = limits.default_max_connections(nofile)
+    if total < 1:
+        raise SystemExit("luod: --max-connections=0 would serve no one; give it 1 or more")
+    reserved = args.connections_reserved_for_root
+    if reserved is None:
+        reserved = total // 8
+    if reserved >= total:
+        raise SystemExit(
+            f"luod: --connections-reserved-for-root={reserved} leaves no connection of "
+            f"--max-connections={total} to anyone else; give it less"
+        )
+    return limits.Limits(
+        max_connections=total,
+        reserved_for_root=reserved,
+        max_per_user=args.max_connections_per_user,
+        idle_timeout=args.idle_timeout,
+    )
 
 
 def boot_identity(backend: Backend) -> str:
@@ -128,17 +251,17 @@ async def serve(args: argparse.Namespace, custodian: Custodian, activated: Liste
         session_count=lambda: custodian.session_count,
         on_kexec=stopping.set,
     )
-    orchestrator = Orchestrator(on_subscribe=custodian.note_subscriber)
+    orchestrator = Orchestrator(on_subscribe=custodian.note_subscriber, policy=update_policy(args))
     registry = make_registry(custodian, orchestrator, nextkernel)
     listener = service.listen_socket(activated, args.socket)
     return await service.Service(
-        custodian, orchestrator, nextkernel, registry, listener, stopping
+        custodian, orchestrator, nextkernel, registry, listener, stopping, connection_limits(args)
     ).run()
 
 
 def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> int:
     """luod. `backend`: the kernel to use instead of /dev/liveupdate (tests)."""
-    args = build_parser().parse_args(argv)
+    args = config.parse_args(build_parser, argv)
     logsetup.setup(args.log_level, json=args.log_format == "json")
     if backend is None:
         backend = KernelBackend()
@@ -156,7 +279,13 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     carrier = carriers.make_carrier(
         args.carrier, backend, rest, service_manager=args.service_manager
     )
-    custodian = Custodian(backend, carrier, grace=args.grace, boot_id=boot_identity(backend))
+    custodian = Custodian(
+        backend,
+        carrier,
+        grace=args.grace,
+        boot_id=boot_identity(backend),
+        quotas=quotas.from_options(args),
+    )
     return asyncio.run(serve(args, custodian, activated))
 
 

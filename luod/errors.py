@@ -83,7 +83,8 @@ class LuodError(Exception):
 
 
 class NoSuchSession(LuodError, interface=CUSTODY):
-    """No session of that name is in luod's custody."""
+    """The caller (or, for root, owner) holds no session of that name in
+    luod's custody. Another user's sessions are never found by name."""
 
     sentence = "no session named '{session}'"
     session: str
@@ -170,10 +171,12 @@ class AlreadyPreserved(LuodError, interface=CUSTODY):
 
 
 class PermissionDenied(LuodError, interface=CUSTODY):
-    """The session belongs to another user; only its owner or root may use it."""
+    """Only root may name another user's sessions (owner); session names are
+    per user, so without owner a call only ever reaches the caller's own."""
 
-    sentence = "session '{session}' belongs to another user"
+    sentence = "session '{session}': only root may act on another user's sessions (owner)"
     session: str
+    # Whose sessions were asked for (uid N); the caller knows.
     owner: str = local()
 
 
@@ -201,6 +204,18 @@ class NotReady(LuodError, interface=CUSTODY):
 
     sentence = "{reason}"
     reason: str
+
+
+class QuotaExceeded(LuodError, interface=CUSTODY):
+    """The caller's uid holds as much of resource (sessions, files, bytes) as
+    luod allows it (limit, luod's options); nothing was changed."""
+
+    sentence = (
+        "quota exceeded: at most {limit} {resource} per user; "
+        "release some (DiscardSession, RetrieveFd take) or ask for a larger quota"
+    )
+    resource: str
+    limit: int
 
 
 # --- io.luod.Manager -----------------------------------------------------------
@@ -238,10 +253,23 @@ class InvalidDeadline(LuodError, interface=MANAGER):
 
 
 class SubscriptionExists(LuodError, interface=MANAGER):
-    """A subscriber of that name is connected already."""
+    """The caller has a subscriber of that name connected already (names
+    are per uid: another user's subscribers do not count)."""
 
     sentence = "a subscriber named '{name}' is connected already"
     name: str
+
+
+class SubscriptionQuotaExceeded(LuodError, interface=MANAGER, name="QuotaExceeded"):
+    """The caller's uid holds as many of resource as luod allows it (limit,
+    luod's options); nothing was changed."""
+
+    sentence = (
+        "quota exceeded: at most {limit} {resource} per user; "
+        "end one (close its Subscribe call) or ask for a larger quota"
+    )
+    resource: str
+    limit: int
 
 
 class NoSuchSubscription(LuodError, interface=MANAGER):
@@ -278,7 +306,9 @@ class UpdateInProgress(LuodError, interface=MANAGER):
 
 
 class UpdateAborted(LuodError, interface=MANAGER):
-    """A subscriber refused, missed its deadline or went away; nothing was dropped."""
+    """A subscriber that may stop updates (root's, or of a uid luod's
+    --update-veto names) refused, missed its deadline or went away, and the
+    update was not forced; nothing was dropped."""
 
     sentence = "update {update} aborted: {subscriber}: {reason}; nothing was dropped"
     update: int

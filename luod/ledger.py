@@ -2,7 +2,7 @@
 step is made of, each keeping the kernel, the carrier and the manifest in
 agreement.
 
-What it records: the sessions by name, which held file is which (by inode,
+What it records: the sessions by owner and name (SessionKey), which held file is which (by inode,
 to refuse a file handed off twice), the managed sessions that came over the
 kexec and wait to be preserved again, the counters and the subscribers
 written into the manifest. The changes: write the manifest (`save`), carry
@@ -24,7 +24,7 @@ from luod import errors
 from luod.carriers import Carrier
 from luod.kernel.backend import Backend, LuoError
 from luod.manifest import Manifest, ManifestError, to_json
-from luod.model import HeldFile, Holdings, Session, SessionState
+from luod.model import HeldFile, Holdings, Session, SessionKey, SessionState
 from luod.names import kernel_session_name
 
 log = structlog.get_logger("luod")
@@ -50,29 +50,32 @@ class Ledger:
         # Written into the manifest: a manifest of this very boot means luod
         # was restarted, not kexeced. "" (unknown) never matches.
         self.boot_id = boot_id
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[SessionKey, Session] = {}
         self.kexec_count = 0
         # How many kernel sessions luod has named so far, across kexecs.
         self.name_counter = 0
         # Subscribers of this boot, and of the boot before the last kexec.
-        self.known_subscribers: dict[str, int] = {}
-        self.previous_subscribers: dict[str, int] = {}
+        # (name, uid): names are per uid.
+        self.known_subscribers: set[tuple[str, int]] = set()
+        self.previous_subscribers: set[tuple[str, int]] = set()
         # Set when the incoming manifest could not be read: luod then
         # releases nothing and takes no new custody (require_usable).
         self.manifest_error: ManifestError | None = None
         # Managed sessions that came over the kexec: every file is retrieved
         # and held (copies can be handed out), but the session is still the
         # incoming one, to be finished and preserved again (luod.reclaim).
-        self.awaiting_preservation: dict[str, int] = {}  # name -> incoming session fd
-        self._by_inode: dict[InodeKey, tuple[str, str]] = {}
+        self.awaiting_preservation: dict[SessionKey, int] = {}  # -> incoming session fd
+        self._by_inode: dict[InodeKey, tuple[SessionKey, str]] = {}
 
     # --- what is held ----------------------------------------------------------
 
-    def holdings(self) -> Holdings:
+    def holdings(self, uid: int | None = None) -> Holdings:
+        """What luod holds in all, or (`uid`) for one owner."""
+        held = [s for s in self.sessions.values() if uid is None or s.owner.uid == uid]
         return Holdings(
-            sessions=len(self.sessions),
-            files=sum(len(s.files) for s in self.sessions.values()),
-            bytes_pinned=sum(s.bytes_pinned for s in self.sessions.values()),
+            sessions=len(held),
+            files=sum(len(s.files) for s in held),
+            bytes_pinned=sum(s.bytes_pinned for s in held),
         )
 
     def require_usable(self) -> None:
@@ -82,7 +85,7 @@ class Ledger:
                 "luod releases nothing and accepts no new custody until an operator resolves it"
             )
 
-    def holder_of(self, key: InodeKey) -> tuple[str, str] | None:
+    def holder_of(self, key: InodeKey) -> tuple[SessionKey, str] | None:
         """(session, name) of the held file with inode `key`, if any."""
         return self._by_inode.get(key)
 
@@ -90,7 +93,7 @@ class Ledger:
         if key is None:
             st = os.fstat(f.fd)
             key = (st.st_dev, st.st_ino)
-        self._by_inode[key] = (s.name, f.name)
+        self._by_inode[key] = (s.key, f.name)
 
     def unindex(self, f: HeldFile) -> None:
         if f.fd >= 0:
@@ -118,15 +121,15 @@ class Ledger:
     def note_subscriber(self, name: str, uid: int) -> None:
         """Remember who subscribed in this boot, so that after the kexec
         they are told what came with them ("resumed")."""
-        if self.known_subscribers.get(name) != uid:
-            self.known_subscribers[name] = uid
+        if (name, uid) not in self.known_subscribers:
+            self.known_subscribers.add((name, uid))
             self.save()
 
     # --- kernel sessions -------------------------------------------------------
 
-    def new_kernel_name(self, name: str) -> str:
+    def new_kernel_name(self, uid: int, name: str) -> str:
         self.name_counter += 1
-        return kernel_session_name(self.name_counter, name)
+        return kernel_session_name(self.name_counter, uid, name)
 
     def represerve(self, s: Session, files: Iterable[HeldFile]) -> None:
         """Put `files` (fds luod holds) into a brand-new outgoing session for
@@ -140,7 +143,7 @@ class Ledger:
         if old_fd >= 0:
             os.close(old_fd)
             self.carrier.session_dropped(old_kernel)
-        kernel_name = self.new_kernel_name(s.name)
+        kernel_name = self.new_kernel_name(s.owner.uid, s.name)
         sfd = self.backend.create_session(kernel_name)
         # A carrier that holds copies of the old session fd (PID 1's fd
         # store) lets go of them asynchronously: until it has, the files are
@@ -181,11 +184,11 @@ class Ledger:
         for f in s.files.values():
             self.unindex(f)
         s.close()
-        incoming_fd = self.awaiting_preservation.pop(s.name, -1)
+        incoming_fd = self.awaiting_preservation.pop(s.key, -1)
         if incoming_fd >= 0:
             # The kernel finishes a retrieved session when its fd is closed.
             os.close(incoming_fd)
-        self.sessions.pop(s.name, None)
+        self.sessions.pop(s.key, None)
         self.carrier.session_dropped(s.kernel_name)
         log.info(
             "session-released",

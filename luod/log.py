@@ -39,6 +39,15 @@ class _LibraryHandler(logging.Handler):
         )
 
 
+def shown(text: str, limit: int = 100) -> str:
+    """`text` as luod's log shows a value a caller sent: cut to `limit`
+    characters, with the length. A caller's string can be as long as a
+    message (16 MiB), and every refusal is logged."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 def journal_field(key: str) -> str:
     return "LUOD_" + _FIELD.sub("_", key.upper())
 

@@ -17,7 +17,13 @@ from typing import Any
 
 from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
 
-MANIFEST_VERSION = 1
+# 2: session names are unique per owner (uid), not globally: two sessions
+# may share a name if their owners differ. A version 1 manifest (names were
+# unique) reads as it is: each session keeps the owner it names. luod 0.1
+# refuses version 2 ("not known"), and so releases nothing, where it would
+# otherwise take two sessions of one name for corruption.
+MANIFEST_VERSION = 2
+READS_VERSIONS = frozenset({1, MANIFEST_VERSION})
 
 
 class ManifestError(Exception):
@@ -37,9 +43,10 @@ class Manifest:
     written_at: float = 0.0
     boot_id: str = ""
     version: int = MANIFEST_VERSION
-    # Names (and uids) of those who subscribed to updates in that boot: they
-    # are told "resumed" when they subscribe again after the kexec.
-    subscribers: dict[str, int] = dataclasses.field(default_factory=dict)
+    # (name, uid) of those who subscribed to updates in that boot: they are
+    # told "resumed" when they subscribe again after the kexec. Names are
+    # per uid: one name may come with several uids.
+    subscribers: set[tuple[str, int]] = dataclasses.field(default_factory=set)
 
 
 def _owner_to_json(o: Owner) -> dict[str, Any]:
@@ -77,7 +84,7 @@ def to_json(m: Manifest) -> bytes:
         "kexecCount": m.kexec_count,
         "nameCounter": m.name_counter,
         "written": m.written_at,
-        "subscribers": [{"name": n, "uid": u} for n, u in sorted(m.subscribers.items())],
+        "subscribers": [{"name": n, "uid": u} for n, u in sorted(m.subscribers)],
     }
     sessions = [
         _with_array(
@@ -153,13 +160,14 @@ def from_json(raw: bytes) -> Manifest:
     if not isinstance(doc, dict):
         raise ManifestError("corrupt", "manifest is not a JSON object")
     version = _get(doc, "version", int, "manifest")
-    if version != MANIFEST_VERSION:
+    if version not in READS_VERSIONS:
         raise ManifestError(
             "version",
-            f"manifest version {version} is not known to this luod (it reads version {MANIFEST_VERSION})",
+            f"manifest version {version} is not known to this luod "
+            f"(it reads versions {', '.join(map(str, sorted(READS_VERSIONS)))})",
         )
     sessions: list[Session] = []
-    seen: set[str] = set()
+    seen: set[tuple[int, str]] = set()
     for i, sd in enumerate(_get(doc, "sessions", list, "manifest")):
         where = f"sessions[{i}]"
         if not isinstance(sd, dict):
@@ -189,9 +197,11 @@ def from_json(raw: bytes) -> Manifest:
             state=state,
             claim_deadline=None if deadline is None else float(deadline),
         )
-        if s.name in seen:
-            raise ManifestError("corrupt", f"manifest: session '{s.name}' appears twice")
-        seen.add(s.name)
+        if s.key in seen:
+            raise ManifestError(
+                "corrupt", f"manifest: session '{s.name}' of uid {s.owner.uid} appears twice"
+            )
+        seen.add(s.key)
         tokens: set[int] = set()
         for j, fd_ in enumerate(_get(sd, "files", list, where)):
             f = _file(fd_) or _checked_file(fd_, f"{where}.files[{j}]")
@@ -211,13 +221,14 @@ def from_json(raw: bytes) -> Manifest:
     )
 
 
-def _subscribers(raw: Any) -> dict[str, int]:
+def _subscribers(raw: Any) -> set[tuple[str, int]]:
     """Optional (manifests of luod 0.1 before orchestration lack it)."""
     if not isinstance(raw, list):
         raise ManifestError("corrupt", "manifest: subscribers is not a list")
-    out: dict[str, int] = {}
+    out: set[tuple[str, int]] = set()
     for i, d in enumerate(raw):
         if not isinstance(d, dict):
             raise ManifestError("corrupt", f"manifest: subscribers[{i}] is not an object")
-        out[_get(d, "name", str, f"subscribers[{i}]")] = _get(d, "uid", int, f"subscribers[{i}]")
+        where = f"subscribers[{i}]"
+        out.add((_get(d, "name", str, where), _get(d, "uid", int, where)))
     return out

@@ -10,6 +10,11 @@ import dataclasses
 import enum
 import os
 
+# A session's identity in luod: (owner uid, name). Names are scoped by owner:
+# two uids may each hold a session called "cache", and nothing one of them
+# calls ever reaches the other's.
+SessionKey = tuple[int, str]
+
 
 class SessionKind(enum.Enum):
     # luod created the kernel session and preserves memfds into it for a client.
@@ -76,6 +81,10 @@ class Session:
     # yet), so that a hand-off does not look at every file to find the next.
     token_high: int = dataclasses.field(default=0, repr=False, compare=False)
 
+    @property
+    def key(self) -> SessionKey:
+        return (self.owner.uid, self.name)
+
     def next_token(self) -> int:
         if not self.token_high and self.files:
             self.token_high = max(f.token for f in self.files.values())
@@ -98,7 +107,8 @@ class Session:
 
 @dataclasses.dataclass(frozen=True)
 class Holdings:
-    """How much luod holds, in all: what its status reports."""
+    """How much luod holds, in all or for one uid: what its status reports
+    and what the quotas count."""
 
     sessions: int
     files: int

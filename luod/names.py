@@ -1,8 +1,9 @@
 """Naming rules: which session and fd names luod accepts, which it keeps for
 itself, and how it names the kernel sessions it creates.
 
-A client's session name is luod's handle for it; the kernel session behind
-it gets a name of luod's own (`kernel_session_name`), unique across kexecs,
+A client's session name is luod's handle for it, unique per owner (uid);
+the kernel session behind it gets a name of luod's own
+(`kernel_session_name`), unique in the kernel and across kexecs,
 so that a name used again after a kexec never meets the session it named
 before. Refusals are raised as catalogue errors naming the offending
 parameter.
@@ -14,6 +15,7 @@ import re
 
 from luod import errors
 from luod.kernel import uapi
+from luod.log import shown as shown_in_log
 
 MAX_SESSION_NAME = 48
 # The kernel's own limit: the most an adopted session's name can have.
@@ -33,14 +35,17 @@ _FD_NAME = re.compile(r"[A-Za-z0-9_.@+=,-]+")
 def check_session_name(
     name: str, parameter: str = "session", limit: int = MAX_SESSION_NAME
 ) -> None:
+    shown = shown_in_log(name)
     if not name:
-        raise errors.InvalidName(parameter, name, "must not be empty")
-    if len(name.encode()) > limit:
-        raise errors.InvalidName(parameter, name, f"longer than {limit} bytes")
+        raise errors.InvalidName(parameter, shown, "must not be empty")
+    # surrogatepass: a JSON escape of a lone surrogate (ud800) decodes to
+    # a str that strict UTF-8 cannot encode; the pattern below refuses it.
+    if len(name) > limit or len(name.encode(errors="surrogatepass")) > limit:
+        raise errors.InvalidName(parameter, shown, f"longer than {limit} bytes")
     if not _SESSION_NAME.fullmatch(name):
         raise errors.InvalidName(
             parameter,
-            name,
+            shown,
             "must start with a letter or digit and use only letters, digits and _.@:+=-",
         )
     if name in RESERVED_EXACT:
@@ -54,18 +59,23 @@ def check_session_name(
 def check_fd_name(name: str, parameter: str = "name") -> None:
     if len(name) <= MAX_FD_NAME and _FD_NAME.fullmatch(name):
         return  # the common case first: a hand-off checks every name
+    shown = shown_in_log(name)
     if not name:
-        raise errors.InvalidName(parameter, name, "must not be empty")
+        raise errors.InvalidName(parameter, shown, "must not be empty")
     if len(name) > MAX_FD_NAME:
-        raise errors.InvalidName(parameter, name, f"longer than {MAX_FD_NAME} characters")
+        raise errors.InvalidName(parameter, shown, f"longer than {MAX_FD_NAME} characters")
     if not _FD_NAME.fullmatch(name):
         raise errors.InvalidName(
-            parameter, name, "must use only letters, digits and _.@+=,- (a valid fd name)"
+            parameter, shown, "must use only letters, digits and _.@+=,- (a valid fd name)"
         )
 
 
-def kernel_session_name(counter: int, name: str) -> str:
+def kernel_session_name(counter: int, uid: int, name: str) -> str:
     """The kernel's name for the `counter`th session luod creates, for the
-    client's session `name`: reserved for luod, cut to the kernel's limit
-    (session names are ASCII, so characters are bytes)."""
-    return f"{RESERVED_PREFIX}.{counter}.{name}"[:MAX_KERNEL_SESSION_NAME]
+    session `name` of `uid`: reserved for luod, cut to the kernel's limit
+    of 63 bytes (session names are ASCII, so characters are bytes). Kernel
+    session names are global while luod's are per owner: the counter
+    (never reused, carried in the manifest) makes the name unique, and it
+    and the uid always fit (at most 38 bytes), so only the client's name
+    is ever cut; the uid is there for whoever reads the kernel's names."""
+    return f"{RESERVED_PREFIX}.{counter}.u{uid}.{name}"[:MAX_KERNEL_SESSION_NAME]

@@ -7,20 +7,30 @@ reboot(LINUX_REBOOT_CMD_KEXEC), or `systemctl kexec` when PID 1 must carry
 luod's state in the fd store. The orchestrator's barrier decides *when*;
 this module does the *how*. No varlink here: the Manager interface turns
 `LoadedKernel` into its wire form.
+
+Before loading, the next kernel is checked for what it needs to read the
+handover (luod.kernel.image): its command line turns on KHO and LUO, and
+its image speaks the running kernel's LUO ABI and has its memfd file
+handler. A UKI is split as `systemctl kexec` does. What the check finds is
+kept with the loaded kernel, so Check, Update and KExec say it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import os
+import platform
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import structlog
 
 from luod import errors, notify
-from luod.kernel import kexec
+from luod.kernel import image, kexec
 from luod.kernel.backend import Backend, LuoError
 from luod.peer import Peer
 
@@ -46,6 +56,68 @@ class LoadedKernel:
     initrd: str | None
     cmdline: str
     loaded_at: float  # wall clock, seconds since the epoch
+    # What the image says (None: it could not be read, see problems).
+    facts: image.KernelFacts | None = None
+    # The image was a UKI: kernel, initrd and command line came out of it.
+    uki: bool = False
+    # Why it cannot take the handover; loaded anyway only when forced.
+    problems: tuple[str, ...] = ()
+
+
+def _check_text(parameter: str, value: str) -> None:
+    """What the kernel is handed is a C string of UTF-8; a JSON string can
+    hold a NUL or a lone surrogate (escaped as u0000, ud800), which
+    neither can."""
+    if "\0" in value:
+        raise errors.KernelUnusable(parameter, "it contains a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise errors.KernelUnusable(
+            parameter, "it is not valid Unicode (a lone surrogate)"
+        ) from None
+
+
+def _check_path(parameter: str, path: str) -> None:
+    """A path luod can open without waiting: a regular file. open() of a
+    FIFO would block luod until someone writes to it."""
+    _check_text(parameter, path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # opening it says why
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.KernelUnusable(parameter, f"{path}: not a regular file")
+
+
+@contextlib.contextmanager
+def _parts(
+    kernel: str, initrd: str | None, uki: image.Uki | None
+) -> Iterator[tuple[str, str | None]]:
+    """Paths for kexec_file_load: the files as given, or a UKI's sections
+    in memfds (kexec_file_load reads from an fd; /proc/self/fd/N reopens
+    the memfd), as `systemctl kexec` does. An initrd given wins over the
+    UKI's."""
+    if uki is None:
+        yield kernel, initrd
+        return
+    fds = []
+    try:
+
+        def memfd(name: str, data: bytes) -> str:
+            fd = os.memfd_create(f"luod-uki-{name}", os.MFD_CLOEXEC)
+            fds.append(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            return f"/proc/self/fd/{fd}"
+
+        kpath = memfd("linux", uki.linux)
+        ipath = initrd if initrd is not None or uki.initrd is None else memfd("initrd", uki.initrd)
+        yield kpath, ipath
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class NextKernel:
@@ -74,6 +146,7 @@ class NextKernel:
         self.pid1_kexec = pid1_kexec
         self.loaded: LoadedKernel | None = None
         self.kexeced = False
+        self._running: image.RunningLuo | None = None
 
     def kexec_blocker(self, own_reboot: bool) -> str | None:
         """Why the kexec would fail now, checked before anything stops.
@@ -87,27 +160,145 @@ class NextKernel:
         return None
 
     def load_kernel(
-        self, kernel: str, initrd: str | None, cmdline: str | None, reuse: bool
+        self,
+        kernel: str,
+        initrd: str | None,
+        cmdline: str | None,
+        reuse: bool,
+        force: bool = False,
     ) -> LoadedKernel:
-        """Check the image and the initrd, then kexec_file_load them.
-        `reuse`: the command line of the running kernel instead of `cmdline`."""
+        """Check the image, the initrd and the command line, then
+        kexec_file_load them. `reuse`: the command line of the running
+        kernel instead of `cmdline`. A UKI gives its own initrd and command
+        line where none is given. `force`: load a kernel that cannot take
+        the handover (logged, with what would be lost)."""
+        _check_path("kernel", kernel)
+        if initrd is not None:
+            _check_path("initrd", initrd)
+        if cmdline is not None:
+            _check_text("commandLine", cmdline)
         problem = kexec.image_problem(kernel)
         if problem is not None:
             raise errors.KernelUnusable("kernel", f"{kernel}: {problem}")
         if initrd is not None and not os.access(initrd, os.R_OK):
-            raise errors.KernelUnusable("initrd", f"{initrd}: not readable")
+            raise errors.KernelUnusable(
+                *kexec.explain(
+                    errno.ENOENT if not os.path.exists(initrd) else errno.EACCES, "", initrd=initrd
+                )
+            )
         if reuse:
             with open(PROC_CMDLINE) as f:
                 cmdline = f.read().strip()
         try:
-            self.backend.load_kernel(kernel, initrd, cmdline or "")
-        except LuoError as e:
-            raise errors.KernelUnusable("kernel", f"{kernel}: {e.message}") from None
+            data = image.read_file(kernel)
+            uki = image.split_uki(data)
+        except image.ImageError as e:
+            raise errors.KernelUnusable("kernel", f"{kernel}: {e}") from None
+        x86_pe = platform.machine() == "x86_64" and data[:2] == b"MZ"
+        if uki is None and x86_pe and data[0x202:0x206] != b"HdrS":
+            raise errors.KernelUnusable(
+                "kernel", f"{kernel}: a PE file but neither a bzImage nor a UKI (no .linux section)"
+            )
+        if uki is not None:
+            data = uki.linux
+            if cmdline is None:
+                cmdline = uki.cmdline
+        cmdline = cmdline or ""
+        facts, problems = self._inspect(data, cmdline)
+        if problems:
+            self._refuse_or_warn(kernel, cmdline, problems, force)
+        with _parts(kernel, initrd, uki) as (kpath, ipath):
+            try:
+                self.backend.load_kernel(kpath, ipath, cmdline)
+            except LuoError as e:
+                parameter, reason = kexec.explain(
+                    e.errno, e.message, initrd=initrd, uki=uki is not None
+                )
+                if parameter == "kernel":
+                    reason = f"{kernel}: {reason}"
+                raise errors.KernelUnusable(parameter, reason) from None
         self.loaded = LoadedKernel(
-            kernel=kernel, initrd=initrd, cmdline=cmdline or "", loaded_at=time.time()
+            kernel=kernel,
+            initrd=initrd if uki is None or uki.initrd is None else initrd or f"{kernel}:.initrd",
+            cmdline=cmdline,
+            loaded_at=time.time(),
+            facts=facts,
+            uki=uki is not None,
+            problems=tuple(problems),
         )
-        log.info("kernel-loaded", kernel=kernel, initrd=initrd or "-", cmdline=cmdline or "")
+        log.info(
+            "kernel-loaded",
+            kernel=kernel,
+            initrd=self.loaded.initrd or "-",
+            cmdline=cmdline,
+            uki=uki is not None,
+            release=facts.release if facts is not None and facts.release else "-",
+            luo_abi=",".join(facts.luo_abi) if facts is not None and facts.luo_abi else "-",
+            running=self.running().source,
+        )
         return self.loaded
+
+    def running(self) -> image.RunningLuo:
+        """The running kernel's LUO values (luod.kernel.image.running_luo),
+        kept once complete: they do not change within a boot."""
+        if self._running is not None:
+            return self._running
+        found = self.backend.running_luo()
+        if found.luo_abi is not None and found.handlers:
+            self._running = found
+        return found
+
+    def _inspect(self, data: bytes, cmdline: str) -> tuple[image.KernelFacts | None, list[str]]:
+        """What the image says, and why it cannot take the handover."""
+        facts: image.KernelFacts | None = None
+        problems: list[str] = []
+        try:
+            facts = image.read_bzimage(data)
+        except image.ImageError as e:
+            problems.append(f"cannot read the image's LUO: {e}")
+        problems = image.cmdline_problems(cmdline, facts) + problems
+        if facts is not None:
+            problems += image.handover_problems(facts, self.running())
+        return facts, problems
+
+    def _refuse_or_warn(self, kernel: str, cmdline: str, problems: list[str], force: bool) -> None:
+        if not force:
+            # The command line alone is wrong: say so by its parameter.
+            parameter = (
+                "commandLine"
+                if all(p.startswith("its command line") for p in problems)
+                else "kernel"
+            )
+            raise errors.KernelUnusable(
+                parameter,
+                f"{kernel} cannot take the handover: "
+                + "; ".join(problems)
+                + " (force loads it anyway, and every session luod holds would be lost)",
+            )
+        log.warning(
+            "kernel-preflight-overridden",
+            kernel=kernel,
+            cmdline=cmdline,
+            problems="; ".join(problems),
+            lost=f"every session luod holds ({self.session_count()}), if kexeced into",
+        )
+
+    def log_forced(self, problems: list[str]) -> None:
+        """A forced kexec into a kernel that cannot take the handover."""
+        log.warning(
+            "kernel-preflight-overridden",
+            kernel=self.loaded.kernel if self.loaded is not None else "-",
+            problems="; ".join(problems),
+            lost=f"every session luod holds ({self.session_count()})",
+        )
+
+    def problems(self) -> list[str]:
+        """Why the loaded kernel cannot take the handover (for Check,
+        Update and KExec). A kernel luod did not load is not checked: its
+        command line cannot be read back."""
+        if self.loaded is None:
+            return []
+        return [f"next kernel: {p}" for p in self.loaded.problems]
 
     def unload_kernel(self) -> None:
         """Undo load_kernel."""

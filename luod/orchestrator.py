@@ -7,8 +7,15 @@ deadline. Only when every subscriber acknowledged `freeze` does the update
 hand over to the kexec. A refusal, a missed deadline or a subscriber going
 away aborts the update: every subscriber gets `aborted` with who and why,
 nothing preserved is dropped, and the same update can be started again.
-After the kexec a subscriber that reconnects under the same name gets
-`resumed`.
+After the kexec a subscriber that reconnects under the same name (and uid)
+gets `resumed`.
+
+Who may stop an update (the Policy): any uid may subscribe and is told every
+phase, but only a subscriber of root or of a uid luod's --update-veto names
+aborts the update by refusing, missing its deadline or going away; anyone
+else's is logged and the update goes on. A forced update goes on past every
+one of them, logged with who and why. Names are unique per uid, never
+across uids, and each uid holds a bounded number of subscriptions.
 
 No varlink and no kernel here: the server feeds calls in, `jump` is given.
 Refusals are errors of the catalogue (luod.errors), served as they are.
@@ -33,6 +40,27 @@ log = structlog.get_logger("luod")
 
 DEFAULT_DEADLINE = 30.0
 MAX_DEADLINE = 300.0
+# What a user is told of an abort that another user's subscriber caused.
+STOPPED_BY_ANOTHER_USER = "stopped by a subscriber of another user"
+# Subscriptions a uid may hold at once: any non-root uid, and root's own pool.
+MAX_SUBSCRIPTIONS = 16
+MAX_SUBSCRIPTIONS_ROOT = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Who may stop an update, and how many subscriptions a uid may hold."""
+
+    # Besides root: uids whose subscribers' refusals abort an unforced update.
+    veto_uids: frozenset[int] = frozenset()
+    max_subscriptions: int = MAX_SUBSCRIPTIONS
+    max_subscriptions_root: int = MAX_SUBSCRIPTIONS_ROOT
+
+    def may_veto(self, peer: Peer) -> bool:
+        return peer.is_root or peer.uid in self.veto_uids
+
+    def limit(self, peer: Peer) -> int:
+        return self.max_subscriptions_root if peer.is_root else self.max_subscriptions
 
 
 class Phase(enum.Enum):
@@ -60,6 +88,8 @@ class Subscriber:
     name: str
     peer: Peer
     deadline: float
+    # Its refusal, missed deadline or going away aborts an unforced update.
+    may_veto: bool = True
     # None ends the stream (the subscription is gone).
     queue: asyncio.Queue[Event | None] = dataclasses.field(default_factory=asyncio.Queue)
     acked: set[tuple[int, Phase]] = dataclasses.field(default_factory=set)
@@ -82,6 +112,11 @@ class Outcome:
     ok: bool
     reason: str | None = None
     who: str | None = None
+    # The uid of the subscriber that aborted it (None: luod itself).
+    who_uid: int | None = None
+    # Refusals, timeouts and departures the update went on past, as
+    # "NAME (uid N): REASON" (forced, or of a subscriber that may not veto).
+    overridden: list[str] = dataclasses.field(default_factory=list)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -91,17 +126,25 @@ class Orchestrator:
         max_deadline: float = MAX_DEADLINE,
         clock: Callable[[], float] = time.time,
         on_subscribe: Callable[[str, int], None] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.max_deadline = max_deadline
         self.on_subscribe = on_subscribe
         self.clock = clock
+        self.policy = policy or Policy()
+        # By subscription id (what clients are given), and by owner and name.
         self.subscribers: dict[str, Subscriber] = {}
+        self.by_owner: dict[int, dict[str, Subscriber]] = {}
         self.update_id = 0
         self.running: int | None = None
         self.last_outcome: Outcome | None = None
         self._changed = asyncio.Event()
-        # Names (with uids) of those who subscribed before the last kexec.
-        self.expected_back: dict[str, int] = {}
+        # (name, uid) of those who subscribed before the last kexec.
+        self.expected_back: set[tuple[str, int]] = set()
+        # Names each uid subscribed under in this luod's life, as handed to
+        # on_subscribe (the manifest): at most its subscription limit, so
+        # that a uid cycling through names cannot grow the manifest.
+        self._noted: dict[int, set[str]] = {}
 
     # --- subscriptions -----------------------------------------------------
 
@@ -115,20 +158,26 @@ class Orchestrator:
     ) -> Subscriber:
         if deadline is not None and not 0 < deadline <= self.max_deadline:
             raise errors.InvalidDeadline("deadlineSec", int(self.max_deadline))
-        for s in self.subscribers.values():
-            if s.name == name:
-                raise errors.SubscriptionExists(name)
+        # Names are the owner's: another uid's subscriber of the same name
+        # is another subscriber, and nothing here says it exists.
+        mine = self.by_owner.get(peer.uid, {})
+        if name in mine:
+            raise errors.SubscriptionExists(name)
+        limit = self.policy.limit(peer)
+        if len(mine) >= limit:
+            raise errors.SubscriptionQuotaExceeded("subscriptions", limit)
         sub = Subscriber(
-            id=secrets.token_hex(8),
+            id=secrets.token_hex(16),
             name=name,
             peer=peer,
             deadline=min(deadline or DEFAULT_DEADLINE, self.max_deadline),
+            may_veto=self.policy.may_veto(peer),
         )
         self.subscribers[sub.id] = sub
-        if self.on_subscribe is not None:
-            self.on_subscribe(name, peer.uid)
-        if self.expected_back.get(name) == peer.uid:
-            del self.expected_back[name]
+        self.by_owner.setdefault(peer.uid, {})[name] = sub
+        self._note(name, peer, limit)
+        if (name, peer.uid) in self.expected_back:
+            self.expected_back.discard((name, peer.uid))
             sub.send(Event(Phase.resumed, sub.id, kexec_count=kexec_count, sessions=sessions))
         else:
             sub.send(Event(Phase.subscribed, sub.id, kexec_count=kexec_count))
@@ -138,12 +187,34 @@ class Orchestrator:
             subscription=sub.id,
             owner=peer.describe(),
             deadline=sub.deadline,
+            may_veto=sub.may_veto,
         )
         return sub
+
+    def _note(self, name: str, peer: Peer, limit: int) -> None:
+        noted = self._noted.setdefault(peer.uid, set())
+        if self.on_subscribe is None or name in noted:
+            return
+        if len(noted) >= limit:
+            log.warning(
+                "subscriber-not-remembered",
+                subscriber=name,
+                owner=peer.describe(),
+                reason=f"this uid subscribed under {limit} other names already; "
+                "it is not told 'resumed' under this one after the kexec",
+            )
+            return
+        noted.add(name)
+        self.on_subscribe(name, peer.uid)
 
     def unsubscribe(self, sub: Subscriber, why: str) -> None:
         if self.subscribers.pop(sub.id, None) is None:
             return
+        mine = self.by_owner.get(sub.peer.uid, {})
+        if mine.get(sub.name) is sub:
+            del mine[sub.name]
+            if not mine:
+                del self.by_owner[sub.peer.uid]
         log.info("unsubscribed", subscriber=sub.name, subscription=sub.id, reason=why)
         sub.state = "gone"
         sub.queue.put_nowait(None)
@@ -156,6 +227,20 @@ class Orchestrator:
 
     def names(self) -> list[tuple[str, int]]:
         return [(s.name, s.peer.uid) for s in self.subscribers.values()]
+
+    def last_outcome_for(self, peer: Peer) -> Outcome | None:
+        """The last update's outcome as `peer` may see it: who stopped it
+        and why only for root and for the uid of the subscriber that did."""
+        o = self.last_outcome
+        if o is None or peer.is_root or o.who_uid is None or o.who_uid == peer.uid:
+            return o
+        return dataclasses.replace(o, who=None, reason=STOPPED_BY_ANOTHER_USER, overridden=[])
+
+    def visible_to(self, peer: Peer) -> list[Subscriber]:
+        """The subscribers `peer` may see: root all, anyone else its own."""
+        if peer.is_root:
+            return list(self.subscribers.values())
+        return list(self.by_owner.get(peer.uid, {}).values())
 
     # --- acknowledgements ---------------------------------------------------
 
@@ -203,8 +288,9 @@ class Orchestrator:
 
     # --- the update ----------------------------------------------------------
 
-    async def run(self, jump: Callable[[], Awaitable[None]]) -> Outcome:
-        """prepare → freeze → jump, with the barrier after each phase."""
+    async def run(self, jump: Callable[[], Awaitable[None]], force: bool = False) -> Outcome:
+        """prepare → freeze → jump, with the barrier after each phase.
+        `force`: go on past every refusal, timeout and departure."""
         if self.running is not None:
             raise errors.UpdateInProgress(self.running)
         self.update_id += 1
@@ -212,11 +298,11 @@ class Orchestrator:
         self.running = update
         outcome = Outcome(update, ok=False)
         participants = list(self.subscribers.values())
-        log.info("update-started", update=update, subscribers=len(participants))
+        log.info("update-started", update=update, subscribers=len(participants), forced=force)
         try:
             for phase in (Phase.prepare, Phase.freeze):
                 t0 = time.monotonic()
-                failure = await self._phase(update, phase, participants)
+                failure = await self._phase(update, phase, participants, force, outcome)
                 outcome.phases[phase.value] = time.monotonic() - t0
                 log.info(
                     "phase-done",
@@ -226,12 +312,16 @@ class Orchestrator:
                     ok=failure is None,
                 )
                 if failure is not None:
-                    outcome.who, outcome.reason = failure
+                    who, outcome.reason = failure
+                    outcome.who, outcome.who_uid = who.name, who.peer.uid
                     self._abort(update, outcome)
                     return outcome
+                # Gone for good: not told freeze (their going was overridden).
+                participants = [s for s in participants if s.id in self.subscribers]
             log.info(
                 "barrier-passed",
                 update=update,
+                overridden=len(outcome.overridden),
                 **{f"{k}_seconds": round(v, 4) for k, v in outcome.phases.items()},
             )
             try:
@@ -250,33 +340,81 @@ class Orchestrator:
                     s.state = "idle"
             self.last_outcome = outcome
 
+    def _objection(self, s: Subscriber, phase: Phase) -> str | None:
+        """Why `s` holds the phase up, if it refused or went away."""
+        if s.state == "gone" or s.id not in self.subscribers:
+            return f"disconnected during {phase.value}"
+        if s.state == "refused":
+            return f"refused {phase.value}: {s.refusal}"
+        return None
+
+    def _stops(
+        self, update: int, phase: Phase, s: Subscriber, reason: str, force: bool, outcome: Outcome
+    ) -> bool:
+        """Whether `s`'s refusal (timeout, departure) aborts the update; if
+        not, it is logged with who and why, and the update goes on."""
+        if s.may_veto and not force:
+            return True
+        outcome.overridden.append(f"{s.name} (uid {s.peer.uid}): {reason}")
+        log.warning(
+            "refusal-overridden",
+            update=update,
+            phase=phase.value,
+            subscriber=s.name,
+            owner=s.peer.describe(),
+            reason=reason,
+            because="the update is forced" if force else "this subscriber may not stop updates",
+        )
+        return False
+
     async def _phase(
-        self, update: int, phase: Phase, participants: list[Subscriber]
-    ) -> tuple[str, str] | None:
+        self,
+        update: int,
+        phase: Phase,
+        participants: list[Subscriber],
+        force: bool,
+        outcome: Outcome,
+    ) -> tuple[Subscriber, str] | None:
         now = self.clock()
         loop_now = asyncio.get_running_loop().time()
         ends: dict[str, float] = {}
+        # Those whose refusal, timeout or departure was overridden: the
+        # phase no longer waits for them.
+        done: set[str] = set()
         for s in participants:
             if s.id not in self.subscribers:
-                return s.name, "disconnected before the update"
+                left = "disconnected before the update"
+                if self._stops(update, phase, s, left, force, outcome):
+                    return s, left
+                done.add(s.id)
+                continue
             s.state = phase.value
             s.send(Event(phase, s.id, update=update, deadline=now + s.deadline))
             ends[s.id] = loop_now + s.deadline
         while True:
             for s in participants:
-                if s.state == "gone" or s.id not in self.subscribers:
-                    return s.name, f"disconnected during {phase.value}"
-                if s.state == "refused":
-                    return s.name, f"refused {phase.value}: {s.refusal}"
-            pending = [s for s in participants if (update, phase) not in s.acked]
+                if s.id in done:
+                    continue
+                why = self._objection(s, phase)
+                if why is not None:
+                    if self._stops(update, phase, s, why, force, outcome):
+                        return s, why
+                    done.add(s.id)
+            pending = [
+                s for s in participants if s.id not in done and (update, phase) not in s.acked
+            ]
             if not pending:
                 return None
             t = asyncio.get_running_loop().time()
-            late = [s for s in pending if ends[s.id] <= t]
-            if late:
-                return late[
-                    0
-                ].name, f"did not acknowledge {phase.value} within {late[0].deadline:g}s"
+            for s in pending:
+                if ends[s.id] <= t:
+                    late = f"did not acknowledge {phase.value} within {s.deadline:g}s"
+                    if self._stops(update, phase, s, late, force, outcome):
+                        return s, late
+                    done.add(s.id)
+            pending = [s for s in pending if s.id not in done]
+            if not pending:
+                return None
             self._changed.clear()
             timeout = min(ends[s.id] for s in pending) - t
             with contextlib.suppress(TimeoutError):
@@ -285,7 +423,10 @@ class Orchestrator:
     def _abort(self, update: int, outcome: Outcome) -> None:
         self.last_outcome = outcome
         log.warning("update-aborted", update=update, subscriber=outcome.who, reason=outcome.reason)
+        said = f"{outcome.who}: {outcome.reason}"
         for s in self.subscribers.values():
-            s.send(
-                Event(Phase.aborted, s.id, update=update, reason=f"{outcome.who}: {outcome.reason}")
-            )
+            # Who refused and why is told to root and to the refuser's own
+            # uid; another user learns only that the update was stopped.
+            mine = outcome.who_uid is None or s.peer.is_root or s.peer.uid == outcome.who_uid
+            reason = said if mine else STOPPED_BY_ANOTHER_USER
+            s.send(Event(Phase.aborted, s.id, update=update, reason=reason))

@@ -4,7 +4,9 @@ Read-only over the ledger. KExec and Update refuse to jump while `check`
 finds anything (unless forced); Check shows the same list. Sessions
 that came over the last kexec are expected to have been preserved again
 before this is asked (luod.custody does so first), else every one of them
-would be reported.
+would be reported. Whether the loaded next kernel can take the handover
+at all (its command line, its LUO ABI) is luod.nextkernel's check; the
+Manager's Check, Update and KExec add its problems to these.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class Problem:
     # The file concerned, None for the whole session.
     name: str | None
     reason: str
+    # The owner of the session concerned (None: all of them), so that a
+    # non-root caller is shown only what concerns its own.
+    uid: int | None = dataclasses.field(default=None, compare=False)
 
 
 def check(ledger: Ledger) -> list[Problem]:
@@ -37,6 +42,7 @@ def check(ledger: Ledger) -> list[Problem]:
         else:
             not_carried[p.kernel_name] = p.reason
     for s in ledger.sessions.values():
+        first = len(problems)
         if s.kernel_name in not_carried:
             problems.append(Problem(s.name, None, not_carried[s.kernel_name]))
         if s.fd < 0:
@@ -56,4 +62,6 @@ def check(ledger: Ledger) -> list[Problem]:
         for f in s.files.values():
             if f.fd < 0 and not carried:
                 problems.append(Problem(s.name, f.name, "luod holds no reference to this file"))
+        for problem in problems[first:]:
+            problem.uid = s.owner.uid
     return problems

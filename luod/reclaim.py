@@ -27,7 +27,7 @@ import structlog
 from luod.kernel.backend import LuoError
 from luod.ledger import Ledger
 from luod.manifest import Manifest, ManifestError, from_json
-from luod.model import Session, SessionKind, SessionState
+from luod.model import Session, SessionKey, SessionKind, SessionState
 
 log = structlog.get_logger("luod")
 
@@ -47,6 +47,33 @@ class ReclaimReport:
     # outgoing session) once luod is ready, session by session: how long that
     # took, None while sessions are still waiting for it.
     preserved_again: float | None = 0.0
+    # Per owner uid: [sessions, files] taken over, and whose each of `lost`
+    # was, so that a non-root caller is told of its own only (for_uid).
+    per_uid: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    lost_uids: list[int] = dataclasses.field(default_factory=list)
+
+    def count(self, uid: int, sessions: int = 0, files: int = 0) -> None:
+        self.sessions += sessions
+        self.files += files
+        c = self.per_uid.setdefault(uid, [0, 0])
+        c[0] += sessions
+        c[1] += files
+
+    def lose(self, uid: int, what: str) -> None:
+        self.lost.append(what)
+        self.lost_uids.append(uid)
+
+    def for_uid(self, uid: int) -> ReclaimReport:
+        """The report as `uid` may see it: its own sessions, files and losses."""
+        sessions, files = self.per_uid.get(uid, (0, 0))
+        return dataclasses.replace(
+            self,
+            sessions=sessions,
+            files=files,
+            lost=[w for w, u in zip(self.lost, self.lost_uids, strict=True) if u == uid],
+            per_uid={},
+            lost_uids=[],
+        )
 
 
 class Reclaimer:
@@ -101,7 +128,7 @@ class Reclaimer:
         ledger = self.ledger
         ledger.kexec_count = manifest.kexec_count + 1
         ledger.name_counter = manifest.name_counter
-        ledger.previous_subscribers = dict(manifest.subscribers)
+        ledger.previous_subscribers = set(manifest.subscribers)
         report = ReclaimReport("reclaimed")
         deadline = ledger.clock() + self.grace
         for old in manifest.sessions:
@@ -111,13 +138,13 @@ class Reclaimer:
             old.state = SessionState.INCOMING
             old.claim_deadline = deadline
             old.kexec_count = ledger.kexec_count
-            ledger.sessions[old.name] = old
-            report.sessions += 1
+            ledger.sessions[old.key] = old
+            report.count(old.owner.uid, sessions=1)
             if old.kind is SessionKind.MANAGED:
                 # Only what makes the files retrievable happens before luod
                 # is ready; preserve_again() carries custody on afterwards.
                 self._retrieve_files(old, sfd, report)
-                ledger.awaiting_preservation[old.name] = sfd
+                ledger.awaiting_preservation[old.key] = sfd
             else:
                 old.fd = sfd
                 log.info(
@@ -138,7 +165,7 @@ class Reclaimer:
         try:
             return self.ledger.carrier.retrieve_session(s.kernel_name)
         except LuoError as e:
-            report.lost.append(s.name)
+            report.lose(s.owner.uid, s.name)
             log.error(
                 "session-lost",
                 session=s.name,
@@ -158,24 +185,24 @@ class Reclaimer:
         ledger = self.ledger
         ledger.kexec_count = manifest.kexec_count
         ledger.name_counter = manifest.name_counter
-        ledger.known_subscribers = dict(manifest.subscribers)
+        ledger.known_subscribers = set(manifest.subscribers)
         report = ReclaimReport("restored")
         for s in manifest.sessions:
             fd = self._retrieve_or_report(s, report)
             if fd < 0:
                 continue
             s.kexec_count = ledger.kexec_count
-            ledger.sessions[s.name] = s
-            report.sessions += 1
+            ledger.sessions[s.key] = s
+            report.count(s.owner.uid, sessions=1)
             if s.kind is SessionKind.MANAGED and s.state is SessionState.INCOMING:
                 # The previous luod died before it preserved this session
                 # again: it is still the incoming session, not finished,
                 # and the kernel hands its files out again.
                 self._retrieve_files(s, fd, report)
-                ledger.awaiting_preservation[s.name] = fd
+                ledger.awaiting_preservation[s.key] = fd
             else:
                 s.fd = fd
-                report.files += len(s.files)
+                report.count(s.owner.uid, files=len(s.files))
             log.info(
                 "session-restored",
                 session=s.name,
@@ -206,26 +233,26 @@ class Reclaimer:
                     reason=str(e),
                 )
                 del s.files[f.name]
-                report.lost.append(f"{s.name}/{f.name}")
+                report.lose(s.owner.uid, f"{s.name}/{f.name}")
                 continue
-            report.files += 1
+            report.count(s.owner.uid, files=1)
 
-    def preserve_again(self, name: str | None = None) -> bool:
-        """Carry custody on for one session that came over the kexec (`name`,
+    def preserve_again(self, key: SessionKey | None = None) -> bool:
+        """Carry custody on for one session that came over the kexec (`key`,
         or the next one waiting): FINISH its incoming session and preserve
         its files again into a new outgoing one. A retrieved file counts as
         preserved until its incoming session is finished, so FINISH comes
         first. True while more sessions are waiting."""
         ledger = self.ledger
         waiting = ledger.awaiting_preservation
-        if name is None:
-            name = next(iter(waiting), None)
-        if name is None or name not in waiting:
+        if key is None:
+            key = next(iter(waiting), None)
+        if key is None or key not in waiting:
             return bool(waiting)
         if not self._preserving_since:
             self._preserving_since = time.monotonic()
-        s = ledger.sessions[name]
-        incoming_fd = waiting.pop(name)
+        s = ledger.sessions[key]
+        incoming_fd = waiting.pop(key)
         incoming_name = s.kernel_name
         try:
             ledger.backend.finish_session(incoming_fd)
@@ -278,9 +305,12 @@ class Reclaimer:
 
     # --- the grace period --------------------------------------------------------
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self, uid: int | None = None) -> float | None:
+        """The next claim deadline of all sessions, or (`uid`) of one owner's."""
         deadlines = [
-            s.claim_deadline for s in self.ledger.sessions.values() if s.claim_deadline is not None
+            s.claim_deadline
+            for s in self.ledger.sessions.values()
+            if s.claim_deadline is not None and (uid is None or s.owner.uid == uid)
         ]
         return min(deadlines, default=None)
 

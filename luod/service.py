@@ -24,6 +24,7 @@ from luod.custody import Custodian
 from luod.nextkernel import NextKernel
 from luod.notify import ListenFd
 from luod.orchestrator import Orchestrator
+from luod.varlink.limits import Limits
 from luod.varlink.transport import LuodServer
 
 log = structlog.get_logger("luod")
@@ -93,6 +94,7 @@ class Service:
         registry: VarlinkInterfaceRegistry,
         listener: socket.socket,
         stopping: asyncio.Event,
+        limits: Limits | None = None,
     ) -> None:
         self.custodian = custodian
         self.orchestrator = orchestrator
@@ -100,6 +102,7 @@ class Service:
         self.registry = registry
         self.listener = listener
         self.stopping = stopping
+        self.limits = Limits() if limits is None else limits
 
     async def _preserve_again(self) -> None:
         """After READY: carry custody on for what came over the kexec, one
@@ -123,10 +126,10 @@ class Service:
         loop = asyncio.get_running_loop()
         custodian = self.custodian
         report = custodian.start()
-        self.orchestrator.expected_back = dict(custodian.previous_subscribers)
+        self.orchestrator.expected_back = set(custodian.previous_subscribers)
         sock = self.listener
         sock.setblocking(False)
-        server = LuodServer(sock, self.registry)
+        server = LuodServer(sock, self.registry, self.limits)
         await server.start_serving()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -141,6 +144,7 @@ class Service:
             socket=sock.getsockname() or "(activated)",
             backend=custodian.backend.name,
             pid=os.getpid(),
+            max_connections=self.limits.max_connections,
         )
         await self.stopping.wait()
         self.orchestrator.end_all("luod is stopping")

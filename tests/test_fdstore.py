@@ -20,7 +20,8 @@ from luod.carriers.fdstore import fdname_for
 from luod.carriers.slots import capacity_for, write_slot
 from luod.client import Client, VarlinkError
 from testsupport.fakepid1 import FakePid1
-from testsupport.util import fake_bzimage, make_memfd, memfd_facts
+from testsupport.images import fake_bzimage
+from testsupport.util import make_memfd, memfd_facts
 
 
 @pytest.fixture
@@ -135,13 +136,13 @@ def test_kill9_restart_loses_nothing(pid1: FakePid1) -> None:
     assert store == [
         "luod-manifest-a",
         "session.client-own",
-        "session.luod.1.app",
-        "session.luod.2.db",
+        "session.luod.1.u0.app",
+        "session.luod.2.u0.db",
     ]
     pid1.kill9()
     # The store kept every session open: the kernel still has them.
     outgoing = pid1.kernel.snapshot()["outgoing"]
-    assert outgoing["luod.1.app"]["tokens"] == [1, 2]
+    assert outgoing["luod.1.u0.app"]["tokens"] == [1, 2]
     assert outgoing["client-own"]["tokens"] == [7]
 
     pid1.start()
@@ -233,8 +234,8 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
     assert pid1.names() == [
         "luod-manifest-a",
         "session.client-own",
-        "session.luod.1.app",
-        "session.luod.2.cache",
+        "session.luod.1.u0.app",
+        "session.luod.2.u0.cache",
     ]
     pid1.start()
     with pid1.client() as c:
@@ -254,12 +255,12 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
     assert pid1.names() == [
         "luod-manifest-a",
         "session.client-own",
-        "session.luod.3.app",
-        "session.luod.4.cache",
+        "session.luod.3.u0.app",
+        "session.luod.4.u0.cache",
     ]
     snap = pid1.kernel.snapshot()
     assert sorted(snap["incoming"]) == ["client-own"]
-    assert sorted(snap["outgoing"]) == ["luod.3.app", "luod.4.cache"]
+    assert sorted(snap["outgoing"]) == ["luod.3.u0.app", "luod.4.u0.cache"]
     assert_store_held_once(pid1)
     # Sessions and the manifest (the store's entries) and the three files.
     assert wait_fd_count(pid1, infra + 4 + 3) == infra + 4 + 3
@@ -309,7 +310,7 @@ def test_unclaimed_incoming_session_is_lost_at_the_next_kexec(pid1: FakePid1) ->
         assert st["reclaim"]["lost"] == ["client-own"]
         assert [s["name"] for s in c.list_sessions()] == ["app"]
     assert "event=session-lost session=client-own" in pid1.log()
-    assert pid1.names() == ["luod-manifest-a", "session.luod.3.app"]
+    assert pid1.names() == ["luod-manifest-a", "session.luod.3.u0.app"]
 
 
 def test_dropped_sessions_leave_the_store(pid1: FakePid1) -> None:
@@ -340,7 +341,7 @@ def test_dropped_sessions_leave_the_store(pid1: FakePid1) -> None:
         c.discard_session("mine")
     assert pid1.names() == baseline_store
     assert wait_fd_count(pid1, baseline_fds) == baseline_fds
-    assert sorted(pid1.kernel.snapshot()["outgoing"]) == ["luod.1.keep"]
+    assert sorted(pid1.kernel.snapshot()["outgoing"]) == ["luod.1.u0.keep"]
     assert pid1.refused == []
     assert pid1.log().count("event=session-released") == 21
 
@@ -379,7 +380,7 @@ def test_crash_between_two_manifests_takes_the_newer(pid1: FakePid1) -> None:
     pid1.start()
     with pid1.client() as c:
         assert [s["name"] for s in c.list_sessions()] == ["s"]
-    assert pid1.names() == ["luod-manifest-a", "session.luod.1.s"]
+    assert pid1.names() == ["luod-manifest-a", "session.luod.1.u0.s"]
     assert "event=fdstore-manifest-dropped name=luod-manifest-b" in pid1.log()
 
 
@@ -399,9 +400,9 @@ def test_unknown_store_entries_are_closed_and_removed(pid1: FakePid1) -> None:
     assert "event=fdstore-fd-closed name=junk" in log
     assert "event=fdstore-fd-closed name=stray" in log
     assert "event=fdstore-session-released kernel_name=orphan" in log
-    assert pid1.names() == ["luod-manifest-a", "session.luod.1.s"]
+    assert pid1.names() == ["luod-manifest-a", "session.luod.1.u0.s"]
     # Nothing holds the orphan any more, so the kernel let it go.
-    assert sorted(pid1.kernel.snapshot()["outgoing"]) == ["luod.1.s"]
+    assert sorted(pid1.kernel.snapshot()["outgoing"]) == ["luod.1.u0.s"]
     assert_store_held_once(pid1)
 
 
@@ -443,7 +444,7 @@ def test_connected_socket_is_refused(pid1: FakePid1) -> None:
     b.close()
     # Refused before anything was taken over: the store is as it was.
     assert pid1.names() == store
-    assert "luod.1.s" in pid1.kernel.snapshot()["outgoing"]
+    assert "luod.1.u0.s" in pid1.kernel.snapshot()["outgoing"]
 
 
 def test_without_fd_store_falls_back_and_closes_listen_fds(workdir: Path, fake_kernel: str) -> None:
@@ -491,13 +492,15 @@ def test_service_manager_that_drops_the_store_fails_preflight(
             assert [p["session"] for p in check["problems"]] == [""]
             assert said in check["problems"][0]["reason"]
             assert "NOT carried over a kexec" in c.status()["carrier"]
-            c.load_kernel(str(fake_bzimage(workdir / "bzImage")), cmdline="console=ttyS0")
+            c.load_kernel(
+                str(fake_bzimage(workdir / "bzImage")), cmdline="console=ttyS0 kho=on liveupdate=on"
+            )
             with pytest.raises(VarlinkError) as e:
                 c.update()
             assert e.value.short == "PreflightFailed", e.value
             assert said in e.value.parameters["reason"]
         # Within the boot the store works as ever.
-        assert "session.luod.1.s" in manager.names()
+        assert "session.luod.1.u0.s" in manager.names()
     finally:
         manager.close()
 

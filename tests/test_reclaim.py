@@ -65,31 +65,31 @@ def test_reclaim_makes_files_retrievable_before_preserving_again(
         )
         # Retrieved, not finished, nothing preserved again yet.
         assert report.preserved_again is None
-        assert sorted(new.ledger.awaiting_preservation) == ["app", "other"]
+        assert sorted(new.ledger.awaiting_preservation) == [(0, "app"), (0, "other")]
         snap = kernel.snapshot()
-        assert snap["incoming"]["luod.1.app"]["retrieved_tokens"] == [1, 2]
-        assert not snap["incoming"]["luod.1.app"]["finished"]
+        assert snap["incoming"]["luod.1.u0.app"]["retrieved_tokens"] == [1, 2]
+        assert not snap["incoming"]["luod.1.u0.app"]["finished"]
         assert not [n for n in snap["outgoing"] if n.endswith(".app")]
 
         # A copy needs nothing preserved again.
         fd, _ = new.retrieve_fd(peer, "app", "a", take=False)
         assert os.pread(fd, 100, 0) == b"data a"
         os.close(fd)
-        assert "app" in new.ledger.awaiting_preservation
+        assert (0, "app") in new.ledger.awaiting_preservation
 
         # Taking a file preserves that session again only, then rebuilds it.
         fd, _ = new.retrieve_fd(peer, "other", "c", take=True)
         assert os.pread(fd, 100, 0) == b"data c"
         os.close(fd)
-        assert list(new.ledger.awaiting_preservation) == ["app"]
-        assert "other" not in new.sessions
+        assert list(new.ledger.awaiting_preservation) == [(0, "app")]
+        assert (0, "other") not in new.sessions
         assert report.preserved_again is None
 
         # The preflight preserves the rest again: everything is carried again.
         assert new.check() == []
         assert not new.ledger.awaiting_preservation
         assert report.preserved_again is not None
-        app = new.sessions["app"]
+        app = new.sessions[(0, "app")]
         assert app.state is SessionState.OUTGOING
         snap = kernel.snapshot()
         assert snap["outgoing"][app.kernel_name]["tokens"] == [1, 2]
@@ -104,7 +104,7 @@ def test_session_waiting_to_be_preserved_again_released_by_grace_or_discard(
     new = _after_kexec(kernel, peer)
     try:
         new.discard_session(peer, "other")
-        assert list(new.ledger.awaiting_preservation) == ["app"]
+        assert list(new.ledger.awaiting_preservation) == [(0, "app")]
         new.clock = lambda: 1e12  # far past every claim deadline
         assert new.expire() == ["app"]
         assert not new.ledger.awaiting_preservation and not new.sessions
@@ -192,8 +192,8 @@ def test_restart_before_preserving_again_loses_nothing(kernel: FakeBackend, peer
         fd, _ = new.retrieve_fd(peer, "other", "c", take=True)
         os.close(fd)
         # Preserved again in the background: no call writes the manifest after it.
-        assert new.preserve_again("more")
-        assert list(new.ledger.awaiting_preservation) == ["app"]
+        assert new.preserve_again((0, "more"))
+        assert list(new.ledger.awaiting_preservation) == [(0, "app")]
         new.close()  # luod dies here: 'app' is not preserved again
 
         again = Custodian(
@@ -206,16 +206,16 @@ def test_restart_before_preserving_again_loses_nothing(kernel: FakeBackend, peer
             3,
             [],
         )
-        assert list(again.ledger.awaiting_preservation) == ["app"]
+        assert list(again.ledger.awaiting_preservation) == [(0, "app")]
         # 'more' was preserved again before the crash: it is held, outgoing.
-        more = again.sessions["more"]
+        more = again.sessions[(0, "more")]
         assert more.state is SessionState.OUTGOING
         assert kernel.snapshot()["outgoing"][more.kernel_name]["tokens"] == [1]
         fd, _ = again.retrieve_fd(peer, "app", "b", take=False)
         assert os.pread(fd, 100, 0) == b"data b"
         os.close(fd)
         assert again.check() == []
-        app = again.sessions["app"]
+        app = again.sessions[(0, "app")]
         assert kernel.snapshot()["outgoing"][app.kernel_name]["tokens"] == [1, 2]
         again.close()
     finally:

@@ -14,8 +14,9 @@ import pytest
 
 from luod.client import Client, VarlinkError
 from testsupport.fakekernel import FakeBackend
+from testsupport.images import fake_bzimage
 from testsupport.luodproc import LuodProcess
-from testsupport.util import fake_bzimage, make_memfd, wait_until
+from testsupport.util import make_memfd, wait_until
 
 
 class Subscriber(threading.Thread):
@@ -80,7 +81,10 @@ def _wait_unsubscribed(luod: LuodProcess, name: str) -> None:
 
 def _load(luod: LuodProcess) -> None:
     with luod.client() as c:
-        c.load_kernel(str(fake_bzimage(luod.workdir / "bzImage")), cmdline="console=ttyS0")
+        c.load_kernel(
+            str(fake_bzimage(luod.workdir / "bzImage")),
+            cmdline="console=ttyS0 kho=on liveupdate=on",
+        )
 
 
 def test_load_unload_and_status(luod: LuodProcess, workdir: Path) -> None:
@@ -102,8 +106,8 @@ def test_load_unload_and_status(luod: LuodProcess, workdir: Path) -> None:
             c.update()
         assert e.value.short == "NotReady"
         assert "no kernel is loaded" in e.value.parameters["reason"]
-        loaded = c.load_kernel(str(workdir / "k"), cmdline="quiet")
-        assert loaded["commandLine"] == "quiet"
+        loaded = c.load_kernel(str(workdir / "k"), cmdline="quiet kho=on liveupdate=on")
+        assert loaded["commandLine"] == "quiet kho=on liveupdate=on"
         st = c.status()
         assert st["kernelLoaded"] is True and st["loadedKernel"]["kernel"] == str(workdir / "k")
         c.unload_kernel()

@@ -76,7 +76,11 @@ from typing import Any, TypedDict, cast
 
 from luod.kernel import fdinfo, uapi
 from luod.kernel.backend import BOOT_ID_PATH, LuoError
+from luod.kernel.image import RunningLuo
 from luod.kernel.kexec import image_problem
+
+FAKE_LUO_ABI = "luo-v5"
+FAKE_MEMFD_ABI = "memfd-v2"
 
 # -- the wire ---------------------------------------------------------------
 
@@ -910,6 +914,11 @@ class FakeBackend:
 
     def kernel_loaded(self) -> bool:
         return self._loaded is not None
+
+    def running_luo(self) -> RunningLuo:
+        """The fake kernel speaks 7.3's LUO (testsupport.images makes next
+        kernels that do, or not)."""
+        return RunningLuo(FAKE_LUO_ABI, {"memfd": FAKE_MEMFD_ABI}, "the fake kernel")
 
     def boot_id(self) -> str:
         """The host's boot id and the simulated boot: a fake kexec does not

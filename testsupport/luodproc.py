@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from luod.client import Client
-from testsupport.util import fake_bzimage
+from testsupport.images import GOOD_CMDLINE, fake_bzimage
 
 READY_TIMEOUT = 60.0
 REPO = str(Path(__file__).resolve().parents[1])
@@ -133,7 +133,9 @@ class LuodProcess:
         old luod exits; the next one starts as in the next boot."""
         image = fake_bzimage(self.workdir / "bzImage")
         with self.client() as c:
-            c.call("io.luod.Manager.LoadKernel", {"kernel": str(image)}).close()
+            c.call(
+                "io.luod.Manager.LoadKernel", {"kernel": str(image), "commandLine": GOOD_CMDLINE}
+            ).close()
             c.kexec()
         self.wait_exit()
         self.start()

@@ -9,7 +9,6 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +47,6 @@ def memfd_facts(fd: int) -> MemfdFacts:
         position=os.lseek(fd, 0, os.SEEK_CUR),
         seals=fcntl.fcntl(fd, fcntl.F_GET_SEALS),
     )
-
-
-def fake_bzimage(path: Path) -> Path:
-    """A file luod's image check takes for an x86 bzImage: the fake kernel
-    needs a 'loaded kernel' before a kexec, but never boots it."""
-    head = bytearray(0x240)
-    head[0x202:0x206] = b"HdrS"
-    path.write_bytes(bytes(head))
-    return path
 
 
 def wait_until(done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -12,6 +12,9 @@
 #   --size SIZE      image size for truncate(1) (default 2G; sparse)
 #   --units DIR      take the unit files from DIR instead of units/ (to try
 #                    a unit change in a VM before committing it)
+#   --deb FILE       install luod from its Debian package (make deb) with
+#                    dpkg -i in the root, as an operator would, instead of
+#                    copying luod/ and units/ (then --units is refused)
 #   --no-test-stage  leave out the test hooks (results.mount,
 #                    luod-test-stage.service)
 #   --test-units DIR test-only units and their programs (tests/systemd/units):
@@ -23,7 +26,8 @@
 # (never from LUOD_IMAGE_REF: they are the tests' side) as the package
 # testsupport, next to luod.
 #
-# What goes in, on top of a copy of the root (the cached root is not changed):
+# What goes in, on top of a copy of the root (the cached root is not changed),
+# with --deb: the package's files instead of the first three lines:
 #   /usr/lib/python3/dist-packages/luod   the luod package of the working tree
 #                                         (LUOD_IMAGE_REF=<git ref> takes it
 #                                         from that commit instead), byte-compiled
@@ -53,17 +57,18 @@ die() {
 	exit 1
 }
 usage() {
-	sed -n '4,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+	sed -n '4,22s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 	exit 2
 }
 
-root="" kernel="" size=2G test_stage=1 image="" units="" test_units=""
+root="" kernel="" size=2G test_stage=1 image="" units="" test_units="" deb=""
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--root) root=$2 && shift 2 ;;
 	--kernel) kernel=$2 && shift 2 ;;
 	--size) size=$2 && shift 2 ;;
 	--units) units=$2 && shift 2 ;;
+	--deb) deb=$2 && shift 2 ;;
 	--no-test-stage) test_stage=0 && shift ;;
 	--test-units) test_units=$2 && shift 2 ;;
 	-h | --help) usage ;;
@@ -76,6 +81,8 @@ while [[ $# -gt 0 ]]; do
 	esac
 done
 [[ -n $image ]] || usage
+[[ -z $deb || -z $units ]] || die "--deb and --units: the package has its own units"
+[[ -z $deb || -s $deb ]] || die "--deb $deb: no such package"
 [[ $(id -u) -eq 0 ]] || die "needs root (the root's files are root-owned; chroot)"
 command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 missing (e2fsprogs)"
 
@@ -100,6 +107,20 @@ cp -a --reflink=auto "$root" "$r"
 
 # ---------------------------------------------------------------- luod
 site=$r/usr/lib/python3/dist-packages
+unitdir=$r/usr/lib/systemd/system
+enable=()
+if [[ -n $deb ]]; then
+	# As an operator installs it; the package's postinst enables luod.socket
+	# and luod-reclaim.service (no systemd runs in the chroot: nothing starts).
+	cp "$deb" "$r/tmp/"
+	if ! chroot "$r" dpkg -i "/tmp/$(basename "$deb")" >"$stage/dpkg.log" 2>&1; then
+		cat "$stage/dpkg.log" >&2
+		die "dpkg -i $(basename "$deb") failed in the root"
+	fi
+	rm -f "$r/tmp/$(basename "$deb")"
+	source_desc="package $(basename "$deb") (sha256 $(sha256sum "$deb" | cut -c1-12))"
+else
+# luod/ and units/ of the working tree (or LUOD_IMAGE_REF), copied in.
 src=$stage/src
 mkdir -p "$src"
 if [[ -n ${LUOD_IMAGE_REF:-} ]]; then
@@ -138,9 +159,9 @@ for tool in luod:luod.daemon luoctl:luod.cli; do
 	chmod 0755 "$r/usr/bin/$name"
 done
 
-unitdir=$r/usr/lib/systemd/system
 install -m 0644 "$src"/units/* "$unitdir/"
 enable=(luod.socket luod-reclaim.service)
+fi
 if [[ $test_stage == 1 ]]; then
 	install -m 0644 "$here/systemd/results.mount" "$here/systemd/luod-test-stage.service" "$unitdir/"
 	install -D -m 0755 "$here/systemd/test-stage" "$r/usr/lib/luod-test/test-stage"
@@ -167,10 +188,12 @@ if [[ $test_stage == 1 || -n $test_units ]]; then
 	done
 fi
 # The root's own systemctl, offline (it sees the chroot and makes the links).
-chroot "$r" systemctl enable "${enable[@]}" >"$stage/enable.log" 2>&1 || {
-	cat "$stage/enable.log" >&2
-	die "systemctl enable ${enable[*]} failed"
-}
+if [[ ${#enable[@]} -gt 0 ]]; then
+	chroot "$r" systemctl enable "${enable[@]}" >"$stage/enable.log" 2>&1 || {
+		cat "$stage/enable.log" >&2
+		die "systemctl enable ${enable[*]} failed"
+	}
+fi
 
 install -D -m 0644 "$kernel" "$r/boot/vmlinuz"
 

@@ -1,11 +1,14 @@
 #!/bin/bash
-# vm/build-kernel.sh [stock|magic|fetch] — build (or fetch from the cache) a
+# vm/build-kernel.sh [stock|magic|abi|fetch] — build (or fetch from the cache) a
 # LUO kernel for the QEMU test tiers. The bzImage path is the last stdout
 # line; everything else goes to stderr.
 #
 #   stock: Debian's linux-source-7.3 as is.
 #   magic: the same plus vm/kernel/patches/*.patch (test-only: LUO session
 #          files get their own pseudo-fs, f_type 0x4c554f53).
+#   abi:   stock with LUO_ABI_COMPATIBLE changed (test-only: a kernel that
+#          cannot take the handover of a stock one, for luod's next-kernel
+#          preflight; see abi_sed below).
 #   fetch: only make sure the source tarball is cached; print its path.
 #
 # Source: Debian's linux-source-7.3 from trixie-backports, else
@@ -32,9 +35,9 @@ set -euo pipefail
 
 variant=${1:-stock}
 case $variant in
-stock | magic | fetch) ;;
+stock | magic | abi | fetch) ;;
 *)
-	echo "usage: $0 [stock|magic|fetch]" >&2
+	echo "usage: $0 [stock|magic|abi|fetch]" >&2
 	exit 2
 	;;
 esac
@@ -58,6 +61,9 @@ if [ "$variant" = magic ]; then
 	shopt -u nullglob
 	[ ${#patches[@]} -gt 0 ] || die "variant magic but no patches in $here/kernel/patches"
 fi
+# abi: "luo-vN" becomes "luo-vN-luod-test" in include/linux/kho/abi/luo.h.
+abi_file=include/linux/kho/abi/luo.h
+abi_sed='s/^(#define[[:space:]]+LUO_ABI_COMPATIBLE[[:space:]]+"luo-v[0-9]+)"/\1-luod-test"/'
 
 input_key() {
 	{
@@ -67,6 +73,9 @@ input_key() {
 			echo "== $(basename "$f")"
 			cat "$f"
 		done
+		if [ "$variant" = abi ]; then
+			echo "== sed $abi_file: $abi_sed"
+		fi
 	} | sha256sum | cut -c1-12
 }
 key=$(input_key)
@@ -264,6 +273,13 @@ for p in "${patches[@]}"; do
 	log "applying $(basename "$p")"
 	patch -d "$tree" -p1 --batch --forward <"$p" >&2 || die "patch $(basename "$p") does not apply to $srcversion"
 done
+
+if [ "$variant" = abi ]; then
+	log "changing LUO_ABI_COMPATIBLE in $abi_file"
+	sed -i -E "$abi_sed" "$tree/$abi_file"
+	grep -qE '^#define[[:space:]]+LUO_ABI_COMPATIBLE[[:space:]]+"luo-v[0-9]+-luod-test"' "$tree/$abi_file" ||
+		die "LUO_ABI_COMPATIBLE not found in $abi_file of $srcversion"
+fi
 
 jobs=$(nproc)
 export KBUILD_BUILD_USER=luod KBUILD_BUILD_HOST=luod-vm

@@ -1,10 +1,11 @@
 #!/bin/bash
-# vm/host-deps.sh [build|qemu|all] — install the host packages the VM tier
+# vm/host-deps.sh [build|qemu|deb|all] — install the host packages the VM tier
 # needs, from the host's own (Debian bookworm) apt sources, when missing.
 #
 #   build: what vm/build-kernel.sh needs to fetch and build a kernel
 #   qemu:  what tests/vm needs to boot it (qemu-system-x86_64)
-#   all:   both, plus kexec-tools and busybox-static for the other VM tiers
+#   deb:   what make deb needs (debhelper, dh-python, lintian; bookworm's)
+#   all:   all three, plus kexec-tools and busybox-static for the other VM tiers
 #
 # Nothing is installed when everything is there already (fast no-op). Needs
 # root, or password-less sudo. Never touches the host's apt sources: packages
@@ -43,18 +44,29 @@ build_deps() {
 qemu_deps() {
 	need qemu-system-x86 have qemu-system-x86_64
 }
+# make deb (tools/build-deb.sh): debhelper, pybuild with hatchling, lintian.
+deb_deps() {
+	need debhelper have dh
+	need dh-python have pybuild
+	need pybuild-plugin-pyproject test -e /usr/share/dh-python/dhpython/build/plugin_pyproject.py
+	need python3-all have python3
+	need python3-hatchling /usr/bin/python3 -c 'import hatchling'
+	need lintian have lintian
+}
 
 case $what in
 build) build_deps ;;
 qemu) qemu_deps ;;
+deb) deb_deps ;;
 all)
 	build_deps
 	qemu_deps
+	deb_deps
 	need kexec-tools have kexec
 	need busybox-static test -x /bin/busybox
 	;;
 *)
-	echo "usage: $0 [build|qemu|all]" >&2
+	echo "usage: $0 [build|qemu|deb|all]" >&2
 	exit 2
 	;;
 esac

@@ -15,7 +15,7 @@ from luod.cli.common import CliError, connect, format_bytes, print_json, table
 
 def cmd_list(args: argparse.Namespace) -> int:
     with connect(args) as c:
-        sessions = c.list_sessions(args.session)
+        sessions = c.list_sessions(args.session, owner=args.owner)
     if args.json:
         print_json(sessions)
         return 0
@@ -121,7 +121,7 @@ def _run_with_fd(fd: int, name: str, argv: list[str]) -> int:
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
     with connect(args) as c:
-        fd = c.retrieve_fd(args.session, args.name, take=args.take)
+        fd = c.retrieve_fd(args.session, args.name, take=args.take, owner=args.owner)
     if args.exec:
         return _run_with_fd(fd, args.name, args.exec)
     try:
@@ -141,7 +141,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 def cmd_retrieve_session(args: argparse.Namespace) -> int:
     with connect(args) as c:
-        fd = c.retrieve_session(args.session)
+        fd = c.retrieve_session(args.session, owner=args.owner)
     if args.exec:
         return _run_with_fd(fd, args.session, args.exec)
     os.close(fd)
@@ -153,6 +153,7 @@ def cmd_retrieve_session(args: argparse.Namespace) -> int:
 
 def cmd_discard(args: argparse.Namespace) -> int:
     with connect(args) as c:
-        c.discard_session(args.session)
-    print(f"session {args.session} released")
+        c.discard_session(args.session, owner=args.owner)
+    whose = "" if args.owner is None else f" of uid {args.owner}"
+    print(f"session {args.session}{whose} released")
     return 0

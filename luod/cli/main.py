@@ -34,6 +34,8 @@ examples:
                                  copy a file into a new memfd and hand it to luod
   luoctl push cache index --fd 3 hand off fd 3 (a memfd) as it is
   luoctl list                    what luod holds for you (root: for everyone)
+  luoctl retrieve cache index --owner 1000 -o /tmp/index.bin
+                                 root: a copy of uid 1000's file (names are per user)
   luoctl check                   what would be lost if the kexec happened now
   luoctl load /boot/vmlinuz --initrd /boot/initrd.img --reuse-cmdline
   luoctl status                  the loaded kernel, subscribers, what luod holds
@@ -52,7 +54,9 @@ exit status: 0 success, 1 luod refused (the error is printed), 2 usage,
 UPDATE_HELP = (
     "The live update: luod's preflight check, then every subscriber is told prepare and "
     "freeze and must acknowledge within its deadline; a refusal, a timeout or a subscriber "
-    "going away aborts it with nothing lost. Then the kexec: under systemd PID 1 does it "
+    "going away aborts it with nothing lost, if that subscriber is root's or of a user luod's "
+    "--update-veto names (anyone else's is logged, and the update goes on). With --force it "
+    "goes on past every one of them, each logged. Then the kexec: under systemd PID 1 does it "
     "(services stop, fd stores are carried), elsewhere luod calls reboot(LINUX_REBOOT_CMD_KEXEC)."
 )
 
@@ -80,17 +84,32 @@ def _kernel_args(s: argparse.ArgumentParser, required: bool) -> None:
     s.add_argument(
         "kernel",
         nargs=None if required else "?",
-        help="kernel image (an x86 bzImage or arm64 Image)",
+        help="kernel image (an x86 bzImage or arm64 Image), or a UKI (its .linux, .initrd, .cmdline)",
     )
-    s.add_argument("--initrd")
+    s.add_argument("--initrd", help="the initrd (instead of a UKI's .initrd)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--append", help="the next kernel's command line")
+    g.add_argument(
+        "--append",
+        help="the next kernel's command line (instead of a UKI's .cmdline); needs kho=on liveupdate=on",
+    )
     g.add_argument("--reuse-cmdline", action="store_true", help="reuse this kernel's /proc/cmdline")
+
+
+def _owner_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--owner",
+        type=int,
+        metavar="UID",
+        help="root: the session of this uid (session names are per user; "
+        "without --owner, your own)",
+    )
 
 
 def _force_option(s: argparse.ArgumentParser) -> None:
     s.add_argument(
-        "--force", action="store_true", help="go ahead even if the preflight check finds problems"
+        "--force",
+        action="store_true",
+        help="go ahead even if the preflight check finds problems or a subscriber refuses",
     )
 
 
@@ -115,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _command(sub, "list", cmd_list, "sessions and their files (yours; root: everyone's)")
     s.add_argument("session", nargs="?", help="only this session")
+    _owner_option(s)
 
     s = _command(sub, "push", cmd_push, "hand a memfd (or a file's bytes, copied into one) to luod")
     s.add_argument("session")
@@ -131,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("-o", "--output", help="write the bytes here (default: stdout)")
     s.add_argument("--take", action="store_true", help="luod lets go of the fd")
+    _owner_option(s)
     _exec_option(s, "run CMD with the fd as fd 3 (LISTEN_FDS)")
 
     s = _command(
         sub, "retrieve-session", cmd_retrieve_session, "take back a session you handed over whole"
     )
     s.add_argument("session")
+    _owner_option(s)
     _exec_option(s, "run CMD with the session fd as fd 3")
 
     s = _command(
@@ -176,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("discard", "release a session before the kexec: it will not be carried"),
         ("finish", "after the kexec: you have what you need, release the session"),
     ):
-        _command(sub, name, cmd_discard, text).add_argument("session")
+        s = _command(sub, name, cmd_discard, text)
+        s.add_argument("session")
+        _owner_option(s)
 
     _command(
         sub,
@@ -192,12 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_load,
         "check a kernel image and load it with kexec_file_load",
         description=(
-            "Check KERNEL (readable, a kernel for this architecture) and load it with "
-            "kexec_file_load(2) — never the old kexec_load(2), which carries no handover "
-            "data, so every session would be lost."
+            "Check KERNEL (readable, a kernel for this architecture, or a UKI split as "
+            "systemctl kexec does) and whether it can take the handover (kho=on and "
+            "liveupdate=on on its command line, the running kernel's LUO ABI and memfd "
+            "handler in its image), then load it with kexec_file_load(2) — never the old "
+            "kexec_load(2), which carries no handover data, so every session would be lost."
         ),
     )
     _kernel_args(s, required=True)
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="load it even if it cannot take the handover (everything luod holds would be lost)",
+    )
 
     _command(sub, "unload", cmd_unload, "unload the kernel loaded for kexec", description=None)
 
@@ -226,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         "subscribe",
         cmd_subscribe,
         "follow live updates (prepare, freeze, aborted, resumed)",
-        description="Subscribe to live updates as NAME and print each event. With --ack, acknowledge prepare and freeze; with --refuse PHASE, refuse that phase.",
+        description="Subscribe to live updates as NAME (names are per user) and print each event. With --ack, acknowledge prepare and freeze; with --refuse PHASE, refuse that phase: that stops the update only for root's subscribers and those of users luod's --update-veto names.",
     )
     s.add_argument("name")
     s.add_argument("--deadline", type=float, help="seconds to acknowledge each phase (default 30)")

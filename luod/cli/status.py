@@ -30,13 +30,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     if lk:
         print(
             f"loaded kernel: {lk['kernel']}"
+            + (" (UKI)" if lk.get("uki") else "")
             + (f" initrd {lk['initrd']}" if lk.get("initrd") else "")
             + f", command line: {lk['commandLine']!r}"
         )
+        print(_next_kernel_line(lk))
     else:
         print(
             "loaded kernel: "
-            + ("yes (not loaded by luod)" if st["kernelLoaded"] else "none (luoctl load KERNEL)")
+            + (
+                "yes (not loaded by luod: its command line and LUO ABI are not checked)"
+                if st["kernelLoaded"]
+                else "none (luoctl load KERNEL)"
+            )
         )
     for sub in st.get("subscribers", []):
         owner = sub["owner"]
@@ -58,6 +64,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         + ("yes" if check["ready"] else f"no ({len(check['problems'])} problems, see luoctl check)")
     )
     return 0
+
+
+def _next_kernel_line(lk: dict[str, Any]) -> str:
+    """status's line on what the loaded kernel is and whether it can take
+    the handover."""
+    version = (lk.get("version") or "unknown").split()[0]
+    problems = lk.get("problems") or []
+    verdict = (
+        "the preflight accepts it"
+        if not problems
+        else f"it CANNOT take the handover (loaded with force): {'; '.join(problems)}"
+    )
+    return f"  version {version}, LUO ABI {lk.get('luoAbi') or 'none'}: {verdict}"
 
 
 def _reclaim_line(rec: dict[str, Any]) -> str:

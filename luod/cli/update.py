@@ -18,10 +18,14 @@ def _load(c: Client, args: argparse.Namespace) -> None:
         os.path.abspath(args.initrd) if args.initrd else None,
         args.append,
         args.reuse_cmdline,
+        args.force,
     )
     print(
-        f"loaded {loaded['kernel']} with kexec_file_load, command line: {loaded['commandLine']!r}"
+        f"loaded {loaded['kernel']}{' (UKI)' if loaded.get('uki') else ''} with kexec_file_load, "
+        f"command line: {loaded['commandLine']!r}"
     )
+    for p in loaded.get("problems") or []:
+        print(f"warning: it cannot take the handover: {p}", file=sys.stderr)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -56,6 +60,8 @@ def _update(c: Client, force: bool) -> int:
         f"(prepare {out['prepareUSec'] / 1000:.1f} ms, freeze {out['freezeUSec'] / 1000:.1f} ms); "
         "jumping into the next kernel"
     )
+    for said in out.get("overridden") or []:
+        print(f"went on past {said}", file=sys.stderr)
     return 0
 
 

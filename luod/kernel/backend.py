@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from luod.kernel import fdinfo, kexec, uapi
+from luod.kernel import fdinfo, image, kexec, uapi
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
@@ -85,6 +85,11 @@ class Backend(Protocol):
     def unload_kernel(self) -> None: ...
 
     def kernel_loaded(self) -> bool: ...
+
+    def running_luo(self) -> image.RunningLuo:
+        """The running kernel's LUO ABI and file handlers: what the next
+        kernel must speak to read the handover."""
+        ...
 
     def boot_id(self) -> str:
         """What tells this boot from the one before a kexec; raises OSError
@@ -199,6 +204,9 @@ class KernelBackend:
 
     def kernel_loaded(self) -> bool:
         return kexec.is_loaded()
+
+    def running_luo(self) -> image.RunningLuo:
+        return image.running_luo()
 
     def boot_id(self) -> str:
         with open(BOOT_ID_PATH) as f:

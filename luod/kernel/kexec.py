@@ -14,6 +14,8 @@ import os
 import platform
 import stat
 
+LOCKDOWN = "/sys/kernel/security/lockdown"
+
 # The process's own symbols include libc's: no ctypes.util.find_library(),
 # which runs ldconfig or a compiler (seconds under emulation, at every start).
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -62,7 +64,9 @@ def image_problem(path: str, machine: str | None = None) -> str | None:
     finally:
         os.close(fd)
     if machine == "x86_64":
-        if head[0x202:0x206] != b"HdrS":
+        # A UKI is a PE file (systemd-stub) whose .linux section is the
+        # bzImage: luod.kernel.image splits it and checks that section.
+        if head[0x202:0x206] != b"HdrS" and head[:2] != b"MZ":
             return "not an x86 bzImage (no boot protocol header 'HdrS' at 0x202)"
     elif machine == "aarch64" and head[0x38:0x3C] != b"ARM\x64":
         return "not an arm64 Image (no 'ARM\\x64' magic at 0x38)"
@@ -130,3 +134,77 @@ def reboot_kexec() -> None:
     )
     if rc != 0:
         raise _error(ctypes.get_errno(), "LINUX_REBOOT_CMD_KEXEC")
+
+
+def lockdown(path: str = LOCKDOWN) -> str | None:
+    """The kernel's lockdown mode ("integrity", "confidentiality"), None
+    when it is not locked down or cannot say."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    mode = text[start + 1 : end] if 0 <= start < end else "none"
+    return None if mode == "none" else mode
+
+
+def explain(
+    err: int,
+    message: str,
+    *,
+    initrd: str | None,
+    uki: bool = False,
+    machine: str | None = None,
+    lockdown_mode: str | None = None,
+) -> tuple[str, str]:
+    """(parameter, reason) for a failed kexec_file_load: what the errno
+    means there, and the fix. `message` is the generic description."""
+    machine = machine or platform.machine()
+    if err == errno.EPERM:
+        mode = lockdown_mode if lockdown_mode is not None else lockdown()
+        if mode is not None:
+            return "kernel", (
+                f"the running kernel is locked down ({mode}) and loads only images signed "
+                "with a key it trusts: sign the image (sbsign with a key in the kernel's "
+                "secondary or platform keyring, or enrolled with mokutil under Secure Boot)"
+            )
+        return "kernel", (
+            "kexec is not permitted: luod needs CAP_SYS_BOOT, and sysctl "
+            "kernel.kexec_load_disabled=1 forbids it until the next reboot"
+        )
+    if err in (errno.EKEYREJECTED, errno.ENOKEY, errno.EBADMSG, errno.ENODATA):
+        what = {
+            errno.EKEYREJECTED: "its signature was rejected",
+            errno.ENOKEY: "it is signed with a key the kernel does not know",
+            errno.EBADMSG: "its signature is malformed",
+            errno.ENODATA: "it is not signed",
+        }[err]
+        return "kernel", (
+            f"the running kernel requires signed kernels for kexec (CONFIG_KEXEC_SIG_FORCE or "
+            f"lockdown) and {what}: sign it with sbsign using a key in the kernel's secondary "
+            f"or platform keyring (or enrolled with mokutil)"
+        )
+    if err == errno.ENOEXEC:
+        want = {"x86_64": "an x86 bzImage", "aarch64": "an arm64 Image"}.get(machine, "a kernel")
+        more = " (from the UKI's .linux section)" if uki else ""
+        return "kernel", (
+            f"the running kernel cannot load this image{more}: {want} for {machine} is needed "
+            "(a kernel of another architecture, or a vmlinux ELF instead of the boot image?)"
+        )
+    if err in (errno.ENOENT, errno.EACCES) and initrd is not None:
+        return "initrd", (
+            f"{initrd}: cannot be read ({os.strerror(err)}): give the initrd of that kernel "
+            "with --initrd (e.g. /boot/initrd.img-RELEASE), or none if it boots without one"
+        )
+    if err == errno.EINVAL:
+        return "commandLine", (
+            "the kernel refused the load (EINVAL): the command line may be longer than the "
+            "kernel accepts (COMMAND_LINE_SIZE, 2048 bytes on x86), or the image is damaged"
+        )
+    if err == errno.ENOMEM:
+        return "kernel", (
+            "not enough memory to load the image (and initrd) for kexec: free memory, or "
+            "use a smaller initrd"
+        )
+    return "kernel", message

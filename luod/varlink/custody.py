@@ -9,12 +9,14 @@ This module deliberately does not use `from __future__ import annotations`:
 asyncvarlink reads the method signatures at run time.
 """
 
+import fcntl
 import os
 import typing
 
 from asyncvarlink import FileDescriptor, VarlinkInterface, varlinkmethod, varlinksignature
 from asyncvarlink.conversion import ObjectVarlinkType, VarlinkType
 
+from luod import errors
 from luod.custody import Custodian, Handoff
 from luod.interfaces import CUSTODY
 from luod.varlink.fastconv import FlatRecordList
@@ -34,7 +36,9 @@ from luod.varlink.types import (
 class CustodyInterface(VarlinkInterface, name=CUSTODY):
     """Hand file descriptors to luod so that they survive a kexec, and get
     them back after it. File descriptors travel with the message
-    (SCM_RIGHTS); an int named fileDescriptor is an index into them."""
+    (SCM_RIGHTS); an int named fileDescriptor is an index into them.
+    Session names are per user (uid): a call reaches the caller's own
+    sessions only. Root names another uid's with owner (logged)."""
 
     errors = replies_of(CUSTODY)
 
@@ -58,7 +62,7 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
     ) -> FileInfo:
         """Hand off one memfd into a session under a name. It is preserved
         at once, so errors surface now and not at the kexec."""
-        fd = take_fd(fileDescriptor, "fileDescriptor")
+        fd = _take_file(fileDescriptor, "fileDescriptor")
         added = self.custodian.preserve_fds(
             current().peer, session, [Handoff(name, fd)], create=bool(createSession)
         )
@@ -78,7 +82,7 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
             for i, f in enumerate(files):
                 where = f"files[{i}]"
                 handoffs.append(
-                    Handoff(f.name, take_fd(f.fileDescriptor, f"{where}.fileDescriptor"), where)
+                    Handoff(f.name, _take_file(f.fileDescriptor, f"{where}.fileDescriptor"), where)
                 )
         except BaseException:
             for h in handoffs:
@@ -109,9 +113,15 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
 
     @varlinkmethod(return_parameter="sessions")
     @translating
-    def ListSessions(self, session: typing.Optional[str] = None) -> list[SessionInfo]:  # noqa: UP045
-        """The caller's sessions (root: all sessions), or just one."""
-        return [session_info(s) for s in self.custodian.list_sessions(current().peer, session)]
+    def ListSessions(
+        self,
+        session: typing.Optional[str] = None,  # noqa: UP045
+        owner: typing.Optional[int] = None,  # noqa: UP045
+    ) -> list[SessionInfo]:
+        """The caller's sessions (root: everyone's, or owner's), or only
+        those named session."""
+        found = self.custodian.list_sessions(current().peer, session, owner)
+        return [session_info(s) for s in found]
 
     @varlinkmethod
     @translating
@@ -120,27 +130,52 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         session: str,
         name: str,
         take: typing.Optional[bool] = None,  # noqa: UP045
+        owner: typing.Optional[int] = None,  # noqa: UP045
     ) -> RetrievedFd:
         """Get a held fd back. Without take, a copy: luod keeps it in
-        custody. With take, luod lets go of it."""
-        fd, f = self.custodian.retrieve_fd(current().peer, session, name, bool(take))
+        custody. With take, luod lets go of it. owner (root only): the uid
+        whose session it is."""
+        fd, f = self.custodian.retrieve_fd(current().peer, session, name, bool(take), owner)
         return {"fileDescriptor": FileDescriptor(fd, should_close=True), "file": file_info(f)}
 
     @varlinkmethod
     @translating
-    def RetrieveSession(self, session: str) -> RetrievedSession:
+    def RetrieveSession(
+        self,
+        session: str,
+        owner: typing.Optional[int] = None,  # noqa: UP045
+    ) -> RetrievedSession:
         """An adopted or delegated session's fd, for its owner. Before the
         kexec a copy (luod goes on holding it, so that it is carried); after
-        the kexec the session itself, and luod lets go of it."""
-        fd, s = self.custodian.retrieve_session(current().peer, session)
+        the kexec the session itself, and luod lets go of it. owner (root
+        only): the uid whose session it is."""
+        fd, s = self.custodian.retrieve_session(current().peer, session, owner)
         return {"fileDescriptor": FileDescriptor(fd, should_close=True), "session": session_info(s)}
 
     @varlinkmethod
     @translating
-    def DiscardSession(self, session: str) -> None:
+    def DiscardSession(
+        self,
+        session: str,
+        owner: typing.Optional[int] = None,  # noqa: UP045
+    ) -> None:
         """Release a session and everything in it. Before the kexec this
-        means it will not be carried; after it, that it is dropped."""
-        self.custodian.discard_session(current().peer, session)
+        means it will not be carried; after it, that it is dropped. owner
+        (root only): the uid whose session it is."""
+        self.custodian.discard_session(current().peer, session, owner)
+
+
+def _take_file(index: int, parameter: str) -> int:
+    """take_fd, refusing an O_PATH fd: it gives no access to the file (the
+    kernel's fdget() does not see it), yet fstat() tells a memfd behind one
+    like the memfd itself."""
+    fd = take_fd(index, parameter)
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+        os.close(fd)
+        raise errors.UnsupportedFd(
+            parameter, "o-path", "an O_PATH fd gives no access to the file: send the file itself"
+        )
+    return fd
 
 
 def _quicken_preserve_fds() -> None:

@@ -22,6 +22,7 @@ from luod.interfaces import MANAGER
 from luod.nextkernel import NextKernel
 from luod.orchestrator import Orchestrator, Phase
 from luod.peer import Peer
+from luod.preflight import Problem
 from luod.varlink.replies import refused, replies_of, reply, translating
 from luod.varlink.transport import current
 from luod.varlink.types import (
@@ -58,9 +59,17 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
     @varlinkmethod(return_parameter="status")
     @translating
     def GetStatus(self) -> StatusInfo:
-        """What luod holds, and how it will carry it."""
+        """What luod holds, and how it will carry it. Root is told about
+        everyone; anyone else about its own sessions, files and bytes, its
+        own subscribers and what of its own came over the kexec."""
         custodian, orch = self.custodian, self.orchestrator
-        held = custodian.status()
+        peer = current().peer
+        # Another uid's holdings are not a non-root caller's business.
+        whose = None if peer.is_root else peer.uid
+        held = custodian.status(whose)
+        report = custodian.reclaim
+        if report is not None and whose is not None:
+            report = report.for_uid(whose)
         loaded = self.nextkernel.loaded
         return StatusInfo(
             version=luod.__version__,
@@ -71,20 +80,29 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             files=held.files,
             bytesPinned=held.bytes_pinned,
             graceSec=int(custodian.grace),
-            nextReleaseUSec=opt_usec(custodian.next_deadline()),
-            reclaim=None if custodian.reclaim is None else reclaim_info(custodian.reclaim),
+            nextReleaseUSec=opt_usec(custodian.next_deadline(whose)),
+            reclaim=None if report is None else reclaim_info(report),
             kernelLoaded=custodian.backend.kernel_loaded(),
             loadedKernel=None if loaded is None else loaded_kernel(loaded),
-            subscribers=[subscriber_info(s) for s in orch.subscribers.values()],
-            lastUpdate=None if orch.last_outcome is None else update_info(orch.last_outcome),
+            # Root sees every subscriber, anyone else its own.
+            subscribers=[subscriber_info(s) for s in orch.visible_to(peer)],
+            lastUpdate=None if (last := orch.last_outcome_for(peer)) is None else update_info(last),
         )
 
     @varlinkmethod
     @translating
     def Check(self) -> CheckResult:
-        """Preflight: what would be lost if the kexec happened now, and why."""
-        problems = self.custodian.check()
+        """Preflight: what would be lost if the kexec happened now, and why
+        (to anyone but root: what concerns its own sessions or all)."""
+        peer = current().peer
+        problems = (
+            self.custodian.check(None if peer.is_root else peer.uid) + self._next_kernel_problems()
+        )
         return {"ready": not problems, "problems": [problem_info(p) for p in problems]}
+
+    def _next_kernel_problems(self) -> list[Problem]:
+        """The loaded kernel cannot take the handover (luod.nextkernel)."""
+        return [Problem("", None, reason) for reason in self.nextkernel.problems()]
 
     @varlinkmethod(return_parameter="reclaim")
     @translating
@@ -106,11 +124,14 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         blocker = self.nextkernel.kexec_blocker(own_reboot)
         if blocker is not None:
             raise errors.NotReady(blocker)
-        problems = self.custodian.check()
+        next_kernel = self._next_kernel_problems()
+        problems = self.custodian.check() + next_kernel
         if problems and not force:
             raise errors.PreflightFailed(
                 len(problems), "; ".join(f"{p.session}: {p.reason}" for p in problems)
             )
+        if next_kernel:
+            self.nextkernel.log_forced([p.reason for p in next_kernel])
 
     @varlinkmethod
     @translating
@@ -131,12 +152,20 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         initrd: typing.Optional[str] = None,  # noqa: UP045
         commandLine: typing.Optional[str] = None,  # noqa: UP045
         reuseCommandLine: typing.Optional[bool] = None,  # noqa: UP045
+        force: typing.Optional[bool] = None,  # noqa: UP045
     ) -> LoadedKernel:
-        """Check a kernel image (a readable kernel for this architecture)
-        and load it with kexec_file_load(2), ready for Update. Root only."""
+        """Check a kernel image (a readable kernel for this architecture, or
+        a UKI: its .linux, .initrd and .cmdline, unless initrd or
+        commandLine is given) and whether it can take the handover (its
+        command line has kho=on and liveupdate=on; it speaks the running
+        kernel's LUO ABI and memfd handler), then load it with
+        kexec_file_load(2), ready for Update. Root only. force loads a
+        kernel that cannot take the handover (logged)."""
         self._root("LoadKernel")
         return loaded_kernel(
-            self.nextkernel.load_kernel(kernel, initrd, commandLine, bool(reuseCommandLine))
+            self.nextkernel.load_kernel(
+                kernel, initrd, commandLine, bool(reuseCommandLine), bool(force)
+            )
         )
 
     @varlinkmethod
@@ -153,12 +182,16 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         deadlineSec: typing.Optional[float] = None,  # noqa: UP045
     ) -> collections.abc.AsyncIterator[Event]:
         """Follow live updates (call with more). The first event is
-        subscribed, or resumed when this name was subscribed before the last
-        kexec. Then, per update: prepare and freeze, each to be answered with
-        Acknowledge within deadlineSec, or aborted with the reason."""
+        subscribed, or resumed when the caller's uid subscribed under this
+        name before the last kexec. Then, per update: prepare and freeze,
+        each to be answered with Acknowledge within deadlineSec, or aborted
+        with the reason. Names are per uid; each uid may hold a limited
+        number of subscriptions (luod's --max-subscriptions-per-user). Any
+        uid may subscribe; only root's subscribers and those of the uids
+        luod's --update-veto names can stop an update."""
         ctx = current()
         try:
-            sessions = [s.name for s in self.custodian.list_sessions(ctx.peer)]
+            sessions = [s.name for s in self.custodian.list_sessions(ctx.peer, owner=ctx.peer.uid)]
             sub = self.orchestrator.subscribe(
                 ctx.peer, name, deadlineSec, self.custodian.kexec_count, sessions
             )
@@ -183,7 +216,9 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         reason: typing.Optional[str] = None,  # noqa: UP045
     ) -> None:
         """Answer prepare or freeze of an update. With refuse, the update is
-        aborted for everyone, with reason."""
+        aborted for everyone, with reason, if this subscriber may stop
+        updates (root's, or of a uid luod's --update-veto names) and the
+        update is not forced; else luod logs the refusal and goes on."""
         self.orchestrator.acknowledge(
             current().peer, subscription, update, phase, bool(refuse), reason
         )
@@ -192,11 +227,14 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
     async def Update(self, force: typing.Optional[bool] = None) -> UpdateResult:  # noqa: UP045
         """The live update: preflight check, prepare, freeze, then the kexec
         (through PID 1 under systemd, else luod's own reboot). Returns once
-        the barrier passed and the kexec is under way. Root only."""
+        the barrier passed and the kexec is under way. Root only. force goes
+        on past the preflight check's problems and past every subscriber's
+        refusal, missed deadline or departure (each logged, who and why).
+        overridden lists what the update went on past."""
         try:
             self._root("Update")
             self._preflight(bool(force), own_reboot=False)
-            outcome = await self.orchestrator.run(self.nextkernel.jump)
+            outcome = await self.orchestrator.run(self.nextkernel.jump, force=bool(force))
         except errors.LuodError as e:
             raise refused("Update", e) from None
         if not outcome.ok:
@@ -208,4 +246,5 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             "update": outcome.update,
             "prepareUSec": usec(outcome.phases["prepare"]),
             "freezeUSec": usec(outcome.phases["freeze"]),
+            "overridden": outcome.overridden,
         }

@@ -19,6 +19,7 @@ import structlog
 from asyncvarlink import TypedVarlinkErrorReply
 
 from luod import errors
+from luod.log import shown
 from luod.varlink import transport
 
 log = structlog.get_logger("luod")
@@ -54,15 +55,22 @@ def reply(e: errors.LuodError) -> TypedVarlinkErrorReply:
     return REPLIES[type(e)](**{k: v for k, v in e.parameters.items() if v is not None})
 
 
+# Long enough for a preflight refusal that names many sessions.
+LOGGED_MAX = 2048
+
+
 def refused(method: str, e: errors.LuodError) -> TypedVarlinkErrorReply:
     """Log a refused call and make its reply."""
+    # The sentence and the log-only fields carry what the caller sent
+    # (names, paths), cut so that a refusal cannot flood the log.
+    context = {k: shown(v, LOGGED_MAX) if isinstance(v, str) else v for k, v in e.context.items()}
     log.info(
         "call-refused",
         method=method,
         error=e.error_name,
-        detail=str(e),
+        detail=shown(str(e), LOGGED_MAX),
         peer=transport.current().peer.describe(),
-        **e.context,
+        **context,
     )
     return reply(e)
 

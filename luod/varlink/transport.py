@@ -3,11 +3,13 @@
 luod serves with asyncvarlink but needs what it does not offer: the peer's
 credentials on each call, a listen backlog for a burst of clients at boot,
 received fds with FD_CLOEXEC, noticing fds the kernel dropped (luod at its
-open-file limit), messages longer than asyncvarlink peeks, and a `more` call
-(a subscription) that does not stop the connection from being read. Each is
-done here by overriding or reading asyncvarlink's private parts; this is the
-one module to check when asyncvarlink changes (pyproject.toml pins the
-versions the tests cover).
+open-file limit), a `more` call (a subscription) that does not stop the
+connection from being read, and the bounds of luod.varlink.limits. luod
+reads and frames messages itself (LuodTransport): linearly, up to the
+maximum message size, with the fds of each message closed at once when the
+message is refused. Each is done here by overriding or reading asyncvarlink's
+private parts; this is the one module to check when asyncvarlink changes
+(pyproject.toml pins the versions the tests cover).
 
 fds travel as sd-varlink does it: an int in the JSON is an index into the
 SCM_RIGHTS array of the message. luod resolves indexes itself (`take_fd`,
@@ -19,14 +21,19 @@ the message.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextvars
 import dataclasses
+import errno
+import functools
 import resource
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
+import structlog
 from asyncvarlink import (
     FileDescriptorArray,
     VarlinkInterfaceRegistry,
@@ -35,9 +42,25 @@ from asyncvarlink import (
     VarlinkTransport,
     VarlinkUnixServer,
 )
+from asyncvarlink.types import JSONObject
 
 from luod import errors
 from luod.peer import Peer, peer_of_socket
+from luod.varlink import limits as lim
+from luod.varlink.limits import (
+    MAX_FDS_PER_MESSAGE,
+    MAX_PENDING_CALLS,
+    MAX_QUEUED_REPLY,
+    ConnectionCounts,
+    Limits,
+    ProtocolViolation,
+    decode_message,
+)
+
+log = structlog.get_logger("luod")
+
+# asyncvarlink's FileDescriptorArray needs a first referee to be released.
+_SENTINEL = object()
 
 # --- per-call context: who called, and the fds that came with the call -------
 
@@ -78,23 +101,30 @@ def take_fd(index: int, parameter: str) -> int:
     return raw
 
 
-# --- protocol, server, transport ---------------------------------------------
+# --- protocol: one connection's calls -----------------------------------------
 
 
 class LuodProtocol(VarlinkInterfaceServerProtocol):
-    """Knows its peer and sets the call context."""
+    """Knows its peer, sets the call context, and enforces the limits of a
+    connection that are about calls: the idle timeout, protocol violations."""
 
     peer: Peer
-    sock: ConnectionSocket | None
+
+    def __init__(self, registry: VarlinkInterfaceRegistry, limits: Limits) -> None:
+        super().__init__(registry)
+        self.limits = limits
+        self._disconnect_hooks: list[Callable[[], None]] = []
+        self._dropped = False
+        self._silent: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("luod.peer")
         assert isinstance(peer, Peer)
         self.peer = peer
-        sock = transport.get_extra_info("luod.socket")
-        self.sock = sock if isinstance(sock, ConnectionSocket) else None
-        self._disconnect_hooks: list[Callable[[], None]] = []
+        loop = asyncio.get_running_loop()
+        if self.limits.idle_timeout > 0:
+            self._silent = loop.call_later(self.limits.idle_timeout, self._silent_too_long)
 
     def on_disconnect(self, hook: Callable[[], None]) -> None:
         """Run `hook` when the peer goes away. A pending `more` call (a
@@ -111,16 +141,97 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._silent is not None:
+            self._silent.cancel()
+            self._silent = None
         self._disconnected()
         super().connection_lost(exc)
+
+    # -- messages, as LuodTransport frames them
+
+    def frame_received(self, data: bytes, fds: list[int], dropped: bool) -> None:
+        """One whole message (without its NUL) and the fds that came with it;
+        `dropped`: the kernel dropped some of them (MSG_CTRUNC)."""
+        if self._silent is not None:
+            self._silent.cancel()
+            self._silent = None
+        try:
+            obj = decode_message(data)
+        except ProtocolViolation as e:
+            lim.close_fds(fds)
+            self.violation(str(e), len(data), len(fds))
+            return
+        array = FileDescriptorArray(_SENTINEL, fds) if fds else None
+        try:
+            self._enqueue(obj, array, dropped)
+        finally:
+            if array is not None:
+                array.release(_SENTINEL)
+
+    def _enqueue(self, obj: JSONObject, fds: FileDescriptorArray | None, dropped: bool) -> None:
+        # As asyncvarlink's VarlinkProtocol.message_received does it for each
+        # message: calls are served in order; the fds live until theirs ran.
+        loop = asyncio.get_running_loop()
+        done = None
+        if fds:
+            done = loop.create_future()
+            fds.reference_until_done(done)
+        processing = bool(self._consumer_queue)
+        self._consumer_queue.append((functools.partial(self._request, obj, fds, dropped), done))
+        if not processing:
+            loop.call_soon(self._process_queue, None)
+
+    def _request(
+        self, obj: JSONObject, fds: FileDescriptorArray | None, dropped: bool
+    ) -> asyncio.Future[None] | None:
+        self._dropped = dropped
+        fut: asyncio.Future[None] | None = self.request_received(obj, fds)
+        return fut
+
+    @property
+    def pending_calls(self) -> int:
+        """Calls read but not yet served."""
+        return len(self._consumer_queue)
+
+    def violation(self, reason: str, size: int, fds: int) -> None:
+        """The peer sent what is no varlink message: close the connection."""
+        lim.violations.log(
+            log.warning,
+            "protocol-violation",
+            peer=self.peer.describe(),
+            reason=reason,
+            bytes=size,
+            fds=fds,
+            hint="the connection is closed; a varlink message is a JSON object and a NUL",
+        )
+        self.drop()
+
+    def drop(self) -> None:
+        """Close the connection now, with what was read and not yet served."""
+        while self._consumer_queue:
+            _call, done = self._consumer_queue.popleft()
+            if done is not None:
+                done.set_result(None)  # releases the fds of the call
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _silent_too_long(self) -> None:
+        """No message in the idle timeout since connecting: a connection
+        held only to take one of the connections luod serves."""
+        self._silent = None
+        if self._transport is not None and not self._transport.is_closing():
+            lim.idle_closed.log(
+                log.info,
+                "connection-idle",
+                peer=self.peer.describe(),
+                timeout=self.limits.idle_timeout,
+            )
+            self._transport.close()
 
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
-        # asyncvarlink hands each message on as soon as it is received, so
-        # the flags of the last recvmsg() are this call's.
-        dropped = self.sock is not None and self.sock.fds_dropped
-        token = _current.set(CallContext(self.peer, fds, self, dropped))
+        token = _current.set(CallContext(self.peer, fds, self, self._dropped))
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
         finally:
@@ -133,11 +244,25 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         return fut
 
 
-class LuodServer(VarlinkUnixServer):
-    """asyncvarlink's server with the backlog and the peer credentials luod needs."""
+# --- server: accepting, within the connection caps ----------------------------
 
-    def __init__(self, sock: socket.socket, registry: VarlinkInterfaceRegistry) -> None:
-        super().__init__(sock, lambda: LuodProtocol(registry))
+
+class LuodServer(VarlinkUnixServer):
+    """asyncvarlink's server with the backlog, the peer credentials and the
+    connection caps luod needs, and backing off when accept() fails (at the
+    open-file limit) instead of trying again in a busy loop."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        registry: VarlinkInterfaceRegistry,
+        limits: Limits | None = None,
+    ) -> None:
+        self.limits = Limits() if limits is None else limits
+        self.counts = ConnectionCounts(self.limits)
+        self._backoff = 0.0
+        self._backoff_handle: asyncio.TimerHandle | None = None
+        super().__init__(sock, functools.partial(LuodProtocol, registry, self.limits))
 
     async def start_serving(self) -> None:
         await super().start_serving()
@@ -146,75 +271,216 @@ class LuodServer(VarlinkUnixServer):
         if self._sock is not None:
             self._sock.listen(socket.SOMAXCONN)
 
+    def close(self) -> None:
+        if self._backoff_handle is not None:
+            self._backoff_handle.cancel()
+            self._backoff_handle = None
+        super().close()
+
     def _handle_accept(self) -> None:
-        if self._sock is None:
+        # Several per wakeup: connections over a cap cost little each, and
+        # the backlog drains faster under a flood of them.
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            if self._sock is None:
+                return
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                self._back_off(e)
+                return
+            self._backoff = 0.0
+            self._serve(conn)
+
+    def _back_off(self, error: OSError) -> None:
+        """Stop accepting for a while: EMFILE/ENFILE (or ENOMEM, ENOBUFS)
+        stay until connections or held files go."""
+        assert self._sock is not None
+        self._backoff = min(
+            lim.ACCEPT_BACKOFF_MAX, max(lim.ACCEPT_BACKOFF_FIRST, self._backoff * 2)
+        )
+        self._loop.remove_reader(self._sock)
+        self._backoff_handle = self._loop.call_later(self._backoff, self._resume_accepting)
+        lim.accept_failed.log(
+            log.warning,
+            "accept-failed",
+            error=errno.errorcode.get(error.errno or 0, str(error.errno)),
+            retry_in=self._backoff,
+            hint=(
+                "luod is at its open-file limit (LimitNOFILE=) or out of memory; "
+                "new connections wait in the listen backlog"
+            ),
+        )
+
+    def _resume_accepting(self) -> None:
+        self._backoff_handle = None
+        if self._sock is not None:
+            self._loop.add_reader(self._sock, self._handle_accept)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+        except OSError:
+            conn.close()
+            return
+        pid, uid, _gid = _CREDS.unpack(creds)
+        over = self.counts.admit(uid)
+        if over is not None:
+            conn.close()
+            lim.refused.log(
+                log.warning,
+                "connection-refused",
+                uid=uid,
+                pid=pid,
+                limit=over,
+                hint="closed at once; luod's --max-connections options set the caps",
+            )
             return
         try:
-            conn, _addr = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
+            transport = serve_connection(self._loop, conn, self._protocol_factory)
+        except OSError:
+            self.counts.release(uid)
+            conn.close()
             return
-        serve_connection(self._loop, conn, self._protocol_factory, self._transports)
+        self._transports.add(transport)
+        counts = self.counts
+        transport.closed_future.add_done_callback(lambda _: counts.release(uid))
+
+
+_CREDS = struct.Struct("3i")
+_ACCEPTS_PER_WAKEUP = 128
+
+
+# --- transport: framing, and the reply queue ----------------------------------
+
+# Messages read from one connection before the others get their turn.
+_MESSAGES_PER_WAKEUP = 32
+# sendmsg() takes at most IOV_MAX buffers (EMSGSIZE beyond); asyncvarlink
+# hands it every queued reply at once.
+_IOV_MAX = 512
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
 
 
 class LuodTransport(VarlinkTransport):
-    """asyncvarlink peeks at most RECV_BUFFER_SIZE bytes to find where a
-    message ends, so that the fds sent with it are received with it. A
-    message longer than that (PreserveFds with a few dozen files) lost its
-    fds: they came with a chunk holding no complete message, and were closed.
-    Peek far enough for the largest call luod takes: 253 fds (SCM_MAX_FD)
-    named in JSON are well below this."""
+    """Reads and frames messages itself. It peeks to find where a message
+    ends, so that the fds sent with it are received with it (recvmsg() never
+    returns the data of two sendmsg() calls carrying different fds), and
+    collects a message longer than one peek in a limits.MessageBuffer
+    (linear, bounded). A whole message goes to LuodProtocol.frame_received.
+
+    Sending: at most MAX_QUEUED_REPLY bytes wait for a client that does not
+    read; and no more than IOV_MAX buffers go to one sendmsg()."""
 
     RECV_BUFFER_SIZE = 256 * 1024
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._message = lim.MessageBuffer()
+        self._eof = False
+        self._queued = 0
+        super().__init__(*args, **kwargs)
 
-# One buffer for every peek of every connection (luod serves from one thread).
+    def _handle_read_socket_peek(self) -> None:
+        sock = self._recvfd
+        assert isinstance(sock, socket.socket)
+        protocol = self._protocol
+        assert isinstance(protocol, LuodProtocol)
+        for _ in range(_MESSAGES_PER_WAKEUP):
+            if self._recvfd is None or self._paused or self._closing or self._eof:
+                return
+            if protocol.pending_calls >= MAX_PENDING_CALLS:
+                # asyncvarlink's queue resumes reading once it is empty.
+                self.pause_reading()
+                return
+            try:
+                n = sock.recv_into(_peek_buffer, len(_peek_buffer), socket.MSG_PEEK)
+                if n == 0:
+                    self._end_of_input()
+                    return
+                end = _peek_buffer.find(0, 0, n)
+                want = n if end < 0 else end + 1
+                got, ancdata, flags, _ = sock.recvmsg_into(
+                    [_peek_view[:want]], _ANCBUF, socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self._close_receiver(err)
+                return
+            fds = array.array("i")
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            if got == 0:
+                lim.close_fds(list(fds))
+                self._end_of_input()
+                return
+            message = self._message
+            try:
+                whole = message.add(_peek_view[:got], list(fds), bool(flags & socket.MSG_CTRUNC))
+            except ProtocolViolation as e:
+                protocol.violation(str(e), message.size, message.nfds)
+                message.drop()
+                return
+            if whole:
+                protocol.frame_received(*message.take())
+
+    def _end_of_input(self) -> None:
+        # As asyncvarlink does at EOF; once only, even if reading resumes.
+        self._eof = True
+        self._message.drop()
+        assert self._recvfd is not None
+        self._loop.remove_reader(self._recvfd)
+        self._loop.call_soon(self._eof_received)
+
+    def _close_receiver(self, exc: Exception | None = None) -> None:
+        self._message.drop()
+        super()._close_receiver(exc)
+
+    def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
+        if self._closing or self._sendfd is None or self._queued > MAX_QUEUED_REPLY:
+            return self._refuse_send()
+        self._queued += len(data)
+        return super().send_message(data, fds)
+
+    def _refuse_send(self) -> asyncio.Future[None]:
+        # asyncvarlink warns of each reply to a closed transport: no
+        # warning per reply of a client that went away or was cut off.
+        if not self._closing and self._sendfd is not None:
+            protocol = self._protocol
+            assert isinstance(protocol, LuodProtocol)
+            lim.not_reading.log(
+                log.warning,
+                "client-not-reading",
+                peer=protocol.peer.describe(),
+                queued=self._queued,
+                hint=f"more than {MAX_QUEUED_REPLY} bytes of replies waited; disconnected",
+            )
+            protocol.drop()
+        fut = self._loop.create_future()
+        fut.set_exception(BrokenPipeError())
+        return fut
+
+    def _do_write_socket(self, data: list[bytes], fds: list[int]) -> int:
+        sent = super()._do_write_socket(data[:_IOV_MAX], fds)
+        self._queued -= sent
+        return sent
+
+
+# One buffer for every read of every connection (luod serves from one thread):
+# a fresh 256 KiB bytes object per peek cost 18 us on the host (the heap
+# shrinking and growing again), 16 times the peek itself.
 _peek_buffer = bytearray(LuodTransport.RECV_BUFFER_SIZE)
 _peek_view = memoryview(_peek_buffer)
-
-
-class ConnectionSocket(socket.socket):
-    """A client connection as asyncvarlink reads it, with three changes:
-
-    - received fds come with FD_CLOEXEC set, so that none leaks into a child
-      luod spawns: asyncvarlink receives with socket.recv_fds(), which calls
-      this recvmsg(); the flag costs nothing, where fcntl() afterwards cost
-      two syscalls per fd;
-    - it remembers whether the kernel dropped fds of the last message
-      (MSG_CTRUNC: luod at its open-file limit), which asyncvarlink does not
-      look at, so that the call can be refused for that reason by name;
-    - asyncvarlink peeks RECV_BUFFER_SIZE bytes before every message: a
-      fresh 256 KiB bytes object each time cost 18 us on the host (the heap
-      shrinking and growing again), 16 times the peek itself; luod peeks
-      into one buffer and copies out what came.
-    """
-
-    fds_dropped = False
-
-    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> Any:
-        got = super().recvmsg(bufsize, ancbufsize, flags | socket.MSG_CMSG_CLOEXEC)
-        self.fds_dropped = bool(got[2] & socket.MSG_CTRUNC)
-        return got
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if not flags & socket.MSG_PEEK or bufsize > len(_peek_buffer):
-            return super().recv(bufsize, flags)
-        n = self.recv_into(_peek_buffer, bufsize, flags)
-        return bytes(_peek_view[:n])
 
 
 def serve_connection(
     loop: asyncio.AbstractEventLoop,
     conn: socket.socket,
     factory: Callable[[], Any],
-    transports: Any = None,
-) -> VarlinkTransport:
-    """Serve one accepted (or inherited) connection with luod's transport."""
-    if not isinstance(conn, ConnectionSocket):
-        conn = ConnectionSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
+) -> LuodTransport:
+    """Serve one accepted connection with luod's transport."""
     conn.setblocking(False)
-    transport = LuodTransport(
-        loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn), "luod.socket": conn}
-    )
-    if transports is not None:
-        transports.add(transport)
-    return transport
+    return LuodTransport(loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)})

@@ -97,6 +97,13 @@ class LoadedKernel:
     initrd: typing.Optional[str]  # noqa: UP045
     commandLine: str
     loadedUSec: int
+    # What the image says: its version string (release first), whether it
+    # was a UKI, the LUO ABI it speaks; why it cannot take the handover
+    # (empty: the preflight accepts it).
+    version: typing.Optional[str]  # noqa: UP045
+    uki: bool
+    luoAbi: typing.Optional[str]  # noqa: UP045
+    problems: list[str]
 
 
 @dataclasses.dataclass
@@ -166,6 +173,9 @@ class UpdateResult(typing.TypedDict):
     update: int
     prepareUSec: int
     freezeUSec: int
+    # What the update went on past (forced, or of a subscriber that may
+    # not stop updates): "NAME (uid N): REASON", as luod logged each.
+    overridden: list[str]
 
 
 # --- from domain objects -------------------------------------------------------
@@ -220,8 +230,16 @@ def reclaim_info(r: ReclaimReport) -> ReclaimInfo:
 
 
 def loaded_kernel(k: nextkernel.LoadedKernel) -> LoadedKernel:
+    facts = k.facts
     return LoadedKernel(
-        kernel=k.kernel, initrd=k.initrd, commandLine=k.cmdline, loadedUSec=usec(k.loaded_at)
+        kernel=k.kernel,
+        initrd=k.initrd,
+        commandLine=k.cmdline,
+        loadedUSec=usec(k.loaded_at),
+        version=None if facts is None else facts.version,
+        uki=k.uki,
+        luoAbi=None if facts is None or not facts.luo_abi else ", ".join(facts.luo_abi),
+        problems=list(k.problems),
     )
 
 

@@ -1,6 +1,7 @@
 """Fixtures of the systemd tier (marker `systemd`): a LUO kernel, the cached
 Debian sid root with systemd 262, and one disk image per test run with luod
-of this working tree (vm/build-root.sh, vm/build-image.sh)."""
+of this working tree installed from its Debian package, as an operator
+installs it (tools/build-deb.sh, vm/build-root.sh, vm/build-image.sh --deb)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ TEST_UNITS = Path(__file__).resolve().parent / "units"
 # Where the results of a failed test are copied (serial log, stage logs,
 # journals), besides pytest's own tmp_path.
 ARTIFACTS = Path(os.environ.get("LUOD_SYSTEMD_ARTIFACTS", "/tmp/luod-systemd-artifacts"))
+# The version of the same tree the upgrade scenario installs over the image's.
+UPGRADE_VERSION = "0.1.0+upgrade1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +36,15 @@ class SystemdVM:
     kernel: Path
     image: Path
     build_seconds: dict[str, float]
+    # luod's package built as UPGRADE_VERSION (None with LUOD_SYSTEMD_IMAGE).
+    upgrade_deb: Path | None = None
 
-    def boot(self, script: Path, results: Path, timeout: float) -> harness.GuestResult:
-        result = harness.boot(self.image, self.kernel, script, results, timeout)
+    def boot(
+        self, script: Path, results: Path, timeout: float, extra_files: Sequence[Path] = ()
+    ) -> harness.GuestResult:
+        result = harness.boot(
+            self.image, self.kernel, script, results, timeout, extra_files=extra_files
+        )
         print(harness.describe(result))
         return result
 
@@ -60,11 +69,19 @@ def systemd_vm(tmp_path_factory: pytest.TempPathFactory) -> SystemdVM:
     root = harness.build_root()
     seconds["root"] = time.monotonic() - t
     t = time.monotonic()
+    deb = harness.build_deb(tmp_path_factory.mktemp("deb"))
+    upgrade = harness.build_deb(tmp_path_factory.mktemp("deb-upgrade"), UPGRADE_VERSION)
+    seconds["deb"] = time.monotonic() - t
+    t = time.monotonic()
     image = harness.build_image(
-        tmp_path_factory.mktemp("systemd-image") / "root.img", kernel, root, test_units=TEST_UNITS
+        tmp_path_factory.mktemp("systemd-image") / "root.img",
+        kernel,
+        root,
+        test_units=TEST_UNITS,
+        deb=deb,
     )
     seconds["image"] = time.monotonic() - t
-    return SystemdVM(kernel, image, seconds)
+    return SystemdVM(kernel, image, seconds, upgrade)
 
 
 @pytest.hookimpl(wrapper=True)

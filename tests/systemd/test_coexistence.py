@@ -77,8 +77,10 @@ def _fdstore(step: harness.Step) -> list[tuple[str, str]]:
 
 def _luod_sessions(fdnames: set[str]) -> set[str]:
     """luod's session names in its fd store: FDNAME session.<kernel name>,
-    kernel names luod.<n>.<session>."""
-    return {m.group(1) for n in fdnames if (m := re.fullmatch(r"session\.luod\.\d+\.(.+)", n))}
+    kernel names luod.<n>.u<uid>.<session>."""
+    return {
+        m.group(1) for n in fdnames if (m := re.fullmatch(r"session\.luod\.\d+\.u\d+\.(.+)", n))
+    }
 
 
 def _sessions(step: harness.Step) -> dict[str, Any]:

@@ -68,19 +68,22 @@ def test_create_session(custodian: Custodian, kernel: FakeBackend) -> None:
         "app",
         SessionKind.MANAGED,
         SessionState.OUTGOING,
-        "luod.1.app",
+        "luod.1.u1000.app",
     )
     assert s.owner.uid == 1000 and s.owner.unit == "alice.service"
-    assert _outgoing(kernel) == {"luod.1.app": []}
+    assert _outgoing(kernel) == {"luod.1.u1000.app": []}
     with pytest.raises(errors.SessionExists):
-        custodian.create_session(BOB, "app")
+        custodian.create_session(ALICE, "app")
+    # Names are per owner: Bob's "app" is his own, and nothing tells him
+    # Alice has one.
+    assert custodian.create_session(BOB, "app").kernel_name == "luod.2.u1001.app"
     with pytest.raises(errors.ReservedSessionName):
         custodian.create_session(ALICE, "luod-app")
     with pytest.raises(errors.InvalidName):
         custodian.create_session(ALICE, "")
     # The kernel names are never used again, also after the session is gone.
     custodian.discard_session(ALICE, "app")
-    assert custodian.create_session(ALICE, "app").kernel_name == "luod.2.app"
+    assert custodian.create_session(ALICE, "app").kernel_name == "luod.3.u1000.app"
 
 
 def test_every_change_is_written_down(custodian: Custodian, carrier: SpyCarrier) -> None:
@@ -101,7 +104,7 @@ def test_preserve_fds_creates_and_keeps(custodian: Custodian, kernel: FakeBacken
     # Kept by the session: the handed-off entries no longer own them.
     assert all(h.fd == -1 for h in files)
     assert all(_is_open(f.fd) for f in added)
-    assert _outgoing(kernel) == {"luod.1.app": [1, 2, 3]}
+    assert _outgoing(kernel) == {"luod.1.u1000.app": [1, 2, 3]}
     more = custodian.preserve_fds(ALICE, "app", _handoffs("d"))
     assert [f.token for f in more] == [4]
     assert custodian.status() == Holdings(sessions=1, files=4, bytes_pinned=24)
@@ -141,12 +144,12 @@ def test_preserve_fds_all_or_nothing(
         assert not any(_is_open(fd) for fd in fds)
         assert _outgoing(kernel) == before
         assert custodian.status().files == (0 if create else 1)
-        assert ("app" in custodian.sessions) is not create
+        assert ((1000, "app") in custodian.sessions) is not create
 
 
 def test_a_file_is_held_once(custodian: Custodian) -> None:
     (h,) = _handoffs("a")
-    copy = os.dup(h.fd)
+    copy, bobs = os.dup(h.fd), os.dup(h.fd)
     custodian.preserve_fds(ALICE, "app", [h], create=True)
     with pytest.raises(errors.AlreadyPreserved) as e:
         custodian.preserve_fds(ALICE, "other", [Handoff("b", copy, "files[0]")], create=True)
@@ -155,6 +158,10 @@ def test_a_file_is_held_once(custodian: Custodian) -> None:
         "app",
         "a",
     )
+    # Another uid is told the file is held, not where: that is Alice's.
+    with pytest.raises(errors.AlreadyPreserved) as e:
+        custodian.preserve_fds(BOB, "b", [Handoff("b", bobs)], create=True)
+    assert (e.value.session, e.value.name) == ("(another user's)", "?")
     # Once taken back the file can be handed off again.
     fd, _ = custodian.retrieve_fd(ALICE, "app", "a", take=True)
     custodian.preserve_fds(ALICE, "other", [Handoff("b", fd)], create=True)
@@ -186,13 +193,13 @@ def test_kernel_refusal_mid_batch_is_undone(kernel: FakeBackend, carrier: SpyCar
         assert not any(_is_open(h.fd) for h in files)
         # 'b' made it into the kernel session before 'c' was refused: the
         # session is rebuilt without it.
-        assert list(c.sessions["app"].files) == ["a"]
-        assert _outgoing(kernel) == {c.sessions["app"].kernel_name: [1]}
+        assert list(c.sessions[(1000, "app")].files) == ["a"]
+        assert _outgoing(kernel) == {c.sessions[(1000, "app")].kernel_name: [1]}
         # A session created for the batch goes with it.
         backend.refuse_token = 1
         with pytest.raises(errors.KernelRefused):
             c.preserve_fds(ALICE, "new", _handoffs("x"), create=True)
-        assert "new" not in c.sessions
+        assert (1000, "new") not in c.sessions
         assert not [n for n in _outgoing(kernel) if n.endswith(".new")]
     finally:
         c.close()
@@ -208,25 +215,49 @@ def test_only_managed_sessions_take_files(custodian: Custodian) -> None:
 # --- access --------------------------------------------------------------------
 
 
-def test_owner_or_root(custodian: Custodian) -> None:
+def test_names_are_per_owner_and_root_says_whose(custodian: Custodian) -> None:
     custodian.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
     custodian.create_session(BOB, "bobs")
-    with pytest.raises(errors.PermissionDenied) as e:
-        custodian.retrieve_fd(BOB, "app", "a", take=False)
-    assert e.value.session == "app" and "alice.service" in e.value.owner
-    with pytest.raises(errors.PermissionDenied):
-        custodian.list_sessions(BOB, "app")
-    with pytest.raises(errors.PermissionDenied):
-        custodian.discard_session(BOB, "app")
-    with pytest.raises(errors.PermissionDenied):
-        custodian.preserve_fds(BOB, "app", _handoffs("b"), create=True)
+    # To Bob, Alice's session is no session at all: not "denied", which
+    # would say it exists.
+    for attempt in (
+        lambda: custodian.retrieve_fd(BOB, "app", "a", take=False),
+        lambda: custodian.list_sessions(BOB, "app"),
+        lambda: custodian.discard_session(BOB, "app"),
+        lambda: custodian.retrieve_session(BOB, "app"),
+    ):
+        with pytest.raises(errors.NoSuchSession):
+            attempt()
+    # Naming another owner is root's alone, refused before any lookup.
+    for owner in (1000, 4242):
+        with pytest.raises(errors.PermissionDenied) as e:
+            custodian.retrieve_fd(BOB, "app", "a", take=False, owner=owner)
+        assert e.value.session == "app" and e.value.owner == f"uid {owner}"
+        with pytest.raises(errors.PermissionDenied):
+            custodian.list_sessions(BOB, owner=owner)
+        with pytest.raises(errors.PermissionDenied):
+            custodian.discard_session(BOB, "app", owner=owner)
+    # Naming oneself is fine.
+    assert [s.name for s in custodian.list_sessions(BOB, owner=1001)] == ["bobs"]
+    # Bob's hand-off with create makes Bob's own "app".
+    custodian.preserve_fds(BOB, "app", _handoffs("b"), create=True)
+    assert sorted(custodian.sessions) == [(1000, "app"), (1001, "app"), (1001, "bobs")]
+    assert list(custodian.sessions[(1000, "app")].files) == ["a"]
     with pytest.raises(errors.NoSuchSession):
         custodian.list_sessions(ALICE, "nope")
-    assert [s.name for s in custodian.list_sessions(BOB)] == ["bobs"]
+    assert sorted(s.name for s in custodian.list_sessions(BOB)) == ["app", "bobs"]
     assert [s.name for s in custodian.list_sessions(ALICE)] == ["app"]
-    assert sorted(s.name for s in custodian.list_sessions(ROOT)) == ["app", "bobs"]
-    fd, _ = custodian.retrieve_fd(ROOT, "app", "a", take=False)
+    # Root's view is everyone's; owner narrows it.
+    assert sorted(s.key for s in custodian.list_sessions(ROOT)) == sorted(custodian.sessions)
+    assert [s.key for s in custodian.list_sessions(ROOT, "app", owner=1000)] == [(1000, "app")]
+    assert len(custodian.list_sessions(ROOT, "app")) == 2
+    # Without owner, root reaches only its own.
+    with pytest.raises(errors.NoSuchSession):
+        custodian.retrieve_fd(ROOT, "app", "a", take=False)
+    fd, _ = custodian.retrieve_fd(ROOT, "app", "a", take=False, owner=1000)
     os.close(fd)
+    custodian.discard_session(ROOT, "app", owner=1001)
+    assert (1001, "app") not in custodian.sessions and (1000, "app") in custodian.sessions
 
 
 # --- giving back ---------------------------------------------------------------
@@ -245,14 +276,14 @@ def test_retrieve_fd_copy_and_take(custodian: Custodian, kernel: FakeBackend) ->
     assert os.pread(fd, 100, 0) == b"data a" and f.fd == -1
     os.close(fd)
     # The kernel cannot unpreserve one file: the rest is in a new session.
-    s = custodian.sessions["app"]
+    s = custodian.sessions[(1000, "app")]
     assert list(s.files) == ["b"]
     assert _outgoing(kernel) == {s.kernel_name: [2]}
-    assert s.kernel_name == "luod.2.app"
+    assert s.kernel_name == "luod.2.u1000.app"
 
     fd, _ = custodian.retrieve_fd(ALICE, "app", "b", take=True)
     os.close(fd)
-    assert "app" not in custodian.sessions  # its last file was taken
+    assert (1000, "app") not in custodian.sessions  # its last file was taken
     assert _outgoing(kernel) == {}
 
 
@@ -283,9 +314,11 @@ def test_delegated_session_is_handed_back(custodian: Custodian, kernel: FakeBack
     fd, seen = custodian.retrieve_session(ALICE, "own")
     assert seen.name == "own" and kernel.identify_session(fd) == s.kernel_name
     os.close(fd)
-    assert "own" in custodian.sessions
-    with pytest.raises(errors.PermissionDenied):
+    assert (1000, "own") in custodian.sessions
+    with pytest.raises(errors.NoSuchSession):
         custodian.retrieve_session(BOB, "own")
+    with pytest.raises(errors.PermissionDenied):
+        custodian.retrieve_session(BOB, "own", owner=1000)
     custodian.create_session(ALICE, "managed")
     with pytest.raises(errors.WrongSessionKind):
         custodian.retrieve_session(ALICE, "managed")
@@ -336,23 +369,23 @@ def test_after_the_kexec_owners_take_back_what_is_theirs(kernel: FakeBackend) ->
     try:
         new.start()
         assert new.kexec_count == 1
-        assert new.previous_subscribers == {"db.service": 1000}
+        assert new.previous_subscribers == {("db.service", 1000)}
         assert {s.claim_deadline for s in new.sessions.values()} == {2060.0}
         assert new.next_deadline() == 2060.0
         # Handed back whole, with the deadline it was found with.
         fd, seen = new.retrieve_session(ALICE, "own")
         assert seen.state is SessionState.INCOMING and seen.claim_deadline == 2060.0
-        assert kernel.identify_session(fd) == "luod.2.own"
+        assert kernel.identify_session(fd) == "luod.2.u1000.own"
         os.close(fd)
-        assert "own" not in new.sessions
+        assert (1000, "own") not in new.sessions
         # The managed session: preserved again when used, and claimed.
         fd, _f = new.retrieve_fd(ALICE, "app", "a", take=False)
         assert os.pread(fd, 100, 0) == b"data a"
         os.close(fd)
-        app = new.sessions["app"]
+        app = new.sessions[(1000, "app")]
         assert app.claim_deadline is None and new.next_deadline() is None
         assert new.check() == []
-        assert app.state is SessionState.OUTGOING and app.kernel_name == "luod.3.app"
+        assert app.state is SessionState.OUTGOING and app.kernel_name == "luod.3.u1000.app"
     finally:
         new.close()
 

@@ -12,7 +12,7 @@ import pytest
 
 from luod.kernel import backend, kexec, uapi
 from luod.kernel.backend import MISSING_LUO, KernelBackend, LuoError
-from testsupport.util import fake_bzimage
+from testsupport.images import fake_bzimage
 
 
 def test_luo_error_message_and_subject() -> None:

@@ -33,7 +33,7 @@ def _spy(ledger: Ledger) -> SpyCarrier:
 
 def _held_session(ledger: Ledger, name: str, contents: dict[str, bytes]) -> Session:
     """A session as custody makes one: a kernel session with the files in it."""
-    kernel_name = ledger.new_kernel_name(name)
+    kernel_name = ledger.new_kernel_name(0, name)
     s = Session(
         name=name,
         kind=SessionKind.MANAGED,
@@ -47,7 +47,7 @@ def _held_session(ledger: Ledger, name: str, contents: dict[str, bytes]) -> Sess
         ledger.backend.preserve_fd(s.fd, f.fd, f.token)
         s.files[fname] = f
         ledger.index(s, f)
-    ledger.sessions[name] = s
+    ledger.sessions[s.key] = s
     ledger.carrier.session_held(kernel_name, s.fd)
     return s
 
@@ -61,7 +61,7 @@ def test_holdings_and_index(ledger: Ledger) -> None:
     s = _held_session(ledger, "app", {"a": b"12345", "b": b"678"})
     assert ledger.holdings() == Holdings(sessions=1, files=2, bytes_pinned=8)
     st = os.fstat(s.files["b"].fd)
-    assert ledger.holder_of((st.st_dev, st.st_ino)) == ("app", "b")
+    assert ledger.holder_of((st.st_dev, st.st_ino)) == ((0, "app"), "b")
     ledger.unindex(s.files["b"])
     assert ledger.holder_of((st.st_dev, st.st_ino)) is None
 
@@ -70,11 +70,11 @@ def test_represerve_moves_files_to_a_new_kernel_session(
     ledger: Ledger, kernel: FakeBackend
 ) -> None:
     s = _held_session(ledger, "app", {"a": b"1", "b": b"2", "c": b"3"})
-    assert s.kernel_name == "luod.1.app"
+    assert s.kernel_name == "luod.1.u0.app"
     ledger.represerve(s, [s.files["a"], s.files["c"]])
-    assert (s.kernel_name, s.state) == ("luod.2.app", SessionState.OUTGOING)
-    assert _outgoing(kernel) == {"luod.2.app": [1, 3]}
-    assert _spy(ledger).calls[-2:] == [("dropped", "luod.1.app"), ("held", "luod.2.app")]
+    assert (s.kernel_name, s.state) == ("luod.2.u0.app", SessionState.OUTGOING)
+    assert _outgoing(kernel) == {"luod.2.u0.app": [1, 3]}
+    assert _spy(ledger).calls[-2:] == [("dropped", "luod.1.u0.app"), ("held", "luod.2.u0.app")]
 
 
 def test_represerve_failure_leaves_the_session_uncarried(
@@ -102,7 +102,7 @@ def test_drop_lets_go_of_everything(ledger: Ledger, kernel: FakeBackend) -> None
     fd = s.files["a"].fd
     st = os.fstat(fd)
     incoming = os.memfd_create("stand-in for an incoming session fd")
-    ledger.awaiting_preservation["app"] = incoming
+    ledger.awaiting_preservation[(0, "app")] = incoming
     ledger.drop(s, "test")
     assert ledger.sessions == {} and ledger.awaiting_preservation == {}
     assert ledger.holder_of((st.st_dev, st.st_ino)) is None
@@ -110,7 +110,7 @@ def test_drop_lets_go_of_everything(ledger: Ledger, kernel: FakeBackend) -> None
         with pytest.raises(OSError):
             os.fstat(gone)
     assert _outgoing(kernel) == {}
-    assert _spy(ledger).calls[-1] == ("dropped", "luod.1.app")
+    assert _spy(ledger).calls[-1] == ("dropped", "luod.1.u0.app")
 
 
 def test_manifest_says_what_is_held(ledger: Ledger) -> None:
@@ -119,7 +119,7 @@ def test_manifest_says_what_is_held(ledger: Ledger) -> None:
     ledger.note_subscriber("db.service", 1000)
     m = from_json(to_json(ledger.manifest()))
     assert (m.kexec_count, m.name_counter, m.boot_id, m.written_at) == (3, 1, "boot-1", 42.0)
-    assert m.subscribers == {"db.service": 1000}
+    assert m.subscribers == {("db.service", 1000)}
     assert [s.name for s in m.sessions] == ["app"]
 
 

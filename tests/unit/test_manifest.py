@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from luod.manifest import Manifest, ManifestError, from_json, to_json
+from luod.manifest import MANIFEST_VERSION, Manifest, ManifestError, from_json, to_json
 from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
 
 
@@ -119,3 +119,50 @@ def test_file_entry_with_more_fields_is_read() -> None:
         ("idx", 1, 4096, 2.5),
         ("log", 2, 10, 3.0),
     ]
+
+
+# What luod 0.1 (manifest version 1, session names unique in all of luod)
+# wrote, byte for byte: it must still read after an upgrade across a kexec.
+VERSION_1 = (
+    b'{"version":1,"generator":"luod","bootId":"b1","kexecCount":1,"nameCounter":2,'
+    b'"written":9.0,"subscribers":[{"name":"vmm","uid":1000}],"sessions":[{"name":"app",'
+    b'"kind":"managed","kernelName":"luod.1.app","state":"outgoing","claimDeadline":null,'
+    b'"owner":{"uid":0,"unit":null,"comm":"luoctl"},"created":1.5,"files":[{"name":"idx",'
+    b'"token":1,"size":4096,"preserved":2.5}]},{"name":"vm","kind":"delegated",'
+    b'"kernelName":"luod.2.vm","state":"incoming","claimDeadline":99.0,"owner":{"uid":1000,'
+    b'"unit":"vmm.service","comm":"vmm"},"created":3.0,"files":[]}]}'
+)
+
+
+def test_version_1_reads_with_each_session_scoped_by_its_owner() -> None:
+    m = from_json(VERSION_1)
+    assert [(s.key, s.kind, s.kernel_name) for s in m.sessions] == [
+        ((0, "app"), SessionKind.MANAGED, "luod.1.app"),
+        ((1000, "vm"), SessionKind.DELEGATED, "luod.2.vm"),
+    ]
+    vm = m.sessions[1]
+    assert (vm.state, vm.claim_deadline, vm.owner.unit) == (
+        SessionState.INCOMING,
+        99.0,
+        "vmm.service",
+    )
+    assert [(f.name, f.token, f.size) for f in m.sessions[0].files.values()] == [("idx", 1, 4096)]
+    assert (m.kexec_count, m.name_counter, m.boot_id) == (1, 2, "b1")
+    # Written again, it is the current version.
+    assert json.loads(to_json(m))["version"] == MANIFEST_VERSION == 2
+
+
+def test_one_name_for_two_owners_but_not_twice_for_one() -> None:
+    doc = json.loads(to_json(_manifest()))
+    theirs = json.loads(json.dumps(doc["sessions"][0]))
+    theirs["owner"]["uid"] = 65534
+    theirs["kernelName"] = "luod.4.u65534.cache"
+    doc["sessions"].append(theirs)
+    m = from_json(json.dumps(doc).encode())
+    assert [s.key for s in m.sessions] == [(1000, "cache"), (65534, "cache")]
+    # A version 1 manifest with that would have been refused as corrupt by
+    # luod 0.1; this luod reads it, since names never were its identity.
+    doc["sessions"].append(json.loads(json.dumps(theirs)))
+    with pytest.raises(ManifestError) as e:
+        from_json(json.dumps(doc).encode())
+    assert e.value.message == "manifest: session 'cache' of uid 65534 appears twice"

@@ -100,12 +100,15 @@ def test_fd_names_refused(name: str, reason: str) -> None:
 
 
 def test_kernel_session_names_are_luods_and_fit_the_kernel() -> None:
-    assert kernel_session_name(1, "app") == "luod.1.app"
-    assert kernel_session_name(12, "db-state") == "luod.12.db-state"
-    # Past 10**9 kernel sessions a longest name is cut, never refused.
-    long = kernel_session_name(1234567890, "x" * MAX_SESSION_NAME)
+    assert kernel_session_name(1, 0, "app") == "luod.1.u0.app"
+    assert kernel_session_name(12, 65534, "db-state") == "luod.12.u65534.db-state"
+    # Two owners' sessions of one name: two kernel names.
+    assert kernel_session_name(3, 0, "cache") != kernel_session_name(4, 65534, "cache")
+    # A longest name is cut, never refused; the counter and the uid (what
+    # makes the name unique) always fit, even at their largest.
+    long = kernel_session_name(2**64 - 1, 2**32 - 1, "x" * MAX_SESSION_NAME)
     assert len(long) == MAX_KERNEL_SESSION_NAME
-    assert long == "luod.1234567890." + "x" * (MAX_SESSION_NAME - 1)
+    assert long.startswith(f"luod.{2**64 - 1}.u{2**32 - 1}.x")
     # No client can create or adopt a session under a name luod gives.
     with pytest.raises(errors.ReservedSessionName):
-        check_session_name(kernel_session_name(1, "app"), limit=MAX_KERNEL_SESSION_NAME)
+        check_session_name(kernel_session_name(1, 0, "app"), limit=MAX_KERNEL_SESSION_NAME)

@@ -20,6 +20,7 @@ from testsupport.fakekernel import FakeBackend
 from testsupport.util import make_memfd
 
 ALICE = Peer(pid=2, uid=1000, gid=1000, unit="alice.service")
+APP, OTHER, OWN = (1000, "app"), (1000, "other"), (1000, "own")
 
 
 class Clock:
@@ -74,26 +75,27 @@ def test_reclaim_retrieves_before_preserving_again(kernel: FakeBackend) -> None:
         ledger = r.ledger
         assert ledger.kexec_count == 1
         assert report.preserved_again is None
-        assert sorted(ledger.awaiting_preservation) == ["app", "other"]
+        assert sorted(ledger.awaiting_preservation) == [APP, OTHER]
         # Every file is retrieved already; no session is finished yet.
         assert all(f.fd >= 0 for s in ledger.sessions.values() for f in s.files.values())
         assert ("finish", "") not in carrier.calls
-        own = ledger.sessions["own"]
+        own = ledger.sessions[OWN]
         assert own.kind is SessionKind.DELEGATED and own.fd >= 0
         assert {s.state for s in ledger.sessions.values()} == {SessionState.INCOMING}
         assert {s.claim_deadline for s in ledger.sessions.values()} == {530.0}
 
-        assert r.preserve_again("other")
-        assert list(ledger.awaiting_preservation) == ["app"]
-        assert r.preserve_again("nope")  # not waiting: nothing done; "app" still is
-        assert list(ledger.awaiting_preservation) == ["app"]
+        assert r.preserve_again(OTHER)
+        assert list(ledger.awaiting_preservation) == [APP]
+        assert r.preserve_again((1000, "nope"))  # not waiting: nothing done; "app" still is
+        assert r.preserve_again((0, "app"))  # nor is root's "app"
+        assert list(ledger.awaiting_preservation) == [APP]
         r.preserve_all_again()
         assert not ledger.awaiting_preservation
         assert report.preserved_again is not None and report.preserved_again >= 0
         assert carrier.calls[-2:] == [("finish", ""), ("save", "")]
-        app = ledger.sessions["app"]
+        app = ledger.sessions[APP]
         # The counter came over: kernel names are never used twice.
-        assert app.state is SessionState.OUTGOING and app.kernel_name == "luod.5.app"
+        assert app.state is SessionState.OUTGOING and app.kernel_name == "luod.5.u1000.app"
         assert kernel.snapshot()["outgoing"][app.kernel_name]["tokens"] == [1, 2]
         # Preserving again does not claim a session.
         assert app.claim_deadline == 530.0
@@ -110,10 +112,10 @@ def test_manifest_written_before_the_incoming_session_is_let_go(kernel: FakeBack
     r = _reclaimer(kernel, carrier, Clock(0))
     try:
         r.start()
-        incoming = r.ledger.sessions["app"].kernel_name
+        incoming = r.ledger.sessions[APP].kernel_name
         del carrier.calls[:]
-        r.preserve_again("app")
-        new = r.ledger.sessions["app"].kernel_name
+        r.preserve_again(APP)
+        new = r.ledger.sessions[APP].kernel_name
         assert carrier.calls == [("held", new), ("save", ""), ("dropped", incoming)]
     finally:
         r.ledger.close()
@@ -122,13 +124,13 @@ def test_manifest_written_before_the_incoming_session_is_let_go(kernel: FakeBack
 def test_a_lost_session_is_reported(kernel: FakeBackend) -> None:
     _old_boot(kernel)
     # Someone else took it out of the kernel first.
-    os.close(kernel.retrieve_session("luod.2.other"))
+    os.close(kernel.retrieve_session("luod.2.u1000.other"))
     r = _reclaimer(kernel, SpyCarrier(kernel), Clock(0))
     try:
         report = r.start()
         assert report.lost == ["other"]
         assert (report.sessions, report.files) == (2, 2)
-        assert "other" not in r.ledger.sessions
+        assert OTHER not in r.ledger.sessions
     finally:
         r.ledger.close()
 
@@ -160,7 +162,7 @@ def test_grace_period(kernel: FakeBackend) -> None:
         os.close(fd)
         clock.now = 130.0
         assert sorted(c.expire()) == ["other", "own"]
-        assert list(c.sessions) == ["app"]
+        assert list(c.sessions) == [APP]
         assert c.next_deadline() is None
         # Released unclaimed, the incoming sessions are finished by closing.
         incoming = kernel.snapshot()["incoming"]

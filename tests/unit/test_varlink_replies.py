@@ -67,11 +67,26 @@ def test_refused_logs_the_sentence_and_what_the_caller_is_not_told() -> None:
             "log_level": "info",
             "method": "RetrieveFd",
             "error": f"{CUSTODY}.PermissionDenied",
-            "detail": "session 's' belongs to another user",
+            "detail": "session 's': only root may act on another user's sessions (owner)",
             "peer": NOBODY.describe(),
             "owner": "uid 0 (luoctl)",
         }
     ]
+
+
+def test_refused_cuts_what_the_caller_sent_before_logging_it() -> None:
+    # A lookup by a 1 MiB name (a message may be 16 MiB) must not write it
+    # to the log: the reply names it, the log shows its start and length.
+    name = "x" * (1 << 20)
+    with calling_as(NOBODY), capture_logs() as logs:
+        r = refused("RetrieveFd", errors.NoSuchSession(name))
+        refused("CreateSession", errors.InvalidName("session", name, "too long"))
+    assert r.paramstojson() == {"session": name}
+    detail, value = logs[0]["detail"], logs[1]["value"]
+    assert detail.startswith("no session named 'xxx") and len(detail) < 2200
+    sentence = str(errors.NoSuchSession(name))
+    assert detail.endswith(f"... ({len(sentence)} characters)")
+    assert value.endswith(f"... ({len(name)} characters)") and len(value) < 2200
 
 
 def test_translating_serves_catalogue_errors_and_nothing_else() -> None:

@@ -16,6 +16,9 @@ LUOD_VM_SCENARIO:
 - update: the orchestrated update: a delegated session the client filled
   itself; two subscribers, one missing its deadline (abort, nothing lost),
   then both acknowledging (kexec); after it both are told "resumed".
+- takeover: issue 10's session-name takeover, on the real kernel: uid 65534
+  creates "cache" first, root hands off into "cache" with createSession,
+  uid 65534 tries to take root's file, before and after the kexec.
 """
 
 from __future__ import annotations
@@ -384,11 +387,136 @@ def update_stage2(out: dict[str, Any]) -> None:
     luod.stop()
 
 
+NOBODY = 65534
+
+
+def as_nobody(luod: LuodProcess, *steps: Any) -> list[Any]:
+    """Run `steps` (each: Client -> JSON-able) in a child of uid 65534 on
+    one connection; their results, an error as {"error": short name}."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(r)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out: list[Any] = []
+            with Client(luod.socket) as c:
+                for step in steps:
+                    try:
+                        out.append(step(c))
+                    except VarlinkError as e:
+                        out.append({"error": e.short})
+            os.write(w, json.dumps(out).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    result: list[Any] = json.loads(data)
+    return result
+
+
+def _digest(fd: int) -> str:
+    try:
+        return str(facts(fd)["sha256"])
+    finally:
+        os.close(fd)
+
+
+def _nobody_tries(c: Client) -> dict[str, Any]:
+    """Everything uid 65534 can try on root's "cache"/"index"."""
+    got: dict[str, Any] = {}
+    for label, call in (
+        ("take", lambda: _digest(c.retrieve_fd("cache", "index", take=True))),
+        ("copy", lambda: _digest(c.retrieve_fd("cache", "index"))),
+        ("take_owner_root", lambda: _digest(c.retrieve_fd("cache", "index", True, owner=0))),
+        ("discard_owner_root", lambda: c.discard_session("cache", owner=0)),
+        ("list_owner_root", lambda: c.list_sessions(owner=0)),
+    ):
+        try:
+            got[label] = call()
+        except VarlinkError as e:
+            got[label] = e.short
+    got["sees"] = [
+        {"name": s["name"], "uid": s["owner"]["uid"], "files": [f["name"] for f in s["files"]]}
+        for s in c.list_sessions()
+    ]
+    return got
+
+
+def _owners(c: Client) -> list[dict[str, Any]]:
+    return sorted(
+        (
+            {
+                "name": s["name"],
+                "uid": s["owner"]["uid"],
+                "kernelName": s["kernelName"],
+                "files": sorted(f["name"] for f in s["files"]),
+            }
+            for s in c.list_sessions()
+        ),
+        key=lambda s: s["uid"],
+    )
+
+
+def takeover_stage1(out: dict[str, Any]) -> None:
+    luod = start_luod(LONG_GRACE)
+    (created,) = as_nobody(luod, lambda c: c.create_session("cache")["owner"]["uid"])
+    out["nobody_created"] = created
+    index = memfd(random.Random(10).randbytes(1 << 20), position=77)
+    out["index"] = facts(index)
+    with luod.client() as c:
+        info = c.preserve_fd("cache", "index", index, create_session=True)
+        out["root_handoff"] = {"name": info["name"], "size": info["size"]}
+    os.close(index)
+    tried, mine = as_nobody(
+        luod,
+        _nobody_tries,
+        lambda c: c.preserve_fd("cache", "mine", memfd(b"nobody's own bytes"))["size"],
+    )
+    out["nobody_tried"] = tried
+    out["nobody_handoff"] = mine
+    with luod.client() as c:
+        out["sessions"] = _owners(c)
+        out["status"] = c.status()
+    luoctl_kexec(luod, out, "luod-takeover-1.json")
+
+
+def takeover_stage2(out: dict[str, Any]) -> None:
+    luod = start_luod(LONG_GRACE)
+    with luod.client() as c:
+        out["sessions"] = _owners(c)
+        out["status"] = c.status()
+    tried, mine, status = as_nobody(
+        luod,
+        _nobody_tries,
+        lambda c: os.pread(c.retrieve_fd("cache", "mine", take=True), 100, 0).decode(),
+        lambda c: {k: c.status()["reclaim"][k] for k in ("sessions", "files", "lost")},
+    )
+    out["nobody_tried"] = tried
+    out["nobody_mine"] = mine
+    out["nobody_status"] = status
+    with luod.client() as c:
+        fd = c.retrieve_fd("cache", "index", take=True)
+        out["index"] = facts(fd)
+        os.close(fd)
+        out["left"] = _owners(c)
+    out["log"] = luod.log()
+    luod.stop()
+
+
 STAGES = {
     "main": {1: main_stage1, 2: main_stage2, 3: main_stage3},
     "scale": {1: scale_stage1, 2: scale_stage2},
     "manifest": {1: manifest_stage1, 2: manifest_stage2, 3: manifest_stage3},
     "update": {1: update_stage1, 2: update_stage2},
+    "takeover": {1: takeover_stage1, 2: takeover_stage2},
 }
 
 

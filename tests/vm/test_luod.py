@@ -130,3 +130,33 @@ def test_orchestrated_update(tmp_path: Path, stock_kernel: Path) -> None:
         assert first["kexecCount"] == 1
     assert sorted(s2["db_first"]["sessions"]) == ["db-state", "vmm"]
     assert s2["vmm"] == s1["vmm"]
+
+
+def test_takeover_takes_nothing(tmp_path: Path, stock_kernel: Path) -> None:
+    """Issue 10's session-name takeover on the real kernel: uid 65534's
+    "cache" and root's "cache" are two sessions, two kernel sessions; uid
+    65534 gets none of root's bytes, before or after the kexec."""
+    s1, s2 = run(stock_kernel, "takeover", tmp_path / "results", 2, 600.0)
+    assert s1["nobody_created"] == 65534
+    assert s1["root_handoff"]["name"] == "index"
+    denied = {"take_owner_root", "discard_owner_root", "list_owner_root"}
+    for s in (s1, s2):
+        tried = s["nobody_tried"]
+        assert (tried["take"], tried["copy"]) == ("NoSuchFd", "NoSuchFd"), tried
+        assert {k: tried[k] for k in denied} == dict.fromkeys(denied, "PermissionDenied")
+        assert [e["uid"] for e in tried["sees"]] == [65534]
+    assert s1["nobody_tried"]["sees"][0]["files"] == []
+    assert s2["nobody_tried"]["sees"][0]["files"] == ["mine"]
+    for s in (s1, s2):
+        root, nobody = s["sessions"]
+        assert (root["uid"], root["name"], root["files"]) == (0, "cache", ["index"])
+        assert (nobody["uid"], nobody["name"], nobody["files"]) == (65534, "cache", ["mine"])
+        assert ".u0.cache" in root["kernelName"] and ".u65534.cache" in nobody["kernelName"]
+    assert s2["status"]["reclaim"]["lost"] == []
+    assert s2["nobody_status"] == {"sessions": 1, "files": 1, "lost": []}
+    assert s2["nobody_mine"] == "nobody's own bytes"
+    assert s2["index"] == s1["index"]
+    assert s2["left"] == []
+    assert "(uid 65534)" not in "\n".join(
+        line for line in s2["log"].splitlines() if "event=fd-taken" in line and "index" in line
+    )

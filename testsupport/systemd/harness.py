@@ -43,6 +43,7 @@ from testsupport.vm.qemu import GuestError, GuestResult
 REPO = qemu.REPO
 BUILD_ROOT = REPO / "vm" / "build-root.sh"
 BUILD_IMAGE = REPO / "vm" / "build-image.sh"
+BUILD_DEB = REPO / "tools" / "build-deb.sh"
 # What every stage program has at hand in /results/.guest/ (lib.sh, and the
 # Python helpers it and the bench call).
 GUEST_HELPERS = Path(__file__).resolve().parent / "guest"
@@ -67,6 +68,7 @@ __all__ = [
     "Step",
     "assert_kexec_reached",
     "boot",
+    "build_deb",
     "build_image",
     "build_root",
     "describe",
@@ -86,16 +88,37 @@ def build_image(
     root: Path | None = None,
     timeout: float = 600.0,
     test_units: Path | None = None,
+    deb: Path | None = None,
 ) -> Path:
-    """vm/build-image.sh: luod of this working tree in a copy of the root,
-    with the test-only units and programs of the folder `test_units`
-    (installed, not enabled)."""
+    """vm/build-image.sh: luod of this working tree in a copy of the root
+    (from its Debian package `deb` when given, see build_deb()), with the
+    test-only units and programs of the folder `test_units` (installed, not
+    enabled)."""
     argv = [str(BUILD_IMAGE), "--kernel", str(kernel)]
     if root is not None:
         argv += ["--root", str(root)]
+    if deb is not None:
+        argv += ["--deb", str(deb)]
     if test_units is not None:
         argv += ["--test-units", str(test_units)]
     return Path(qemu.run_script([*argv, str(image)], "vm/build-image.sh", timeout))
+
+
+def build_deb(out: Path, version: str | None = None, timeout: float = 600.0) -> Path:
+    """tools/build-deb.sh (make deb): luod's package built from this working
+    tree into `out`, its man pages rendered first (tools/gendocs.py); as
+    `version` instead of luod's own when given (an upgrade to install)."""
+    from tools import gendocs  # argparse-manpage and shtab: the dev extras
+
+    docs = out / "docs"
+    for rel, text in gendocs.render().items():
+        (docs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (docs / rel).write_text(text)
+    env = [f"LUOD_DOCS={docs}"]
+    if version is not None:
+        env.append(f"LUOD_DEB_VERSION={version}")
+    argv = ["env", *env, str(BUILD_DEB), str(out)]
+    return Path(qemu.run_script(argv, "tools/build-deb.sh", timeout))
 
 
 def boot(

@@ -1,0 +1,251 @@
+"""What one varlink client may take of luod: connections, message sizes, time.
+
+luod's socket is open to every local user. Each connection costs luod an fd
+and some memory, each message CPU to parse; the fds luod holds in custody
+come from the same open-file limit. So every connection and message is
+bounded here, and luod.varlink.transport enforces it:
+
+- connections: a global cap well below the open-file limit, of which a
+  reserve only root may use, and a cap per uid (sd-varlink has the same
+  two); a connection over a cap is closed at once;
+- messages: at most MAX_MESSAGE bytes (sd-varlink's limit), nested at most
+  MAX_DEPTH deep, valid UTF-8 JSON objects; anything else is a protocol
+  violation, which closes the connection and every fd that came with it;
+- time and memory: a connection that sent no message within the idle
+  timeout of connecting is closed (one that did is bounded by the caps: a
+  service may keep a connection open to call on it later); one that does
+  not read its replies is closed once MAX_QUEUED_REPLY bytes of them wait;
+- the log: what a client can cause at will is logged at a bounded rate.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+# sd-varlink's VARLINK_BUFFER_MAX.
+MAX_MESSAGE = 16 * 1024 * 1024
+# luod's deepest call (PreserveFds) nests 4 deep; sd-json allows far more,
+# but Python's parser recurses, and a RecursionError is no answer.
+MAX_DEPTH = 64
+# Replies waiting for a client that does not read; one reply of any size is
+# always queued, so a large ListSessions still goes out.
+MAX_QUEUED_REPLY = 1024 * 1024
+# Calls read but not yet served, per connection: reading pauses there, so a
+# client pipelining calls fills its own socket buffer, not luod's memory.
+MAX_PENDING_CALLS = 64
+# SCM_MAX_FD: no single sendmsg carries more; a message spread over several
+# chunks may not carry more in all either.
+MAX_FDS_PER_MESSAGE = 253
+
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_CONNECTIONS_PER_USER = 128
+DEFAULT_IDLE_TIMEOUT = 30.0
+
+
+def default_max_connections(nofile: int) -> int:
+    """A quarter of the open-file limit, at most 4096: the rest is for the
+    files luod holds (LimitNOFILE=131072 in luod.service)."""
+    return max(8, min(DEFAULT_MAX_CONNECTIONS, nofile // 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Of max_connections, how many only root may use.
+    reserved_for_root: int = DEFAULT_MAX_CONNECTIONS // 8
+    max_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER
+    # Seconds a new connection may stay silent; 0: for ever.
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
+class ConnectionCounts:
+    """Connections open, in all and per uid, against the caps of `limits`."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_uid: collections.Counter[int] = collections.Counter()
+
+    def admit(self, uid: int) -> str | None:
+        """Count a new connection of `uid` in, or say which cap it is over."""
+        limits = self.limits
+        if uid == 0:
+            if self.total >= limits.max_connections:
+                return f"max-connections={limits.max_connections}"
+        else:
+            if self.total >= limits.max_connections - limits.reserved_for_root:
+                return (
+                    f"max-connections={limits.max_connections} "
+                    f"(of which {limits.reserved_for_root} reserved for root)"
+                )
+            if self.by_uid[uid] >= limits.max_per_user:
+                return f"max-connections-per-user={limits.max_per_user}"
+        self.total += 1
+        self.by_uid[uid] += 1
+        return None
+
+    def release(self, uid: int) -> None:
+        self.total -= 1
+        self.by_uid[uid] -= 1
+        if self.by_uid[uid] <= 0:
+            del self.by_uid[uid]
+
+
+class RateLimit:
+    """At most `burst` events per `interval` seconds; what is held back is
+    counted and reported with the next event let through."""
+
+    def __init__(self, burst: int = 10, interval: float = 10.0) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.window_start = -interval
+        self.in_window = 0
+        self.suppressed = 0
+
+    def allow(self, now: float | None = None) -> int | None:
+        """None: hold this event back. Else how many were held back before it."""
+        now = time.monotonic() if now is None else now
+        if now - self.window_start >= self.interval:
+            self.window_start = now
+            self.in_window = 0
+        if self.in_window >= self.burst:
+            self.suppressed += 1
+            return None
+        self.in_window += 1
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+    def log(self, method: Callable[..., Any], event: str, **fields: Any) -> None:
+        """Log `event` with `method` (log.warning...) unless held back; with
+        how many were held back before it, if any."""
+        held = self.allow()
+        if held is None:
+            return
+        if held:
+            fields["suppressed"] = held
+        method(event, **fields)
+
+
+# What a client can cause at will is logged at a bounded rate.
+violations = RateLimit()
+idle_closed = RateLimit()
+not_reading = RateLimit()
+refused = RateLimit()
+accept_failed = RateLimit(burst=1)
+
+# When accept() fails (EMFILE...): the listen backlog holds the connection
+# until luod has an fd for it again; trying again at once is a busy loop.
+ACCEPT_BACKOFF_FIRST = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# --- messages ----------------------------------------------------------------
+
+
+class ProtocolViolation(Exception):
+    """A message that is no varlink message: the connection is closed."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constant)
+
+
+class MessageBuffer:
+    """The message being read, chunk by chunk as the socket gives it, with
+    the fds that came with any of its chunks. Grows linearly (asyncvarlink
+    joined the whole buffer again per chunk, quadratic), up to MAX_MESSAGE
+    bytes and MAX_FDS_PER_MESSAGE fds."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.data = bytearray()
+        self.fds: list[int] = []
+        self.dropped = False  # the kernel dropped fds of it (MSG_CTRUNC)
+        self.size = 0
+
+    @property
+    def nfds(self) -> int:
+        return len(self.fds)
+
+    def add(self, chunk: memoryview, fds: list[int], dropped: bool) -> bool:
+        """Take a chunk (ending in the NUL, or holding none): True once the
+        message is whole. ProtocolViolation when it is too large: drop()."""
+        self.fds += fds
+        self.dropped |= dropped
+        whole = len(chunk) > 0 and chunk[-1] == 0
+        self.size += len(chunk) - whole
+        if self.size > MAX_MESSAGE:
+            raise ProtocolViolation(f"longer than {MAX_MESSAGE} bytes without a NUL")
+        if len(self.fds) > MAX_FDS_PER_MESSAGE:
+            raise ProtocolViolation(f"more than {MAX_FDS_PER_MESSAGE} fds")
+        self.data += chunk[: len(chunk) - whole]
+        return whole
+
+    def take(self) -> tuple[bytes, list[int], bool]:
+        """The whole message (without its NUL), its fds, whether some were dropped."""
+        message = (bytes(self.data), self.fds, self.dropped)
+        self._reset()
+        return message
+
+    def drop(self) -> None:
+        """Forget an unfinished message and close its fds."""
+        close_fds(self.fds)
+        self._reset()
+
+
+def decode_message(data: bytes) -> dict[str, Any]:
+    """One message (without its NUL) as a JSON object, or ProtocolViolation."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise ProtocolViolation(f"not UTF-8 (byte {e.start})") from None
+    try:
+        obj = _decoder.decode(text)
+    except RecursionError:
+        raise ProtocolViolation(f"nested more than {MAX_DEPTH} deep") from None
+    except ValueError as e:
+        raise ProtocolViolation(f"not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolViolation(f"a JSON {type(obj).__name__}, not an object")
+    # Counting brackets is cheap and bounds the depth from above (brackets
+    # inside strings count too): only then is the object walked.
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and depth(obj) > MAX_DEPTH:
+        raise ProtocolViolation(f"nested more than {MAX_DEPTH} deep")
+    return obj
+
+
+def depth(obj: Any) -> int:
+    """How deep arrays and objects nest in `obj` (without recursion)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            return level  # deep enough to refuse; no need to walk on
+        stack.extend((child, level + 1) for child in children)
+    return deepest

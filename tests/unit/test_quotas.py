@@ -1,0 +1,177 @@
+"""luod.quotas and the custodian's use of them, against the fake kernel, in
+process: each uid's pool is its own, root has its own, a refusal names the
+resource and the limit, changes nothing and closes every fd of the call;
+and luod's quota options."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from luod import daemon, errors, quotas
+from luod.custody import Custodian, Handoff
+from luod.model import Holdings
+from luod.peer import Peer
+from luod.quotas import Limits, Quotas
+from tests.unit.spycarrier import SpyCarrier
+from testsupport.fakekernel import FakeBackend
+from testsupport.util import make_memfd
+
+ROOT = Peer(pid=1, uid=0, gid=0, comm="root-client")
+ALICE = Peer(pid=2, uid=1000, gid=1000, unit="alice.service")
+NOBODY = Peer(pid=3, uid=65534, gid=65534, comm="intruder")
+
+SMALL = Quotas(user=Limits(sessions=2, files=3, bytes=100), root=Limits(sessions=4))
+
+
+@pytest.fixture
+def custodian(kernel: FakeBackend) -> Iterator[Custodian]:
+    c = Custodian(kernel, SpyCarrier(kernel), boot_id="boot-1", quotas=SMALL)
+    c.start()
+    yield c
+    c.close()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+    return True
+
+
+_names = iter(range(10**6))
+
+
+def _files(*sizes: int) -> list[Handoff]:
+    return [
+        Handoff(f"f{next(_names)}", make_memfd(b"x" * n), f"files[{i}]")
+        for i, n in enumerate(sizes)
+    ]
+
+
+def _refused(c: Custodian, resource: str, limit: int, call: object) -> None:
+    """`call` is refused with QuotaExceeded(resource, limit) and changes nothing."""
+    before = {k: (s.kernel_name, sorted(s.files)) for k, s in c.sessions.items()}
+    counter = c.ledger.name_counter
+    with pytest.raises(errors.QuotaExceeded) as e:
+        call()  # type: ignore[operator]
+    assert (e.value.resource, e.value.limit) == (resource, limit)
+    assert {k: (s.kernel_name, sorted(s.files)) for k, s in c.sessions.items()} == before
+    assert c.ledger.name_counter == counter
+
+
+def test_sessions_per_uid(custodian: Custodian) -> None:
+    custodian.create_session(NOBODY, "a")
+    custodian.create_session(NOBODY, "b")
+    _refused(custodian, "sessions", 2, lambda: custodian.create_session(NOBODY, "c"))
+    _refused(custodian, "sessions", 2, lambda: custodian.create_delegated(NOBODY, "c"))
+    files = _files(1)
+    _refused(
+        custodian, "sessions", 2, lambda: custodian.preserve_fds(NOBODY, "c", files, create=True)
+    )
+    assert not _is_open(files[0].fd)
+    # A hand-off into a session it holds needs no new one.
+    custodian.preserve_fds(NOBODY, "a", _files(1))
+    # Another uid's pool is its own: nobody's use takes nothing from Alice.
+    custodian.create_session(ALICE, "a")
+    custodian.create_session(ALICE, "b")
+    # Root has a pool of its own.
+    for name in "abcd":
+        custodian.create_session(ROOT, name)
+    _refused(custodian, "sessions", 4, lambda: custodian.create_session(ROOT, "e"))
+    # Letting go makes room again.
+    custodian.discard_session(NOBODY, "b")
+    custodian.create_session(NOBODY, "c")
+
+
+def test_adopted_sessions_count(custodian: Custodian, kernel: FakeBackend) -> None:
+    custodian.create_session(NOBODY, "a")
+    custodian.adopt_session(NOBODY, kernel.create_session("vm-1"))
+    sfd = kernel.create_session("vm-2")
+    _refused(custodian, "sessions", 2, lambda: custodian.adopt_session(NOBODY, sfd))
+    assert not _is_open(sfd)
+
+
+def test_files_and_bytes_per_uid(custodian: Custodian) -> None:
+    custodian.preserve_fds(NOBODY, "s", _files(10, 10), create=True)
+    # All or nothing: two more files would be four.
+    batch = _files(1, 1)
+    _refused(custodian, "files", 3, lambda: custodian.preserve_fds(NOBODY, "s", batch))
+    assert not any(_is_open(h.fd) for h in batch)
+    # One more file fits, but not 81 more bytes.
+    big = _files(81)
+    _refused(custodian, "bytes", 100, lambda: custodian.preserve_fds(NOBODY, "s", big))
+    assert not _is_open(big[0].fd)
+    # Nor in a new session: the session is not even created.
+    big = _files(81)
+    _refused(custodian, "bytes", 100, lambda: custodian.preserve_fds(NOBODY, "t", big, create=True))
+    custodian.preserve_fds(NOBODY, "s", _files(80))
+    assert custodian.status(NOBODY.uid) == Holdings(sessions=1, files=3, bytes_pinned=100)
+    # Alice's pool is untouched by nobody's, and root's bytes are unlimited.
+    custodian.preserve_fds(ALICE, "s", _files(100), create=True)
+    custodian.preserve_fds(ROOT, "s", _files(1 << 20, 1 << 20, 1 << 20, 1 << 20), create=True)
+    # Taking a file back frees its share.
+    first = next(iter(custodian.sessions[(NOBODY.uid, "s")].files))
+    fd, _ = custodian.retrieve_fd(NOBODY, "s", first, take=True)
+    os.close(fd)
+    custodian.preserve_fds(NOBODY, "s", _files(10))
+
+
+def test_no_limits_count_nothing() -> None:
+    q = Quotas(user=Limits(), root=Limits())
+
+    def holdings(uid: int) -> Holdings:
+        raise AssertionError("counted without a limit")
+
+    q.check(1000, holdings, sessions=10**6, files=10**6, size=10**12)
+
+
+def test_defaults_and_options() -> None:
+    assert Limits(sessions=64, files=4096, bytes=1 << 30) == quotas.USER_DEFAULTS
+    assert Limits() == quotas.ROOT_DEFAULTS
+    args = daemon.build_parser().parse_args([])
+    assert quotas.from_options(args) == Quotas()
+    args = daemon.build_parser().parse_args(
+        [
+            "--max-sessions-per-user=8",
+            "--max-files-per-user=100",
+            "--max-bytes-per-user=512M",
+            "--max-sessions-root=1000",
+            "--max-files-root=0",
+            "--max-bytes-root=2GiB",
+        ]
+    )
+    assert quotas.from_options(args) == Quotas(
+        user=Limits(8, 100, 512 << 20), root=Limits(1000, 0, 2 << 30)
+    )
+    assert [quotas.parse_size(s) for s in ("0", "4096", "1k", "1K", "3MiB", "1G", "2T")] == [
+        0,
+        4096,
+        1024,
+        1024,
+        3 << 20,
+        1 << 30,
+        2 << 40,
+    ]
+    for bad in ("", "-1", "1.5G", "lots", "1X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quotas.parse_size(bad)
+    for bad in ("-1", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quotas.count(bad)
+    help_text = daemon.build_parser().format_help()
+    for option in ("--max-sessions-per-user", "--max-bytes-root", "QuotaExceeded"):
+        assert option in help_text
+
+
+def test_the_refusal_says_what_and_how_much() -> None:
+    e = errors.QuotaExceeded("sessions", 64)
+    assert e.parameters == {"resource": "sessions", "limit": 64}
+    assert str(e).startswith("quota exceeded: at most 64 sessions per user")
+    assert errors.CATALOGUE["io.luod.Custody.QuotaExceeded"] is errors.QuotaExceeded

@@ -1,0 +1,179 @@
+"""luod.varlink.limits and how luod.varlink.transport frames messages: what
+a message may be, the connection caps, the rate of log lines, idleness."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+from asyncvarlink import VarlinkInterfaceRegistry
+
+from luod import daemon
+from luod.varlink import limits
+from luod.varlink.limits import (
+    MAX_DEPTH,
+    ConnectionCounts,
+    Limits,
+    ProtocolViolation,
+    RateLimit,
+    decode_message,
+)
+from luod.varlink.transport import LuodProtocol, serve_connection
+
+
+def nested(levels: int) -> bytes:
+    return b'{"method":"m","parameters":{"x":' + b"[" * levels + b"]" * levels + b"}}"
+
+
+def test_a_message_is_a_json_object() -> None:
+    assert decode_message(b'{"method":"a.b.C","parameters":{}}') == {
+        "method": "a.b.C",
+        "parameters": {},
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'{"method":"\xff"}', "not UTF-8 (byte 11)"),
+        (b'{"method":', "not JSON"),
+        (b"", "not JSON"),
+        (b'{"x":NaN}', "not JSON (NaN is not JSON)"),
+        (b"[1]", "a JSON list, not an object"),
+        (b'"s"', "a JSON str, not an object"),
+        (nested(MAX_DEPTH), f"nested more than {MAX_DEPTH} deep"),
+        (nested(100_000), f"nested more than {MAX_DEPTH} deep"),  # RecursionError
+    ],
+)
+def test_what_is_no_message(data: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolViolation) as e:
+        decode_message(data)
+    assert str(e.value).startswith(reason)
+
+
+def test_nesting_up_to_the_limit_and_brackets_in_strings_pass() -> None:
+    # The object and "parameters" are two levels.
+    assert decode_message(nested(MAX_DEPTH - 2))["method"] == "m"
+    text = b'{"method":"m","parameters":{"x":"' + b"[" * 5000 + b'"}}'
+    assert decode_message(text)["parameters"]["x"] == "[" * 5000
+    wide = b'{"files":[' + b",".join([b'{"a":[1]}'] * 300) + b"]}"
+    assert len(decode_message(wide)["files"]) == 300
+
+
+def test_message_buffer_bounds_bytes_and_fds() -> None:
+    buf = limits.MessageBuffer()
+    assert not buf.add(memoryview(b'{"a":'), [], False)
+    assert buf.add(memoryview(b"1}\0"), [], True)
+    assert buf.take() == (b'{"a":1}', [], True)
+    fds = [os.memfd_create("t") for _ in range(limits.MAX_FDS_PER_MESSAGE + 1)]
+    assert not buf.add(memoryview(b"{"), fds[:200], False)
+    with pytest.raises(ProtocolViolation, match="more than 253 fds"):
+        buf.add(memoryview(b" "), fds[200:], False)
+    buf.drop()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed with the message
+    chunk = memoryview(b" " * (1024 * 1024))
+    with pytest.raises(ProtocolViolation, match="longer than 16777216 bytes"):
+        for _ in range(17):
+            buf.add(chunk, [], False)
+
+
+def test_connection_caps() -> None:
+    counts = ConnectionCounts(Limits(max_connections=6, reserved_for_root=2, max_per_user=3))
+    assert [counts.admit(1000) for _ in range(4)][-1] == "max-connections-per-user=3"
+    assert counts.admit(1001) is None
+    # 4 of 6 open: the rest is root's.
+    assert counts.admit(1002) == "max-connections=6 (of which 2 reserved for root)"
+    assert counts.admit(0) is None
+    assert counts.admit(0) is None
+    assert counts.admit(0) == "max-connections=6"
+    counts.release(0)
+    counts.release(0)
+    counts.release(1000)
+    assert counts.admit(1002) is None  # 3 of the 4 anyone but root may use were taken
+    assert counts.admit(1002) == "max-connections=6 (of which 2 reserved for root)"
+    assert counts.total == 4 and counts.by_uid == {1000: 2, 1001: 1, 1002: 1}
+
+
+def test_rate_limit_reports_what_it_held_back() -> None:
+    rate = RateLimit(burst=2, interval=10.0)
+    assert [rate.allow(t) for t in (0.0, 1.0, 2.0, 3.0, 9.0)] == [0, 0, None, None, None]
+    assert rate.allow(10.0) == 3
+    assert rate.allow(11.0) == 0
+
+
+def test_default_connection_cap_leaves_the_fds_to_custody() -> None:
+    assert limits.default_max_connections(131072) == 4096
+    assert limits.default_max_connections(1024) == 256
+    args = daemon.build_parser().parse_args([])
+    got = daemon.connection_limits(args)
+    assert got.reserved_for_root == got.max_connections // 8
+    assert got.max_per_user == 128 and got.idle_timeout == 30.0
+    args = daemon.build_parser().parse_args(
+        ["--max-connections=10", "--connections-reserved-for-root=10"]
+    )
+    with pytest.raises(SystemExit, match="leaves no connection"):
+        daemon.connection_limits(args)
+
+
+# --- framing -----------------------------------------------------------------
+
+
+class Recorder(LuodProtocol):
+    """Records what LuodTransport frames, instead of serving it."""
+
+    def __init__(self) -> None:
+        super().__init__(VarlinkInterfaceRegistry(), Limits(idle_timeout=0))
+        self.frames: list[tuple[bytes, int]] = []
+
+    def frame_received(self, data: bytes, fds: list[int], dropped: bool) -> None:
+        self.frames.append((data, len(fds)))
+        limits.close_fds(fds)
+
+
+def frames_of(send: list[tuple[bytes, list[int]]], count: int) -> list[tuple[bytes, int]]:
+    """What luod's transport makes of `send` (data and fds of each sendmsg)."""
+
+    def sender(sock: socket.socket) -> None:
+        with sock:
+            for data, fds in send:
+                if fds:
+                    socket.send_fds(sock, [data], fds)
+                else:
+                    sock.sendall(data)
+
+    async def run() -> list[tuple[bytes, int]]:
+        ours, theirs = socket.socketpair()
+        recorder = Recorder()
+        transport = serve_connection(asyncio.get_running_loop(), ours, lambda: recorder)
+        await asyncio.to_thread(sender, theirs)
+        deadline = time.monotonic() + 10
+        while len(recorder.frames) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        transport.close()
+        await asyncio.sleep(0)
+        return recorder.frames
+
+    return asyncio.run(run())
+
+
+def test_a_long_message_keeps_its_fds_and_is_read_in_linear_time() -> None:
+    """A message longer than one peek (256 KiB), its fds sent with its first
+    bytes: they stay with it. 15 MiB sent in 64 KiB writes is read in one
+    pass (asyncvarlink joined the whole buffer again per chunk)."""
+    memfd = os.memfd_create("t")
+    body = b"1" * (15 * 1024 * 1024)
+    send = [(b'{"x":', [memfd] * 3)]
+    send += [(body[i : i + 65536], []) for i in range(0, len(body), 65536)]
+    send += [(b"}\0{}\0", [])]
+    start = time.perf_counter()
+    frames = frames_of(send, 2)
+    elapsed = time.perf_counter() - start
+    os.close(memfd)
+    assert [(len(data), fds) for data, fds in frames] == [(len(body) + 6, 3), (2, 0)]
+    assert frames[0][0].startswith(b'{"x":111') and frames[1][0] == b"{}"
+    assert elapsed < 5.0, elapsed
