@@ -8,7 +8,9 @@
 #          files get their own pseudo-fs, f_type 0x4c554f53).
 #   abi:   stock with LUO_ABI_COMPATIBLE changed (test-only: a kernel that
 #          cannot take the handover of a stock one, for luod's next-kernel
-#          preflight; see abi_sed below).
+#          preflight; see abi_sed below). Built from a copy of stock's kept
+#          build tree, so only what includes the changed header is compiled
+#          again (seconds, not the minutes of a whole build).
 #   fetch: only make sure the source tarball is cached; print its path.
 #
 # Source: Debian's linux-source-7.3 from trixie-backports, else
@@ -29,6 +31,8 @@
 #   kernel/<version>-<key>-<variant>/{bzImage,config,build.log}
 #        key = first 12 hex of sha256 over the fragments (and, for magic,
 #        the patches). Same inputs: no rebuild, just the path.
+#   build/<version>-<key>-stock/  stock's build tree, kept (only the newest)
+#        for the abi variant to start from.
 #   apt/  the private apt configuration and its state.
 # LUOD_KEEP_BUILD=1 keeps the build tree (build/<name>/) for inspection.
 set -euo pipefail
@@ -107,6 +111,10 @@ fi
 # ------------------------------------------------------------ cold path
 start=$(date +%s)
 "$here/host-deps.sh" build
+if [ "$variant" = abi ]; then
+	# Before taking the lock below: stock's build takes it too.
+	"$here/build-kernel.sh" stock >/dev/null
+fi
 mkdir -p "$cache/src" "$cache/kernel" "$cache/build"
 
 # Serialize concurrent builds in the same cache (two test runs, two users).
@@ -264,9 +272,23 @@ build="$cache/build/$name"
 rm -rf "$build"
 mkdir -p "$build"
 buildlog="$build/build.log"
-log "unpacking $(basename "$src_tar") into $build"
-tar -C "$build" -xf "$src_tar"
+stock_build="$cache/build/$srcversion-$(
+	variant=stock
+	input_key
+)-stock"
 tree="$build/linux-source-$series"
+derived=0
+if [ "$variant" = abi ] && [ -s "$stock_build/linux-source-$series/arch/x86/boot/bzImage" ]; then
+	# The same source and config as stock: copy its tree with the times of
+	# its files, so that make compiles again only what the sed below touches.
+	log "starting from stock's build tree $stock_build"
+	cp -a "$stock_build/." "$build/"
+	: >"$buildlog"
+	derived=1
+else
+	log "unpacking $(basename "$src_tar") into $build"
+	tar -C "$build" -xf "$src_tar"
+fi
 [ -f "$tree/Makefile" ] || die "unexpected source layout in $src_tar"
 
 for p in "${patches[@]}"; do
@@ -292,10 +314,12 @@ run_logged() { # run a step, output to the build log; show its tail on failure
 	fi
 }
 
-log "configuring (tinyconfig + ${fragments[*]##*/})"
-run_logged mk tinyconfig
-run_logged env -C "$tree" scripts/kconfig/merge_config.sh -m .config "${fragments[@]}"
-run_logged mk olddefconfig
+if [ "$derived" = 0 ]; then
+	log "configuring (tinyconfig + ${fragments[*]##*/})"
+	run_logged mk tinyconfig
+	run_logged env -C "$tree" scripts/kconfig/merge_config.sh -m .config "${fragments[@]}"
+	run_logged mk olddefconfig
+fi
 
 # What olddefconfig dropped: LUO and the VM essentials are fatal, the rest
 # is reported.
@@ -336,7 +360,12 @@ cp "$buildlog" "$tmpout/build.log"
 } >"$tmpout/info"
 rm -rf "$out"
 mv "$tmpout" "$out"
-if [ "${LUOD_KEEP_BUILD:-0}" != 1 ]; then
+if [ "$variant" = stock ]; then
+	# Kept for the abi variant; older stock trees go.
+	for d in "$cache"/build/*-stock; do
+		[ "$d" = "$build" ] || rm -rf "$d"
+	done
+elif [ "${LUOD_KEEP_BUILD:-0}" != 1 ]; then
 	rm -rf "$build"
 fi
 log "done in $(($(date +%s) - start)) s: $out"
