@@ -27,15 +27,9 @@ from luod.manifest import Manifest, from_json, to_json
 from luod.orchestrator import MAX_SUBSCRIPTIONS
 from testsupport.images import fake_bzimage
 from testsupport.luodproc import LuodProcess, running_luod
-from testsupport.util import wait_until
+from testsupport.util import become, run_as, wait_until
 
 NOBODY = 65534
-
-
-def _drop_to(uid: int) -> None:
-    if uid != 0:
-        os.setgid(uid)
-        os.setuid(uid)
 
 
 def _follow(path: str, name: str, refuse: str | None, ack: bool, out: socket.socket) -> None:
@@ -88,7 +82,8 @@ class Forked:
         if self.pid == 0:  # pragma: no cover - the child
             try:
                 parent.close()
-                _drop_to(uid)
+                if uid != 0:
+                    become(uid)
                 _follow(luod.socket, name, refuse, ack, child)
             finally:
                 os._exit(0)
@@ -137,25 +132,15 @@ class Forked:
 def _as(uid: int, call: Callable[[Client], Any], path: str) -> Any:
     """`call` with a Client of uid `uid` in a forked child: its JSON result,
     or {"error": short name, "parameters": ...}."""
-    parent, child = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            parent.close()
-            _drop_to(uid)
-            with Client(path) as c:
-                try:
-                    got: Any = call(c)
-                except VarlinkError as e:
-                    got = {"error": e.short, "parameters": e.parameters}
-            child.sendall(json.dumps(got).encode())
-        finally:
-            os._exit(0)
-    child.close()
-    with parent, parent.makefile("rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+
+    def work() -> Any:
+        with Client(path) as c:
+            try:
+                return call(c)
+            except VarlinkError as e:
+                return {"error": e.short, "parameters": e.parameters}
+
+    return run_as(uid, work)
 
 
 def _load(luod: LuodProcess) -> None:

@@ -19,7 +19,7 @@ import pytest
 from luod.client import Client
 from luod.varlink.limits import MAX_MESSAGE
 from testsupport.luodproc import LuodProcess, fake_backend_args, running_luod
-from testsupport.util import make_memfd, wait_until
+from testsupport.util import become, make_memfd, wait_until
 
 NOBODY = 65534
 GET_STATUS = b'{"method":"io.luod.Manager.GetStatus","parameters":{}}\0'
@@ -91,8 +91,7 @@ def as_uid(uid: int, work: Callable[[], str]) -> tuple[int, socket.socket]:
     if pid == 0:
         try:
             parent.close()
-            os.setgid(uid)
-            os.setuid(uid)
+            become(uid)
             child.sendall(work().encode() + b"\n")
             child.recv(1)
         finally:

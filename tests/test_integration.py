@@ -16,7 +16,7 @@ import pytest
 from luod.client import Client, VarlinkError
 from testsupport.fakekernel import FakeBackend
 from testsupport.luodproc import LuodProcess, fake_backend_args, running_luod
-from testsupport.util import make_memfd, memfd_facts, wait_until
+from testsupport.util import make_memfd, memfd_facts, run_as, wait_until
 
 
 def _status(luod: LuodProcess) -> dict[str, object]:
@@ -263,9 +263,8 @@ def test_bad_input_named_errors(luod: LuodProcess) -> None:
     os.close(fd)
 
 
-def _as_nobody(socket_path: str, session: str, conn: socket.socket) -> None:
-    os.setgid(65534)
-    os.setuid(65534)
+def _intrude(socket_path: str, session: str) -> list[int | str]:
+    """As uid 65534: what it sees, and what it is told of `session`."""
     results: list[int | str] = []
     with Client(socket_path) as c:
         results.append(len(c.list_sessions()))
@@ -287,7 +286,7 @@ def _as_nobody(socket_path: str, session: str, conn: socket.socket) -> None:
             results.append("allowed")
         except VarlinkError as e:
             results.append(e.short)
-    conn.sendall(repr(results).encode())
+    return results
 
 
 def test_other_uid_is_denied(luod: LuodProcess) -> None:
@@ -295,29 +294,17 @@ def test_other_uid_is_denied(luod: LuodProcess) -> None:
     with luod.client() as c:
         c.preserve_fd("roots", "a", fd, create_session=True)
     os.close(fd)
-    parent, child = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            parent.close()
-            _as_nobody(luod.socket, "roots", child)
-        finally:
-            os._exit(0)
-    child.close()
-    got = parent.recv(4096).decode()
-    os.waitpid(pid, 0)
-    assert got == repr(
-        [
-            0,
-            # Names are per owner: to nobody, root's session is no session.
-            "NoSuchSession",
-            "NoSuchSession",
-            "NoSuchSession",
-            "NoSuchSession",
-            1,
-            "RootRequired",
-        ]
-    )
+    got = run_as(65534, lambda: _intrude(luod.socket, "roots"))
+    assert got == [
+        0,
+        # Names are per owner: to nobody, root's session is no session.
+        "NoSuchSession",
+        "NoSuchSession",
+        "NoSuchSession",
+        "NoSuchSession",
+        1,
+        "RootRequired",
+    ]
     with luod.client() as c:
         sessions = {s["name"]: s for s in c.list_sessions()}
         assert set(sessions) == {"roots", "nobodys"}

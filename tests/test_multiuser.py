@@ -9,7 +9,6 @@ as JSON."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from luod.cli.main import main as luoctl
 from luod.client import Client, VarlinkError
 from testsupport.luodproc import LuodProcess, running_luod
-from testsupport.util import make_memfd, wait_until
+from testsupport.util import make_memfd, run_as, wait_until
 
 NOBODY = 65534
 Step = Callable[[Client], Any]
@@ -36,29 +35,12 @@ def _attempt(step: Step, c: Client) -> Any:
 def as_nobody(luod: LuodProcess, *steps: Step) -> list[Any]:
     """Run `steps` as uid 65534 on one connection; their results in order
     (an error as {"error": short name, "parameters": ...})."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.close(r)
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with Client(luod.socket) as c:
-                out = [_attempt(s, c) for s in steps]
-            os.write(w, json.dumps(out).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, data
-    result: list[Any] = json.loads(data)
-    return result
+
+    def work() -> list[Any]:
+        with Client(luod.socket) as c:
+            return [_attempt(s, c) for s in steps]
+
+    return run_as(NOBODY, work)
 
 
 def _read(fd: int) -> bytes:

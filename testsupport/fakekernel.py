@@ -78,6 +78,7 @@ from luod.kernel import fdinfo, uapi
 from luod.kernel.backend import BOOT_ID_PATH, LuoError
 from luod.kernel.image import RunningLuo
 from luod.kernel.kexec import image_problem
+from testsupport.util import fd_is_open
 
 FAKE_LUO_ABI = "luo-v5"
 FAKE_MEMFD_ABI = "memfd-v2"
@@ -772,10 +773,6 @@ def snapshot(socket_path: str | os.PathLike[str]) -> Snapshot:
 # -- the backend --------------------------------------------------------------
 
 
-def _is_open(fd: int) -> bool:
-    return fd >= 0 and fdinfo.is_valid_fd(fd)  # the kernel says EBADF to -1 too
-
-
 class FakeBackend:
     """`Backend` on the fake kernel server at `socket_path`."""
 
@@ -837,7 +834,7 @@ class FakeBackend:
 
     def _session_fd(self, op: str, session_fd: int, subject: str) -> list[int]:
         # An ioctl on a closed fd fails before anything else is looked at.
-        if not _is_open(session_fd):
+        if not fd_is_open(session_fd):
             raise LuoError(op, errno.EBADF, subject)
         return [session_fd]
 
@@ -866,7 +863,7 @@ class FakeBackend:
         fds = self._session_fd("preserve_fd", session_fd, subject)
         # A bad fd is not sent (sendmsg would refuse it); the fake kernel
         # answers EBADF, after the checks the kernel makes before fget().
-        if _is_open(fd):
+        if fd_is_open(fd):
             fds.append(fd)
         self._no_fd("preserve_fd", subject, {"token": token}, fds)
 

@@ -1,14 +1,24 @@
 """Small helpers shared by the tests and the bench: memfds with known
-contents, a fake kernel image, waiting for a condition."""
+contents, a fake kernel image, waiting for a condition, whether an fd is
+open, running a function as another uid.
+
+Only the standard library: this is also installed into the Debian sid VM
+image."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
+import json
 import os
 import time
+import traceback
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +68,63 @@ def wait_until(done: Callable[[], bool], what: str, timeout: float = 10.0) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not so after {timeout:g}s")
         time.sleep(0.02)
+
+
+def fd_is_open(fd: int) -> bool:
+    """Whether `fd` is open in this process (-1 never is). An error other
+    than EBADF is raised, not taken for "closed"."""
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            raise
+        return False
+    return True
+
+
+def become(uid: int) -> None:
+    """Drop this process to `uid` (gid `uid`, no supplementary groups)."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+class ChildFailed(Exception):
+    """`work` failed in run_as's child: the message has its traceback."""
+
+
+def run_as(uid: int, work: Callable[[], T]) -> T:
+    """Run `work` in a forked child dropped to `uid` (see become; not
+    dropped when it is this process's uid already) and return its result,
+    which must be JSON-serialisable (it comes back as JSON over a pipe).
+    Raises ChildFailed, with the child's traceback, when it fails."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(r)
+            try:
+                if uid != os.getuid():
+                    become(uid)
+                data = json.dumps({"result": work()}).encode()
+            except BaseException:
+                data = json.dumps({"traceback": traceback.format_exc()}).encode()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not data:
+        raise ChildFailed(f"the child as uid {uid} exited {code}: {data!r}")
+    doc = json.loads(data)
+    if "traceback" in doc:
+        raise ChildFailed(f"the child as uid {uid} failed:\n{doc['traceback']}")
+    result: T = doc["result"]
+    return result

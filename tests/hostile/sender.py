@@ -18,12 +18,12 @@ import os
 import select
 import socket
 import time
-import traceback
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tests.hostile.generator import Message, Mode
+from testsupport.util import run_as
 
 NOBODY = 65534
 ISE = "invalid.asyncvarlink.InternalServerError"
@@ -241,46 +241,22 @@ class Sender:
         self._drop()
 
 
-def _worker(path: str, messages: Sequence[Message], as_nobody: bool, out: int) -> None:
-    if as_nobody:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+def _send_as_child(path: str, messages: Sequence[Message], as_nobody: bool) -> str:
     sender = Sender(path)
     for m in messages:
         sender.send(m)
     sender._drop()
     if not as_nobody:
         sender.tally.root_sent = sender.tally.sent
-    data = sender.tally.to_json().encode()
-    while data:
-        data = data[os.write(out, data) :]
+    return sender.tally.to_json()
 
 
 def send_batch(path: str, messages: Sequence[Message], as_nobody: bool) -> Tally:
     """Send `messages` from a forked child (uid 65534 when `as_nobody`)."""
     if not messages:
         return Tally()
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            _worker(path, messages, as_nobody, w)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(w)
-    chunks = []
-    with os.fdopen(r, "rb") as f:
-        chunks.append(f.read())
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"the hostile sender (nobody={as_nobody}) failed")
-    return Tally.from_json(b"".join(chunks).decode())
+    uid = NOBODY if as_nobody else os.getuid()
+    return Tally.from_json(run_as(uid, lambda: _send_as_child(path, messages, as_nobody)))
 
 
 def send_all(path: str, messages: Sequence[Message]) -> tuple[Tally, float]:

@@ -24,6 +24,7 @@ from tests.hostile.generator import (
 )
 from tests.hostile.invariants import ROWS, Row, Target, measure
 from tests.hostile.sender import NOBODY, Tally, send_all
+from testsupport.util import become
 
 MIN_MESSAGES = 10_000
 
@@ -62,9 +63,7 @@ FLOOD = 300
 def _flood(path: str, ready: int, go: int) -> None:
     """As uid 65534: open FLOOD connections that send nothing, hold them
     until told, then let go."""
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
+    become(NOBODY)
     held = []
     for _ in range(FLOOD):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -4,9 +4,7 @@ that names the parameter and changes nothing."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from luod.interfaces import CUSTODY, MANAGER
 from tests.hostile.sender import NOBODY
 from testsupport.images import fake_bzimage
 from testsupport.luodproc import LuodProcess
-from testsupport.util import make_memfd, wait_until
+from testsupport.util import make_memfd, run_as, wait_until
 
 SURROGATE = "\ud800"
 
@@ -137,32 +135,18 @@ def test_load_kernel_from_a_fifo_does_not_hang_luod(luod: LuodProcess, workdir: 
         assert c.status()["kernelLoaded"] is False
 
 
-def _load_kernel_as_nobody(path: str, conn: socket.socket) -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
+def _load_kernel_nul(path: str) -> Any:
     with Client(path) as c:
         try:
             c.call(f"{MANAGER}.LoadKernel", {"kernel": "\0"}).close()
-            conn.sendall(b"allowed")
+            return "allowed"
         except VarlinkError as e:
-            conn.sendall(json.dumps([e.error, e.parameters]).encode())
+            return [e.error, e.parameters]
 
 
 def test_load_kernel_nul_as_nobody_is_root_required(luod: LuodProcess) -> None:
-    parent, child = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            parent.close()
-            _load_kernel_as_nobody(luod.socket, child)
-        finally:
-            os._exit(0)
-    child.close()
-    got = parent.recv(4096).decode()
-    os.waitpid(pid, 0)
-    parent.close()
-    assert json.loads(got) == [f"{MANAGER}.RootRequired", {"method": "LoadKernel"}]
+    got = run_as(NOBODY, lambda: _load_kernel_nul(luod.socket))
+    assert got == [f"{MANAGER}.RootRequired", {"method": "LoadKernel"}]
 
 
 @pytest.mark.parametrize("method", ["PreserveFd", "PreserveFds"])

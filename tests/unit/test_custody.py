@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -18,7 +18,7 @@ from luod.model import Holdings, SessionKind, SessionState
 from luod.peer import Peer
 from tests.unit.spycarrier import SpyCarrier
 from testsupport.fakekernel import FakeBackend
-from testsupport.util import make_memfd
+from testsupport.util import fd_is_open, make_memfd
 
 ROOT = Peer(pid=1, uid=0, gid=0, comm="root-client")
 ALICE = Peer(pid=2, uid=1000, gid=1000, unit="alice.service")
@@ -26,25 +26,9 @@ BOB = Peer(pid=3, uid=1001, gid=1001, comm="bob")
 
 
 @pytest.fixture
-def carrier(kernel: FakeBackend) -> SpyCarrier:
-    return SpyCarrier(kernel)
-
-
-@pytest.fixture
-def custodian(kernel: FakeBackend, carrier: SpyCarrier) -> Iterator[Custodian]:
-    c = Custodian(kernel, carrier, grace=60, boot_id="boot-1")
-    c.start()
-    yield c
-    c.close()
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as e:
-        assert e.errno == errno.EBADF
-        return False
-    return True
+def custodian_options() -> dict[str, Any]:
+    """The `custodian` fixture's (tests/unit/conftest.py) options."""
+    return {"grace": 60}
 
 
 def _handoffs(*names: str) -> list[Handoff]:
@@ -103,7 +87,7 @@ def test_preserve_fds_creates_and_keeps(custodian: Custodian, kernel: FakeBacken
     assert [(f.name, f.token, f.size) for f in added] == [("a", 1, 6), ("b", 2, 6), ("c", 3, 6)]
     # Kept by the session: the handed-off entries no longer own them.
     assert all(h.fd == -1 for h in files)
-    assert all(_is_open(f.fd) for f in added)
+    assert all(fd_is_open(f.fd) for f in added)
     assert _outgoing(kernel) == {"luod.1.u1000.app": [1, 2, 3]}
     more = custodian.preserve_fds(ALICE, "app", _handoffs("d"))
     assert [f.token for f in more] == [4]
@@ -114,7 +98,7 @@ def test_preserve_fds_needs_a_session_without_create(custodian: Custodian) -> No
     files = _handoffs("a")
     with pytest.raises(errors.NoSuchSession):
         custodian.preserve_fds(ALICE, "app", files)
-    assert not _is_open(files[0].fd)  # taken and closed, also on error
+    assert not fd_is_open(files[0].fd)  # taken and closed, also on error
     assert custodian.session_count == 0
 
 
@@ -141,7 +125,7 @@ def test_preserve_fds_all_or_nothing(
         with pytest.raises(error) as e:
             custodian.preserve_fds(ALICE, "app", files, create=True)
         assert detail in str(e.value) or detail in repr(e.value)
-        assert not any(_is_open(fd) for fd in fds)
+        assert not any(fd_is_open(fd) for fd in fds)
         assert _outgoing(kernel) == before
         assert custodian.status().files == (0 if create else 1)
         assert ((1000, "app") in custodian.sessions) is not create
@@ -190,7 +174,7 @@ def test_kernel_refusal_mid_batch_is_undone(kernel: FakeBackend, carrier: SpyCar
             errno.ENOMEM,
             "app",
         )
-        assert not any(_is_open(h.fd) for h in files)
+        assert not any(fd_is_open(h.fd) for h in files)
         # 'b' made it into the kernel session before 'c' was refused: the
         # session is rebuilt without it.
         assert list(c.sessions[(1000, "app")].files) == ["a"]
@@ -296,13 +280,13 @@ def test_adopt_session(custodian: Custodian, kernel: FakeBackend) -> None:
     dup = kernel.create_session("luod-mine")
     with pytest.raises(errors.ReservedSessionName):
         custodian.adopt_session(ALICE, dup)
-    assert not _is_open(dup)
+    assert not fd_is_open(dup)
 
     memfd = make_memfd(b"x")
     with pytest.raises(errors.UnsupportedFd) as e:
         custodian.adopt_session(ALICE, memfd)
     assert e.value.parameter == "fileDescriptor" and "not a LUO session" in e.value.reason
-    assert not _is_open(memfd)
+    assert not fd_is_open(memfd)
 
 
 def test_delegated_session_is_handed_back(custodian: Custodian, kernel: FakeBackend) -> None:
@@ -328,7 +312,7 @@ def test_discard_session(custodian: Custodian, kernel: FakeBackend) -> None:
     added = custodian.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
     gone = custodian.discard_session(ALICE, "app")
     assert gone.name == "app"
-    assert not _is_open(added[0].fd) and added[0].fd == -1
+    assert not fd_is_open(added[0].fd) and added[0].fd == -1
     assert custodian.session_count == 0 and _outgoing(kernel) == {}
     with pytest.raises(errors.NoSuchSession):
         custodian.discard_session(ALICE, "app")

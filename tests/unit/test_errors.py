@@ -6,9 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
 import re
-import socket
 import typing
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from luod.varlink.custody import CustodyInterface
 from luod.varlink.manager import ManagerInterface
 from luod.varlink.replies import REPLIES, reply
 from testsupport.luodproc import LuodProcess
+from testsupport.util import run_as
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL = ROOT / "protocol"
@@ -128,9 +127,7 @@ def test_unknown_errors_are_said_as_they_came() -> None:
     )
 
 
-def _acknowledge_as_nobody(path: str, subscription: str, conn: socket.socket) -> None:
-    os.setgid(65534)
-    os.setuid(65534)
+def _acknowledge(path: str, subscription: str) -> dict[str, Any]:
     got: dict[str, Any] = {}
     with Client(path) as c:
         try:
@@ -138,7 +135,7 @@ def _acknowledge_as_nobody(path: str, subscription: str, conn: socket.socket) ->
             got["error"] = None
         except VarlinkError as e:
             got = {"error": e.error, "parameters": e.parameters, "message": str(e)}
-    conn.sendall(json.dumps(got).encode())
+    return got
 
 
 def test_foreign_acknowledge_is_refused_by_name(luod: LuodProcess) -> None:
@@ -147,18 +144,7 @@ def test_foreign_acknowledge_is_refused_by_name(luod: LuodProcess) -> None:
     with luod.client() as subscriber:
         first = next(iter(subscriber.subscribe("roots")))
         sid = first["subscription"]
-        parent, child = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                parent.close()
-                _acknowledge_as_nobody(luod.socket, sid, child)
-            finally:
-                os._exit(0)
-        child.close()
-        got = json.loads(parent.recv(4096).decode())
-        os.waitpid(pid, 0)
-        parent.close()
+        got = run_as(65534, lambda: _acknowledge(luod.socket, sid))
         assert got == {
             "error": f"{MANAGER}.PermissionDenied",
             "parameters": {"subscription": sid},

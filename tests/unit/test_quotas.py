@@ -6,9 +6,8 @@ and luod's quota options."""
 from __future__ import annotations
 
 import argparse
-import errno
 import os
-from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -17,9 +16,8 @@ from luod.custody import Custodian, Handoff
 from luod.model import Holdings
 from luod.peer import Peer
 from luod.quotas import Limits, Quotas
-from tests.unit.spycarrier import SpyCarrier
 from testsupport.fakekernel import FakeBackend
-from testsupport.util import make_memfd
+from testsupport.util import fd_is_open, make_memfd
 
 ROOT = Peer(pid=1, uid=0, gid=0, comm="root-client")
 ALICE = Peer(pid=2, uid=1000, gid=1000, unit="alice.service")
@@ -29,20 +27,9 @@ SMALL = Quotas(user=Limits(sessions=2, files=3, bytes=100), root=Limits(sessions
 
 
 @pytest.fixture
-def custodian(kernel: FakeBackend) -> Iterator[Custodian]:
-    c = Custodian(kernel, SpyCarrier(kernel), boot_id="boot-1", quotas=SMALL)
-    c.start()
-    yield c
-    c.close()
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as e:
-        assert e.errno == errno.EBADF
-        return False
-    return True
+def custodian_options() -> dict[str, Any]:
+    """The `custodian` fixture's (tests/unit/conftest.py) options."""
+    return {"quotas": SMALL}
 
 
 _names = iter(range(10**6))
@@ -75,7 +62,7 @@ def test_sessions_per_uid(custodian: Custodian) -> None:
     _refused(
         custodian, "sessions", 2, lambda: custodian.preserve_fds(NOBODY, "c", files, create=True)
     )
-    assert not _is_open(files[0].fd)
+    assert not fd_is_open(files[0].fd)
     # A hand-off into a session it holds needs no new one.
     custodian.preserve_fds(NOBODY, "a", _files(1))
     # Another uid's pool is its own: nobody's use takes nothing from Alice.
@@ -95,7 +82,7 @@ def test_adopted_sessions_count(custodian: Custodian, kernel: FakeBackend) -> No
     custodian.adopt_session(NOBODY, kernel.create_session("vm-1"))
     sfd = kernel.create_session("vm-2")
     _refused(custodian, "sessions", 2, lambda: custodian.adopt_session(NOBODY, sfd))
-    assert not _is_open(sfd)
+    assert not fd_is_open(sfd)
 
 
 def test_files_and_bytes_per_uid(custodian: Custodian) -> None:
@@ -103,11 +90,11 @@ def test_files_and_bytes_per_uid(custodian: Custodian) -> None:
     # All or nothing: two more files would be four.
     batch = _files(1, 1)
     _refused(custodian, "files", 3, lambda: custodian.preserve_fds(NOBODY, "s", batch))
-    assert not any(_is_open(h.fd) for h in batch)
+    assert not any(fd_is_open(h.fd) for h in batch)
     # One more file fits, but not 81 more bytes.
     big = _files(81)
     _refused(custodian, "bytes", 100, lambda: custodian.preserve_fds(NOBODY, "s", big))
-    assert not _is_open(big[0].fd)
+    assert not fd_is_open(big[0].fd)
     # Nor in a new session: the session is not even created.
     big = _files(81)
     _refused(custodian, "bytes", 100, lambda: custodian.preserve_fds(NOBODY, "t", big, create=True))

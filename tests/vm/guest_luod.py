@@ -33,7 +33,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from luod.carriers.slots import capacity_for, write_slot
 from luod.client import Client, VarlinkError
 from luod.kernel.backend import KernelBackend, LuoError
 from testsupport.luodproc import LuodProcess
-from testsupport.util import make_memfd, memfd_facts
+from testsupport.util import make_memfd, memfd_facts, run_as
 from testsupport.vm import guestlib
 
 WORK = Path("/run/luod-test")
@@ -393,33 +392,18 @@ NOBODY = 65534
 def as_nobody(luod: LuodProcess, *steps: Any) -> list[Any]:
     """Run `steps` (each: Client -> JSON-able) in a child of uid 65534 on
     one connection; their results, an error as {"error": short name}."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.close(r)
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            out: list[Any] = []
-            with Client(luod.socket) as c:
-                for step in steps:
-                    try:
-                        out.append(step(c))
-                    except VarlinkError as e:
-                        out.append({"error": e.short})
-            os.write(w, json.dumps(out).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    result: list[Any] = json.loads(data)
-    return result
+
+    def work() -> list[Any]:
+        out: list[Any] = []
+        with Client(luod.socket) as c:
+            for step in steps:
+                try:
+                    out.append(step(c))
+                except VarlinkError as e:
+                    out.append({"error": e.short})
+        return out
+
+    return run_as(NOBODY, work)
 
 
 def _digest(fd: int) -> str:
@@ -521,21 +505,7 @@ STAGES = {
 
 
 def main() -> int:
-    scenario = os.environ["LUOD_VM_SCENARIO"]
-    n = guestlib.stage()
-    out: dict[str, Any] = {"stage": n, "uptime_start": guestlib.uptime()}
-    try:
-        STAGES[scenario][n](out)
-    except BaseException as e:
-        out["error"] = f"{type(e).__name__}: {e}"
-        out["traceback"] = traceback.format_exc()
-        print(out["traceback"])
-        if WORK.exists():
-            for log in sorted(WORK.glob("luod-*.log")):
-                out.setdefault("luod_logs", {})[log.name] = log.read_text()
-    out["uptime_end"] = guestlib.uptime()
-    guestlib.write_json(f"luod-{scenario}-{n}.json", out)
-    return 1 if "error" in out else 0
+    return guestlib.run_stage(STAGES, "luod", WORK, timed=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import random
 import re
 import subprocess
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -173,20 +172,7 @@ STAGES = {
 
 
 def main() -> int:
-    scenario = os.environ["LUOD_VM_SCENARIO"]
-    n = guestlib.stage()
-    out: dict[str, Any] = {"stage": n}
-    try:
-        STAGES[scenario][n](out)
-    except BaseException as e:
-        out["error"] = f"{type(e).__name__}: {e}"
-        out["traceback"] = traceback.format_exc()
-        print(out["traceback"])
-        if WORK.exists():
-            for log in sorted(WORK.glob("luod-*.log")):
-                out.setdefault("luod_logs", {})[log.name] = log.read_text()
-    guestlib.write_json(f"nextkernel-{scenario}-{n}.json", out)
-    return 1 if "error" in out else 0
+    return guestlib.run_stage(STAGES, "nextkernel", WORK)
 
 
 if __name__ == "__main__":

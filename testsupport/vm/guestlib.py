@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -48,6 +50,37 @@ def write_json(name: str, data: Any) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+Stage = Callable[[dict[str, Any]], None]
+
+
+def run_stage(
+    stages: Mapping[str, Mapping[int, Stage]], prefix: str, work: Path, timed: bool = False
+) -> int:
+    """A guest program's main(): run this boot's stage of LUOD_VM_SCENARIO
+    on a fresh `out`, then write `out` as results/PREFIX-SCENARIO-N.json
+    (unless the stage kexec'd away first). A failure goes into `out` as
+    "error" and "traceback", with the luod logs under `work`; `timed` adds
+    "uptime_start" and "uptime_end". The exit status: 1 on failure."""
+    scenario = os.environ["LUOD_VM_SCENARIO"]
+    n = stage()
+    out: dict[str, Any] = {"stage": n}
+    if timed:
+        out["uptime_start"] = uptime()
+    try:
+        stages[scenario][n](out)
+    except BaseException as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+        print(out["traceback"])
+        if work.exists():
+            for log in sorted(work.glob("luod-*.log")):
+                out.setdefault("luod_logs", {})[log.name] = log.read_text()
+    if timed:
+        out["uptime_end"] = uptime()
+    write_json(f"{prefix}-{scenario}-{n}.json", out)
+    return 1 if "error" in out else 0
 
 
 def keep_log(luod: LuodProcess) -> None:

@@ -1,0 +1,36 @@
+"""Fixtures the unit tests share: a started Custodian on the fake kernel,
+with a SpyCarrier."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from luod.custody import Custodian
+from tests.unit.spycarrier import SpyCarrier
+from testsupport.fakekernel import FakeBackend
+
+
+@pytest.fixture
+def carrier(kernel: FakeBackend) -> SpyCarrier:
+    return SpyCarrier(kernel)
+
+
+@pytest.fixture
+def custodian_options() -> dict[str, Any]:
+    """Custodian's keyword arguments past the carrier; a module overrides
+    this fixture for its own (grace, quotas, ...)."""
+    return {}
+
+
+@pytest.fixture
+def custodian(
+    kernel: FakeBackend, carrier: SpyCarrier, custodian_options: dict[str, Any]
+) -> Iterator[Custodian]:
+    """A started Custodian of boot "boot-1", closed after the test."""
+    c = Custodian(kernel, carrier, boot_id="boot-1", **custodian_options)
+    c.start()
+    yield c
+    c.close()
