@@ -11,9 +11,7 @@ found in the decompressed image:
 - an x86 bzImage: the boot protocol header ("HdrS" at 0x202) says where the
   compressed payload is (payload_offset/payload_length, protocol >= 2.08)
   and points at the version string; the payload is gzip, xz, lzma, bzip2,
-  zstd or lz4 (the kernel's CONFIG_KERNEL_*). The standard library reads the
-  first four; zstd and lz4 need the `zstandard` / `lz4` packages, imported
-  only when such an image comes, and named when missing.
+  zstd or lz4 (the kernel's CONFIG_KERNEL_*; luod.kernel.decompress).
 - a UKI: a PE file with a `.linux` section (the bzImage), `.initrd` and
   `.cmdline`, split as `systemctl kexec` does.
 - an embedded config (CONFIG_IKCONFIG: gzip between "IKCFG_ST" and
@@ -26,16 +24,15 @@ only ImageError (with a sentence) for what cannot be read.
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
 import gzip
-import importlib
-import lzma
 import os
 import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+
+from luod.kernel import decompress as kernel_decompress
 
 # Decompressed kernels are tens of MiB; a payload that says more is refused
 # rather than read into luod's memory.
@@ -317,116 +314,12 @@ def ikconfig(vmlinux: bytes) -> dict[str, str] | None:
     return config
 
 
-# ------------------------------------------------------------ decompression
-
-
-def _gzip(data: bytes) -> bytes:
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = d.decompress(data, MAX_VMLINUX + 1)
-    if not d.eof and len(out) <= MAX_VMLINUX:
-        raise ImageError("its payload is cut short (it does not decompress to its end)")
-    return out
-
-
-def _lzma(fmt: int) -> Callable[[bytes], bytes]:
-    def run(data: bytes) -> bytes:
-        d = lzma.LZMADecompressor(fmt)
-        try:
-            out = d.decompress(data, MAX_VMLINUX + 1)
-        except lzma.LZMAError as e:
-            raise ImageError(f"its payload does not decompress: {e}") from None
-        if not d.eof and len(out) <= MAX_VMLINUX:
-            raise ImageError("its payload is cut short (it does not decompress to its end)")
-        return out
-
-    return run
-
-
-def _bzip2(data: bytes) -> bytes:
-    d = bz2.BZ2Decompressor()
-    try:
-        out = d.decompress(data, MAX_VMLINUX + 1)
-    except OSError as e:
-        raise ImageError(f"its payload does not decompress: {e}") from None
-    if not d.eof and len(out) <= MAX_VMLINUX:
-        raise ImageError("its payload is cut short (it does not decompress to its end)")
-    return out
-
-
-def _module(name: str, what: str) -> object:
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ImageError(
-            f"its payload is {what}-compressed and the Python package {name.split('.')[0]!r} "
-            f"that reads it is not installed (pip install {name.split('.')[0]}, or Debian's "
-            f"python3-{name.split('.')[0]})"
-        ) from None
-
-
-def _zstd(data: bytes) -> bytes:
-    zstandard: object = _module("zstandard", "zstd")
-    d = zstandard.ZstdDecompressor().decompressobj()  # type: ignore[attr-defined]
-    try:
-        out: bytes = d.decompress(data)
-    except Exception as e:  # zstandard.ZstdError
-        raise ImageError(f"its payload does not decompress: {e}") from None
-    return out
-
-
-def _lz4(data: bytes) -> bytes:
-    """The kernel's lz4 is the legacy frame format (lz4 -l): a magic, then
-    blocks of [le32 compressed size][data], each at most 8 MiB decompressed."""
-    block: object = _module("lz4.block", "lz4")
-    out, pos = [], 4
-    total = 0
-    while pos + 4 <= len(data):
-        (size,) = struct.unpack_from("<I", data, pos)
-        if size == 0x184C2102:  # a new frame's magic: go on
-            pos += 4
-            continue
-        chunk = data[pos + 4 : pos + 4 + size]
-        if len(chunk) < size:
-            break  # the trailing le32 of the decompressed size
-        try:
-            piece: bytes = block.decompress(chunk, uncompressed_size=8 << 20)  # type: ignore[attr-defined]
-        except Exception as e:  # lz4.block.LZ4BlockError
-            raise ImageError(f"its payload does not decompress: {e}") from None
-        out.append(piece)
-        total += len(piece)
-        if total > MAX_VMLINUX:
-            break
-        pos += 4 + size
-    return b"".join(out)
-
-
-# Magic -> (name, decompressor), as the kernel's compressors write them.
-COMPRESSIONS: tuple[tuple[bytes, str, Callable[[bytes], bytes]], ...] = (
-    (b"\x1f\x8b", "gzip", _gzip),
-    (b"\xfd7zXZ\x00", "xz", _lzma(lzma.FORMAT_XZ)),
-    (b"\x5d\x00\x00", "lzma", _lzma(lzma.FORMAT_ALONE)),
-    (b"BZh", "bzip2", _bzip2),
-    (b"\x28\xb5\x2f\xfd", "zstd", _zstd),
-    (b"\x02\x21\x4c\x18", "lz4", _lz4),
-)
-
-
 def decompress(payload: bytes) -> tuple[str, bytes]:
-    """(compression, the decompressed kernel). An uncompressed ELF payload
-    (CONFIG_KERNEL_UNCOMPRESSED) is taken as it is."""
-    if payload[:4] == b"\x7fELF":
-        return "none", payload
-    for magic, name, run in COMPRESSIONS:
-        if payload.startswith(magic):
-            out = run(payload)
-            if len(out) > MAX_VMLINUX:
-                raise ImageError(
-                    f"its {name} payload decompresses to more than {MAX_VMLINUX} bytes"
-                )
-            if not out:
-                raise ImageError(f"its {name} payload decompresses to nothing")
-            return name, out
-    raise ImageError(f"its payload's compression is unknown (it starts {payload[:6].hex()})")
+    """(compression, the decompressed kernel), bounded by MAX_VMLINUX."""
+    try:
+        return kernel_decompress.decompress(payload, MAX_VMLINUX)
+    except kernel_decompress.DecompressError as e:
+        raise ImageError(str(e)) from None
 
 
 # --------------------------------------------------------- the running kernel
