@@ -113,7 +113,7 @@ class Service:
             while self.custodian.preserve_again():
                 await asyncio.sleep(0)
         except Exception:
-            log.exception("settle-failed")
+            log.exception("preserve-again-failed")
 
     async def _grace_timer(self) -> None:
         custodian = self.custodian
