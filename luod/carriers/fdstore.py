@@ -49,7 +49,6 @@ log = structlog.get_logger("luod")
 
 MANIFEST_NAMES = ("luod-manifest-a", "luod-manifest-b")
 SESSION_FDNAME_PREFIX = "session."
-VARLINK_FDNAME = "varlink"
 
 # notify.notify's signature: send a message with fds, True when it went out.
 Send = Callable[[str, Sequence[int]], bool]
