@@ -33,6 +33,7 @@ import structlog
 
 from luod import errors, handoff
 from luod.carriers import Carrier
+from luod.crashpoint import reached
 from luod.handoff import Handoff
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError
@@ -187,8 +188,12 @@ class Custodian:
 
     # --- client operations -----------------------------------------------------
 
-    def _new_session(self, peer: Peer, name: str, kind: SessionKind) -> Session:
-        """A new outgoing kernel session, named for luod, owned by `peer`."""
+    def _new_session(
+        self, peer: Peer, name: str, kind: SessionKind, commit: bool = True
+    ) -> Session:
+        """A new outgoing kernel session, named for luod, owned by `peer`.
+        `commit`: write the manifest naming it (a hand-off that creates its
+        session commits both in one)."""
         ledger = self.ledger
         ledger.require_usable()
         check_session_name(name)
@@ -200,6 +205,7 @@ class Custodian:
             sfd = ledger.backend.create_session(kernel_name)
         except LuoError as e:
             raise errors.KernelRefused("create_session", e.errno, e.message, name) from None
+        reached("create.kernel")
         s = Session(
             name=name,
             kind=kind,
@@ -211,7 +217,9 @@ class Custodian:
         )
         ledger.sessions[s.key] = s
         ledger.carrier.session_held(kernel_name, sfd)
-        ledger.save()
+        reached("create.held")
+        if commit:
+            ledger.save()
         log.info(
             "session-created",
             session=name,
@@ -221,8 +229,8 @@ class Custodian:
         )
         return s
 
-    def create_session(self, peer: Peer, name: str) -> Session:
-        return self._new_session(peer, name, SessionKind.MANAGED)
+    def create_session(self, peer: Peer, name: str, commit: bool = True) -> Session:
+        return self._new_session(peer, name, SessionKind.MANAGED, commit)
 
     def preserve_fds(
         self, peer: Peer, session: str, files: Sequence[Handoff], create: bool = False
@@ -260,6 +268,7 @@ class Custodian:
         )
         ledger.sessions[s.key] = s
         ledger.carrier.session_held(name, fd)
+        reached("adopt.held")
         ledger.save()
         log.info("session-adopted", session=name, owner=s.owner.describe())
         return s
@@ -296,7 +305,6 @@ class Custodian:
         self, peer: Peer, session: str, name: str, take: bool, owner: int | None = None
     ) -> tuple[int, HeldFile]:
         """A copy of a held file (custody goes on), or the file itself (custody ends)."""
-        ledger = self.ledger
         s = self.use_session(peer, session, preserve_again=take, owner=owner)
         f = s.files.get(name)
         if f is None:
@@ -330,17 +338,10 @@ class Custodian:
             )
             return out, f
         try:
-            if remaining:
-                ledger.represerve(s, remaining)
-        except LuoError as e:
+            self._take_files(s, [f])
+        except BaseException:
             os.close(out)
-            raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
-        ledger.unindex(f)
-        del s.files[name]
-        f.close()
-        if not remaining:
-            ledger.drop(s, "its last fd was taken")
-        ledger.save()
+            raise
         log.info(
             "fd-taken",
             session=session,
@@ -350,6 +351,107 @@ class Custodian:
             **_acting_for(peer, s),
         )
         return out, f
+
+    def retrieve_fds(
+        self,
+        peer: Peer,
+        session: str,
+        names: Sequence[str] | None,
+        take: bool,
+        owner: int | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[int, HeldFile]]:
+        """Copies of held files (custody goes on), or the files themselves
+        (custody ends): those `names`, or every file of the session. All or
+        nothing: every name is checked before an fd is handed out, and taking
+        rebuilds the session once, without all of them. `limit`: at most
+        that many fds (what one reply carries)."""
+        s = self.use_session(peer, session, preserve_again=take, owner=owner)
+        if s.kind is not SessionKind.MANAGED:
+            raise errors.WrongSessionKind(
+                session,
+                s.kind.value,
+                "luod holds the session fd, not files in it; use RetrieveSession",
+            )
+        if names is None:
+            files = list(s.files.values())
+        else:
+            files = []
+            seen: set[str] = set()
+            for i, name in enumerate(names):
+                if name in seen:
+                    raise errors.InvalidName(f"names[{i}]", name, "named twice in the call")
+                seen.add(name)
+                f = s.files.get(name)
+                if f is None:
+                    raise errors.NoSuchFd(session, name)
+                files.append(f)
+        if limit is not None and len(files) > limit:
+            raise errors.TooManyFds(session, len(files), limit)
+        for f in files:
+            if f.fd < 0:
+                raise errors.NotReady(
+                    f"luod holds no reference to '{session}/{f.name}' in this boot (luod was "
+                    "restarted; the kernel cannot hand a file back out of an outgoing "
+                    "session): it is carried over the next kexec and can be retrieved after it"
+                )
+        if take and len(files) < len(s.files) and any(x.fd < 0 for x in s.files.values()):
+            raise errors.NotReady(
+                f"files of '{session}' can only be copied until the next kexec: luod was "
+                f"restarted and holds no reference to the other files of '{session}', "
+                "which taking some would have to preserve again"
+            )
+        out: list[int] = []
+        try:
+            for f in files:
+                out.append(os.dup(f.fd))
+            if take and files:
+                self._take_files(s, files)
+        except BaseException:
+            for fd in out:
+                os.close(fd)
+            raise
+        if files:
+            # One line for a batch, as for a hand-off; every name is in it.
+            log.info(
+                "fds-taken" if take else "fds-copied",
+                session=s.name,
+                names=",".join(f.name for f in files),
+                count=len(files),
+                owner=s.owner.describe(),
+                **({"by": peer.describe()} if take else {"to": peer.describe()}),
+                **_acting_for(peer, s),
+            )
+        return list(zip(out, files, strict=True))
+
+    def _take_files(self, s: Session, taken: Sequence[HeldFile]) -> None:
+        """End custody of `taken`, files of `s` whose fds the caller has
+        (dups): the session is rebuilt once without them, or let go of when
+        nothing remains. Write-ahead intent, the kernel steps, the commit,
+        then luod's references are released."""
+        ledger = self.ledger
+        gone = {f.name for f in taken}
+        remaining = [x for x in s.files.values() if x.name not in gone]
+        try:
+            if remaining:
+                # The session is rebuilt without the files: a luod restarted
+                # before the commit rebuilds it from the manifest instead.
+                ledger.intend(s)
+                reached("take.intent")
+                ledger.represerve(s, remaining, "take.dropped", "take.represerved")
+        except LuoError as e:
+            raise errors.KernelRefused("preserve_fd", e.errno, e.message, s.name) from None
+        for f in taken:
+            ledger.unindex(f)
+            del s.files[f.name]
+        if remaining:
+            ledger.save()
+            reached("take.committed")
+        else:
+            ledger.drop(s, "its last fd was taken")
+        ledger.release_files(s, taken)
+        for f in taken:
+            f.close()
 
     def retrieve_session(
         self, peer: Peer, session: str, owner: int | None = None
@@ -383,8 +485,9 @@ class Custodian:
             return os.dup(s.fd), seen
         fd, s.fd = s.fd, -1
         del ledger.sessions[s.key]
-        ledger.carrier.session_dropped(s.kernel_name)
         ledger.save()
+        reached("release.committed")
+        ledger.carrier.session_dropped(s.kernel_name)
         log.info(
             "session-returned",
             session=session,
@@ -401,7 +504,6 @@ class Custodian:
         s = self.use_session(peer, session, preserve_again=False, owner=owner)
         acting = f" for uid {s.owner.uid}" if s.owner.uid != peer.uid else ""
         self.ledger.drop(s, f"discarded by {peer.describe()}{acting}")
-        self.ledger.save()
         return s
 
     # --- the grace period after a kexec ----------------------------------------

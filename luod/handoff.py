@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from luod import errors
+from luod.crashpoint import reached
 from luod.kernel import fdinfo
 from luod.kernel.backend import LuoError
 from luod.ledger import Ledger
@@ -112,9 +113,14 @@ def _preserve_fds(
         size=sum(f.size for f in checked),
     )
     if key not in ledger.sessions:
-        c.create_session(peer, session)
+        # Committed together with the files, or not at all.
+        c.create_session(peer, session, commit=False)
         created = True
     s = ledger.sessions[key]
+    # Write-ahead: a luod restarted before the commit below rebuilds the
+    # session as the manifest has it (and releases one it does not name).
+    ledger.intend(s)
+    reached("handoff.intent")
     now = ledger.clock()
     added: list[HeldFile] = []
     try:
@@ -134,7 +140,11 @@ def _preserve_fds(
     except LuoError as e:
         _rollback(ledger, s, added, created)
         raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
+    reached("handoff.preserved")
+    ledger.keep(s, added)
+    reached("handoff.kept")
     ledger.save()
+    reached("handoff.committed")
     if len(added) == 1:
         (f,) = added
         log.info(
@@ -168,7 +178,8 @@ def _rollback(ledger: Ledger, s: Session, added: list[HeldFile], created: bool) 
         f.close()
     if created:
         ledger.drop(s, "hand-off failed")
-    elif added:
+        return
+    if added:
         ledger.represerve(s, s.files.values())
     ledger.save()
 

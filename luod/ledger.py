@@ -14,6 +14,7 @@ session (`drop`). Who may do what, and when, is decided by the callers
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,8 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from luod import errors
-from luod.carriers import Carrier
+from luod.carriers import Carrier, FileKey
+from luod.crashpoint import reached
 from luod.kernel.backend import Backend, LuoError
 from luod.manifest import Manifest, ManifestError, to_json
 from luod.model import HeldFile, Holdings, Session, SessionKey, SessionState
@@ -125,30 +127,93 @@ class Ledger:
             self.known_subscribers.add((name, uid))
             self.save()
 
+    # --- write-ahead --------------------------------------------------------------
+
+    def intend(self, *sessions: Session) -> None:
+        """Record, before the first kernel step of a change, which sessions
+        it may leave half-changed: a luod restarted before the change is
+        committed (the next save) rebuilds them from the references the
+        carrier kept (luod.reclaim). `tokenHigh`: no token up to it may be
+        given out again, in case a session cannot be rebuilt. Nothing to
+        record where luod's exit releases everything anyway."""
+        if not self.carrier.holds_after_exit:
+            return
+        self.carrier.intend(
+            json.dumps(
+                {
+                    "dirty": [
+                        {"uid": s.owner.uid, "name": s.name, "tokenHigh": s.token_high}
+                        for s in sessions
+                    ]
+                },
+                separators=(",", ":"),
+            ).encode()
+        )
+
+    # --- luod's own references to the files ------------------------------------
+
+    @staticmethod
+    def file_key(s: Session, f: HeldFile) -> FileKey:
+        return (s.owner.uid, s.name, f.token)
+
+    def keep(self, s: Session, files: Iterable[HeldFile]) -> None:
+        """Have the carrier keep luod's reference to each of `files`, so
+        that a crash of luod does not take them along."""
+        for f in files:
+            if f.fd >= 0:
+                self.carrier.keep_file(self.file_key(s, f), f.fd)
+
+    def release_files(self, s: Session, files: Iterable[HeldFile]) -> None:
+        for f in files:
+            self.carrier.release_file(self.file_key(s, f))
+
     # --- kernel sessions -------------------------------------------------------
 
     def new_kernel_name(self, uid: int, name: str) -> str:
         self.name_counter += 1
         return kernel_session_name(self.name_counter, uid, name)
 
-    def represerve(self, s: Session, files: Iterable[HeldFile]) -> None:
+    def _create_kernel_session(self, s: Session) -> tuple[str, int]:
+        """A new outgoing kernel session for `s`. A name may be taken still
+        by a session a crashed luod created and the restarted one released
+        (the store lets go of it asynchronously): then the next one."""
+        for _ in range(64):
+            kernel_name = self.new_kernel_name(s.owner.uid, s.name)
+            try:
+                return kernel_name, self.backend.create_session(kernel_name)
+            except LuoError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                log.warning("kernel-name-taken", kernel_name=kernel_name, session=s.name)
+        raise LuoError("create_session", errno.EEXIST, f"no free kernel name for '{s.name}'")
+
+    def represerve(
+        self,
+        s: Session,
+        files: Iterable[HeldFile],
+        dropped: str | None = None,
+        represerved: str | None = None,
+    ) -> None:
         """Put `files` (fds luod holds) into a brand-new outgoing session for
         `s`. The kernel has no 'unpreserve one file' and keeps a file in one
         session at a time (EBUSY), so the old session goes first: closing its
         last fd unpreserves everything in it. If the new one cannot be made,
         luod still holds the files but the session is not carried: check()
-        says so and the preflight refuses the kexec."""
+        says so and the preflight refuses the kexec. `dropped` and
+        `represerved` name the steps passed (luod.crashpoint)."""
         old_fd, old_kernel = s.fd, s.kernel_name
         s.fd = -1
         if old_fd >= 0:
             os.close(old_fd)
             self.carrier.session_dropped(old_kernel)
-        kernel_name = self.new_kernel_name(s.owner.uid, s.name)
-        sfd = self.backend.create_session(kernel_name)
-        # A carrier that holds copies of the old session fd (PID 1's fd
-        # store) lets go of them asynchronously: until it has, the files are
-        # still preserved in the old session and preserving them is EBUSY.
-        patience = REPRESERVE_PATIENCE if old_fd >= 0 and self.carrier.holds_after_exit else 0.0
+        if dropped is not None:
+            reached(dropped)
+        kernel_name, sfd = self._create_kernel_session(s)
+        # A carrier that holds copies of session fds (PID 1's fd store) lets
+        # go of them asynchronously: until it has, the files are still
+        # preserved in the old session (or in one a crashed luod left) and
+        # preserving them is EBUSY.
+        patience = REPRESERVE_PATIENCE if self.carrier.holds_after_exit else 0.0
         try:
             for f in files:
                 self._preserve_patiently(sfd, f, patience, s.name)
@@ -157,6 +222,8 @@ class Ledger:
             raise
         s.fd, s.kernel_name, s.state = sfd, kernel_name, SessionState.OUTGOING
         self.carrier.session_held(kernel_name, sfd)
+        if represerved is not None:
+            reached(represerved)
 
     def _preserve_patiently(self, sfd: int, f: HeldFile, patience: float, session: str) -> None:
         deadline = time.monotonic() + patience
@@ -180,24 +247,36 @@ class Ledger:
     # --- letting go ------------------------------------------------------------
 
     def drop(self, s: Session, why: str) -> None:
-        """Let go of `s` and everything in it (the caller saves)."""
-        for f in s.files.values():
-            self.unindex(f)
-        s.close()
-        incoming_fd = self.awaiting_preservation.pop(s.key, -1)
-        if incoming_fd >= 0:
-            # The kernel finishes a retrieved session when its fd is closed.
-            os.close(incoming_fd)
-        self.sessions.pop(s.key, None)
-        self.carrier.session_dropped(s.kernel_name)
-        log.info(
-            "session-released",
-            session=s.name,
-            owner=s.owner.describe(),
-            files=",".join(s.files) or "-",
-            bytes=s.bytes_pinned,
-            reason=why,
-        )
+        """Let go of `s` and everything in it."""
+        self.drop_all([s], why)
+
+    def drop_all(self, gone: Iterable[Session], why: str) -> None:
+        """Let go of sessions and everything in them. The manifest stops
+        naming them first (the commit), then they are released: a luod
+        restarted in between releases what the manifest does not name."""
+        gone = list(gone)
+        for s in gone:
+            self.sessions.pop(s.key, None)
+        self.save()
+        reached("release.committed")
+        for s in gone:
+            for f in s.files.values():
+                self.unindex(f)
+            self.release_files(s, s.files.values())
+            s.close()
+            incoming_fd = self.awaiting_preservation.pop(s.key, -1)
+            if incoming_fd >= 0:
+                # The kernel finishes a retrieved session when its fd is closed.
+                os.close(incoming_fd)
+            self.carrier.session_dropped(s.kernel_name)
+            log.info(
+                "session-released",
+                session=s.name,
+                owner=s.owner.describe(),
+                files=",".join(s.files) or "-",
+                bytes=s.bytes_pinned,
+                reason=why,
+            )
 
     def close(self) -> None:
         """luod is stopping without a kexec (tests, fallback): close all."""

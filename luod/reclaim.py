@@ -19,11 +19,14 @@ nobody claimed in time.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import os
 import time
 
 import structlog
 
+from luod.crashpoint import reached
 from luod.kernel.backend import LuoError
 from luod.ledger import Ledger
 from luod.manifest import Manifest, ManifestError, from_json
@@ -103,7 +106,7 @@ class Reclaimer:
         except ManifestError as e:
             return self._unusable(e, t0, source=incoming.source)
         if ledger.boot_id and manifest.boot_id == ledger.boot_id:
-            report = self._restore(manifest)
+            report = self._restore(manifest, _dirty(incoming.intent))
         else:
             report = self._reclaim(manifest)
         report.duration = time.monotonic() - t0
@@ -132,8 +135,19 @@ class Reclaimer:
         report = ReclaimReport("reclaimed")
         deadline = ledger.clock() + self.grace
         for old in manifest.sessions:
-            sfd = self._retrieve_or_report(old, report)
-            if sfd < 0:
+            managed = old.kind is SessionKind.MANAGED
+            sfd = self._retrieve_or_report(old, report, quiet=managed)
+            if sfd < 0 and not (managed and self._any_kept(old)):
+                if managed:
+                    log.error(
+                        "session-lost",
+                        session=old.name,
+                        kernel_name=old.kernel_name,
+                        owner=old.owner.describe(),
+                        files=",".join(old.files) or "-",
+                        reason="the kernel did not carry it and luod kept none of its files",
+                    )
+                    report.lose(old.owner.uid, old.name)
                 continue
             old.state = SessionState.INCOMING
             old.claim_deadline = deadline
@@ -153,18 +167,33 @@ class Reclaimer:
                     kind=old.kind.value,
                     owner=old.owner.describe(),
                 )
+        # What a luod that died while preserving again left and the
+        # manifest does not name (a new session not committed yet) goes
+        # before anything is preserved again: its files are in it.
+        ledger.carrier.release_unclaimed()
+        reached("reclaim.retrieved")
         if ledger.awaiting_preservation:
             report.preserved_again = None
         else:
             self._all_preserved_again(report)
         return report
 
-    def _retrieve_or_report(self, s: Session, report: ReclaimReport) -> int:
+    def _retrieve_or_report(self, s: Session, report: ReclaimReport, quiet: bool = False) -> int:
         """The carrier's fd for a session named in the manifest, or -1 with
-        the loss recorded in `report` and logged."""
+        the loss recorded in `report` and logged (`quiet`: the caller
+        decides, luod may have kept the files)."""
         try:
             return self.ledger.carrier.retrieve_session(s.kernel_name)
         except LuoError as e:
+            if quiet:
+                log.warning(
+                    "session-missing",
+                    session=s.name,
+                    kernel_name=s.kernel_name,
+                    owner=s.owner.describe(),
+                    reason=str(e),
+                )
+                return -1
             report.lose(s.owner.uid, s.name)
             log.error(
                 "session-lost",
@@ -175,34 +204,73 @@ class Reclaimer:
             )
             return -1
 
-    def _restore(self, manifest: Manifest) -> ReclaimReport:
+    def _restore(self, manifest: Manifest, dirty: dict[SessionKey, int]) -> ReclaimReport:
         """luod was restarted in this boot: the carrier kept every session
         fd, so the sessions are taken back as they were, outgoing (or still
-        incoming if unclaimed since the last kexec). The kernel cannot hand
-        a file back out of an outgoing session, so luod holds no reference
-        to the files of managed sessions (fd -1) until the next kexec: no
-        copies until then, and check() does not count that as a problem."""
+        incoming if not preserved again since the last kexec), and with them
+        luod's references to their files where the carrier kept those (the
+        fd store): copies can be handed out at once. Without a reference
+        (the kernel cannot hand a file back out of an outgoing session) a
+        file can be copied only after the next kexec; check() does not
+        count that as a problem, the kernel carries it.
+
+        The previous luod may have died in the middle of a change: the
+        sessions its intent names (`dirty`: session -> the highest token
+        given out) and those whose kernel session is gone are rebuilt from
+        the references into a fresh kernel session, after everything the
+        manifest does not name was released. So the kernel holds exactly
+        what the manifest says, and no token stays used."""
         ledger = self.ledger
         ledger.kexec_count = manifest.kexec_count
         ledger.name_counter = manifest.name_counter
         ledger.known_subscribers = set(manifest.subscribers)
         report = ReclaimReport("restored")
+        rebuild: list[Session] = []
         for s in manifest.sessions:
-            fd = self._retrieve_or_report(s, report)
-            if fd < 0:
-                continue
+            fd = self._retrieve_or_report(s, report, quiet=s.kind is SessionKind.MANAGED)
             s.kexec_count = ledger.kexec_count
-            ledger.sessions[s.key] = s
-            report.count(s.owner.uid, sessions=1)
-            if s.kind is SessionKind.MANAGED and s.state is SessionState.INCOMING:
+            if s.kind is not SessionKind.MANAGED:
+                if fd < 0:
+                    continue
+                s.fd = fd
+            elif s.state is SessionState.INCOMING:
                 # The previous luod died before it preserved this session
-                # again: it is still the incoming session, not finished,
-                # and the kernel hands its files out again.
+                # again: FINISH (again, it may have done so) and preserve
+                # again from the kept references; what it did not keep
+                # the incoming session hands out again unless finished.
                 self._retrieve_files(s, fd, report)
                 ledger.awaiting_preservation[s.key] = fd
             else:
-                s.fd = fd
+                self._attach_kept(s)
+                whole = all(f.fd >= 0 for f in s.files.values())
+                if s.key in dirty:
+                    s.token_high = max(s.token_high, dirty[s.key])
+                if (fd < 0 or s.key in dirty) and whole:
+                    s.fd = fd
+                    rebuild.append(s)
+                elif fd < 0:
+                    # Gone with the files luod kept no reference to: the
+                    # others are preserved again.
+                    self._lose_unheld(s, report, "its kernel session is gone")
+                    if not s.files:
+                        continue
+                    rebuild.append(s)
+                else:
+                    s.fd = fd
+                    if s.key in dirty:
+                        log.warning(
+                            "session-not-rebuilt",
+                            session=s.name,
+                            owner=s.owner.describe(),
+                            reason="luod keeps no reference to some of its files; "
+                            "the kernel may hold a file the manifest does not name",
+                        )
+                for f in s.files.values():
+                    if f.fd >= 0:
+                        ledger.index(s, f)
                 report.count(s.owner.uid, files=len(s.files))
+            ledger.sessions[s.key] = s
+            report.count(s.owner.uid, sessions=1)
             log.info(
                 "session-restored",
                 session=s.name,
@@ -210,6 +278,24 @@ class Reclaimer:
                 state=s.state.value,
                 owner=s.owner.describe(),
                 files=len(s.files),
+                held=sum(1 for f in s.files.values() if f.fd >= 0),
+            )
+        # Released first: a session the previous luod created and did not
+        # commit may hold the very files rebuilt below.
+        ledger.carrier.release_unclaimed()
+        for s in rebuild:
+            try:
+                ledger.represerve(s, s.files.values())
+            except LuoError as e:
+                log.error("rebuild-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
+                continue
+            log.info(
+                "session-rebuilt",
+                session=s.name,
+                kernel_name=s.kernel_name,
+                owner=s.owner.describe(),
+                files=len(s.files),
+                reason="the previous luod died while changing it",
             )
         if ledger.awaiting_preservation:
             report.preserved_again = None
@@ -217,11 +303,46 @@ class Reclaimer:
         ledger.save()
         return report
 
+    def _any_kept(self, s: Session) -> bool:
+        """Whether the carrier kept a reference to any file of `s` (then a
+        session the kernel did not carry is not lost with them)."""
+        self._attach_kept(s)
+        return any(f.fd >= 0 for f in s.files.values())
+
+    def _attach_kept(self, s: Session) -> None:
+        """luod's references to the files of `s` the carrier kept, if any."""
+        carrier = self.ledger.carrier
+        for f in s.files.values():
+            if f.fd < 0:
+                f.fd = carrier.kept_file(self.ledger.file_key(s, f))
+
+    def _lose_unheld(self, s: Session, report: ReclaimReport, reason: str) -> None:
+        """Record every file of `s` luod holds no reference to as lost."""
+        for f in [f for f in s.files.values() if f.fd < 0]:
+            log.error(
+                "fd-lost",
+                session=s.name,
+                name=f.name,
+                token=f.token,
+                owner=s.owner.describe(),
+                reason=reason,
+            )
+            del s.files[f.name]
+            report.lose(s.owner.uid, f"{s.name}/{f.name}")
+
     def _retrieve_files(self, s: Session, incoming_fd: int, report: ReclaimReport) -> None:
-        """Retrieve every file of an incoming managed session; a file the
-        kernel cannot give back is recorded as lost."""
+        """luod's reference to every file of an incoming managed session:
+        the one the carrier kept (a luod that died while preserving it
+        again), else retrieved from the incoming session; a file the kernel
+        cannot give back is recorded as lost."""
+        self._attach_kept(s)
         for f in list(s.files.values()):
+            if f.fd >= 0:
+                report.count(s.owner.uid, files=1)
+                continue
             try:
+                if incoming_fd < 0:
+                    raise LuoError("retrieve_fd", errno.ENOENT, "its incoming session is gone")
                 f.fd = self.ledger.backend.retrieve_fd(incoming_fd, f.token)
             except LuoError as e:
                 log.error(
@@ -254,16 +375,22 @@ class Reclaimer:
         s = ledger.sessions[key]
         incoming_fd = waiting.pop(key)
         incoming_name = s.kernel_name
-        try:
-            ledger.backend.finish_session(incoming_fd)
-        except LuoError as e:
-            log.error("finish-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
-        finally:
-            os.close(incoming_fd)
+        # After FINISH the kernel hands nothing out of the incoming session:
+        # luod's references are all there is, so the carrier keeps them
+        # first (a luod restarted from here on takes them back).
+        ledger.keep(s, s.files.values())
+        reached("again.kept")
+        if incoming_fd >= 0:
+            try:
+                # FINISH twice is harmless: a restarted luod does it again.
+                ledger.backend.finish_session(incoming_fd)
+            except LuoError as e:
+                log.error("finish-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
+        reached("again.finished")
         for f in s.files.values():
             ledger.index(s, f)
         try:
-            ledger.represerve(s, s.files.values())
+            ledger.represerve(s, s.files.values(), represerved="again.represerved")
         except LuoError as e:
             # The files are held and usable in this boot; check() reports
             # that they would not survive the next kexec.
@@ -273,6 +400,9 @@ class Reclaimer:
             # name: the manifest says it before the carrier lets go of the
             # incoming one (finished, it has nothing left to give).
             ledger.save()
+            reached("again.committed")
+        if incoming_fd >= 0:
+            os.close(incoming_fd)
         ledger.carrier.session_dropped(incoming_name)
         log.info(
             "session-arrived",
@@ -331,7 +461,27 @@ class Reclaimer:
                 bytes=s.bytes_pinned,
                 grace=self.grace,
             )
-            ledger.drop(s, f"not claimed within {self.grace:g}s after the kexec")
         if gone:
-            ledger.save()
+            ledger.drop_all(gone, f"not claimed within {self.grace:g}s after the kexec")
         return [s.name for s in gone]
+
+
+def _dirty(intent: bytes | None) -> dict[SessionKey, int]:
+    """The sessions an uncommitted change may have left half-changed
+    (luod.ledger.Ledger.intend), with the highest token it gave out."""
+    if intent is None:
+        return {}
+    try:
+        doc = json.loads(intent)
+        out = {(int(d["uid"]), str(d["name"])): int(d["tokenHigh"]) for d in doc["dirty"]}
+    except (ValueError, KeyError, TypeError) as e:
+        # An intent luod cannot read: every session is rebuilt below only
+        # if its kernel session is gone; log what was not understood.
+        log.error("intent-unreadable", reason=str(e))
+        return {}
+    log.warning(
+        "intent-found",
+        sessions=",".join(f"{uid}/{name}" for uid, name in out) or "-",
+        reason="the previous luod died in the middle of a change",
+    )
+    return out

@@ -133,7 +133,13 @@ def test_kill9_restart_loses_nothing(pid1: FakePid1) -> None:
         before = _listing(c)
         assert c.status()["carrier"].startswith("fd store: manifest 'luod-manifest-a'")
     store = pid1.names()
+    # luod's own reference to each file is kept too (issue 11), and the
+    # journal of the change in progress.
     assert store == [
+        "file.u0.1.app",
+        "file.u0.1.db",
+        "file.u0.2.app",
+        "luod-journal",
         "luod-manifest-a",
         "session.client-own",
         "session.luod.1.u0.app",
@@ -156,18 +162,21 @@ def test_kill9_restart_loses_nothing(pid1: FakePid1) -> None:
             [],
         )
         assert st["kexecCount"] == 0
-        assert c.check() == {"ready": True, "problems": []}
-        # No reference to the files until the next kexec, and luod says so.
-        for take in (False, True):
-            with pytest.raises(VarlinkError) as e:
-                c.retrieve_fd("app", "a", take=take)
-            assert e.value.short == "NotReady"
-            assert "restarted" in e.value.parameters["reason"]
+        check = c.check()
+        assert (check["ready"], check["problems"], check["crashCost"]["sessions"]) == (True, [], 0)
     assert pid1.names() == store
     assert "event=session-restored session=app kind=managed state=outgoing" in pid1.log()
     assert_store_held_once(pid1)
-    # The store's entries and luod's own fds, nothing else: no files yet.
+    # The store's entries and luod's own fds, nothing else.
     assert wait_fd_count(pid1, infra + len(store)) == infra + len(store)
+    with pid1.client() as c:
+        # Every file is there at once: luod took its references back from
+        # the store (issue 11: it used to answer NotReady until the kexec).
+        for key, want in facts.items():
+            session, name = key.split("/")
+            fd = c.retrieve_fd(session, name)
+            assert memfd_facts(fd) == want
+            os.close(fd)
 
     pid1.kexec()
     pid1.start()
@@ -192,23 +201,21 @@ def test_hand_off_after_restart(pid1: FakePid1) -> None:
     pid1.kill9()
     pid1.start()
     with pid1.client() as c:
-        # One file at a time: a failed batch could not be undone.
-        with pytest.raises(VarlinkError) as e:
-            c.preserve_fds("s", [("n1", make_memfd(b"1")), ("n2", make_memfd(b"2"))])
-        assert e.value.short == "NotReady"
+        # Batches, copies and takes work as before the restart: luod has its
+        # references back (issue 11: all three were NotReady until the kexec).
+        c.preserve_fds("s", [("n1", make_memfd(b"1")), ("n2", make_memfd(b"2"))])
         c.preserve_fd("s", "new", make_memfd(b"new"))
-        copy = c.retrieve_fd("s", "new")
-        assert os.pread(copy, 10, 0) == b"new"
+        copy = c.retrieve_fd("s", "old")
+        assert os.pread(copy, 10, 0) == b"old"
         os.close(copy)
-        # Taking it would rebuild the session from files luod has no reference to.
-        with pytest.raises(VarlinkError) as e:
-            c.retrieve_fd("s", "new", take=True)
-        assert e.value.short == "NotReady"
+        taken = c.retrieve_fd("s", "n1", take=True)
+        assert os.pread(taken, 10, 0) == b"1"
+        os.close(taken)
         assert c.check()["ready"] is True
     pid1.kexec()
     pid1.start()
     with pid1.client() as c:
-        for name, want in (("old", b"old"), ("new", b"new")):
+        for name, want in (("old", b"old"), ("n2", b"2"), ("new", b"new")):
             fd = c.retrieve_fd("s", name, take=True)
             assert os.pread(fd, 10, 0) == want
             os.close(fd)
@@ -230,8 +237,11 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
         facts = _hand_off(c, data)
         _adopt_client_session(pid1, c, b"adopted")
     pid1.kexec()
-    # PID 1 gave back what luod had stored, by the same names.
+    # PID 1 gave back what luod had stored, by the same names. luod's file
+    # references were in luod's sessions: PID 1 could not preserve them too
+    # (EBUSY) and went on without them.
     assert pid1.names() == [
+        "luod-journal",
         "luod-manifest-a",
         "session.client-own",
         "session.luod.1.u0.app",
@@ -251,8 +261,13 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
         sessions = {s["name"]: s for s in c.list_sessions()}
         assert sessions["client-own"]["state"] == "incoming"
         deadline = sessions["client-own"]["claimDeadlineUSec"]
-    # The incoming sessions were taken over into new ones; their entries went.
+    # The incoming sessions were taken over into new ones; their entries
+    # went. luod's file references went into the store before FINISH.
     assert pid1.names() == [
+        "file.u0.1.app",
+        "file.u0.1.cache",
+        "file.u0.2.app",
+        "luod-journal",
         "luod-manifest-a",
         "session.client-own",
         "session.luod.3.u0.app",
@@ -262,8 +277,8 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
     assert sorted(snap["incoming"]) == ["client-own"]
     assert sorted(snap["outgoing"]) == ["luod.3.u0.app", "luod.4.u0.cache"]
     assert_store_held_once(pid1)
-    # Sessions and the manifest (the store's entries) and the three files.
-    assert wait_fd_count(pid1, infra + 4 + 3) == infra + 4 + 3
+    # The store's entries: sessions, the manifest, the journal and the three files.
+    assert wait_fd_count(pid1, infra + 5 + 3) == infra + 5 + 3
 
     # A restart in the new boot: the adopted session is still incoming,
     # with the same deadline; the managed ones are carried.
@@ -290,7 +305,8 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
             assert memfd_facts(fd) == want
             os.close(fd)
         assert c.list_sessions() == []
-    assert pid1.names() == ["luod-manifest-a"]
+    # Every file reference went with its file.
+    assert pid1.names() == ["luod-journal", "luod-manifest-a"]
 
 
 def test_unclaimed_incoming_session_is_lost_at_the_next_kexec(pid1: FakePid1) -> None:
@@ -310,13 +326,18 @@ def test_unclaimed_incoming_session_is_lost_at_the_next_kexec(pid1: FakePid1) ->
         assert st["reclaim"]["lost"] == ["client-own"]
         assert [s["name"] for s in c.list_sessions()] == ["app"]
     assert "event=session-lost session=client-own" in pid1.log()
-    assert pid1.names() == ["luod-manifest-a", "session.luod.3.u0.app"]
+    assert pid1.names() == [
+        "file.u0.1.app",
+        "luod-journal",
+        "luod-manifest-a",
+        "session.luod.3.u0.app",
+    ]
 
 
 def test_dropped_sessions_leave_the_store(pid1: FakePid1) -> None:
     pid1.start()
-    # The manifest, and one session with one file.
-    baseline_fds = settled_fd_count(pid1) + 2
+    # The manifest, and one session with one file, and the journal.
+    baseline_fds = settled_fd_count(pid1) + 3
     with pid1.client() as c:
         c.preserve_fd("keep", "k", make_memfd(b"k"), create_session=True)
         baseline_store = pid1.names()
@@ -356,7 +377,8 @@ def test_manifest_outgrows_its_memfd(pid1: FakePid1) -> None:
     names = pid1.names()
     # The new one went in before the old one went out: never none.
     assert [n for n in names if n.startswith("luod-manifest")] == ["luod-manifest-b"]
-    assert len(names) == 201
+    # 200 sessions, a reference to each file, the journal.
+    assert len(names) == 402
     assert "event=fdstore-manifest-created name=luod-manifest-b" in pid1.log()
     pid1.kill9()
     pid1.start()
@@ -380,7 +402,12 @@ def test_crash_between_two_manifests_takes_the_newer(pid1: FakePid1) -> None:
     pid1.start()
     with pid1.client() as c:
         assert [s["name"] for s in c.list_sessions()] == ["s"]
-    assert pid1.names() == ["luod-manifest-a", "session.luod.1.u0.s"]
+    assert pid1.names() == [
+        "file.u0.1.s",
+        "luod-journal",
+        "luod-manifest-a",
+        "session.luod.1.u0.s",
+    ]
     assert "event=fdstore-manifest-dropped name=luod-manifest-b" in pid1.log()
 
 
@@ -400,7 +427,12 @@ def test_unknown_store_entries_are_closed_and_removed(pid1: FakePid1) -> None:
     assert "event=fdstore-fd-closed name=junk" in log
     assert "event=fdstore-fd-closed name=stray" in log
     assert "event=fdstore-session-released kernel_name=orphan" in log
-    assert pid1.names() == ["luod-manifest-a", "session.luod.1.u0.s"]
+    assert pid1.names() == [
+        "file.u0.1.s",
+        "luod-journal",
+        "luod-manifest-a",
+        "session.luod.1.u0.s",
+    ]
     # Nothing holds the orphan any more, so the kernel let it go.
     assert sorted(pid1.kernel.snapshot()["outgoing"]) == ["luod.1.u0.s"]
     assert_store_held_once(pid1)

@@ -13,11 +13,17 @@ put back into the store under the same FDNAMEs.
 
 luod runs on the fake kernel (testsupport.fakekernel) as a LuodProcess
 (testsupport.luodproc), which keeps its logs and stops it; only how it is
-started, with LISTEN_FDS, is this module's.
+started, with LISTEN_FDS, is this module's. A test that kills luod on
+purpose starts it with `env` (LUOD_TEST_CRASH_AT of testsupport.crashhook,
+a named step of luod's) or `kill_after` (the Nth return of a FakeBackend
+call, which needs no hook in luod: `python -m testsupport.fakepid1
+--kill-after=OP[:N] ...` is the fake-kernel entry point with that one
+change), and waits for it with `launch()` and `wait_exit()`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ from testsupport.util import make_memfd
 
 REPO = Path(__file__).resolve().parents[1]  # luod's cwd: testsupport imports from there
 READY_TIMEOUT = 20.0
+CRASH_ENV = "LUOD_TEST_CRASH_AT"  # testsupport.crashhook's
 SYSTEMD_SESSION = "systemd"  # PID 1's own LUO session (LUO_SESSION_NAME)
 MAPPING_TOKEN = 0  # where PID 1 keeps its mapping memfd (LUO_MAPPING_INDEX)
 
@@ -104,6 +112,9 @@ class FakePid1:
         self.varlink.listen(16)
         self._cond = threading.Condition()
         self._ready = 0  # READY=1 messages seen
+        # time.monotonic() of the last spawn and of the last READY=1.
+        self.spawned_at = 0.0
+        self.ready_at = 0.0
         self._barriers = 0
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -171,6 +182,7 @@ class FakePid1:
                 self.store.remove(e)
         if fields.get("READY") == "1":
             self._ready += 1
+            self.ready_at = time.monotonic()
         if "BARRIER" in fields:
             self._barriers += 1
 
@@ -217,14 +229,23 @@ class FakePid1:
     def pid(self) -> int:
         return self.luod.pid
 
-    def spawn(self, varlink_fd: int | None = None, *args: str) -> subprocess.Popen[bytes]:
-        """Start luod with the store (and the varlink socket) in LISTEN_FDS."""
+    def spawn(
+        self,
+        varlink_fd: int | None = None,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        kill_after: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start luod with the store (and the varlink socket) in LISTEN_FDS.
+        `env`: more environment (LUOD_TEST_CRASH_AT=STEP[:N]); without it
+        LUOD_TEST_CRASH_AT is never passed on. `kill_after`: OP[:N], luod
+        is killed (SIGKILL) when the Nth FakeBackend.OP call returns."""
         self.settle()
         self.luod.generation += 1
         varlink = self.varlink.fileno() if varlink_fd is None else varlink_fd
         with self._cond:
             passed = [("varlink", varlink)] + [(e.name, e.fd) for e in self.store]
-        env = dict(
+        environ = dict(
             os.environ,
             NOTIFY_SOCKET=self.notify_path,
             PYTHONUNBUFFERED="1",
@@ -232,17 +253,24 @@ class FakePid1:
             LISTEN_FDNAMES=":".join(name for name, _ in passed),
             FAKE_PID1_FDS=",".join(str(fd) for _, fd in passed),
         )
-        env.pop("FDSTORE", None)
+        environ.pop("FDSTORE", None)
+        environ.pop(CRASH_ENV, None)
+        environ.update(env or {})
         if self.store_max is not None:
-            env["FDSTORE"] = str(self.store_max)
+            environ["FDSTORE"] = str(self.store_max)
+        module = [self.luod.module]
+        if kill_after is not None:
+            module = ["testsupport.fakepid1"]
+            module.append(f"--kill-after={kill_after}")
         with open(self.luod.log_path, "wb") as logf:
+            self.spawned_at = time.monotonic()
             self.luod.proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-c",
                     _EXEC_WITH_LISTEN_FDS,
                     "-m",
-                    self.luod.module,
+                    *module,
                     *self.luod.backend_args,
                     # Not used when activated: tests check it never appears.
                     f"--socket={self.workdir / 'unused.sock'}",
@@ -252,23 +280,44 @@ class FakePid1:
                 pass_fds=[fd for _, fd in passed],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=environ,
                 cwd=REPO,
             )
         return self.luod.proc
 
-    def start(self, *args: str) -> None:
+    def start(
+        self, *args: str, env: Mapping[str, str] | None = None, kill_after: str | None = None
+    ) -> None:
+        """Start luod and wait for READY=1; RuntimeError if it exits first."""
+        if not self.launch(*args, env=env, kill_after=kill_after):
+            proc = self.luod.proc
+            assert proc is not None
+            raise RuntimeError(f"luod exited with {proc.returncode}:\n{self.log()}")
+
+    def launch(
+        self, *args: str, env: Mapping[str, str] | None = None, kill_after: str | None = None
+    ) -> bool:
+        """Start luod; True once it is ready, False if it exited before
+        (a test that kills it at a step of its start)."""
         with self._cond:
             seen = self._ready
-        proc = self.spawn(None, *args)
+        proc = self.spawn(None, *args, env=env, kill_after=kill_after)
         deadline = time.monotonic() + READY_TIMEOUT
         with self._cond:
             while self._ready == seen:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"luod exited with {proc.returncode}:\n{self.log()}")
+                    return False
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"luod did not get ready:\n{self.log()}")
-                self._cond.wait(0.1)
+                self._cond.wait(0.05)
+        return True
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        """luod's exit status once it exited (-9: killed by SIGKILL);
+        subprocess.TimeoutExpired if it is still running after `timeout`."""
+        proc = self.luod.proc
+        assert proc is not None
+        return proc.wait(timeout)
 
     def kill9(self) -> None:
         proc = self.luod.proc
@@ -354,3 +403,42 @@ class FakePid1:
         for e in self.store:
             os.close(e.fd)
         self.store = []
+
+
+# --- luod killed after a call into the fake kernel --------------------------------
+
+
+def kill_after_call(op: str, nth: int) -> None:
+    """Make this process kill itself (SIGKILL) when the `nth` call of
+    FakeBackend.`op` returns: fault injection without any hook in luod, so
+    that it works on every version of luod."""
+    original: Callable[..., Any] = getattr(FakeBackend, op)
+    left = nth
+
+    def wrapper(self: FakeBackend, *args: Any, **kwargs: Any) -> Any:
+        nonlocal left
+        result = original(self, *args, **kwargs)
+        left -= 1
+        if left == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(FakeBackend, op, wrapper)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`--kill-after=OP[:N]`, then testsupport.luod_fake's arguments."""
+    parser = argparse.ArgumentParser(prog="python -m testsupport.fakepid1", add_help=False)
+    parser.add_argument("--kill-after", required=True, metavar="OP[:N]")
+    ours, theirs = parser.parse_known_args(argv)
+    op, _, nth = ours.kill_after.partition(":")
+    if not callable(getattr(FakeBackend, op, None)):
+        raise SystemExit(f"--kill-after={ours.kill_after}: FakeBackend has no {op}()")
+    kill_after_call(op, int(nth or "1"))
+    from testsupport import luod_fake
+
+    return luod_fake.main(theirs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

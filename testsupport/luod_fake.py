@@ -4,7 +4,7 @@ Production luod knows only the real kernel. Tests start it through here:
 
     python -m testsupport.luod_fake --fake-kernel PATH [luod arguments...]
 
-which builds a `FakeBackend` on the fake kernel server at PATH (see
+(with testsupport.crashhook's LUOD_TEST_CRASH_AT) which builds a `FakeBackend` on the fake kernel server at PATH (see
 testsupport.fakekernel) and runs `luod.daemon.main` with it; every other
 argument is luod's own.
 """
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from luod import daemon
+from testsupport.crashhook import install_from_env
 from testsupport.fakekernel import FakeBackend
 
 
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fake-kernel", metavar="PATH", required=True, help="socket of the fake kernel"
     )
     ours, theirs = parser.parse_known_args(argv)
+    install_from_env()
     return daemon.main(theirs, backend=FakeBackend(ours.fake_kernel))
 
 

@@ -38,12 +38,21 @@ from luod.notify import ListenFd
 log = structlog.get_logger("luod")
 
 
+# A held file as a carrier keeps luod's own reference to it: (owner uid,
+# session name, token). Stable for as long as luod holds the file: a session
+# rebuilt into a new kernel session keeps its name and its tokens.
+FileKey = tuple[int, str, int]
+
+
 @dataclasses.dataclass
 class IncomingState:
-    """What the previous boot left: the newest manifest, raw."""
+    """What the previous boot (or the previous luod) left: the newest
+    manifest, raw, and the intent recorded after it (`intend`), if any:
+    a change begun and not committed when that luod died."""
 
     payload: bytes
     source: str  # e.g. "session luod"
+    intent: bytes | None = None
 
 
 @dataclasses.dataclass
@@ -52,6 +61,9 @@ class CarrierProblem:
 
     kernel_name: str | None  # the session concerned; None for the carrier's own state
     reason: str
+    # Lost at luod's exit already, not only at the next kexec (the manifest
+    # is not where a restarted luod finds it, say).
+    on_exit: bool = False
 
 
 class Carrier(Protocol):
@@ -89,6 +101,33 @@ class Carrier(Protocol):
         ...
 
     def session_dropped(self, kernel_name: str) -> None: ...
+
+    def keep_file(self, key: FileKey, fd: int) -> None:
+        """Keep luod's own reference to a held file where a crash of luod
+        cannot drop it (the fd store), so that a restarted luod has it at
+        once; nothing for a carrier that keeps nothing across luod's exit."""
+        ...
+
+    def release_file(self, key: FileKey) -> None: ...
+
+    def kept_file(self, key: FileKey) -> int:
+        """The reference the previous luod kept (a restart in the same boot,
+        or one in the middle of preserving again after a kexec), -1 if none.
+        Owned by the caller; the carrier's own copy stays until
+        release_file()."""
+        ...
+
+    def release_unclaimed(self) -> None:
+        """Release what the previous luod left and the manifest does not
+        name (every session and kept file not taken with retrieve_session()
+        or kept_file()): the remains of a change it did not commit."""
+        ...
+
+    def intend(self, payload: bytes) -> None:
+        """Record the change about to be made (write-ahead), before its
+        first kernel step; it is void once the next save() commits. A
+        carrier that keeps nothing across luod's exit needs no record."""
+        ...
 
     def problems(self) -> list[CarrierProblem]:
         """What the carrier failed to keep; the preflight check reports it."""

@@ -22,6 +22,20 @@ takes them back from LISTEN_FDS at start. What that gives:
   `retrieve_session()` hands those out instead of asking the kernel, which
   would answer EINVAL (a session can be retrieved once).
 
+luod also keeps its own reference to every file it holds in the store
+(FDNAME=file.u<UID>.<TOKEN>.<session name>): the kernel cannot hand a file
+back out of an outgoing session, so without them a restarted luod could not
+give out a copy, take a file or undo a half-done hand-off until the next
+kexec. At the kexec PID 1 tries to preserve them into its own session too;
+those in luod's sessions are refused there (a file is in one session at a
+time) and PID 1 goes on without them.
+
+A small journal memfd (FDNAME=luod-journal) records the change luod is
+about to make, before its first kernel step (`intend`): a luod restarted
+after a crash in the middle of it finds the intent next to a manifest of
+the same sequence number, and rebuilds what the change touched
+(luod.reclaim).
+
 The manifest keeps the two-slot format of luod.carriers.slots. A memfd in the
 store is not preserved before shutdown, so it could grow; but a new, larger
 memfd under the other name is pushed before the old one is removed, so the
@@ -33,13 +47,20 @@ from __future__ import annotations
 
 import errno
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 
 import structlog
 
 from luod import notify, servicemanager
-from luod.carriers import CarrierOptions, CarrierProblem, IncomingState, store_max_from_env
-from luod.carriers.slots import SlotWriter, newest
+from luod.carriers import (
+    CarrierOptions,
+    CarrierProblem,
+    FileKey,
+    IncomingState,
+    store_max_from_env,
+)
+from luod.carriers.slots import SlotWriter, newest, read_newest, slot_capacity, write_slot
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError
 from luod.manifest import ManifestError
@@ -49,6 +70,10 @@ log = structlog.get_logger("luod")
 
 MANIFEST_NAMES = ("luod-manifest-a", "luod-manifest-b")
 SESSION_FDNAME_PREFIX = "session."
+FILE_FDNAME_PREFIX = "file."
+JOURNAL_NAME = "luod-journal"
+# An intent names one session or two; the journal never grows.
+JOURNAL_SIZE = 16 * 1024
 
 # notify.notify's signature: send a message with fds, True when it went out.
 Send = Callable[[str, Sequence[int]], bool]
@@ -62,13 +87,39 @@ def fdname_for(kernel_name: str) -> str:
     ':', so it and everything else outside printable ASCII is percent-encoded
     ('%' too, so that two session names never share an fd name). 63 bytes
     of name give at most 8 + 3 * 63 = 197 characters."""
+    return SESSION_FDNAME_PREFIX + _encode(kernel_name)
+
+
+def file_fdname(key: FileKey) -> str:
+    """The FDNAME luod's reference to a held file is stored under: owner,
+    token, then the session name (at most 48 bytes: 5 + 11 + 21 + 144)."""
+    uid, session, token = key
+    return f"{FILE_FDNAME_PREFIX}u{uid}.{token}.{_encode(session)}"
+
+
+def file_key_of(fdname: str) -> FileKey | None:
+    """The inverse of file_fdname(), None for any other name."""
+    if not fdname.startswith(FILE_FDNAME_PREFIX):
+        return None
+    uid, _, rest = fdname[len(FILE_FDNAME_PREFIX) :].partition(".")
+    token, _, session = rest.partition(".")
+    if not (uid[:1] == "u" and uid[1:].isdigit() and token.isdigit() and session):
+        return None
+    try:
+        name = urllib.parse.unquote(session, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return (int(uid[1:]), name, int(token))
+
+
+def _encode(text: str) -> str:
     out: list[str] = []
-    for b in kernel_name.encode():
+    for b in text.encode():
         if 0x20 < b < 0x7F and b not in b":%":
             out.append(chr(b))
         else:
             out.append(f"%{b:02X}")
-    return SESSION_FDNAME_PREFIX + "".join(out)
+    return "".join(out)
 
 
 def open_carrier(
@@ -127,13 +178,39 @@ class FdStoreCarrier:
         self._manifest = SlotWriter(MANIFEST_NAMES)
         self._pushed = False  # whether the store has the manifest memfd written to
         self._failed: dict[str, str] = {}  # kernel name -> why its push failed
+        # Held files whose reference is in the store, and those whose
+        # reference the previous luod left there and nobody took yet.
+        self._files: set[FileKey] = set()
+        self._kept_in: dict[FileKey, int] = {}
+        self._unkept: set[FileKey] = set()  # push failed: no copy after a restart
+        # The journal memfd: fd, the slot written last, its own sequence.
+        self._journal = -1
+        self._journal_slot = 1
+        self._journal_seq = 0
+        self._journal_pushed = False
         for entry in listen:
             self._sort(entry)
 
     # --- LISTEN_FDS -----------------------------------------------------------
 
     def _sort(self, entry: ListenFd) -> None:
-        """Keep a manifest memfd or a LUO session; close anything else."""
+        """Keep a manifest memfd, the journal, a kept file or a LUO session;
+        close anything else."""
+        file_key = file_key_of(entry.name)
+        if file_key is not None or entry.name == JOURNAL_NAME:
+            facts = fdinfo.inspect_fd(entry.fd)
+            if facts.kind is not fdinfo.FdKind.MEMFD:
+                self._discard(entry, f"named like luod's memfd but {facts.describe()}")
+            elif file_key is None:
+                if self._journal >= 0:
+                    os.close(self._journal)  # a repeated push: one is as good
+                self._journal = entry.fd
+                self._journal_pushed = True
+            elif file_key in self._kept_in:
+                os.close(entry.fd)  # a repeated push: one is as good
+            else:
+                self._kept_in[file_key] = entry.fd
+            return
         if entry.name in MANIFEST_NAMES:
             facts = fdinfo.inspect_fd(entry.fd)
             if facts.kind is fdinfo.FdKind.MEMFD:
@@ -183,6 +260,10 @@ class FdStoreCarrier:
         manifest = "no manifest yet" if out is None else f"manifest '{out.name}' ({out.size} bytes)"
         limit = f" of at most {self.store_max}" if self.store_max is not None else ""
         text = f"fd store: {manifest}, {len(self._stored)} session fds{limit}"
+        if self._files or self._unkept:
+            text += f", {len(self._files)} file references"
+        if self._unkept:
+            text += f" ({len(self._unkept)} not in the store: no copies after a restart)"
         if self.kexec_problem is not None:
             text += "; NOT carried over a kexec by the service manager"
         not_stored = self._not_stored()
@@ -203,7 +284,23 @@ class FdStoreCarrier:
         # The incoming manifest memfd is in the store already: write on in it.
         self._manifest.follow(found, write_in_it=True)
         self._pushed = True
-        return IncomingState(found.read.payload, f"fd store entry '{found.name}'")
+        return IncomingState(
+            found.read.payload, f"fd store entry '{found.name}'", self._intent(found.read.seq)
+        )
+
+    def _intent(self, manifest_seq: int) -> bytes | None:
+        """The journal's intent if it was recorded after the manifest of
+        sequence `manifest_seq`, i.e. not committed since."""
+        if self._journal < 0:
+            return None
+        try:
+            read = read_newest(self._journal)
+        except ManifestError as e:
+            log.warning("fdstore-journal-unreadable", reason=e.message)
+            return None
+        self._journal_slot, self._journal_seq = read.slot, read.seq
+        seq, _, payload = read.payload.partition(b"\n")
+        return payload if seq == str(manifest_seq).encode() else None
 
     def retrieve_session(self, kernel_name: str) -> int:
         fd = self._incoming.pop(kernel_name, None)
@@ -211,10 +308,9 @@ class FdStoreCarrier:
             raise LuoError("retrieve_session", errno.ENOENT, f"{kernel_name} (not in the fd store)")
         return fd
 
-    def finish_incoming(self) -> None:
-        """Release what the manifest does not name: session fds nobody
-        claimed (their store entry goes too, so the kernel drops them), an
-        older manifest, and entries closed as unknown."""
+    def release_unclaimed(self) -> None:
+        """Session fds and kept files nobody claimed: their store entries
+        go too, so that the kernel drops them."""
         for kernel_name, fd in self._incoming.items():
             os.close(fd)
             fdname = self._stored.pop(kernel_name)
@@ -226,6 +322,25 @@ class FdStoreCarrier:
                 reason="not in the manifest",
             )
         self._incoming.clear()
+        for key, fd in self._kept_in.items():
+            os.close(fd)
+            fdname = file_fdname(key)
+            self._remove(fdname)
+            log.warning(
+                "fdstore-file-released",
+                owner=key[0],
+                session=key[1],
+                token=key[2],
+                name=fdname,
+                reason="not in the manifest",
+            )
+        self._kept_in.clear()
+
+    def finish_incoming(self) -> None:
+        """Release what the manifest does not name: session fds and kept
+        files nobody claimed, an older manifest, and entries closed as
+        unknown."""
+        self.release_unclaimed()
         out = self._manifest.current
         for name, fd in self._manifests:
             if out is not None and fd == out.fd:
@@ -278,6 +393,41 @@ class FdStoreCarrier:
         if fdname is not None:
             self._remove(fdname)
 
+    def keep_file(self, key: FileKey, fd: int) -> None:
+        if key in self._files:
+            return
+        if self._push(file_fdname(key), fd, what="file"):
+            self._files.add(key)
+            self._unkept.discard(key)
+        else:
+            self._unkept.add(key)
+
+    def release_file(self, key: FileKey) -> None:
+        self._unkept.discard(key)
+        if key in self._files:
+            self._files.discard(key)
+            self._remove(file_fdname(key))
+
+    def kept_file(self, key: FileKey) -> int:
+        fd = self._kept_in.pop(key, -1)
+        if fd >= 0:
+            self._files.add(key)
+        return fd
+
+    def intend(self, payload: bytes) -> None:
+        if self._journal < 0:
+            fd = os.memfd_create(JOURNAL_NAME, os.MFD_CLOEXEC)
+            os.ftruncate(fd, JOURNAL_SIZE)
+            self._journal = fd
+        record = str(self._manifest.seq).encode() + b"\n" + payload
+        if len(record) > slot_capacity(JOURNAL_SIZE):
+            raise ValueError(f"an intent of {len(record)} bytes does not fit the journal")
+        self._journal_seq += 1
+        self._journal_slot = 1 - self._journal_slot
+        write_slot(self._journal, JOURNAL_SIZE, self._journal_slot, self._journal_seq, record)
+        if not self._journal_pushed:
+            self._journal_pushed = self._push(JOURNAL_NAME, self._journal, what="journal")
+
     def problems(self) -> list[CarrierProblem]:
         out = self._not_stored()
         if self.kexec_problem is not None:
@@ -294,6 +444,7 @@ class FdStoreCarrier:
                     None,
                     f"the manifest '{manifest.name}' is not in luod's fd store: "
                     "after a restart or kexec luod would not know what it holds",
+                    on_exit=True,
                 )
             )
         return out
@@ -303,6 +454,12 @@ class FdStoreCarrier:
         for fd in self._incoming.values():
             os.close(fd)
         self._incoming.clear()
+        for fd in self._kept_in.values():
+            os.close(fd)
+        self._kept_in.clear()
+        if self._journal >= 0:
+            os.close(self._journal)
+            self._journal = -1
         out = self._manifest.current
         for _name, fd in self._manifests:
             if out is None or fd != out.fd:
@@ -313,7 +470,8 @@ class FdStoreCarrier:
     # --- the store ------------------------------------------------------------
 
     def _entries(self) -> int:
-        return len(self._stored) + (1 if self._manifest.current is not None and self._pushed else 0)
+        manifest = 1 if self._manifest.current is not None and self._pushed else 0
+        return len(self._stored) + len(self._files) + manifest + int(self._journal_pushed)
 
     def _push(self, fdname: str, fd: int, what: str, kernel_name: str | None = None) -> bool:
         fields = {"name": fdname, "what": what}

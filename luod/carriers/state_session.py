@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from luod.carriers import CarrierOptions, CarrierProblem, IncomingState
+from luod.carriers import CarrierOptions, CarrierProblem, FileKey, IncomingState
 from luod.carriers.slots import SlotMemfd, SlotWriter, newest
 from luod.kernel.backend import Backend, LuoError
 from luod.manifest import ManifestError
@@ -153,6 +153,24 @@ class StateSessionCarrier:
         pass  # luod itself holds the fd until the reboot syscall
 
     def session_dropped(self, kernel_name: str) -> None:
+        pass
+
+    # luod's exit releases everything it holds (README "How custody
+    # survives"): there is nothing to keep references or intents for.
+
+    def keep_file(self, key: FileKey, fd: int) -> None:
+        pass
+
+    def release_file(self, key: FileKey) -> None:
+        pass
+
+    def kept_file(self, key: FileKey) -> int:
+        return -1
+
+    def release_unclaimed(self) -> None:
+        pass
+
+    def intend(self, payload: bytes) -> None:
         pass
 
     def problems(self) -> list[CarrierProblem]:

@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _command(
-        sub, "status", cmd_status, "what luod holds and whether a kexec now would lose anything"
+        sub,
+        "status",
+        cmd_status,
+        "what luod holds, whether a kexec now would lose anything, what a crash of luod would",
     )
 
     s = _command(sub, "list", cmd_list, "sessions and their files (yours; root: everyone's)")
@@ -190,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "check",
         cmd_check,
-        "preflight: what would be lost by a kexec now (exit 1 if anything)",
+        "preflight: what would be lost by a kexec now (exit 1 if anything), "
+        "and what a crash of luod now would release",
         description=None,
     )
 

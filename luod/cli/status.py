@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from luod.cli.common import connect, format_bytes, format_time, print_json
@@ -63,7 +64,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         "ready for kexec: "
         + ("yes" if check["ready"] else f"no ({len(check['problems'])} problems, see luoctl check)")
     )
+    print("\n".join(crash_cost_lines(st["crashCost"])))
     return 0
+
+
+def crash_cost_lines(cost: dict[str, Any]) -> list[str]:
+    """What a crash of luod now would release, and why (GetStatus's and
+    Check's crashCost): one line, then one per session concerned."""
+    if not cost["sessions"]:
+        return [f"a luod crash now would release nothing: {cost['reason']}"]
+    what = ", ".join(
+        [
+            _count(cost["sessions"], "session"),
+            _count(cost["files"], "file"),
+            format_bytes(cost["bytesPinned"]),
+        ]
+    )
+    if cost["everything"]:
+        # luod scopes what it tells anyone but root to the caller's own.
+        what += " (everything luod holds" + ("" if os.geteuid() == 0 else " for you") + ")"
+    lines = [f"a luod crash now would release {what}: {cost['reason']}"]
+    lines += [f"  {p['session']}: {p['reason']}" for p in cost.get("problems", [])]
+    return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _next_kernel_line(lk: dict[str, Any]) -> str:
@@ -101,12 +127,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         res = c.check()
     if args.json:
         print_json(res)
-    elif res["ready"]:
-        print("ready: nothing would be lost by a kexec now")
     else:
+        if res["ready"]:
+            print("ready: nothing would be lost by a kexec now")
         for p in res["problems"]:
             where = p["session"] + (f"/{p['name']}" if p.get("name") else "")
             print(f"{where or 'luod'}: {p['reason']}")
+        # Not a kexec's loss: it does not change the exit status.
+        print("\n".join(crash_cost_lines(res["crashCost"])))
     return 0 if res["ready"] else 1
 
 

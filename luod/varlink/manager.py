@@ -17,6 +17,7 @@ from asyncvarlink import VarlinkInterface, varlinkmethod
 
 import luod
 from luod import errors
+from luod.crashcost import crash_cost
 from luod.custody import Custodian
 from luod.interfaces import MANAGER
 from luod.nextkernel import NextKernel
@@ -32,6 +33,7 @@ from luod.varlink.types import (
     ReclaimInfo,
     StatusInfo,
     UpdateResult,
+    crash_cost_info,
     event_info,
     loaded_kernel,
     opt_usec,
@@ -59,9 +61,10 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
     @varlinkmethod(return_parameter="status")
     @translating
     def GetStatus(self) -> StatusInfo:
-        """What luod holds, and how it will carry it. Root is told about
-        everyone; anyone else about its own sessions, files and bytes, its
-        own subscribers and what of its own came over the kexec."""
+        """What luod holds, how it will carry it, and what a crash of luod
+        now would release (crashCost). Root is told about everyone; anyone
+        else about its own sessions, files and bytes, its own subscribers
+        and what of its own came over the kexec."""
         custodian, orch = self.custodian, self.orchestrator
         peer = current().peer
         # Another uid's holdings are not a non-root caller's business.
@@ -79,6 +82,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             sessions=held.sessions,
             files=held.files,
             bytesPinned=held.bytes_pinned,
+            crashCost=crash_cost_info(crash_cost(custodian.ledger, whose)),
             graceSec=int(custodian.grace),
             nextReleaseUSec=opt_usec(custodian.next_deadline(whose)),
             reclaim=None if report is None else reclaim_info(report),
@@ -93,12 +97,16 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
     @translating
     def Check(self) -> CheckResult:
         """Preflight: what would be lost if the kexec happened now, and why
-        (to anyone but root: what concerns its own sessions or all)."""
+        (to anyone but root: what concerns its own sessions or all).
+        crashCost: what a crash of luod now would release, and why."""
         peer = current().peer
-        problems = (
-            self.custodian.check(None if peer.is_root else peer.uid) + self._next_kernel_problems()
-        )
-        return {"ready": not problems, "problems": [problem_info(p) for p in problems]}
+        whose = None if peer.is_root else peer.uid
+        problems = self.custodian.check(whose) + self._next_kernel_problems()
+        return {
+            "ready": not problems,
+            "problems": [problem_info(p) for p in problems],
+            "crashCost": crash_cost_info(crash_cost(self.custodian.ledger, whose)),
+        }
 
     def _next_kernel_problems(self) -> list[Problem]:
         """The loaded kernel cannot take the handover (luod.nextkernel)."""

@@ -18,6 +18,7 @@ import typing
 from asyncvarlink import FileDescriptor
 
 from luod import nextkernel, orchestrator
+from luod.crashcost import CrashCost as DomainCrashCost
 from luod.model import HeldFile, Owner, Session
 from luod.orchestrator import Phase
 from luod.preflight import Problem
@@ -71,10 +72,32 @@ class FileToPreserve:
 
 
 @dataclasses.dataclass
+class RetrievedFile:
+    # An index into the fds of the reply, as RetrieveFd's.
+    fileDescriptor: FileDescriptor
+    file: FileInfo
+
+
+@dataclasses.dataclass
 class ProblemInfo:
     session: str
     name: typing.Optional[str]  # noqa: UP045
     reason: str
+
+
+@dataclasses.dataclass
+class CrashCost:
+    # What luod's exit now (a crash, kill -9) would release; to anyone but
+    # root, of its own sessions only.
+    sessions: int
+    files: int
+    bytesPinned: int
+    # All luod holds: the carrier keeps nothing across luod's exit.
+    everything: bool
+    # Why, one sentence.
+    reason: str
+    # The sessions concerned, each with why, when not everything is lost.
+    problems: list[ProblemInfo]
 
 
 @dataclasses.dataclass
@@ -145,6 +168,7 @@ class StatusInfo:
     sessions: int
     files: int
     bytesPinned: int
+    crashCost: CrashCost
     graceSec: int
     nextReleaseUSec: typing.Optional[int]  # noqa: UP045
     reclaim: typing.Optional[ReclaimInfo]  # noqa: UP045
@@ -167,6 +191,7 @@ class RetrievedSession(typing.TypedDict):
 class CheckResult(typing.TypedDict):
     ready: bool
     problems: list[ProblemInfo]
+    crashCost: CrashCost
 
 
 class UpdateResult(typing.TypedDict):
@@ -215,6 +240,17 @@ def session_info(s: Session) -> SessionInfo:
 
 def problem_info(p: Problem) -> ProblemInfo:
     return ProblemInfo(session=p.session, name=p.name, reason=p.reason)
+
+
+def crash_cost_info(c: DomainCrashCost) -> CrashCost:
+    return CrashCost(
+        sessions=c.sessions,
+        files=c.files,
+        bytesPinned=c.bytes_pinned,
+        everything=c.everything,
+        reason=c.reason,
+        problems=[problem_info(p) for p in c.problems],
+    )
 
 
 def reclaim_info(r: ReclaimReport) -> ReclaimInfo:

@@ -4,7 +4,7 @@ order, and its problems and its `holds_after_exit` set by the test."""
 
 from __future__ import annotations
 
-from luod.carriers import CarrierProblem, IncomingState
+from luod.carriers import CarrierProblem, FileKey, IncomingState
 from luod.carriers.state_session import StateSessionCarrier
 from luod.kernel.backend import Backend
 
@@ -40,6 +40,21 @@ class SpyCarrier:
     def session_dropped(self, kernel_name: str) -> None:
         self.calls.append(("dropped", kernel_name))
         self.inner.session_dropped(kernel_name)
+
+    def keep_file(self, key: FileKey, fd: int) -> None:
+        self.calls.append(("keep", f"{key[0]}/{key[1]}/{key[2]}"))
+
+    def release_file(self, key: FileKey) -> None:
+        self.calls.append(("release", f"{key[0]}/{key[1]}/{key[2]}"))
+
+    def kept_file(self, key: FileKey) -> int:
+        return -1
+
+    def release_unclaimed(self) -> None:
+        self.calls.append(("unclaimed", ""))
+
+    def intend(self, payload: bytes) -> None:
+        self.calls.append(("intend", payload.decode()))
 
     def problems(self) -> list[CarrierProblem]:
         return self.inner.problems() + self.extra_problems

@@ -12,7 +12,13 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from luod.carriers import IncomingState
-from luod.carriers.fdstore import SESSION_FDNAME_PREFIX, FdStoreCarrier, fdname_for
+from luod.carriers.fdstore import (
+    SESSION_FDNAME_PREFIX,
+    FdStoreCarrier,
+    fdname_for,
+    file_fdname,
+    file_key_of,
+)
 from luod.carriers.slots import SlotMemfd
 from luod.kernel import fdinfo
 from luod.kernel.backend import LuoError
@@ -246,3 +252,90 @@ def test_fdname_for_is_a_valid_unique_fd_name(kernel_name: str) -> None:
     assert name.startswith(SESSION_FDNAME_PREFIX)
     assert ":" not in name
     assert fdname_for("a:b") != fdname_for("a%3Ab")
+
+
+# --- luod's references to the files, and the journal (issue 11) ---------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [(0, "app", 1), (65534, "a:b%c", 18446744073709551615), (1000, "x.y.z", 7)],
+)
+def test_file_fdnames_are_valid_and_name_the_file(key: tuple[int, str, int]) -> None:
+    name = file_fdname(key)
+    assert fdname_is_valid(name) and len(name) <= 255
+    assert file_key_of(name) == key
+
+
+@pytest.mark.parametrize(
+    "name", ["file.", "file.u.1.s", "file.ux.1.s", "file.u1.x.s", "file.u1.1.", "session.x"]
+)
+def test_other_fdnames_are_no_files(name: str) -> None:
+    assert file_key_of(name) is None
+
+
+def test_kept_files_come_back_and_the_rest_is_released(kernel: FakeBackend, notes: Notes) -> None:
+    carrier = FdStoreCarrier(kernel, [], send=notes)
+    memfd = make_memfd(b"kept")
+    try:
+        assert carrier.load() is None
+        carrier.keep_file((0, "app", 1), memfd)
+        carrier.keep_file((0, "app", 1), memfd)  # once is enough
+        carrier.keep_file((0, "app", 2), memfd)
+        carrier.release_file((0, "app", 2))
+        carrier.release_file((0, "app", 3))  # never kept: nothing to remove
+        assert notes.lines() == [
+            "FDSTORE=1 FDNAME=file.u0.1.app",
+            "FDSTORE=1 FDNAME=file.u0.2.app",
+            "FDSTOREREMOVE=1 FDNAME=file.u0.2.app",
+        ]
+    finally:
+        carrier.close()
+    # The next luod: one reference it takes back, one the manifest does not name.
+    listen = [
+        ListenFd(notes.pushed("file.u0.1.app"), "file.u0.1.app"),
+        ListenFd(make_memfd(b"stale"), "file.u0.9.app"),
+    ]
+    del notes.sent[:]
+    carrier = FdStoreCarrier(kernel, listen, send=notes)
+    try:
+        fd = carrier.kept_file((0, "app", 1))
+        assert os.pread(fd, 10, 0) == b"kept"
+        os.close(fd)
+        assert carrier.kept_file((0, "app", 1)) == -1  # handed out once
+        carrier.release_unclaimed()
+        assert notes.lines() == ["FDSTOREREMOVE=1 FDNAME=file.u0.9.app"]
+        carrier.release_file((0, "app", 1))  # taken back: it is luod's to remove
+        assert notes.lines()[-1] == "FDSTOREREMOVE=1 FDNAME=file.u0.1.app"
+    finally:
+        carrier.close()
+        os.close(memfd)
+
+
+def test_an_intent_counts_until_the_next_commit(kernel: FakeBackend, notes: Notes) -> None:
+    carrier = FdStoreCarrier(kernel, [], send=notes)
+    try:
+        assert carrier.load() is None
+        carrier.save(b"{}")
+        carrier.intend(b"first")
+        carrier.intend(b"second")  # a later one replaces it
+    finally:
+        carrier.close()
+
+    def restarted(then: bytes | None = None) -> IncomingState | None:
+        """What the next luod finds in the store; `then`: it commits that."""
+        names = ("luod-manifest-a", "luod-journal")
+        c = FdStoreCarrier(kernel, [ListenFd(os.dup(notes.pushed(n)), n) for n in names])
+        try:
+            state = c.load()
+            if then is not None:
+                c.save(then)
+            return state
+        finally:
+            c.close()
+
+    state = restarted()
+    assert state is not None and state.intent == b"second"
+    restarted(then=b"{2}")  # a commit after the intent voids it
+    state = restarted()
+    assert state is not None and state.intent is None

@@ -12,6 +12,7 @@ import pytest
 from luod.cli import main
 from luod.cli.common import format_bytes, format_time, table
 from luod.cli.main import build_parser
+from luod.cli.status import crash_cost_lines
 
 COMMANDS = [
     "status",
@@ -122,3 +123,37 @@ def test_handback_needs_a_service_manager(
     monkeypatch.setenv("FDSTORE", "0")
     assert main([f"--socket={tmp_path}/absent", "handback", "s"]) == 1
     assert "the unit has no fd store" in capsys.readouterr().err
+
+
+def _cost(
+    sessions: int, files: int, size: int, everything: bool, **more: object
+) -> dict[str, object]:
+    return {
+        "sessions": sessions,
+        "files": files,
+        "bytesPinned": size,
+        "everything": everything,
+        "reason": "WHY",
+        "problems": [],
+        **more,
+    }
+
+
+def test_crash_cost_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert crash_cost_lines(_cost(0, 0, 0, False)) == [
+        "a luod crash now would release nothing: WHY"
+    ]
+    assert crash_cost_lines(_cost(0, 0, 0, True)) == ["a luod crash now would release nothing: WHY"]
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert crash_cost_lines(_cost(3, 1, 4096, True)) == [
+        "a luod crash now would release 3 sessions, 1 file, 4.0 KiB (everything luod holds): WHY"
+    ]
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert crash_cost_lines(_cost(1, 2, 10, True)) == [
+        "a luod crash now would release 1 session, 2 files, 10 B (everything luod holds for you): WHY"
+    ]
+    problems = [{"session": "app", "name": None, "reason": "not in the store"}]
+    assert crash_cost_lines(_cost(1, 2, 10, False, problems=problems)) == [
+        "a luod crash now would release 1 session, 2 files, 10 B: WHY",
+        "  app: not in the store",
+    ]
