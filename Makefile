@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all venv deps lint test test-fast test-vm test-systemd demo bench bench-systemd idl kernel root tools man wheel deb debdeps clean
+.PHONY: all venv deps lint test test-fast test-vm test-systemd demo demo-vm bench bench-systemd idl kernel root tools man wheel deb debdeps clean
 
 all: test
 
@@ -23,9 +23,9 @@ deps:
 	vm/host-deps.sh all
 
 lint: venv
-	$(VENV)/bin/ruff check luod tests testsupport tools $(wildcard bench/*.py)
-	$(VENV)/bin/ruff format --check luod tests testsupport tools $(wildcard bench/*.py)
-	$(VENV)/bin/mypy --strict luod tests testsupport tools $(wildcard bench/*.py)
+	$(VENV)/bin/ruff check luod tests testsupport tools $(wildcard bench/*.py) examples
+	$(VENV)/bin/ruff format --check luod tests testsupport tools $(wildcard bench/*.py) examples
+	$(VENV)/bin/mypy --strict luod tests testsupport tools $(wildcard bench/*.py) $(wildcard examples/*/*.py)
 
 # The IDL files in protocol/ are rendered from luod/varlink/'s types and
 # luod/errors.py's catalogue; tests/test_idl.py fails when they differ.
@@ -80,10 +80,18 @@ demo: venv deps
 	vm/build-kernel.sh stock >/dev/null
 	$(PY) -m tests.vm.demo
 
+# A QEMU VM through the host's live update (examples/qemu-cpr/, QEMU 11 in the
+# sid root), with the guest's pause part by part; the scenario of
+# tests/systemd/test_qemu_cpr.py.
+demo-vm: venv deps root
+	vm/build-kernel.sh stock >/dev/null
+	$(PY) -m tests.systemd.demo_vm
+
 bench: venv deps
 	vm/build-kernel.sh stock >/dev/null
 	$(PY) -m bench.run
 	$(PY) -m bench.barrier 100
+	$(PY) -m bench.others 5000
 
 # luod vs a service's own fd store (sd_notify FDSTORE=1) under systemd 262.
 bench-systemd: venv deps root

@@ -1,7 +1,8 @@
 """Guest side of `make bench`: the reclaim cases. Before a kexec, S sessions
 x F memfds go into luod and as many into raw sessions of this process; after
-it, the raw loop that luod's reclaim is compared with. Called by
-bench/guest.py, which measures luod's side.
+it, the raw loop that luod's reclaim is compared with, and getting every fd
+back through luod (one RetrieveFd per fd, one RetrieveFds per session).
+Called by bench/guest.py, which measures luod's side.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import time
 from typing import Any
 
+from luod.client import Client
 from luod.kernel.backend import KernelBackend
 from testsupport.guest import close_all, memfds
 from testsupport.luodproc import LuodProcess
@@ -67,3 +69,22 @@ def raw_reclaim(sessions: int, files: int) -> dict[str, float]:
         close_all(fds)
     close_all(out)
     return {"retrieve": t1 - t0, "finish_represerve": t2 - t1}
+
+
+def retrieve_per_fd(c: Client, sessions: int, files: int) -> float:
+    """Every fd back through luod, one RetrieveFd (a copy) per fd."""
+    t0 = time.perf_counter()
+    for s in range(sessions):
+        for i in range(files):
+            os.close(c.retrieve_fd(f"rec-{s}", f"f{i}"))
+    return time.perf_counter() - t0
+
+
+def retrieve_batches(c: Client, sessions: int) -> float:
+    """Every fd back through luod, one RetrieveFds (copies, every fd of the
+    session) per session."""
+    t0 = time.perf_counter()
+    for s in range(sessions):
+        for _name, fd in c.retrieve_fds(f"rec-{s}"):
+            os.close(fd)
+    return time.perf_counter() - t0

@@ -24,6 +24,7 @@ from testsupport.vm.timeline import CLOCK_NOTE, Timeline
 
 HANDOFF_TARGET = 3.0
 RECLAIM_TARGET = 2.0
+RETRIEVE_TARGET = 3.0
 
 
 def median(xs: Sequence[float]) -> float:
@@ -174,7 +175,7 @@ def analyse(
             )
         w("")
     # --- reclaim ---
-    w("## Reclaim at boot: S sessions x 10 memfds, after a real kexec")
+    w("## Reclaim at boot: S sessions x F memfds, after a real kexec")
     w("")
     w(
         "| S x F | luod reclaim (durationUSec) | luod start -> READY | raw RETRIEVE loop | "
@@ -187,6 +188,7 @@ def analyse(
         case = st["case"]
         c = {
             "sessions": case["sessions"],
+            "files": case["files"],
             "raw_first": bool(case.get("raw_first")),
             "rec": st["reclaim"]["durationUSec"] / 1e6,
             "start": st["luod_start"],
@@ -216,20 +218,20 @@ def analyse(
     fresh = s1["luod_start_fresh"]
     w(f"- luod start -> READY with nothing to reclaim (stage 1, fresh boot): {fmt_s(fresh)}")
     # Cases of the same size and order: medians (each case is one kexec).
-    groups: dict[tuple[int, bool], dict[str, float]] = {}
-    for key in sorted({(int(c["sessions"]), bool(c["raw_first"])) for c in cases}):
-        members = [c for c in cases if (c["sessions"], c["raw_first"]) == key]
+    groups: dict[tuple[int, int, bool], dict[str, float]] = {}
+    for key in sorted({(int(c["sessions"]), int(c["files"]), bool(c["raw_first"])) for c in cases}):
+        members = [c for c in cases if (c["sessions"], c["files"], c["raw_first"]) == key]
         groups[key] = {
             f: median([float(c[f]) for c in members])
             for f in ("rec", "start", "raw", "like", "again", "raw_again", "blackout")
         }
         groups[key]["n"] = len(members)
-    for (sessions, raw_first), g in groups.items():
+    for (sessions, files, raw_first), g in groups.items():
         r = g["rec"] / g["raw"]
         order = "raw loop first" if raw_first else "luod first, as in production"
         runs = f"median of {g['n']:.0f} kexecs" if g["n"] > 1 else "one kexec"
         w(
-            f"- {sessions} x 10, {order} ({runs}): reclaim vs raw retrieve loop {fmt_x(r)} "
+            f"- {sessions} x {files}, {order} ({runs}): reclaim vs raw retrieve loop {fmt_x(r)} "
             f"({verdict(r, RECLAIM_TARGET)}); luod's whole reclaim including preserving every "
             f"session again after READY vs raw retrieve + FINISH + re-PRESERVE (what custody "
             f"across the next kexec takes) {fmt_x((g['rec'] + g['again']) / g['like'])}; luod start -> "
@@ -237,11 +239,11 @@ def analyse(
             f"{g['rec'] / g['blackout'] * 100:.1f}% of the blackout"
             + (" (which includes the raw loop)" if raw_first else "")
         )
-    for (sessions, raw_first), g in groups.items():
-        other = groups.get((sessions, not raw_first))
+    for (sessions, files, raw_first), g in groups.items():
+        other = groups.get((sessions, files, not raw_first))
         if raw_first and other is not None:
             w(
-                f"- order effect at {sessions} x 10 (who makes the first LUO calls after the "
+                f"- order effect at {sessions} x {files} (who makes the first LUO calls after the "
                 f"boot): luod reclaim {fmt_s(other['rec'])} when first, {fmt_s(g['rec'])} when "
                 f"second; raw loop {fmt_s(g['raw'])} when first, {fmt_s(other['raw'])} when second"
             )
@@ -249,7 +251,7 @@ def analyse(
             # compare luod with the raw loop in the same place.
             first, second = other["rec"] / g["raw"], g["rec"] / other["raw"]
             w(
-                f"- {sessions} x 10, each compared in the same place (both first after the boot, "
+                f"- {sessions} x {files}, each compared in the same place (both first after the boot, "
                 f"both second): reclaim vs raw retrieve loop {fmt_x(first)} first "
                 f"({verdict(first, RECLAIM_TARGET)}), {fmt_x(second)} second "
                 f"({verdict(second, RECLAIM_TARGET)})"
@@ -265,6 +267,7 @@ def analyse(
             f"{tl.between((k, 'init'), (k, 'luod-starting')):.1f} s"
         )
     w("")
+    lines += retrieve_section(stages)
 
     # --- RSS ---
     held = s1["held"]
@@ -319,9 +322,9 @@ def analyse(
             f"{fmt_x(held['handoff_seconds'] / med['batches'][large])} (per fd {per_big * 1e6:.0f} -> "
             f"{held['handoff_seconds'] / held['files'] * 1e6:.0f} us) |"
         )
-    sizes = sorted(k[0] for k in groups if not k[1])
+    sizes = sorted(k[0] for k in groups if k[1] == 10 and not k[2])
     if len(sizes) >= 2:
-        a_, b_ = groups[(sizes[0], False)], groups[(sizes[-1], False)]
+        a_, b_ = groups[(sizes[0], 10, False)], groups[(sizes[-1], 10, False)]
         label = f"{sizes[0]}x10 -> {sizes[-1]}x10"
         for key_, what in (
             ("rec", "luod reclaim"),
@@ -338,6 +341,46 @@ def analyse(
         f"Clock: hand-off and reclaim timings are the guest's monotonic clock; blackout is the {CLOCK_NOTE}."
     )
     return lines
+
+
+def retrieve_section(stages: list[dict[str, Any]]) -> list[str]:
+    """Getting every fd back through luod after the kexec, next to the raw
+    retrieve loop of the same boot (copies; the raw loop's fds are its own)."""
+    rows = [st for st in stages[1:] if "retrieve_batches_via_luod" in st]
+    if not rows:
+        return []
+    out = [
+        "## Getting the fds back after the kexec: RetrieveFds vs the raw retrieve loop",
+        "",
+        "| S x F | raw RETRIEVE loop | luod RetrieveFds (one call per session) | ratio | "
+        "luod RetrieveFd per fd | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    layouts: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for st in rows:
+        case = st["case"]
+        s, f = int(case["sessions"]), int(case["files"])
+        raw = float(st["raw"]["retrieve"])
+        batch = float(st["retrieve_batches_via_luod"])
+        per_fd = float(st["retrieve_all_via_luod"])
+        label = f"{s} x {f}" + (", raw loop first" if case.get("raw_first") else "")
+        out.append(
+            f"| {label} | {fmt_s(raw)} | {fmt_s(batch)} ({s} calls) | {fmt_x(batch / raw)} | "
+            f"{fmt_s(per_fd)} ({s * f} calls) | {fmt_x(per_fd / raw)} |"
+        )
+        layouts.setdefault((s, f), []).append((batch / raw, per_fd / raw))
+    out.append("")
+    for (s, f), ratios in layouts.items():
+        r = median([b for b, _ in ratios])
+        p = median([x for _, x in ratios])
+        runs = f"median of {len(ratios)} kexecs" if len(ratios) > 1 else "one kexec"
+        out.append(
+            f"- {s * f:,} memfds back via RetrieveFds vs the raw retrieve loop, {s} x {f} "
+            f"({s} calls, one per session; {runs}): {fmt_x(r)} ({verdict(r, RETRIEVE_TARGET)}); "
+            f"one RetrieveFd per fd: {fmt_x(p)}"
+        )
+    out.append("")
+    return out
 
 
 def profile_report(results: Path) -> list[str]:

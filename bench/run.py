@@ -14,6 +14,9 @@ to what the kernel itself costs, measured in the same run:
   and their share of the blackout from `luoctl kexec` to the first fd
   retrieved through luod; then luod preserving every session again after
   READY (reclaim.preservedAgainUSec), vs the raw FINISH + re-PRESERVE loop;
+- getting 1,000 memfds back through luod after the kexec: RetrieveFds (one
+  call per session, 100 x 10 and 8 x 125) and one RetrieveFd per fd, vs the
+  raw retrieve loop (target: <= 3x);
 - luod's RSS idle and with many held fds;
 - scaling: 10x the fds, the time ratio.
 
@@ -93,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--handoff", default="100,1000", help="fds per hand-off run (default 100,1000)")
     p.add_argument(
         "--reclaim",
-        default="10,100,100r,100,100r",
-        help="sessions (x10 fds) per reclaim case, one kexec each; a trailing r: the raw "
-        "loop runs before luod starts; repeated cases are reported as medians "
-        "(default 10,100,100r,100,100r)",
+        default="10,100,100r,100,100r,8x125",
+        help="sessions per reclaim case (x10 fds, or SxF: F fds each, at most 128 on 7.3), "
+        "one kexec each; a trailing r: the raw loop runs before luod starts; repeated "
+        "cases are reported as medians (default 10,100,100r,100,100r,8x125)",
     )
     p.add_argument("--held", type=int, default=10000, help="fds luod holds for the RSS test")
     p.add_argument("--profile", action="store_true", help="luod under cProfile; import times")
@@ -134,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {
         "repeats": args.repeats,
         "handoff": [int(x) for x in args.handoff.split(",")],
-        "reclaim": [int(x.rstrip("r")) for x in args.reclaim.split(",")],
+        "reclaim": [int(x.rstrip("r").partition("x")[0]) for x in args.reclaim.split(",")],
+        "reclaim_files": [
+            int(x.rstrip("r").partition("x")[2] or 10) for x in args.reclaim.split(",")
+        ],
         "raw_first": [x.endswith("r") for x in args.reclaim.split(",")],
         "held": args.held,
         "profile": args.profile,

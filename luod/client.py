@@ -9,6 +9,8 @@ JSON by their index in the message.
         c.preserve_fd("cache", "index", memfd, create_session=True)
         ...
         fd = c.retrieve_fd("cache", "index")
+        for name, fd in c.retrieve_fds("cache"):  # every fd of the session
+            ...
 """
 
 from __future__ import annotations
@@ -48,13 +50,23 @@ class Reply:
 
     def take_fd(self, key: str = "fileDescriptor") -> int:
         """Take the fd the reply names under `key`; the rest are closed."""
-        index = self.parameters[key]
-        if not isinstance(index, int) or not 0 <= index < len(self.fds):
+        try:
+            return self.take_index(self.parameters[key], key)
+        finally:
             self.close()
-            raise VarlinkError("io.luod.client.MissingFd", {"parameter": key, "index": index})
+
+    def take_index(self, index: Any, parameter: str) -> int:
+        """Take the fd at `index` of the reply's fds (each once); the rest
+        stay with the reply until close()."""
+        if (
+            not isinstance(index, int)
+            or isinstance(index, bool)
+            or not 0 <= index < len(self.fds)
+            or self.fds[index] < 0
+        ):
+            raise VarlinkError("io.luod.client.MissingFd", {"parameter": parameter, "index": index})
         fd = self.fds[index]
         self.fds[index] = -1
-        self.close()
         return fd
 
     def close(self) -> None:
@@ -196,6 +208,35 @@ class Client:
         if take:
             params["take"] = True
         return self.call(f"{CUSTODY}.RetrieveFd", params).take_fd()
+
+    def retrieve_fds(
+        self,
+        session: str,
+        names: Sequence[str] | None = None,
+        take: bool = False,
+        owner: int | None = None,
+    ) -> list[tuple[str, int]]:
+        """Many held fds in one call: those `names`, or every fd of the
+        session; (name, fd) in the order asked for. All or nothing. At most
+        MAX_FDS_PER_MESSAGE (253) per call: luod refuses more (TooManyFds)."""
+        params: dict[str, Any] = _with_owner({"session": session}, owner)
+        if names is not None:
+            params["names"] = list(names)
+        if take:
+            params["take"] = True
+        r = self.call(f"{CUSTODY}.RetrieveFds", params)
+        got: list[tuple[str, int]] = []
+        try:
+            for i, entry in enumerate(r.parameters["files"]):
+                fd = r.take_index(entry["fileDescriptor"], f"files[{i}].fileDescriptor")
+                got.append((entry["file"]["name"], fd))
+        except BaseException:
+            for _name, fd in got:
+                os.close(fd)
+            raise
+        finally:
+            r.close()
+        return got
 
     def create_delegated_session(self, session: str) -> int:
         """A session fd to preserve your own files into; luod holds a copy."""

@@ -44,7 +44,7 @@ class CrashCost:
 def crash_cost(ledger: Ledger, uid: int | None = None) -> CrashCost:
     """What luod's exit now would release of what it holds (for `uid`)."""
     carrier = ledger.carrier
-    held = [s for s in ledger.sessions.values() if uid is None or s.owner.uid == uid]
+    held = list(ledger.sessions.values() if uid is None else ledger.owned_by(uid))
     if not carrier.holds_after_exit:
         reason = (
             f"luod holds every session fd itself ({carrier.name} carrier) and nothing outside "

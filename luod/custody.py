@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
@@ -115,7 +115,7 @@ class Custodian:
         return self.ledger.previous_subscribers
 
     @property
-    def sessions(self) -> dict[SessionKey, Session]:
+    def sessions(self) -> Mapping[SessionKey, Session]:
         """Every session held, by (owner uid, name): for the custody modules and tests.
         Everyone else goes through list_sessions() (which checks the peer),
         status() or session_count."""
@@ -177,6 +177,7 @@ class Custodian:
             self.preserve_again(s.key)
         if s.claim_deadline is not None:
             s.claim_deadline = None
+            self.ledger.changed(s)  # recorded with the next commit
             log.info(
                 "session-claimed",
                 session=s.name,
@@ -215,11 +216,11 @@ class Custodian:
             fd=sfd,
             kexec_count=ledger.kexec_count,
         )
-        ledger.sessions[s.key] = s
+        ledger.add(s)
         ledger.carrier.session_held(kernel_name, sfd)
         reached("create.held")
         if commit:
-            ledger.save()
+            ledger.commit()
         log.info(
             "session-created",
             session=name,
@@ -266,10 +267,10 @@ class Custodian:
             fd=fd,
             kexec_count=ledger.kexec_count,
         )
-        ledger.sessions[s.key] = s
+        ledger.add(s)
         ledger.carrier.session_held(name, fd)
         reached("adopt.held")
-        ledger.save()
+        ledger.commit()
         log.info("session-adopted", session=name, owner=s.owner.describe())
         return s
 
@@ -292,11 +293,7 @@ class Custodian:
             ]
         else:
             uid = self.scope(peer, owner, session or "")
-            found = [
-                s
-                for s in self.ledger.sessions.values()
-                if s.owner.uid == uid and (session is None or s.name == session)
-            ]
+            found = [s for s in self.ledger.owned_by(uid) if session is None or s.name == session]
         if session is not None and not found:
             raise errors.NoSuchSession(session)
         return found
@@ -411,15 +408,26 @@ class Custodian:
             for fd in out:
                 os.close(fd)
             raise
-        if files:
-            # One line for a batch, as for a hand-off; every name is in it.
+        # As a hand-off logs: one file as RetrieveFd does, a batch in one
+        # line with every name in it.
+        who = {"by": peer.describe()} if take else {"to": peer.describe()}
+        if len(files) == 1:
+            log.info(
+                "fd-taken" if take else "fd-copied",
+                session=s.name,
+                name=files[0].name,
+                owner=s.owner.describe(),
+                **who,
+                **_acting_for(peer, s),
+            )
+        elif files:
             log.info(
                 "fds-taken" if take else "fds-copied",
                 session=s.name,
                 names=",".join(f.name for f in files),
                 count=len(files),
                 owner=s.owner.describe(),
-                **({"by": peer.describe()} if take else {"to": peer.describe()}),
+                **who,
                 **_acting_for(peer, s),
             )
         return list(zip(out, files, strict=True))
@@ -445,7 +453,7 @@ class Custodian:
             ledger.unindex(f)
             del s.files[f.name]
         if remaining:
-            ledger.save()
+            ledger.commit(s)
             reached("take.committed")
         else:
             ledger.drop(s, "its last fd was taken")
@@ -484,8 +492,8 @@ class Custodian:
             )
             return os.dup(s.fd), seen
         fd, s.fd = s.fd, -1
-        del ledger.sessions[s.key]
-        ledger.save()
+        ledger.remove(s.key)
+        ledger.commit()
         reached("release.committed")
         ledger.carrier.session_dropped(s.kernel_name)
         log.info(

@@ -218,6 +218,20 @@ class QuotaExceeded(LuodError, interface=CUSTODY):
     limit: int
 
 
+class TooManyFds(LuodError, interface=CUSTODY):
+    """The call would return count fds, more than one reply carries (limit,
+    SCM_MAX_FD); nothing was handed out. Name the files, at most limit per
+    call."""
+
+    sentence = (
+        "session '{session}': {count} fds asked for, at most {limit} fit one reply; "
+        "name them (names), at most {limit} per call"
+    )
+    session: str
+    count: int
+    limit: int
+
+
 # --- io.luod.Manager -----------------------------------------------------------
 
 

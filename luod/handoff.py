@@ -143,7 +143,7 @@ def _preserve_fds(
     reached("handoff.preserved")
     ledger.keep(s, added)
     reached("handoff.kept")
-    ledger.save()
+    ledger.commit(s)
     reached("handoff.committed")
     if len(added) == 1:
         (f,) = added
@@ -181,7 +181,7 @@ def _rollback(ledger: Ledger, s: Session, added: list[HeldFile], created: bool) 
         return
     if added:
         ledger.represerve(s, s.files.values())
-    ledger.save()
+    ledger.commit(s)
 
 
 def _refusal(facts: fdinfo.FdFacts) -> str:

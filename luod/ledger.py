@@ -17,7 +17,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 
@@ -25,7 +25,7 @@ from luod import errors
 from luod.carriers import Carrier, FileKey
 from luod.crashpoint import reached
 from luod.kernel.backend import Backend, LuoError
-from luod.manifest import Manifest, ManifestError, to_json
+from luod.manifest import Manifest, ManifestError, change_json, to_json
 from luod.model import HeldFile, Holdings, Session, SessionKey, SessionState
 from luod.names import kernel_session_name
 
@@ -52,7 +52,15 @@ class Ledger:
         # Written into the manifest: a manifest of this very boot means luod
         # was restarted, not kexeced. "" (unknown) never matches.
         self.boot_id = boot_id
-        self.sessions: dict[SessionKey, Session] = {}
+        # Every session, and each owner's by name: what one owner holds is
+        # counted without looking at anyone else's (issue 12). Changed only
+        # through add() and remove().
+        self._sessions: dict[SessionKey, Session] = {}
+        self._by_uid: dict[int, dict[str, Session]] = {}
+        # What changed since the manifest last recorded it: commit() writes
+        # just that (a record appended to the manifest's log).
+        self._changed: dict[SessionKey, Session] = {}
+        self._gone: set[SessionKey] = set()
         self.kexec_count = 0
         # How many kernel sessions luod has named so far, across kexecs.
         self.name_counter = 0
@@ -71,9 +79,39 @@ class Ledger:
 
     # --- what is held ----------------------------------------------------------
 
+    @property
+    def sessions(self) -> Mapping[SessionKey, Session]:
+        return self._sessions
+
+    def owned_by(self, uid: int) -> Iterable[Session]:
+        return self._by_uid.get(uid, {}).values()
+
+    def add(self, s: Session) -> None:
+        """Hold `s` (recorded with the next commit)."""
+        self._sessions[s.key] = s
+        self._by_uid.setdefault(s.owner.uid, {})[s.name] = s
+        self._changed[s.key] = s
+
+    def remove(self, key: SessionKey) -> Session | None:
+        """Stop holding the session `key` (recorded with the next commit);
+        its fds are the caller's to close."""
+        s = self._sessions.pop(key, None)
+        if s is not None:
+            own = self._by_uid[key[0]]
+            del own[key[1]]
+            if not own:
+                del self._by_uid[key[0]]
+            self._changed.pop(key, None)
+            self._gone.add(key)
+        return s
+
+    def changed(self, s: Session) -> None:
+        """`s` changed in a way the next commit must record (a claim)."""
+        self._changed[s.key] = s
+
     def holdings(self, uid: int | None = None) -> Holdings:
         """What luod holds in all, or (`uid`) for one owner."""
-        held = [s for s in self.sessions.values() if uid is None or s.owner.uid == uid]
+        held = list(self._sessions.values() if uid is None else self.owned_by(uid))
         return Holdings(
             sessions=len(held),
             files=sum(len(s.files) for s in held),
@@ -104,9 +142,10 @@ class Ledger:
 
     # --- the manifest ----------------------------------------------------------
 
-    def manifest(self) -> Manifest:
+    def manifest(self, sessions: bool = True) -> Manifest:
+        """The manifest as luod holds now (`sessions`: with them)."""
         return Manifest(
-            sessions=list(self.sessions.values()),
+            sessions=list(self._sessions.values()) if sessions else [],
             kexec_count=self.kexec_count,
             name_counter=self.name_counter,
             written_at=self.clock(),
@@ -115,17 +154,37 @@ class Ledger:
         )
 
     def save(self) -> None:
+        """Write the whole manifest."""
         if self.manifest_error is not None:
             # Writing would shadow the incoming state the operator must see.
             return
         self.carrier.save(to_json(self.manifest()))
+        self._changed.clear()
+        self._gone.clear()
+
+    def commit(self, *changed: Session) -> None:
+        """Record what changed: `changed`, the sessions added, let go of or
+        marked changed() since the last record, and everything but the
+        sessions. One record appended to the manifest, in proportion to
+        what changed (a whole manifest when the carrier asks for one)."""
+        if self.manifest_error is not None:
+            return
+        for s in changed:
+            self._changed[s.key] = s
+        put = [s for key, s in self._changed.items() if self._sessions.get(key) is s]
+        record = change_json(self.manifest(sessions=False), put, sorted(self._gone))
+        if self.carrier.append(record):
+            self._changed.clear()
+            self._gone.clear()
+        else:
+            self.save()
 
     def note_subscriber(self, name: str, uid: int) -> None:
         """Remember who subscribed in this boot, so that after the kexec
         they are told what came with them ("resumed")."""
         if (name, uid) not in self.known_subscribers:
             self.known_subscribers.add((name, uid))
-            self.save()
+            self.commit()
 
     # --- write-ahead --------------------------------------------------------------
 
@@ -256,8 +315,8 @@ class Ledger:
         restarted in between releases what the manifest does not name."""
         gone = list(gone)
         for s in gone:
-            self.sessions.pop(s.key, None)
-        self.save()
+            self.remove(s.key)
+        self.commit()
         reached("release.committed")
         for s in gone:
             for f in s.files.values():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import json.encoder
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
@@ -76,35 +76,46 @@ def _with_array(head: dict[str, Any], key: str, items: list[str]) -> str:
     return text[:-1] + ',"' + key + '":[' + ",".join(items) + "]}"
 
 
-def to_json(m: Manifest) -> bytes:
-    doc = {
-        "version": m.version,
-        "generator": "luod",
+def _meta(m: Manifest) -> dict[str, Any]:
+    """What the manifest says besides its sessions."""
+    return {
         "bootId": m.boot_id,
         "kexecCount": m.kexec_count,
         "nameCounter": m.name_counter,
         "written": m.written_at,
         "subscribers": [{"name": n, "uid": u} for n, u in sorted(m.subscribers)],
     }
-    sessions = [
-        _with_array(
-            {
-                "name": s.name,
-                "kind": s.kind.value,
-                "kernelName": s.kernel_name,
-                # State and deadline matter to a luod restarted in the same
-                # boot; after a kexec every session is incoming anyway.
-                "state": s.state.value,
-                "claimDeadline": s.claim_deadline,
-                "owner": _owner_to_json(s.owner),
-                "created": s.created_at,
-            },
-            "files",
-            [f.manifest_entry or _file_entry(f) for f in s.files.values()],
-        )
-        for s in m.sessions
-    ]
-    return _with_array(doc, "sessions", sessions).encode()
+
+
+def _session_json(s: Session) -> str:
+    return _with_array(
+        {
+            "name": s.name,
+            "kind": s.kind.value,
+            "kernelName": s.kernel_name,
+            # State and deadline matter to a luod restarted in the same
+            # boot; after a kexec every session is incoming anyway.
+            "state": s.state.value,
+            "claimDeadline": s.claim_deadline,
+            "owner": _owner_to_json(s.owner),
+            "created": s.created_at,
+        },
+        "files",
+        [f.manifest_entry or _file_entry(f) for f in s.files.values()],
+    )
+
+
+def to_json(m: Manifest) -> bytes:
+    doc = {"version": m.version, "generator": "luod", **_meta(m)}
+    return _with_array(doc, "sessions", [_session_json(s) for s in m.sessions]).encode()
+
+
+def change_json(m: Manifest, put: list[Session], gone: list[tuple[int, str]]) -> bytes:
+    """A change of the manifest `m` as one log record (luod.carriers.slots):
+    the sessions `put` as they are now, the sessions `gone`, and everything
+    but the sessions. Read back by from_json() over the base."""
+    doc = {"del": [[uid, name] for uid, name in gone], "meta": _meta(m)}
+    return _with_array(doc, "put", [_session_json(s) for s in put]).encode()
 
 
 def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -152,13 +163,19 @@ def _checked_file(d: Any, where: str) -> HeldFile:
     )
 
 
-def from_json(raw: bytes) -> Manifest:
+def _load(raw: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError("corrupt", f"manifest is not valid JSON: {e}") from None
+        raise ManifestError("corrupt", f"{what} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise ManifestError("corrupt", "manifest is not a JSON object")
+        raise ManifestError("corrupt", f"{what} is not a JSON object")
+    return doc
+
+
+def from_json(raw: bytes, records: Sequence[bytes] = ()) -> Manifest:
+    """The manifest of base `raw` with the change `records` applied in order."""
+    doc = _load(raw, "manifest")
     version = _get(doc, "version", int, "manifest")
     if version not in READS_VERSIONS:
         raise ManifestError(
@@ -166,59 +183,74 @@ def from_json(raw: bytes) -> Manifest:
             f"manifest version {version} is not known to this luod "
             f"(it reads versions {', '.join(map(str, sorted(READS_VERSIONS)))})",
         )
-    sessions: list[Session] = []
-    seen: set[tuple[int, str]] = set()
+    sessions: dict[tuple[int, str], Session] = {}
     for i, sd in enumerate(_get(doc, "sessions", list, "manifest")):
-        where = f"sessions[{i}]"
-        if not isinstance(sd, dict):
-            raise ManifestError("corrupt", f"manifest: {where} is not an object")
-        od = _get(sd, "owner", dict, where)
-        unit = od.get("unit")
-        if unit is not None and not isinstance(unit, str):
-            raise ManifestError("corrupt", f"manifest: {where}.owner.unit has the wrong type")
-        try:
-            kind = SessionKind(_get(sd, "kind", str, where))
-            state = SessionState(sd.get("state", SessionState.OUTGOING.value))
-        except ValueError:
-            raise ManifestError("corrupt", f"manifest: {where}.kind or .state is unknown") from None
-        deadline = sd.get("claimDeadline")
-        if deadline is not None and (
-            not isinstance(deadline, int | float) or isinstance(deadline, bool)
-        ):
-            raise ManifestError("corrupt", f"manifest: {where}.claimDeadline has the wrong type")
-        s = Session(
-            name=_get(sd, "name", str, where),
-            kind=kind,
-            owner=Owner(
-                uid=_get(od, "uid", int, where + ".owner"), unit=unit, comm=str(od.get("comm", ""))
-            ),
-            kernel_name=_get(sd, "kernelName", str, where),
-            created_at=float(_get(sd, "created", (int, float), where)),
-            state=state,
-            claim_deadline=None if deadline is None else float(deadline),
-        )
-        if s.key in seen:
+        s = _session(sd, f"sessions[{i}]")
+        if s.key in sessions:
             raise ManifestError(
                 "corrupt", f"manifest: session '{s.name}' of uid {s.owner.uid} appears twice"
             )
-        seen.add(s.key)
-        tokens: set[int] = set()
-        for j, fd_ in enumerate(_get(sd, "files", list, where)):
-            f = _file(fd_) or _checked_file(fd_, f"{where}.files[{j}]")
-            if f.name in s.files or f.token in tokens:
-                fwhere = f"{where}.files[{j}]"
-                raise ManifestError("corrupt", f"manifest: {fwhere} repeats a name or token")
-            tokens.add(f.token)
-            s.files[f.name] = f
-        sessions.append(s)
+        sessions[s.key] = s
+    meta = doc
+    for n, raw_record in enumerate(records):
+        where = f"change {n + 1}"
+        record = _load(raw_record, f"manifest {where}")
+        for j, key in enumerate(_get(record, "del", list, where)):
+            if not (isinstance(key, list) and len(key) == 2 and type(key[0]) is int):
+                raise ManifestError("corrupt", f"manifest: {where}.del[{j}] is not [uid, name]")
+            sessions.pop((key[0], str(key[1])), None)
+        for j, sd in enumerate(_get(record, "put", list, where)):
+            s = _session(sd, f"{where}.put[{j}]")
+            sessions.pop(s.key, None)  # a session put again goes to the end
+            sessions[s.key] = s
+        meta = _get(record, "meta", dict, where)
     return Manifest(
-        sessions=sessions,
-        kexec_count=_get(doc, "kexecCount", int, "manifest"),
-        name_counter=_get(doc, "nameCounter", int, "manifest"),
-        written_at=float(_get(doc, "written", (int, float), "manifest")),
-        boot_id=str(doc.get("bootId", "")),
-        subscribers=_subscribers(doc.get("subscribers", [])),
+        sessions=list(sessions.values()),
+        kexec_count=_get(meta, "kexecCount", int, "manifest"),
+        name_counter=_get(meta, "nameCounter", int, "manifest"),
+        written_at=float(_get(meta, "written", (int, float), "manifest")),
+        boot_id=str(meta.get("bootId", "")),
+        subscribers=_subscribers(meta.get("subscribers", [])),
     )
+
+
+def _session(sd: Any, where: str) -> Session:
+    if not isinstance(sd, dict):
+        raise ManifestError("corrupt", f"manifest: {where} is not an object")
+    od = _get(sd, "owner", dict, where)
+    unit = od.get("unit")
+    if unit is not None and not isinstance(unit, str):
+        raise ManifestError("corrupt", f"manifest: {where}.owner.unit has the wrong type")
+    try:
+        kind = SessionKind(_get(sd, "kind", str, where))
+        state = SessionState(sd.get("state", SessionState.OUTGOING.value))
+    except ValueError:
+        raise ManifestError("corrupt", f"manifest: {where}.kind or .state is unknown") from None
+    deadline = sd.get("claimDeadline")
+    if deadline is not None and (
+        not isinstance(deadline, int | float) or isinstance(deadline, bool)
+    ):
+        raise ManifestError("corrupt", f"manifest: {where}.claimDeadline has the wrong type")
+    s = Session(
+        name=_get(sd, "name", str, where),
+        kind=kind,
+        owner=Owner(
+            uid=_get(od, "uid", int, where + ".owner"), unit=unit, comm=str(od.get("comm", ""))
+        ),
+        kernel_name=_get(sd, "kernelName", str, where),
+        created_at=float(_get(sd, "created", (int, float), where)),
+        state=state,
+        claim_deadline=None if deadline is None else float(deadline),
+    )
+    tokens: set[int] = set()
+    for j, fd_ in enumerate(_get(sd, "files", list, where)):
+        f = _file(fd_) or _checked_file(fd_, f"{where}.files[{j}]")
+        if f.name in s.files or f.token in tokens:
+            fwhere = f"{where}.files[{j}]"
+            raise ManifestError("corrupt", f"manifest: {fwhere} repeats a name or token")
+        tokens.add(f.token)
+        s.files[f.name] = f
+    return s
 
 
 def _subscribers(raw: Any) -> set[tuple[str, int]]:

@@ -102,7 +102,7 @@ class Reclaimer:
             log.info("started-fresh", backend=ledger.backend.name, carrier=ledger.carrier.name)
             return self.report
         try:
-            manifest = from_json(incoming.payload)
+            manifest = from_json(incoming.payload, incoming.records)
         except ManifestError as e:
             return self._unusable(e, t0, source=incoming.source)
         if ledger.boot_id and manifest.boot_id == ledger.boot_id:
@@ -139,20 +139,14 @@ class Reclaimer:
             sfd = self._retrieve_or_report(old, report, quiet=managed)
             if sfd < 0 and not (managed and self._any_kept(old)):
                 if managed:
-                    log.error(
-                        "session-lost",
-                        session=old.name,
-                        kernel_name=old.kernel_name,
-                        owner=old.owner.describe(),
-                        files=",".join(old.files) or "-",
-                        reason="the kernel did not carry it and luod kept none of its files",
+                    _lose_session(
+                        old, report, "the kernel did not carry it and luod kept none of its files"
                     )
-                    report.lose(old.owner.uid, old.name)
                 continue
             old.state = SessionState.INCOMING
             old.claim_deadline = deadline
             old.kexec_count = ledger.kexec_count
-            ledger.sessions[old.key] = old
+            ledger.add(old)
             report.count(old.owner.uid, sessions=1)
             if old.kind is SessionKind.MANAGED:
                 # Only what makes the files retrievable happens before luod
@@ -186,22 +180,18 @@ class Reclaimer:
             return self.ledger.carrier.retrieve_session(s.kernel_name)
         except LuoError as e:
             if quiet:
+                # Luod kept the files, perhaps: the caller rebuilds the
+                # session from them or records what is lost.
                 log.warning(
                     "session-missing",
                     session=s.name,
                     kernel_name=s.kernel_name,
                     owner=s.owner.describe(),
-                    reason=str(e),
+                    reason=f"the {self.ledger.carrier.name} carrier has no such session "
+                    "(let go of by a change the previous luod did not commit, or not carried)",
                 )
                 return -1
-            report.lose(s.owner.uid, s.name)
-            log.error(
-                "session-lost",
-                session=s.name,
-                kernel_name=s.kernel_name,
-                owner=s.owner.describe(),
-                reason=str(e),
-            )
+            _lose_session(s, report, str(e))
             return -1
 
     def _restore(self, manifest: Manifest, dirty: dict[SessionKey, int]) -> ReclaimReport:
@@ -269,7 +259,7 @@ class Reclaimer:
                     if f.fd >= 0:
                         ledger.index(s, f)
                 report.count(s.owner.uid, files=len(s.files))
-            ledger.sessions[s.key] = s
+            ledger.add(s)
             report.count(s.owner.uid, sessions=1)
             log.info(
                 "session-restored",
@@ -399,7 +389,7 @@ class Reclaimer:
             # A luod restarted from now on must find the new session by its
             # name: the manifest says it before the carrier lets go of the
             # incoming one (finished, it has nothing left to give).
-            ledger.save()
+            ledger.commit(s)
             reached("again.committed")
         if incoming_fd >= 0:
             os.close(incoming_fd)
@@ -464,6 +454,19 @@ class Reclaimer:
         if gone:
             ledger.drop_all(gone, f"not claimed within {self.grace:g}s after the kexec")
         return [s.name for s in gone]
+
+
+def _lose_session(s: Session, report: ReclaimReport, reason: str) -> None:
+    """Record `s` as lost, and log it with every file in it."""
+    log.error(
+        "session-lost",
+        session=s.name,
+        kernel_name=s.kernel_name,
+        owner=s.owner.describe(),
+        files=",".join(s.files) or "-",
+        reason=reason,
+    )
+    report.lose(s.owner.uid, s.name)
 
 
 def _dirty(intent: bytes | None) -> dict[SessionKey, int]:

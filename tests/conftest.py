@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from testsupport.fakekernel import FakeBackend, running_fake_kernel
+from testsupport.fakepid1 import FakePid1
 from testsupport.luodproc import LuodProcess, running_luod
 
 
@@ -41,3 +42,20 @@ def kernel(fake_kernel: str) -> FakeBackend:
 def luod(workdir: Path, fake_kernel: str) -> Iterator[LuodProcess]:
     with running_luod(workdir, fake_kernel) as p:
         yield p
+
+
+@pytest.fixture
+def pid1(workdir: Path, fake_kernel: str) -> Iterator[FakePid1]:
+    """luod's service manager with an fd store (testsupport.fakepid1: the
+    fd-store carrier); luod's logs are printed after the test, the last 200
+    lines of them, and all of them go to $LUOD_TEST_LOGS when it is set."""
+    manager = FakePid1(workdir, fake_kernel)
+    try:
+        yield manager
+    finally:
+        manager.close()
+        logs = manager.all_logs()
+        if os.environ.get("LUOD_TEST_LOGS"):
+            Path(os.environ["LUOD_TEST_LOGS"]).write_text(logs)
+        print(f"--- luod logs ({workdir}), last 200 lines ---")
+        print("\n".join(logs.splitlines()[-200:]))

@@ -10,11 +10,8 @@ import contextlib
 import io
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from luod.carriers.fdstore import fdname_for
 from luod.cli.main import main as luoctl
@@ -130,16 +127,6 @@ def test_state_session_a_crash_costs_everything(luod: LuodProcess, fake_kernel: 
 
 
 # --- the fd-store carrier: a crash releases nothing but what is not in the store --
-
-
-@pytest.fixture
-def pid1(workdir: Path, fake_kernel: str) -> Iterator[FakePid1]:
-    manager = FakePid1(workdir, fake_kernel)
-    try:
-        yield manager
-    finally:
-        manager.close()
-        print(f"--- luod logs ({workdir}) ---\n{manager.all_logs()}")
 
 
 def _open_to_all(pid1: FakePid1) -> None:

@@ -67,6 +67,40 @@ def test_push_list_retrieve_roundtrip(luod: LuodProcess, workdir: Path) -> None:
     assert r.stdout == b"no sessions\n"
 
 
+def test_retrieve_several_in_one_call(luod: LuodProcess, workdir: Path) -> None:
+    for name, data in (("a", b"alpha"), ("b", b"beta")):
+        src = workdir / name
+        src.write_bytes(data)
+        r = luoctl(luod, "push", "app", name, str(src), "--create")
+        assert r.returncode == 0, r.stderr
+    # Several fds do not go to stdout; refused before luod is asked.
+    r = luoctl(luod, "retrieve", "app")
+    assert r.returncode == 2 and b"-o DIR" in r.stderr, r.stderr
+    r = luoctl(luod, "retrieve", "app", "a", "b", "-o", str(workdir / "a"))
+    assert r.returncode == 2 and b"is not a folder" in r.stderr, r.stderr
+    out = workdir / "out"
+    out.mkdir()
+    r = luoctl(luod, "retrieve", "app", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a": b"alpha", "b": b"beta"}
+    # Every fd of the session, taken, to a command: fds 3 and 4, named.
+    r = luoctl(
+        luod,
+        "retrieve",
+        "app",
+        "b",
+        "a",
+        "--take",
+        "--exec",
+        "sh",
+        "-c",
+        'echo "$LISTEN_FDS $LISTEN_FDNAMES"; cat <&3; echo; cat <&4',
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"2 b:a\nbeta\nalpha"
+    assert luoctl(luod, "list").stdout == b"no sessions\n"
+
+
 def test_errors_and_exit_codes(luod: LuodProcess, workdir: Path) -> None:
     r = luoctl(luod, "retrieve", "nope", "x")
     assert r.returncode == 1

@@ -136,6 +136,8 @@ _METHODS: dict[str, Step] = {
     "ListSessions": lambda c: [s["owner"]["uid"] for s in c.list_sessions("s")],
     "RetrieveFd": lambda c: _contents(c, "s", "a"),
     "RetrieveFd take": lambda c: _take(c, "s", "a"),
+    "RetrieveFds": lambda c: [_read(fd).decode() for _n, fd in c.retrieve_fds("s", ["a"])],
+    "RetrieveFds take": lambda c: [_read(fd).decode() for _n, fd in c.retrieve_fds("s", take=True)],
     "RetrieveSession": lambda c: os.close(c.retrieve_session("d")),
     "DiscardSession": lambda c: c.discard_session("s"),
 }
@@ -227,6 +229,7 @@ def test_only_root_may_name_an_owner(luod: LuodProcess) -> None:
         luod,
         lambda c: c.retrieve_fd("s", "a", owner=0),
         lambda c: c.retrieve_fd("s", "a", take=True, owner=0),
+        lambda c: c.retrieve_fds("s", take=True, owner=0),
         lambda c: c.retrieve_session("d", owner=0),
         lambda c: c.discard_session("s", owner=0),
         lambda c: c.list_sessions(owner=0),

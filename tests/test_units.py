@@ -7,11 +7,17 @@ cannot be reached.
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests import sidtools
+from testsupport.fakekernel import FakeBackend
+from testsupport.luodproc import LuodProcess, running_luod
 
 pytestmark = pytest.mark.varlinkctl
 
@@ -101,3 +107,75 @@ def test_security_exposure(sid_bin: Path, name: str) -> None:
     exposure, result = sidtools.security_exposure(sidtools.UNITS_DIR / name)
     print(f"{name}: overall exposure {exposure}")
     assert exposure <= MAX_EXPOSURE, result.output
+
+
+# --- luod-reclaim.service: what it runs ---------------------------------------------
+
+
+def _reclaim_exec_start() -> list[str]:
+    (line,) = [
+        line
+        for line in (sidtools.UNITS_DIR / "luod-reclaim.service").read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    # systemd splits and unquotes a command line as a shell does here (no
+    # specifiers, variables or escapes in it).
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+def test_reclaim_unit_starts_no_second_interpreter() -> None:
+    """The boot-time reclaim is systemd's varlinkctl calling luod: the only
+    Python of the boot is luod's own (issue 12, goal 3)."""
+    argv = _reclaim_exec_start()
+    assert argv[0] == "/usr/bin/varlinkctl", argv
+    assert "io.luod.Manager.Reclaim" in argv and "/run/luod/io.luod" in argv
+    assert "--timeout=infinity" in argv  # as luoctl: luod's start may be slow
+    assert not [a for a in argv if "luoctl" in a or "python" in a], argv
+
+
+def _run_reclaim_unit(socket: str, sid_bin: Path) -> subprocess.CompletedProcess[str]:
+    """The unit's command as systemd runs it, against `socket`."""
+    argv = _reclaim_exec_start()
+    argv[0] = str(sid_bin / "varlinkctl")
+    argv = [socket if a == "/run/luod/io.luod" else a for a in argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_reclaim_unit_succeeds_and_says_what_was_reclaimed(
+    sid_bin: Path, luod: LuodProcess
+) -> None:
+    r = _run_reclaim_unit(luod.socket, sid_bin)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["reclaim"]["state"] == "fresh"
+    with luod.client() as c:
+        fd = os.memfd_create("x")
+        c.preserve_fd("app", "x", fd, create_session=True)
+        os.close(fd)
+    luod.kexec()
+    r = _run_reclaim_unit(luod.socket, sid_bin)
+    assert r.returncode == 0, r.stderr
+    reclaim = json.loads(r.stdout)["reclaim"]
+    assert (reclaim["state"], reclaim["sessions"], reclaim["files"]) == ("reclaimed", 1, 1)
+
+
+def test_reclaim_unit_fails_as_luoctl_did(sid_bin: Path, workdir: Path, fake_kernel: str) -> None:
+    """A failed reclaim (an unusable incoming manifest) fails the unit, as
+    `luoctl reclaim` (exit 1) did; so does a luod that cannot be reached."""
+    from testsupport import fakekernel as fake
+
+    kernel = FakeBackend(fake_kernel)
+    state = kernel.create_session("luod")
+    memfd = os.memfd_create("manifest", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, 4096)
+    os.pwrite(memfd, b"this is not a manifest", 0)
+    kernel.preserve_fd(state, memfd, 1)
+    fake.kexec(fake_kernel)
+    os.close(state)
+    os.close(memfd)
+    with running_luod(workdir, fake_kernel) as luod:
+        r = _run_reclaim_unit(luod.socket, sid_bin)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        with luod.client() as c:
+            assert c.reclaim()["state"] == "failed"
+    r = _run_reclaim_unit(str(workdir / "absent"), sid_bin)
+    assert r.returncode != 0

@@ -90,6 +90,36 @@ def test_call_push_fd_and_exec_retrieve(luod: LuodProcess, workdir: Path) -> Non
     assert out.read_bytes() == data[5:]
 
 
+def test_exec_retrieve_many(luod: LuodProcess, workdir: Path) -> None:
+    """RetrieveFds: the fds come as sd-varlink passes them (indexes into the
+    reply's fds), so --exec hands every one on, in the order of the reply."""
+    with luod.client() as c:
+        for i, name in enumerate(("x", "y", "z")):
+            fd = make_memfd(f"file {name}".encode())
+            c.preserve_fd("many", name, fd, create_session=i == 0)
+            os.close(fd)
+    luod.kexec()
+    out = workdir / "out.txt"
+    r = _varlinkctl(
+        "--exec",
+        "call",
+        luod.socket,
+        "io.luod.Custody.RetrieveFds",
+        json.dumps({"session": "many", "names": ["z", "x"], "take": True}),
+        "--",
+        "sh",
+        "-c",
+        f'test "$LISTEN_FDS" = 2 && {{ cat <&3; echo; cat <&4; echo; cat; }} > {out}',
+    )
+    assert r.returncode == 0, r.stderr
+    first, second, reply = out.read_text().split("\n", 2)
+    assert (first, second) == ("file z", "file x")
+    files = json.loads(reply)["files"]
+    assert [(f["fileDescriptor"], f["file"]["name"]) for f in files] == [(0, "z"), (1, "x")]
+    with luod.client() as c:
+        assert [f["name"] for f in c.list_sessions("many")[0]["files"]] == ["y"]
+
+
 def test_call_errors_are_named(luod: LuodProcess) -> None:
     r = _varlinkctl(
         "call", luod.socket, "io.luod.Custody.RetrieveFd", '{"session":"nope","name":"x"}'

@@ -345,6 +345,10 @@ class FakeKernel:
         self.dead_clients: set[FileKey] = set()  # session fds of previous boots
         self.holder: socket.socket | None = None
         self.kexec_count = 0
+        # Told of every new session fd, so that the server watches it for
+        # its last close (its events are reaped one by one, not by looking
+        # at every session on every request).
+        self.on_attach: Callable[[_Session], None] | None = None
 
     # /dev/liveupdate
 
@@ -367,7 +371,7 @@ class FakeKernel:
         """A new outgoing session; returns the fd to hand out (caller closes its copy)."""
         self.open_device()
         _check_name("create_session", name)
-        self.reap()  # a closed session's name is free again
+        self.reap_closed(self.outgoing.get(name))  # a closed session's name is free again
         if name in self.outgoing:
             raise KernelError("create_session", errno.EEXIST)
         session = _Session(name, incoming=False)
@@ -393,6 +397,8 @@ class FakeKernel:
         session.peer = peer
         session.client = _file_key(client.fileno())
         self.by_client[session.client] = session
+        if self.on_attach is not None:
+            self.on_attach(session)
         return client.detach()
 
     # session fds
@@ -401,7 +407,6 @@ class FakeKernel:
         """The live session `fd` is (ioctl on it), or the errno the kernel gives."""
         if fd is None:
             raise KernelError(op, errno.EBADF)
-        self.reap()
         key = _file_key(fd)
         session = self.by_client.get(key)
         if session is not None:
@@ -411,7 +416,6 @@ class FakeKernel:
         raise KernelError(op, errno.ENOTTY)
 
     def identify(self, fd: int) -> str | None:
-        self.reap()
         session = self.by_client.get(_file_key(fd))
         return None if session is None else session.name
 
@@ -427,6 +431,8 @@ class FakeKernel:
         if facts.kind is not fdinfo.FdKind.MEMFD:
             raise KernelError("preserve_fd", errno.ENOENT)  # no handler for it
         key = (facts.dev, facts.ino)
+        # The session holding it may have been closed a moment ago.
+        self.reap_closed(self.preserved.get(key))
         if key in self.preserved:
             raise KernelError("preserve_fd", errno.EBUSY)
         session.files[token] = _File(token, fd, key)
@@ -461,8 +467,13 @@ class FakeKernel:
     def reap(self) -> None:
         """Release every session whose last fd was closed."""
         for session in list(self.by_client.values()):
-            if session.peer is not None and _hung_up(session.peer):
-                self._release(session)
+            self.reap_closed(session)
+
+    def reap_closed(self, session: _Session | None) -> None:
+        """Release `session` if its last fd was closed (the kernel does so
+        at that close; the fake notices when it looks)."""
+        if session is not None and session.peer is not None and _hung_up(session.peer):
+            self._release(session)
 
     def _release(self, session: _Session) -> None:
         # Outgoing: everything in it is unpreserved. Incoming (retrieved):
@@ -589,6 +600,10 @@ class _Server:
         self.listener = listener
         self.kernel = FakeKernel()
         self.conns: set[socket.socket] = set()
+        self._epoll = select.epoll()
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._watch(listener.fileno(), self._accept)
+        self.kernel.on_attach = self._watch_session
         self.ops: dict[str, Callable[[_Request], _Reply]] = {
             "create_session": self._create_session,
             "retrieve_session": self._retrieve_session,
@@ -606,21 +621,28 @@ class _Server:
         while True:
             self.step()
 
+    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call `handler` when `fd` is readable or hung up, until it is
+        closed (epoll forgets a closed file by itself)."""
+        self._handlers[fd] = handler
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # the number of a file closed since, reused
+            self._epoll.modify(fd, select.EPOLLIN)
+
     def step(self, timeout_ms: int | None = None) -> None:
-        handlers: dict[int, Callable[[], None]] = {self.listener.fileno(): self._accept}
-        for conn in self.conns:
-            handlers[conn.fileno()] = functools.partial(self._serve, conn)
-        if self.kernel.holder is not None:
-            handlers[self.kernel.holder.fileno()] = self.kernel.check_holder
-        for peer in self.kernel.peers():
-            handlers[peer.fileno()] = self.kernel.reap
-        poller = select.poll()
-        for fd in handlers:
-            poller.register(fd, select.POLLIN)
+        timeout = -1.0 if timeout_ms is None else timeout_ms / 1000
         # Handlers are bound to objects, not fd numbers, and are harmless
         # when their event went stale during this batch.
-        for fd, _ in poller.poll(timeout_ms):
-            handlers[fd]()
+        for fd, _ in self._epoll.poll(timeout):
+            handler = self._handlers.get(fd)
+            if handler is not None:
+                handler()
+
+    def _watch_session(self, session: _Session) -> None:
+        peer = session.peer
+        assert peer is not None
+        self._watch(peer.fileno(), functools.partial(self.kernel.reap_closed, session))
 
     def close(self) -> None:
         for conn in self.conns:
@@ -628,6 +650,7 @@ class _Server:
         self.conns.clear()
         self.kernel.close()
         self.listener.close()
+        self._epoll.close()
 
     def _accept(self) -> None:
         try:
@@ -636,6 +659,7 @@ class _Server:
             return
         conn.setblocking(False)
         self.conns.add(conn)
+        self._watch(conn.fileno(), functools.partial(self._serve, conn))
 
     def _serve(self, conn: socket.socket) -> None:
         self.conns.discard(conn)
@@ -657,6 +681,7 @@ class _Server:
             request.close()
         if self._respond(conn, reply) and reply.hold:
             self.kernel.holder = conn
+            self._watch(conn.fileno(), self.kernel.check_holder)
         else:
             conn.close()
 

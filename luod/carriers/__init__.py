@@ -53,6 +53,8 @@ class IncomingState:
     payload: bytes
     source: str  # e.g. "session luod"
     intent: bytes | None = None
+    # Changes appended after the manifest `payload` (append()), in order.
+    records: list[bytes] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -93,6 +95,12 @@ class Carrier(Protocol):
 
     def save(self, payload: bytes) -> None:
         """Make `payload` the manifest the next boot will read."""
+        ...
+
+    def append(self, record: bytes) -> bool:
+        """Record a change of the manifest (luod.manifest.change_json) after
+        the last one; False when the carrier wants the whole manifest
+        instead (save())."""
         ...
 
     def session_held(self, kernel_name: str, fd: int) -> None:

@@ -285,7 +285,10 @@ class FdStoreCarrier:
         self._manifest.follow(found, write_in_it=True)
         self._pushed = True
         return IncomingState(
-            found.read.payload, f"fd store entry '{found.name}'", self._intent(found.read.seq)
+            found.read.payload,
+            f"fd store entry '{found.name}'",
+            self._intent(found.read.seq),
+            found.read.records,
         )
 
     def _intent(self, manifest_seq: int) -> bytes | None:
@@ -374,6 +377,10 @@ class FdStoreCarrier:
             if old_pushed:
                 self._remove(old.name)
             os.close(old.fd)
+
+    def append(self, record: bytes) -> bool:
+        # Only into a manifest the store has: else save() pushes it again.
+        return self._pushed and self._manifest.append(record)
 
     def session_held(self, kernel_name: str, fd: int) -> None:
         if kernel_name in self._stored:

@@ -92,7 +92,9 @@ class StateSessionCarrier:
         # The incoming memfd is preserved no more: the next save() makes a
         # new one in a new state session.
         self._manifest.follow(found, write_in_it=False)
-        return IncomingState(found.read.payload, f"session {found.name}")
+        return IncomingState(
+            found.read.payload, f"session {found.name}", records=found.read.records
+        )
 
     def retrieve_session(self, kernel_name: str) -> int:
         return self.backend.retrieve_session(kernel_name)
@@ -111,6 +113,10 @@ class StateSessionCarrier:
         new = self._manifest.save(payload)
         if new is not None:
             self._move_to(new)
+
+    def append(self, record: bytes) -> bool:
+        # Writes into a preserved memfd are carried: the log is too.
+        return self._manifest.append(record)
 
     def _move_to(self, new: SlotMemfd) -> None:
         """Preserve the new, larger memfd in a new state session; then drop

@@ -5,6 +5,7 @@ go (discard, finish)."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import sys
@@ -100,42 +101,85 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_with_fd(fd: int, name: str, argv: list[str]) -> int:
-    """Run argv with `fd` as fd 3, announced the sd_listen_fds(3) way."""
+def _run_with_fds(fds: list[tuple[str, int]], argv: list[str]) -> int:
+    """Run argv with `fds` as fds 3, 4, ..., announced the sd_listen_fds(3)
+    way (LISTEN_FDS, LISTEN_FDNAMES)."""
     pid = os.fork()
     if pid == 0:  # child
         try:
-            if fd != 3:
-                os.dup2(fd, 3, inheritable=True)
-            else:
-                os.set_inheritable(3, True)
-            env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES=name, LISTEN_PID=str(os.getpid()))
+            # Above the targets first, so that moving one into place never
+            # overwrites another that is still to be moved.
+            moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for _name, fd in fds]
+            for i, fd in enumerate(moved):
+                os.dup2(fd, 3 + i, inheritable=True)
+            env = dict(
+                os.environ,
+                LISTEN_FDS=str(len(fds)),
+                LISTEN_FDNAMES=":".join(name for name, _fd in fds),
+                LISTEN_PID=str(os.getpid()),
+            )
             os.execvpe(argv[0], argv, env)
         except OSError as e:
             print(f"luoctl: cannot run {argv[0]}: {e.strerror}", file=sys.stderr)
         os._exit(127)
-    os.close(fd)
+    for _name, fd in fds:
+        os.close(fd)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
 
+def _run_with_fd(fd: int, name: str, argv: list[str]) -> int:
+    """Run argv with `fd` as fd 3, announced the sd_listen_fds(3) way."""
+    return _run_with_fds([(name, fd)], argv)
+
+
+def _copy_out(fd: int, out: Any) -> None:
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        out.write(chunk)
+        offset += len(chunk)
+
+
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    # -o is a file for one NAME, else a folder with a file per fd; stdout
+    # takes one NAME only. Decided before luod is asked: a take cannot be
+    # undone.
+    one = len(args.names) == 1
+    if not args.exec and not one:
+        if args.output in (None, "-"):
+            raise CliError(
+                2,
+                "retrieve: several fds (no NAME or more than one) go to a folder (-o DIR) "
+                "or to a command (--exec)",
+            )
+        if not os.path.isdir(args.output):
+            raise CliError(
+                2, f"retrieve: {args.output} is not a folder (several fds: -o DIR, a file each)"
+            )
     with connect(args) as c:
-        fd = c.retrieve_fd(args.session, args.name, take=args.take, owner=args.owner)
+        fds = c.retrieve_fds(args.session, args.names or None, take=args.take, owner=args.owner)
     if args.exec:
-        return _run_with_fd(fd, args.name, args.exec)
+        return _run_with_fds(fds, args.exec)
     try:
-        out: Any = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115
-        try:
-            offset = 0
-            while chunk := os.pread(fd, 1 << 20, offset):
-                out.write(chunk)
-                offset += len(chunk)
-        finally:
-            if out is not sys.stdout.buffer:
-                out.close()
+        if one:
+            ((_name, fd),) = fds
+            out: Any = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115
+            try:
+                _copy_out(fd, out)
+            finally:
+                if out is not sys.stdout.buffer:
+                    out.close()
+            return 0
+        for name, _fd in fds:
+            if name in (".", ".."):
+                raise CliError(1, f"retrieve: an fd named '{name}' cannot be a file: use --exec")
+        for name, fd in fds:
+            with open(os.path.join(args.output, name), "wb") as f:
+                _copy_out(fd, f)
+        print(f"{len(fds)} fds of session '{args.session}' written to {args.output}")
     finally:
-        os.close(fd)
+        for _name, fd in fds:
+            os.close(fd)
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 
 from luod import notify
 from luod.cli.common import CliError, connect
-from luod.client import VarlinkError
+from luod.client import MAX_FDS_PER_MESSAGE, VarlinkError
 
 # How long luoctl handback waits for PID 1 to confirm (BARRIER=1) that it
 # processed the FDSTORE=1 messages; generous for a loaded machine at boot,
@@ -34,6 +34,12 @@ def _fd_store_max() -> int:
     if store_max <= 0:
         raise CliError(1, f"handback: the unit has no fd store ($FDSTORE is not set): {needs}")
     return store_max
+
+
+def _batches(names: list[str]) -> list[list[str]]:
+    """`names` in RetrieveFds calls of at most MAX_FDS_PER_MESSAGE each."""
+    n = MAX_FDS_PER_MESSAGE
+    return [names[i : i + n] for i in range(0, len(names), n)]
 
 
 def cmd_handback(args: argparse.Namespace) -> int:
@@ -60,13 +66,14 @@ def cmd_handback(args: argparse.Namespace) -> int:
                 f"handback: session '{args.session}' holds {len(names)} fds, the fd store takes "
                 f"{store_max} (FileDescriptorStoreMax=); nothing was handed back",
             )
-        fds: list[int] = []
+        fds: list[tuple[str, int]] = []
         try:
-            for name in names:
-                fds.append(c.retrieve_fd(args.session, name))
+            # Copies, in as few calls as replies carry them (all or nothing each).
+            for part in _batches(names):
+                fds += c.retrieve_fds(args.session, part)
             try:
                 # One message per fd: FDNAME= names every fd of its message.
-                for name, fd in zip(names, fds, strict=True):
+                for name, fd in fds:
                     notify.send(f"FDSTORE=1\nFDNAME={name}", [fd])
                 confirmed = notify.barrier(HANDBACK_BARRIER_TIMEOUT)
             except OSError as e:
@@ -80,11 +87,13 @@ def cmd_handback(args: argparse.Namespace) -> int:
                     f"{HANDBACK_BARRIER_TIMEOUT:.0f}s (BARRIER=1); luod keeps custody",
                 )
             if args.take:
-                # PID 1 holds every fd now: only then does custody end.
-                for name in names:
-                    os.close(c.retrieve_fd(args.session, name, take=True))
+                # PID 1 holds every fd now: only then does custody end (the
+                # session is preserved again once per call, not per fd).
+                for part in _batches(names):
+                    for _name, fd in c.retrieve_fds(args.session, part, take=True):
+                        os.close(fd)
         finally:
-            for fd in fds:
+            for _name, fd in fds:
                 os.close(fd)
     how = "taken: luod let go of them" if args.take else "copies: luod keeps custody"
     listed = ", ".join(names) if names else "none"

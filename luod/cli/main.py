@@ -43,6 +43,8 @@ examples:
   luoctl retrieve cache index -o /tmp/index.bin
   luoctl retrieve cache index --exec ./app
                                  run ./app with the fd as fd 3 (LISTEN_FDS=1)
+  luoctl retrieve cache --exec ./app
+                                 every fd of the session, in one call (LISTEN_FDNAMES)
   ExecStartPre=/usr/bin/luoctl handback cache --optional
                                  the unit's main process gets the session's fds
                                  from its own fd store (LISTEN_FDNAMES)
@@ -149,13 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     s = _command(sub, "adopt", cmd_adopt, "hand over a LUO session fd you created yourself")
     s.add_argument("--fd", type=int, required=True, help="the inherited session fd")
 
-    s = _command(sub, "retrieve", cmd_retrieve, "get a held fd back (a copy, or --take it)")
+    s = _command(
+        sub,
+        "retrieve",
+        cmd_retrieve,
+        "get held fds back (copies, or --take them)",
+        description=(
+            "Get the fds NAME... of SESSION back from luod in one call, or without NAME every "
+            "fd of the session: all or none (at most 253 per call). One NAME: its bytes go to "
+            "stdout or -o FILE. Several: -o DIR (a file per fd, named as in luod) or --exec."
+        ),
+    )
     s.add_argument("session")
-    s.add_argument("name")
-    s.add_argument("-o", "--output", help="write the bytes here (default: stdout)")
-    s.add_argument("--take", action="store_true", help="luod lets go of the fd")
+    s.add_argument(
+        "names", nargs="*", metavar="NAME", help="the fds to get back (default: every fd)"
+    )
+    s.add_argument(
+        "-o",
+        "--output",
+        help="write the bytes here (default: stdout); with no or several NAMEs, a folder",
+    )
+    s.add_argument("--take", action="store_true", help="luod lets go of the fds")
     _owner_option(s)
-    _exec_option(s, "run CMD with the fd as fd 3 (LISTEN_FDS)")
+    _exec_option(s, "run CMD with the fds as fds 3, 4, ... (LISTEN_FDS, LISTEN_FDNAMES)")
 
     s = _command(
         sub, "retrieve-session", cmd_retrieve_session, "take back a session you handed over whole"

@@ -19,13 +19,15 @@ from asyncvarlink.conversion import ObjectVarlinkType, VarlinkType
 from luod import errors
 from luod.custody import Custodian, Handoff
 from luod.interfaces import CUSTODY
-from luod.varlink.fastconv import FlatRecordList
+from luod.varlink.fastconv import FdRecordList, FlatRecordList
+from luod.varlink.limits import MAX_FDS_PER_MESSAGE
 from luod.varlink.replies import replies_of, translating
 from luod.varlink.transport import current, take_fd
 from luod.varlink.types import (
     FileInfo,
     FileToPreserve,
     RetrievedFd,
+    RetrievedFile,
     RetrievedSession,
     SessionInfo,
     file_info,
@@ -138,6 +140,28 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         fd, f = self.custodian.retrieve_fd(current().peer, session, name, bool(take), owner)
         return {"fileDescriptor": FileDescriptor(fd, should_close=True), "file": file_info(f)}
 
+    @varlinkmethod(return_parameter="files")
+    @translating
+    def RetrieveFds(
+        self,
+        session: str,
+        names: typing.Optional[list[str]] = None,  # noqa: UP045
+        take: typing.Optional[bool] = None,  # noqa: UP045
+        owner: typing.Optional[int] = None,  # noqa: UP045
+    ) -> list[RetrievedFile]:
+        """Get many held fds back in one call: those named, or without names
+        every fd of the session; at most 253 (SCM_MAX_FD) per call. All or
+        nothing. Without take, copies: luod keeps them in custody. With
+        take, luod lets go of them (the session is preserved again once,
+        without them). owner (root only): the uid whose session it is."""
+        got = self.custodian.retrieve_fds(
+            current().peer, session, names, bool(take), owner, limit=MAX_FDS_PER_MESSAGE
+        )
+        return [
+            RetrievedFile(fileDescriptor=FileDescriptor(fd, should_close=True), file=file_info(f))
+            for fd, f in got
+        ]
+
     @varlinkmethod
     @translating
     def RetrieveSession(
@@ -198,3 +222,16 @@ def _quicken_preserve_fds() -> None:
 
 
 _quicken_preserve_fds()
+
+
+def _quicken_retrieve_fds() -> None:
+    """RetrieveFds says its list of files with FdRecordList (fastconv): the
+    same type, quicker. As for PreserveFds, the generic conversion stays if
+    this asyncvarlink keeps no signature to adjust."""
+    sig = varlinksignature(CustodyInterface.RetrieveFds)
+    if sig is None:
+        return
+    sig.return_type = ObjectVarlinkType({"files": FdRecordList(RetrievedFile)})
+
+
+_quicken_retrieve_fds()

@@ -6,8 +6,10 @@ with a few hundred files that cost more than the kernel's PRESERVE_FD itself
 (bench/RESULTS.md). `FlatRecordList` converts a list of a dataclass whose
 fields are all plain scalars in one pass per element, and hands anything it
 does not recognise to asyncvarlink's own conversion, so errors read exactly
-as before. It is a ListVarlinkType of the same dataclass: the interface
-description is the same (tests/test_idl.py compares it with protocol/).
+as before. `FdRecordList` does the same for a reply's list of records of an
+fd and flat records (RetrieveFds). Each is a ListVarlinkType of the same
+dataclass: the interface description is the same (tests/test_idl.py
+compares it with protocol/).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from asyncvarlink import FileDescriptor, FileDescriptorArray
 from asyncvarlink.conversion import (
     DataclassVarlinkType,
+    FileDescriptorVarlinkType,
     ListVarlinkType,
     OOBTypeState,
 )
@@ -54,4 +58,71 @@ class FlatRecordList(ListVarlinkType):
             out = [r.__dict__.copy() for r in obj]
             if all(self._fits(d) for d in out):
                 return out
+        return super().tojson(obj, oobstate)
+
+
+# How FdRecordList says one field: an fd (None), a scalar (its type), or a
+# flat record (its type and its fields' names and types).
+_Field = tuple[str, "type | tuple[type, tuple[tuple[str, type], ...]] | None"]
+
+
+class FdRecordList(ListVarlinkType):
+    """Replies only (tojson): a list of a dataclass whose fields are fds
+    (FileDescriptor, added to the reply's fds as asyncvarlink adds them),
+    scalars or flat records of scalars, in one pass per element."""
+
+    def __init__(self, record: type) -> None:
+        super().__init__(DataclassVarlinkType(record))
+        plan: list[_Field] = []
+        for f in dataclasses.fields(record):
+            if f.type is FileDescriptor:
+                plan.append((f.name, None))
+            elif f.type in _SCALARS:
+                plan.append((f.name, typing.cast(type, f.type)))
+            elif isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+                inner = tuple((g.name, g.type) for g in dataclasses.fields(f.type))
+                if not all(t in _SCALARS for _, t in inner):
+                    raise TypeError(f"{record.__name__}.{f.name} is not a flat record")
+                plan.append((f.name, (f.type, typing.cast(tuple[tuple[str, type], ...], inner))))
+            else:
+                raise TypeError(f"{record.__name__}.{f.name}: neither an fd, a scalar nor flat")
+        self.record = record
+        self.plan = tuple(plan)
+
+    def _fits(self, r: typing.Any) -> bool:
+        if type(r) is not self.record:
+            return False
+        for name, how in self.plan:
+            v = getattr(r, name)
+            if how is None:
+                if type(v) is not FileDescriptor or not isinstance(v.fd, int):
+                    return False
+            elif isinstance(how, tuple):
+                kind, inner = how
+                if type(v) is not kind or not all(type(getattr(v, n)) is t for n, t in inner):
+                    return False
+            elif type(v) is not how:
+                return False
+        return True
+
+    def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
+        fds = None if oobstate is None else oobstate.get(FileDescriptorVarlinkType)
+        if (
+            type(obj) is list
+            and isinstance(fds, FileDescriptorArray)
+            and all(self._fits(r) for r in obj)
+        ):
+            out = []
+            for r in obj:
+                d: dict[str, typing.Any] = {}
+                for name, how in self.plan:
+                    v = getattr(r, name)
+                    if how is None:
+                        d[name] = fds.add(v)
+                    elif isinstance(how, tuple):
+                        d[name] = v.__dict__.copy()
+                    else:
+                        d[name] = v
+                out.append(d)
+            return out
         return super().tojson(obj, oobstate)

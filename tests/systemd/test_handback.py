@@ -93,7 +93,8 @@ def test_service_finds_its_memfd_in_its_fd_store_after_kexec(
     copies = [
         e
         for e in s2.step("journal-luod-json").journal()
-        if e.get("LUOD_EVENT") in ("fd-copied", "fd-taken") and e.get("LUOD_SESSION") == "handback"
+        if e.get("LUOD_EVENT") in ("fd-copied", "fd-taken", "fds-copied", "fds-taken")
+        and e.get("LUOD_SESSION") == "handback"
     ]
     assert len(copies) == 1, copies
     print(

@@ -85,7 +85,10 @@ def test_finish_is_discard_and_kexec_is_load_plus_update() -> None:
     assert (kexec.kernel, kexec.reuse_cmdline, kexec.force) == ("/k", True, True)
     assert p.parse_args(["kexec"]).kernel is None  # update into what is loaded
     retrieve = p.parse_args(["retrieve", "s", "f", "--exec", "sh", "-c", "x"])
-    assert retrieve.exec == ["sh", "-c", "x"]
+    assert (retrieve.names, retrieve.exec) == (["f"], ["sh", "-c", "x"])
+    # No NAME: every fd of the session; several: one call for all.
+    assert p.parse_args(["retrieve", "s"]).names == []
+    assert p.parse_args(["retrieve", "s", "a", "b", "-o", "d"]).names == ["a", "b"]
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -60,7 +60,7 @@ def _session(ledger: Ledger, uid: int, name: str, files: dict[str, int]) -> Sess
     )
     for i, (fname, size) in enumerate(files.items(), 1):
         s.files[fname] = HeldFile(fname, i, size, 0.0, os.memfd_create(fname, os.MFD_CLOEXEC))
-    ledger.sessions[s.key] = s
+    ledger.add(s)
     return s
 
 

@@ -271,6 +271,131 @@ def test_retrieve_fd_copy_and_take(custodian: Custodian, kernel: FakeBackend) ->
     assert _outgoing(kernel) == {}
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_retrieve_fds_copies(custodian: Custodian, kernel: FakeBackend) -> None:
+    custodian.preserve_fds(ALICE, "app", _handoffs("a", "b", "c"), create=True)
+    before = _outgoing(kernel)
+    got = custodian.retrieve_fds(ALICE, "app", ["c", "a"], take=False)
+    # In the order asked for; copies of the held files.
+    assert [f.name for _fd, f in got] == ["c", "a"]
+    assert [os.pread(fd, 100, 0) for fd, _f in got] == [b"data c", b"data a"]
+    for fd, _f in got:
+        os.close(fd)
+    got = custodian.retrieve_fds(ALICE, "app", None, take=False)
+    assert [f.name for _fd, f in got] == ["a", "b", "c"]
+    for fd, _f in got:
+        os.close(fd)
+    assert custodian.retrieve_fds(ALICE, "app", [], take=False) == []
+    # Custody goes on, unchanged.
+    assert _outgoing(kernel) == before and custodian.status().files == 3
+
+
+def test_retrieve_fds_is_all_or_nothing(custodian: Custodian, kernel: FakeBackend) -> None:
+    custodian.preserve_fds(ALICE, "app", _handoffs("a", "b", "c"), create=True)
+    fd, _ = custodian.create_delegated(ALICE, "own")
+    os.close(fd)
+    before, open_before = _outgoing(kernel), _open_fds()
+    refusals: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"names": ["a", "z"]}, errors.NoSuchFd, "'z'"),
+        ({"names": ["a", "b", "a"]}, errors.InvalidName, "names[2]"),
+        ({"names": ["a", "b"], "limit": 1}, errors.TooManyFds, "2 fds asked for, at most 1"),
+        ({"names": None, "limit": 2}, errors.TooManyFds, "3 fds asked for, at most 2"),
+        ({"session": "own"}, errors.WrongSessionKind, "RetrieveSession"),
+        ({"session": "none"}, errors.NoSuchSession, "none"),
+    ]
+    for take in (False, True):
+        for kw, error, detail in refusals:
+            args: dict[str, Any] = {"session": "app", "names": None, **kw}
+            with pytest.raises(error) as e:
+                custodian.retrieve_fds(ALICE, take=take, **args)
+            assert detail in str(e.value), (kw, str(e.value))
+            assert _open_fds() == open_before, kw  # no fd handed out, none leaked
+            assert _outgoing(kernel) == before, kw
+            assert list(custodian.sessions[(1000, "app")].files) == ["a", "b", "c"]
+
+
+def test_retrieve_fds_names_are_per_owner(custodian: Custodian) -> None:
+    custodian.preserve_fds(ALICE, "app", _handoffs("a"), create=True)
+    with pytest.raises(errors.NoSuchSession):
+        custodian.retrieve_fds(BOB, "app", None, take=False)
+    with pytest.raises(errors.PermissionDenied):
+        custodian.retrieve_fds(BOB, "app", None, take=True, owner=1000)
+    ((fd, f),) = custodian.retrieve_fds(ROOT, "app", ["a"], take=False, owner=1000)
+    assert f.name == "a"
+    os.close(fd)
+
+
+def test_retrieve_fds_take_rebuilds_the_session_once(
+    kernel: FakeBackend, custodian_options: dict[str, Any]
+) -> None:
+    """Several files taken: one intent, one new kernel session holding the
+    rest, one commit, then luod's references released (as for one file)."""
+    carrier = SpyCarrier(kernel, holds_after_exit=True)
+    c = Custodian(kernel, carrier, boot_id="boot-1", **custodian_options)
+    c.start()
+    try:
+        c.preserve_fds(ALICE, "app", _handoffs("a", "b", "c", "d"), create=True)
+        old = c.sessions[(1000, "app")].kernel_name
+        carrier.calls.clear()
+        got = c.retrieve_fds(ALICE, "app", ["d", "b"], take=True)
+        assert [(f.name, f.fd) for _fd, f in got] == [("d", -1), ("b", -1)]
+        assert [os.pread(fd, 100, 0) for fd, _f in got] == [b"data d", b"data b"]
+        for fd, _f in got:
+            os.close(fd)
+        s = c.sessions[(1000, "app")]
+        assert list(s.files) == ["a", "c"]
+        assert _outgoing(kernel) == {s.kernel_name: [1, 3]}
+        ops = [op for op, _ in carrier.calls]
+        assert ops == ["intend", "dropped", "held", "save", "release", "release"], carrier.calls
+        assert carrier.calls[1:3] == [("dropped", old), ("held", s.kernel_name)]
+        assert [w for op, w in carrier.calls if op == "release"] == ["1000/app/4", "1000/app/2"]
+
+        # The rest: nothing remains, so the session is let go of (one commit).
+        carrier.calls.clear()
+        got = c.retrieve_fds(ALICE, "app", None, take=True)
+        assert [f.name for _fd, f in got] == ["a", "c"]
+        for fd, _f in got:
+            os.close(fd)
+        assert (1000, "app") not in c.sessions and _outgoing(kernel) == {}
+        assert [op for op, _ in carrier.calls if op in ("intend", "save", "held")] == ["save"]
+    finally:
+        c.close()
+
+
+def test_retrieve_fds_take_refused_by_the_kernel(kernel: FakeBackend, carrier: SpyCarrier) -> None:
+    class Refusing(FakeBackend):
+        refuse = False
+
+        def create_session(self, name: str) -> int:
+            if self.refuse:
+                raise LuoError("create_session", errno.ENOMEM)
+            return super().create_session(name)
+
+    backend = Refusing(kernel.socket_path)
+    c = Custodian(backend, carrier, boot_id="boot-1")
+    c.start()
+    try:
+        c.preserve_fds(ALICE, "app", _handoffs("a", "b", "c"), create=True)
+        open_before = _open_fds()
+        backend.refuse = True
+        with pytest.raises(errors.KernelRefused) as e:
+            c.retrieve_fds(ALICE, "app", ["a", "b"], take=True)
+        assert (e.value.errno, e.value.session) == (errno.ENOMEM, "app")
+        # The copies made for the reply are closed; so is the old kernel
+        # session, which goes first (the kernel keeps a file in one session).
+        assert _open_fds() == open_before - 1
+        # Nothing was taken: luod still holds every file, the preflight says
+        # the session is not carried.
+        s = c.sessions[(1000, "app")]
+        assert list(s.files) == ["a", "b", "c"] and s.fd == -1
+        assert [p.session for p in c.check()] == ["app"]
+    finally:
+        c.close()
+
+
 def test_adopt_session(custodian: Custodian, kernel: FakeBackend) -> None:
     sfd = kernel.create_session("vm-1")
     s = custodian.adopt_session(ALICE, sfd)

@@ -47,7 +47,7 @@ def _held_session(ledger: Ledger, name: str, contents: dict[str, bytes]) -> Sess
         ledger.backend.preserve_fd(s.fd, f.fd, f.token)
         s.files[fname] = f
         ledger.index(s, f)
-    ledger.sessions[s.key] = s
+    ledger.add(s)
     ledger.carrier.session_held(kernel_name, s.fd)
     return s
 
@@ -135,3 +135,95 @@ def test_saves(ledger: Ledger) -> None:
     ledger.save()
     ledger.note_subscriber("web.service", 1000)
     assert spy.saves() == 2
+
+
+# --- commits: what changed, appended to the manifest (issue 12) -----------------------
+
+
+class LogCarrier(SpyCarrier):
+    """Keeps the manifest as a base and the records appended after it, as
+    luod.carriers.slots does; `room` records fit before a new base is due."""
+
+    def __init__(self, backend: FakeBackend, room: int) -> None:
+        super().__init__(backend)
+        self.base = b""
+        self.records: list[bytes] = []
+        self.room = room
+
+    def save(self, payload: bytes) -> None:
+        self.calls.append(("save", ""))
+        self.base, self.records = payload, []
+
+    def append(self, record: bytes) -> bool:
+        if len(self.records) >= self.room:
+            return False
+        self.calls.append(("append", ""))
+        self.records.append(record)
+        return True
+
+
+def _shape(raw: bytes, records: list[bytes] | None = None) -> list[tuple[object, ...]]:
+    m = from_json(raw, records or [])
+    return [
+        (s.owner.uid, s.name, s.kernel_name, s.claim_deadline, sorted(s.files), m.name_counter)
+        for s in sorted(m.sessions, key=lambda s: s.key)
+    ]
+
+
+@pytest.mark.parametrize("room", [0, 3, 1000])
+def test_commits_read_back_as_the_whole_manifest(kernel: FakeBackend, room: int) -> None:
+    """Whatever mix of whole manifests and appended changes the carrier
+    takes, reading it back gives what luod holds."""
+    carrier = LogCarrier(kernel, room)
+    ledger = Ledger(kernel, carrier, clock=lambda: 42.0, boot_id="boot-1")
+    try:
+        ledger.save()
+        a = _held_session(ledger, "a", {"x": b"x"})
+        ledger.commit()
+        b = _held_session(ledger, "b", {"y": b"y", "z": b"z"})
+        ledger.commit(b)
+        a.claim_deadline = 7.0
+        ledger.changed(a)
+        f = HeldFile("w", a.next_token(), 1, 0.0, make_memfd(b"w"))
+        a.files["w"] = f
+        ledger.commit(a)
+        ledger.drop(b, "test")
+        c = _held_session(ledger, "b", {"again": b"a"})  # the same name, a new session
+        ledger.commit(c)
+        ledger.note_subscriber("sub", 0)
+        want = _shape(to_json(ledger.manifest()))
+        assert _shape(carrier.base, carrier.records) == want
+        assert len(want) == 2 and want[1][4] == ["again"] and want[0][3] == 7.0
+        appended = sum(1 for op, _ in carrier.calls if op == "append")
+        # Six commits; a full log takes a whole manifest, then it starts anew.
+        assert appended == {0: 0, 3: 5, 1000: 6}[room]
+    finally:
+        ledger.close()
+
+
+def test_a_commit_writes_what_changed_not_what_is_held(kernel: FakeBackend) -> None:
+    carrier = LogCarrier(kernel, 1000)
+    ledger = Ledger(kernel, carrier, clock=lambda: 42.0, boot_id="boot-1")
+    try:
+        for i in range(50):
+            _held_session(ledger, f"s{i}", {"f": b"f"})
+        ledger.save()
+        one = _held_session(ledger, "one", {"f": b"f"})
+        ledger.commit(one)
+        (record,) = carrier.records
+        # One session's worth, against a base of 51.
+        assert len(record) * 20 < len(carrier.base)
+        assert b'"s1"' not in record and b'"one"' in record
+    finally:
+        ledger.close()
+
+
+def test_holdings_of_one_owner_do_not_look_at_others(ledger: Ledger) -> None:
+    _held_session(ledger, "mine", {"f": b"12345"})
+    other = Session("theirs", SessionKind.MANAGED, Owner(uid=1000), "k", 0.0)
+    ledger.add(other)
+    assert ledger.holdings(1000) == Holdings(1, 0, 0)
+    assert ledger.holdings(0) == Holdings(1, 1, 5)
+    assert [s.name for s in ledger.owned_by(1000)] == ["theirs"]
+    ledger.remove(other.key)
+    assert list(ledger.owned_by(1000)) == [] and ledger.holdings() == Holdings(1, 1, 5)

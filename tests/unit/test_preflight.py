@@ -48,7 +48,7 @@ def _session(
     )
     for i, (fname, ref) in enumerate((files or {}).items(), 1):
         s.files[fname] = HeldFile(fname, i, 0, 0.0, _fd() if ref else -1)
-    ledger.sessions[s.key] = s
+    ledger.add(s)
     return s
 
 

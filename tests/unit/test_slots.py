@@ -10,7 +10,6 @@ import pytest
 from luod.carriers.slots import (
     Found,
     SlotMemfd,
-    SlotRead,
     SlotWriter,
     capacity_for,
     newest,
@@ -155,7 +154,8 @@ def test_writer_follows_an_incoming_manifest(memfd: tuple[int, int]) -> None:
     w = SlotWriter(("a",))
     w.follow(found, write_in_it=True)
     assert w.save(b"on") is None
-    assert read_newest(fd) == SlotRead(42, 0, b"on")
+    read = read_newest(fd)
+    assert (read.seq, read.slot, read.payload, read.records) == (42, 0, b"on", [])
     w.current = None  # the fixture closes the memfd
 
 
@@ -185,3 +185,85 @@ def test_newest_of_several_memfds(memfd_of: Callable[[int], int]) -> None:
     finally:
         for fd in (one.fd, two.fd):
             os.close(fd)
+
+
+# --- the log: changes appended after the base (issue 12) ------------------------------
+
+
+def _writer(payload: bytes = b"base") -> SlotWriter:
+    w = SlotWriter(("a", "b"))
+    new = w.save(payload)
+    assert new is not None
+    w.replace(new)
+    return w
+
+
+def test_records_are_read_back_in_order() -> None:
+    w = _writer()
+    try:
+        assert w.append(b"one") and w.append(b"two")
+        assert w.current is not None
+        read = read_newest(w.current.fd)
+        assert (read.seq, read.payload, read.records) == (3, b"base", [b"one", b"two"])
+        # A new base leaves the log behind: it starts empty.
+        assert w.save(b"base2") is None and w.append(b"three")
+        read = read_newest(w.current.fd)
+        assert (read.seq, read.payload, read.records) == (5, b"base2", [b"three"])
+    finally:
+        w.close()
+
+
+def test_a_torn_record_ends_the_log() -> None:
+    w = _writer()
+    try:
+        assert w.append(b"kept") and w.append(b"torn")
+        assert w.current is not None
+        fd, size = w.current.fd, w.current.size
+        read = read_newest(fd)
+        # The second record's last byte never reached the memfd.
+        at = read.log_end - 8 - 1
+        os.pwrite(fd, b"X", at)
+        read = read_newest(fd)
+        assert (read.seq, read.records) == (2, [b"kept"])
+        # A writer following it appends where the intact log ends.
+        w2 = SlotWriter(("a", "b"))
+        found = newest([("a", fd)])
+        assert found is not None
+        w2.follow(found, write_in_it=True)
+        assert w2.append(b"after")
+        assert read_newest(fd).records == [b"kept", b"after"]
+        assert size == os.fstat(fd).st_size
+        w2.current = None  # w closes the memfd
+    finally:
+        w.close()
+
+
+def test_records_of_an_earlier_use_of_the_slot_are_not_read() -> None:
+    w = _writer(b"x" * 200)
+    try:
+        for i in range(3):
+            assert w.append(b"old%d" % i)
+        w.save(b"other slot")
+        # Back in the first slot, with a shorter base: the old records
+        # beyond it do not follow its sequence number.
+        w.save(b"x")
+        assert w.current is not None
+        read = read_newest(w.current.fd)
+        assert (read.payload, read.records) == (b"x", [])
+    finally:
+        w.close()
+
+
+def test_the_log_never_outgrows_its_base() -> None:
+    w = _writer(b"b" * 70_000)
+    try:
+        record = b"r" * 1000
+        appended = 0
+        while w.append(record):
+            appended += 1
+        # About the base's size in records, then a new base is due.
+        assert 60 <= appended <= 70
+        assert w.current is not None
+        assert len(read_newest(w.current.fd).records) == appended
+    finally:
+        w.close()

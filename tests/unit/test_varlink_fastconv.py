@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import pytest
-from asyncvarlink.conversion import ConversionError, DataclassVarlinkType, ListVarlinkType
+from asyncvarlink import FileDescriptor, FileDescriptorArray
+from asyncvarlink.conversion import (
+    ConversionError,
+    DataclassVarlinkType,
+    FileDescriptorVarlinkType,
+    ListVarlinkType,
+)
 
 from luod.varlink import custody, types
-from luod.varlink.fastconv import FlatRecordList
+from luod.varlink.fastconv import FdRecordList, FlatRecordList
 
 GOOD: list[Any] = [
     [],
@@ -67,3 +75,63 @@ def test_same_description_and_in_use() -> None:
     assert sig is not None
     assert "FlatRecordList" in repr(sig.parameter_type)
     assert "FlatRecordList" in repr(sig.return_type)
+
+
+def _retrieved(n: int) -> list[types.RetrievedFile]:
+    return [
+        types.RetrievedFile(
+            # Not the reply's to close: converted twice, closed by the test.
+            fileDescriptor=FileDescriptor(os.memfd_create(f"f{i}")),
+            file=types.FileInfo(name=f"f{i}", token=i + 1, size=4096, preservedUSec=i),
+        )
+        for i in range(n)
+    ]
+
+
+def _tojson_with_fds(conv: ListVarlinkType, value: Any) -> tuple[Any, list[int]]:
+    """What a reply says, and the fds (numbers) it sends, in order."""
+    with FileDescriptorArray.new_managed() as fds:
+        try:
+            said = _outcome(lambda v: conv.tojson(v, {FileDescriptorVarlinkType: fds}), value)
+            return said, [fd.fileno() for fd in fds]
+        finally:
+            fds.destroy()
+
+
+def test_fd_records_tojson_same_as_asyncvarlink() -> None:
+    fast, slow = FdRecordList(types.RetrievedFile), _generic(types.RetrievedFile)
+    for n in (0, 1, 253):
+        records = _retrieved(n)
+        try:
+            assert _tojson_with_fds(fast, records) == _tojson_with_fds(slow, records)
+            said, fds = _tojson_with_fds(fast, records)
+            assert said[1][-1:] == (
+                [{"fileDescriptor": n - 1, "file": dataclasses.asdict(records[-1].file)}]
+                if n
+                else []
+            )
+            assert fds == [r.fileDescriptor.fileno() for r in records]
+        finally:
+            for r in records:
+                os.close(r.fileDescriptor.fileno())
+    # Anything unusual goes the generic way, and fails (or not) as it does.
+    odd: list[Any] = [
+        [None],
+        [types.RetrievedFile(fileDescriptor=-1, file=types.FileInfo("x", 1, 0, 0))],  # type: ignore[arg-type]
+        [types.RetrievedFile(FileDescriptor(None), types.FileInfo("x", 1, 0, 0))],
+        [types.RetrievedFile(FileDescriptor(None), types.FileInfo("x", "1", 0, 0))],  # type: ignore[arg-type]
+    ]
+    for value in odd:
+        assert _tojson_with_fds(fast, value) == _tojson_with_fds(slow, value), value
+
+
+def test_fd_records_description_and_in_use() -> None:
+    fast, slow = FdRecordList(types.RetrievedFile), _generic(types.RetrievedFile)
+    assert (fast.as_varlink, fast.typedefs) == (slow.as_varlink, slow.typedefs)
+    with pytest.raises(TypeError):
+        FdRecordList(types.SessionInfo)  # a list inside: not flat
+    from asyncvarlink import varlinksignature
+
+    sig = varlinksignature(custody.CustodyInterface.RetrieveFds)
+    assert sig is not None
+    assert "FdRecordList" in repr(sig.return_type)

@@ -5,8 +5,8 @@
 . "$LUOD_TEST_GUEST/lib.sh"
 
 props=ActiveState,SubState,Result,InvocationID,MainPID,TriggeredBy
-# As booted: luod-reclaim.service has run `luoctl reclaim`, whose call may
-# already have started luod through the socket.
+# As booted: luod-reclaim.service has called io.luod.Manager.Reclaim
+# (varlinkctl), which may already have started luod through the socket.
 step boot-socket systemctl show -p ActiveState,SubState,Listen,Triggers luod.socket
 step boot-luod systemctl show -p "$props" luod.service
 step boot-reclaim systemctl show -p ActiveState,SubState,Result,ExecMainStatus luod-reclaim.service
