@@ -61,7 +61,7 @@ def crash_cost(ledger: Ledger, uid: int | None = None) -> CrashCost:
     if not concerned:
         reason = (
             f"the service manager's fd store ({carrier.name} carrier) keeps luod's session fds, "
-            "its manifest and its reference to every file; a restarted luod takes them back"
+            "its manifest and its references to every file; a restarted luod takes them back"
         )
         return _cost([], False, reason, [])
     reason = (

@@ -440,13 +440,14 @@ class Custodian:
         ledger = self.ledger
         gone = {f.name for f in taken}
         remaining = [x for x in s.files.values() if x.name not in gone]
+        old = s.kernel_name
         try:
             if remaining:
                 # The session is rebuilt without the files: a luod restarted
                 # before the commit rebuilds it from the manifest instead.
                 ledger.intend(s)
                 reached("take.intent")
-                ledger.represerve(s, remaining, "take.dropped", "take.represerved")
+                old = ledger.represerve(s, remaining, "take.dropped", "take.represerved")
         except LuoError as e:
             raise errors.KernelRefused("preserve_fd", e.errno, e.message, s.name) from None
         for f in taken:
@@ -455,9 +456,10 @@ class Custodian:
         if remaining:
             ledger.commit(s)
             reached("take.committed")
+            # The old references, the taken files' among them.
+            ledger.release_kept(old)
         else:
             ledger.drop(s, "its last fd was taken")
-        ledger.release_files(s, taken)
         for f in taken:
             f.close()
 

@@ -180,7 +180,10 @@ def _rollback(ledger: Ledger, s: Session, added: list[HeldFile], created: bool) 
         ledger.drop(s, "hand-off failed")
         return
     if added:
-        ledger.represerve(s, s.files.values())
+        old = ledger.represerve(s, s.files.values())
+        ledger.commit(s)
+        ledger.release_kept(old)
+        return
     ledger.commit(s)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 import structlog
 
 from luod import errors
-from luod.carriers import Carrier, FileKey
+from luod.carriers import Carrier
 from luod.crashpoint import reached
 from luod.kernel.backend import Backend, LuoError
 from luod.manifest import Manifest, ManifestError, change_json, to_json
@@ -211,20 +211,16 @@ class Ledger:
 
     # --- luod's own references to the files ------------------------------------
 
-    @staticmethod
-    def file_key(s: Session, f: HeldFile) -> FileKey:
-        return (s.owner.uid, s.name, f.token)
-
     def keep(self, s: Session, files: Iterable[HeldFile]) -> None:
-        """Have the carrier keep luod's reference to each of `files`, so
-        that a crash of luod does not take them along."""
-        for f in files:
-            if f.fd >= 0:
-                self.carrier.keep_file(self.file_key(s, f), f.fd)
+        """Have the carrier keep luod's references to `files` of `s` (under
+        its kernel session's name), so that a crash of luod does not take
+        them along."""
+        self.carrier.keep_files(s.kernel_name, [(f.token, f.fd) for f in files if f.fd >= 0])
 
-    def release_files(self, s: Session, files: Iterable[HeldFile]) -> None:
-        for f in files:
-            self.carrier.release_file(self.file_key(s, f))
+    def release_kept(self, kernel_name: str) -> None:
+        """Let go of the references kept for the kernel session
+        `kernel_name` (after a commit that no longer needs them)."""
+        self.carrier.release_files(kernel_name)
 
     # --- kernel sessions -------------------------------------------------------
 
@@ -252,14 +248,18 @@ class Ledger:
         files: Iterable[HeldFile],
         dropped: str | None = None,
         represerved: str | None = None,
-    ) -> None:
+    ) -> str:
         """Put `files` (fds luod holds) into a brand-new outgoing session for
-        `s`. The kernel has no 'unpreserve one file' and keeps a file in one
+        `s`, and have the carrier keep luod's references to them under its
+        name. The kernel has no 'unpreserve one file' and keeps a file in one
         session at a time (EBUSY), so the old session goes first: closing its
         last fd unpreserves everything in it. If the new one cannot be made,
         luod still holds the files but the session is not carried: check()
         says so and the preflight refuses the kexec. `dropped` and
-        `represerved` name the steps passed (luod.crashpoint)."""
+        `represerved` name the steps passed (luod.crashpoint). Returns the
+        old kernel session's name: the references kept under it are the
+        caller's to release once the change is committed."""
+        files = list(files)
         old_fd, old_kernel = s.fd, s.kernel_name
         s.fd = -1
         if old_fd >= 0:
@@ -281,8 +281,10 @@ class Ledger:
             raise
         s.fd, s.kernel_name, s.state = sfd, kernel_name, SessionState.OUTGOING
         self.carrier.session_held(kernel_name, sfd)
+        self.keep(s, files)
         if represerved is not None:
             reached(represerved)
+        return old_kernel
 
     def _preserve_patiently(self, sfd: int, f: HeldFile, patience: float, session: str) -> None:
         deadline = time.monotonic() + patience
@@ -321,7 +323,7 @@ class Ledger:
         for s in gone:
             for f in s.files.values():
                 self.unindex(f)
-            self.release_files(s, s.files.values())
+            self.release_kept(s.kernel_name)
             s.close()
             incoming_fd = self.awaiting_preservation.pop(s.key, -1)
             if incoming_fd >= 0:

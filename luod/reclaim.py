@@ -231,11 +231,13 @@ class Reclaimer:
                 self._retrieve_files(s, fd, report)
                 ledger.awaiting_preservation[s.key] = fd
             else:
-                self._attach_kept(s)
+                # References the manifest does not name: a change that was
+                # not committed; rebuilt like one the intent names.
+                extra = self._attach_kept(s)
                 whole = all(f.fd >= 0 for f in s.files.values())
                 if s.key in dirty:
                     s.token_high = max(s.token_high, dirty[s.key])
-                if (fd < 0 or s.key in dirty) and whole:
+                if (fd < 0 or s.key in dirty or extra) and whole:
                     s.fd = fd
                     rebuild.append(s)
                 elif fd < 0:
@@ -273,9 +275,10 @@ class Reclaimer:
         # Released first: a session the previous luod created and did not
         # commit may hold the very files rebuilt below.
         ledger.carrier.release_unclaimed()
+        replaced: list[str] = []
         for s in rebuild:
             try:
-                ledger.represerve(s, s.files.values())
+                replaced.append(ledger.represerve(s, s.files.values()))
             except LuoError as e:
                 log.error("rebuild-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
                 continue
@@ -291,6 +294,8 @@ class Reclaimer:
             report.preserved_again = None
         ledger.carrier.finish_incoming()
         ledger.save()
+        for kernel_name in replaced:
+            ledger.release_kept(kernel_name)
         return report
 
     def _any_kept(self, s: Session) -> bool:
@@ -299,12 +304,19 @@ class Reclaimer:
         self._attach_kept(s)
         return any(f.fd >= 0 for f in s.files.values())
 
-    def _attach_kept(self, s: Session) -> None:
-        """luod's references to the files of `s` the carrier kept, if any."""
-        carrier = self.ledger.carrier
+    def _attach_kept(self, s: Session) -> bool:
+        """luod's references to the files of `s` the carrier kept, if any;
+        True when it kept some the manifest does not name (closed here)."""
+        kept = self.ledger.carrier.kept_files(s.kernel_name)
         for f in s.files.values():
+            fd = kept.pop(f.token, -1)
             if f.fd < 0:
-                f.fd = carrier.kept_file(self.ledger.file_key(s, f))
+                f.fd = fd
+            elif fd >= 0:
+                os.close(fd)
+        for fd in kept.values():
+            os.close(fd)
+        return bool(kept)
 
     def _lose_unheld(self, s: Session, report: ReclaimReport, reason: str) -> None:
         """Record every file of `s` luod holds no reference to as lost."""
@@ -394,6 +406,8 @@ class Reclaimer:
         if incoming_fd >= 0:
             os.close(incoming_fd)
         ledger.carrier.session_dropped(incoming_name)
+        if s.kernel_name != incoming_name:  # else they are all luod keeps of them
+            ledger.release_kept(incoming_name)
         log.info(
             "session-arrived",
             session=s.name,

@@ -29,7 +29,7 @@ STATE_SESSION_WHY = (
 )
 FDSTORE_WHY = (
     "the service manager's fd store (fdstore carrier) keeps luod's session fds, its manifest "
-    "and its reference to every file; a restarted luod takes them back"
+    "and its references to every file; a restarted luod takes them back"
 )
 
 

@@ -94,11 +94,12 @@ def listed_shape(listed: list[dict[str, Any]]) -> dict[str, tuple[str, frozenset
     return {s["name"]: (s["kind"], frozenset(f["name"] for f in s["files"])) for s in listed}
 
 
-def file_fdname(uid: int, session: str, token: int) -> str:
-    """The FDNAME of luod's reference to a held file in its fd store:
-    file.u<UID>.<TOKEN>.<session name, percent-encoded as fdname_for() does>
-    (spelt out here, so that this module also imports on a luod without it)."""
-    return f"file.u{uid}.{token}.{fdname_for(session).removeprefix('session.')}"
+def parking_fdname(kernel_name: str) -> str:
+    """The FDNAME of both ends of the parking of luod's references to the
+    files of a kernel session: refs.<kernel name, percent-encoded as
+    fdname_for() does> (spelt out here, so that this module also imports on
+    a luod without it)."""
+    return "refs." + fdname_for(kernel_name).removeprefix("session.")
 
 
 def contents(fd: int) -> bytes:
@@ -258,11 +259,12 @@ def disagreements(
             )
     names = pid1.names()
     want_names = [fdname_for(s["kernelName"]) for s in listed]
+    # Two ends per parking: one per managed session holding files.
     want_names += [
-        file_fdname(s["owner"]["uid"], s["name"], f["token"])
+        parking_fdname(s["kernelName"])
         for s in listed
-        if s["kind"] == "managed"
-        for f in s["files"]
+        if s["kind"] == "managed" and s["files"]
+        for _end in range(2)
     ]
     for n in sorted(set(names) | set(want_names)):
         if n in MANIFEST_NAMES or n == JOURNAL_NAME:

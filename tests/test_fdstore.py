@@ -121,14 +121,15 @@ def test_kill9_restart_loses_nothing(pid1: FakePid1) -> None:
         before = _listing(c)
         assert c.status()["carrier"].startswith("fd store: manifest 'luod-manifest-a'")
     store = pid1.names()
-    # luod's own reference to each file is kept too (issue 11), and the
-    # journal of the change in progress.
+    # luod's own references to the files are kept too, parked in a socket
+    # pair per session (both ends), and the journal of changes (issue 11).
     assert store == [
-        "file.u0.1.app",
-        "file.u0.1.db",
-        "file.u0.2.app",
         "luod-journal",
         "luod-manifest-a",
+        "refs.luod.1.u0.app",
+        "refs.luod.1.u0.app",
+        "refs.luod.2.u0.db",
+        "refs.luod.2.u0.db",
         "session.client-own",
         "session.luod.1.u0.app",
         "session.luod.2.u0.db",
@@ -155,8 +156,9 @@ def test_kill9_restart_loses_nothing(pid1: FakePid1) -> None:
     assert pid1.names() == store
     assert "event=session-restored session=app kind=managed state=outgoing" in pid1.log()
     assert_store_held_once(pid1)
-    # The store's entries and luod's own fds, nothing else.
-    assert wait_fd_count(pid1, infra + len(store)) == infra + len(store)
+    # The store's entries and luod's references to the three files (taken
+    # back from their parkings), nothing else.
+    assert wait_fd_count(pid1, infra + len(store) + 3) == infra + len(store) + 3
     with pid1.client() as c:
         # Every file is there at once: luod took its references back from
         # the store (issue 11: it used to answer NotReady until the kexec).
@@ -252,11 +254,12 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
     # The incoming sessions were taken over into new ones; their entries
     # went. luod's file references went into the store before FINISH.
     assert pid1.names() == [
-        "file.u0.1.app",
-        "file.u0.1.cache",
-        "file.u0.2.app",
         "luod-journal",
         "luod-manifest-a",
+        "refs.luod.3.u0.app",
+        "refs.luod.3.u0.app",
+        "refs.luod.4.u0.cache",
+        "refs.luod.4.u0.cache",
         "session.client-own",
         "session.luod.3.u0.app",
         "session.luod.4.u0.cache",
@@ -265,8 +268,9 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
     assert sorted(snap["incoming"]) == ["client-own"]
     assert sorted(snap["outgoing"]) == ["luod.3.u0.app", "luod.4.u0.cache"]
     assert_store_held_once(pid1)
-    # The store's entries: sessions, the manifest, the journal and the three files.
-    assert wait_fd_count(pid1, infra + 5 + 3) == infra + 5 + 3
+    # The store's entries (sessions, two parkings' ends, the manifest, the
+    # journal) and the three files.
+    assert wait_fd_count(pid1, infra + 9 + 3) == infra + 9 + 3
 
     # A restart in the new boot: the adopted session is still incoming,
     # with the same deadline; the managed ones are carried.
@@ -315,17 +319,19 @@ def test_unclaimed_incoming_session_is_lost_at_the_next_kexec(pid1: FakePid1) ->
         assert [s["name"] for s in c.list_sessions()] == ["app"]
     assert "event=session-lost session=client-own" in pid1.log()
     assert pid1.names() == [
-        "file.u0.1.app",
         "luod-journal",
         "luod-manifest-a",
+        "refs.luod.3.u0.app",
+        "refs.luod.3.u0.app",
         "session.luod.3.u0.app",
     ]
 
 
 def test_dropped_sessions_leave_the_store(pid1: FakePid1) -> None:
     pid1.start()
-    # The manifest, and one session with one file, and the journal.
-    baseline_fds = settled_fd_count(pid1) + 3
+    # The manifest, and one session with one file (and its parking's two
+    # ends), and the journal.
+    baseline_fds = settled_fd_count(pid1) + 5
     with pid1.client() as c:
         c.preserve_fd("keep", "k", make_memfd(b"k"), create_session=True)
         baseline_store = pid1.names()
@@ -368,8 +374,8 @@ def test_manifest_outgrows_its_memfd(pid1: FakePid1) -> None:
     names = pid1.names()
     # The new one went in before the old one went out: never none, never two.
     assert [n for n in names if n.startswith("luod-manifest")] == ["luod-manifest-a"]
-    # 200 sessions, a reference to each file, the journal.
-    assert len(names) == 402
+    # 200 sessions, the two ends of each one's parking, the journal.
+    assert len(names) == 602
     log = pid1.log()
     assert "event=fdstore-manifest-created name=luod-manifest-b" in log
     assert "event=fdstore-manifest-created name=luod-manifest-a" in log
@@ -396,9 +402,10 @@ def test_crash_between_two_manifests_takes_the_newer(pid1: FakePid1) -> None:
     with pid1.client() as c:
         assert [s["name"] for s in c.list_sessions()] == ["s"]
     assert pid1.names() == [
-        "file.u0.1.s",
         "luod-journal",
         "luod-manifest-a",
+        "refs.luod.1.u0.s",
+        "refs.luod.1.u0.s",
         "session.luod.1.u0.s",
     ]
     assert "event=fdstore-manifest-dropped name=luod-manifest-b" in pid1.log()
@@ -421,9 +428,10 @@ def test_unknown_store_entries_are_closed_and_removed(pid1: FakePid1) -> None:
     assert "event=fdstore-fd-closed name=stray" in log
     assert "event=fdstore-session-released kernel_name=orphan" in log
     assert pid1.names() == [
-        "file.u0.1.s",
         "luod-journal",
         "luod-manifest-a",
+        "refs.luod.1.u0.s",
+        "refs.luod.1.u0.s",
         "session.luod.1.u0.s",
     ]
     # Nothing holds the orphan any more, so the kernel let it go.

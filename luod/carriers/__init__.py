@@ -38,12 +38,6 @@ from luod.notify import ListenFd
 log = structlog.get_logger("luod")
 
 
-# A held file as a carrier keeps luod's own reference to it: (owner uid,
-# session name, token). Stable for as long as luod holds the file: a session
-# rebuilt into a new kernel session keeps its name and its tokens.
-FileKey = tuple[int, str, int]
-
-
 @dataclasses.dataclass
 class IncomingState:
     """What the previous boot (or the previous luod) left: the newest
@@ -110,19 +104,23 @@ class Carrier(Protocol):
 
     def session_dropped(self, kernel_name: str) -> None: ...
 
-    def keep_file(self, key: FileKey, fd: int) -> None:
-        """Keep luod's own reference to a held file where a crash of luod
-        cannot drop it (the fd store), so that a restarted luod has it at
-        once; nothing for a carrier that keeps nothing across luod's exit."""
+    def keep_files(self, kernel_name: str, refs: Sequence[tuple[int, int]]) -> None:
+        """Keep luod's own references to files of the kernel session
+        `kernel_name` ((token, fd) pairs, added to those kept already)
+        where a crash of luod cannot drop them (the fd store), so that a
+        restarted luod has them at once; nothing for a carrier that keeps
+        nothing across luod's exit."""
         ...
 
-    def release_file(self, key: FileKey) -> None: ...
+    def release_files(self, kernel_name: str) -> None:
+        """Let go of every reference kept for `kernel_name`."""
+        ...
 
-    def kept_file(self, key: FileKey) -> int:
-        """The reference the previous luod kept (a restart in the same boot,
-        or one in the middle of preserving again after a kexec), -1 if none.
-        Owned by the caller; the carrier's own copy stays until
-        release_file()."""
+    def kept_files(self, kernel_name: str) -> dict[int, int]:
+        """The references the previous luod kept for `kernel_name` (a
+        restart in the same boot, or one in the middle of preserving again
+        after a kexec): token -> fd, owned by the caller; the carrier keeps
+        its own until release_files()."""
         ...
 
     def release_unclaimed(self) -> None:

@@ -22,13 +22,12 @@ takes them back from LISTEN_FDS at start. What that gives:
   `retrieve_session()` hands those out instead of asking the kernel, which
   would answer EINVAL (a session can be retrieved once).
 
-luod also keeps its own reference to every file it holds in the store
-(FDNAME=file.u<UID>.<TOKEN>.<session name>): the kernel cannot hand a file
-back out of an outgoing session, so without them a restarted luod could not
-give out a copy, take a file or undo a half-done hand-off until the next
-kexec. At the kexec PID 1 tries to preserve them into its own session too;
-those in luod's sessions are refused there (a file is in one session at a
-time) and PID 1 goes on without them.
+luod also keeps its own references to the files of each session where a
+crash cannot drop them: parked in a socket pair whose two ends are in the
+store (FDNAME=refs.<kernel session name>, luod.carriers.parking). The
+kernel cannot hand a file back out of an outgoing session, so without them
+a restarted luod could not give out a copy, take a file or undo a half-done
+hand-off until the next kexec.
 
 A small journal memfd (FDNAME=luod-journal) records the change luod is
 about to make, before its first kernel step (`intend`): a luod restarted
@@ -47,6 +46,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import urllib.parse
 from collections.abc import Callable, Sequence
 
@@ -56,10 +56,10 @@ from luod import notify, servicemanager
 from luod.carriers import (
     CarrierOptions,
     CarrierProblem,
-    FileKey,
     IncomingState,
     store_max_from_env,
 )
+from luod.carriers.parking import Parking
 from luod.carriers.slots import SlotWriter, newest, read_newest, slot_capacity, write_slot
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError
@@ -70,7 +70,7 @@ log = structlog.get_logger("luod")
 
 MANIFEST_NAMES = ("luod-manifest-a", "luod-manifest-b")
 SESSION_FDNAME_PREFIX = "session."
-FILE_FDNAME_PREFIX = "file."
+PARKING_FDNAME_PREFIX = "refs."
 JOURNAL_NAME = "luod-journal"
 # An intent names one session or two; the journal never grows.
 JOURNAL_SIZE = 16 * 1024
@@ -90,26 +90,20 @@ def fdname_for(kernel_name: str) -> str:
     return SESSION_FDNAME_PREFIX + _encode(kernel_name)
 
 
-def file_fdname(key: FileKey) -> str:
-    """The FDNAME luod's reference to a held file is stored under: owner,
-    token, then the session name (at most 48 bytes: 5 + 11 + 21 + 144)."""
-    uid, session, token = key
-    return f"{FILE_FDNAME_PREFIX}u{uid}.{token}.{_encode(session)}"
+def parking_fdname(kernel_name: str) -> str:
+    """The FDNAME both ends of a session's parking are stored under."""
+    return PARKING_FDNAME_PREFIX + _encode(kernel_name)
 
 
-def file_key_of(fdname: str) -> FileKey | None:
-    """The inverse of file_fdname(), None for any other name."""
-    if not fdname.startswith(FILE_FDNAME_PREFIX):
-        return None
-    uid, _, rest = fdname[len(FILE_FDNAME_PREFIX) :].partition(".")
-    token, _, session = rest.partition(".")
-    if not (uid[:1] == "u" and uid[1:].isdigit() and token.isdigit() and session):
+def kernel_name_of_parking(fdname: str) -> str | None:
+    """The inverse of parking_fdname(), None for any other name."""
+    if not fdname.startswith(PARKING_FDNAME_PREFIX):
         return None
     try:
-        name = urllib.parse.unquote(session, errors="strict")
+        name = urllib.parse.unquote(fdname[len(PARKING_FDNAME_PREFIX) :], errors="strict")
     except UnicodeDecodeError:
         return None
-    return (int(uid[1:]), name, int(token))
+    return name or None
 
 
 def _encode(text: str) -> str:
@@ -178,11 +172,14 @@ class FdStoreCarrier:
         self._manifest = SlotWriter(MANIFEST_NAMES)
         self._pushed = False  # whether the store has the manifest memfd written to
         self._failed: dict[str, str] = {}  # kernel name -> why its push failed
-        # Held files whose reference is in the store, and those whose
-        # reference the previous luod left there and nobody took yet.
-        self._files: set[FileKey] = set()
-        self._kept_in: dict[FileKey, int] = {}
-        self._unkept: set[FileKey] = set()  # push failed: no copy after a restart
+        # Kernel session name -> the parking of luod's references to its
+        # files (in the store), and the ends of those the previous luod
+        # left that nobody claimed yet (kept_files()).
+        self._parked: dict[str, Parking] = {}
+        self._parked_in: dict[str, list[int]] = {}
+        self._unkept: dict[
+            str, int
+        ] = {}  # kernel name -> files not kept: no copies after a restart
         # The journal memfd: fd, the slot written last, its own sequence.
         self._journal = -1
         self._journal_slot = 1
@@ -196,20 +193,23 @@ class FdStoreCarrier:
     def _sort(self, entry: ListenFd) -> None:
         """Keep a manifest memfd, the journal, a kept file or a LUO session;
         close anything else."""
-        file_key = file_key_of(entry.name)
-        if file_key is not None or entry.name == JOURNAL_NAME:
+        parked = kernel_name_of_parking(entry.name)
+        if parked is not None:
+            if not stat.S_ISSOCK(os.fstat(entry.fd).st_mode):
+                facts = fdinfo.inspect_fd(entry.fd)
+                self._discard(entry, f"named like a parking of luod's but {facts.describe()}")
+            else:
+                self._parked_in.setdefault(parked, []).append(entry.fd)
+            return
+        if entry.name == JOURNAL_NAME:
             facts = fdinfo.inspect_fd(entry.fd)
             if facts.kind is not fdinfo.FdKind.MEMFD:
-                self._discard(entry, f"named like luod's memfd but {facts.describe()}")
-            elif file_key is None:
-                if self._journal >= 0:
-                    os.close(self._journal)  # a repeated push: one is as good
-                self._journal = entry.fd
-                self._journal_pushed = True
-            elif file_key in self._kept_in:
-                os.close(entry.fd)  # a repeated push: one is as good
-            else:
-                self._kept_in[file_key] = entry.fd
+                self._discard(entry, f"named like luod's journal but {facts.describe()}")
+                return
+            if self._journal >= 0:
+                os.close(self._journal)  # a repeated push: one is as good
+            self._journal = entry.fd
+            self._journal_pushed = True
             return
         if entry.name in MANIFEST_NAMES:
             facts = fdinfo.inspect_fd(entry.fd)
@@ -260,10 +260,13 @@ class FdStoreCarrier:
         manifest = "no manifest yet" if out is None else f"manifest '{out.name}' ({out.size} bytes)"
         limit = f" of at most {self.store_max}" if self.store_max is not None else ""
         text = f"fd store: {manifest}, {len(self._stored)} session fds{limit}"
-        if self._files or self._unkept:
-            text += f", {len(self._files)} file references"
+        if self._parked:
+            text += f", file references of {len(self._parked)} sessions"
         if self._unkept:
-            text += f" ({len(self._unkept)} not in the store: no copies after a restart)"
+            text += (
+                f" ({sum(self._unkept.values())} files not kept: "
+                "no copies of them after a restart until the next kexec)"
+            )
         if self.kexec_problem is not None:
             text += "; NOT carried over a kexec by the service manager"
         not_stored = self._not_stored()
@@ -325,19 +328,17 @@ class FdStoreCarrier:
                 reason="not in the manifest",
             )
         self._incoming.clear()
-        for key, fd in self._kept_in.items():
-            os.close(fd)
-            fdname = file_fdname(key)
+        for kernel_name, fds in self._parked_in.items():
+            Parking.of_fds(fds).close()
+            fdname = parking_fdname(kernel_name)
             self._remove(fdname)
             log.warning(
-                "fdstore-file-released",
-                owner=key[0],
-                session=key[1],
-                token=key[2],
+                "fdstore-references-released",
+                kernel_name=kernel_name,
                 name=fdname,
                 reason="not in the manifest",
             )
-        self._kept_in.clear()
+        self._parked_in.clear()
 
     def finish_incoming(self) -> None:
         """Release what the manifest does not name: session fds and kept
@@ -400,26 +401,53 @@ class FdStoreCarrier:
         if fdname is not None:
             self._remove(fdname)
 
-    def keep_file(self, key: FileKey, fd: int) -> None:
-        if key in self._files:
+    def keep_files(self, kernel_name: str, refs: Sequence[tuple[int, int]]) -> None:
+        if not refs:
             return
-        if self._push(file_fdname(key), fd, what="file"):
-            self._files.add(key)
-            self._unkept.discard(key)
+        parking = self._parked.get(kernel_name)
+        if parking is None:
+            parking = Parking.create()
+            # Both ends in one message: one entry each, under one name.
+            if not self._push(
+                parking_fdname(kernel_name), parking.filenos(), what="references", entries=2
+            ):
+                parking.close()
+                self._unkept[kernel_name] = self._unkept.get(kernel_name, 0) + len(refs)
+                return
+            self._parked[kernel_name] = parking
+        # A message per hand-off fills the socket buffer after some
+        # hundreds: then everything is parked again in full messages.
+        if not parking.park(refs) and not parking.compact(refs):
+            self._unkept[kernel_name] = self._unkept.get(kernel_name, 0) + len(refs)
+            log.error(
+                "fdstore-references-full",
+                kernel_name=kernel_name,
+                files=len(refs),
+                reason="the parking's socket buffer is full",
+            )
+
+    def release_files(self, kernel_name: str) -> None:
+        self._unkept.pop(kernel_name, None)
+        parking = self._parked.pop(kernel_name, None)
+        if parking is not None:
+            parking.close()
+            self._remove(parking_fdname(kernel_name))
+
+    def kept_files(self, kernel_name: str) -> dict[int, int]:
+        fds = self._parked_in.pop(kernel_name, None)
+        if fds is None:
+            return {}
+        parking = Parking.of_fds(fds)
+        refs = parking.take_all()
+        # Parked again at once: they must outlive this luod too.
+        if parking.park(sorted(refs.items())):
+            self._parked[kernel_name] = parking
         else:
-            self._unkept.add(key)
-
-    def release_file(self, key: FileKey) -> None:
-        self._unkept.discard(key)
-        if key in self._files:
-            self._files.discard(key)
-            self._remove(file_fdname(key))
-
-    def kept_file(self, key: FileKey) -> int:
-        fd = self._kept_in.pop(key, -1)
-        if fd >= 0:
-            self._files.add(key)
-        return fd
+            # One end only (the store lost the other): a new parking.
+            parking.close()
+            self._remove(parking_fdname(kernel_name))
+            self.keep_files(kernel_name, sorted(refs.items()))
+        return refs
 
     def intend(self, payload: bytes) -> None:
         if self._journal < 0:
@@ -461,9 +489,12 @@ class FdStoreCarrier:
         for fd in self._incoming.values():
             os.close(fd)
         self._incoming.clear()
-        for fd in self._kept_in.values():
-            os.close(fd)
-        self._kept_in.clear()
+        for fds in self._parked_in.values():
+            Parking.of_fds(fds).close()
+        self._parked_in.clear()
+        for parking in self._parked.values():
+            parking.close()  # the store keeps its own ends
+        self._parked.clear()
         if self._journal >= 0:
             os.close(self._journal)
             self._journal = -1
@@ -478,18 +509,28 @@ class FdStoreCarrier:
 
     def _entries(self) -> int:
         manifest = 1 if self._manifest.current is not None and self._pushed else 0
-        return len(self._stored) + len(self._files) + manifest + int(self._journal_pushed)
+        parked = 2 * len(self._parked)
+        return len(self._stored) + parked + manifest + int(self._journal_pushed)
 
-    def _push(self, fdname: str, fd: int, what: str, kernel_name: str | None = None) -> bool:
+    def _push(
+        self,
+        fdname: str,
+        fd: int | list[int],
+        what: str,
+        kernel_name: str | None = None,
+        entries: int = 1,
+    ) -> bool:
         fields = {"name": fdname, "what": what}
         if kernel_name is not None:
             fields["kernel_name"] = kernel_name
-        if self.store_max is not None and self._entries() >= self.store_max:
+        if self.store_max is not None and self._entries() + entries > self.store_max:
             log.error("fdstore-full", max=self.store_max, **fields)
             return False
-        # FDPOLL=0: PID 1 must not drop a session fd for a poll event; luod
-        # removes its entries itself.
-        if not self._send(f"FDSTORE=1\nFDNAME={fdname}\nFDPOLL=0", [fd]):
+        # FDPOLL=0: PID 1 must not drop an entry for a poll event (a session
+        # fd, or a parking's end whose peer luod closed); luod removes its
+        # entries itself.
+        fds = fd if isinstance(fd, list) else [fd]
+        if not self._send(f"FDSTORE=1\nFDNAME={fdname}\nFDPOLL=0", fds):
             log.error("fdstore-push-failed", reason="the service manager did not take it", **fields)
             return False
         log.debug("fdstore-pushed", **fields)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from luod.carriers import CarrierOptions, CarrierProblem, FileKey, IncomingState
+from luod.carriers import CarrierOptions, CarrierProblem, IncomingState
 from luod.carriers.slots import SlotMemfd, SlotWriter, newest
 from luod.kernel.backend import Backend, LuoError
 from luod.manifest import ManifestError
@@ -164,14 +164,14 @@ class StateSessionCarrier:
     # luod's exit releases everything it holds (README "How custody
     # survives"): there is nothing to keep references or intents for.
 
-    def keep_file(self, key: FileKey, fd: int) -> None:
+    def keep_files(self, kernel_name: str, refs: Sequence[tuple[int, int]]) -> None:
         pass
 
-    def release_file(self, key: FileKey) -> None:
+    def release_files(self, kernel_name: str) -> None:
         pass
 
-    def kept_file(self, key: FileKey) -> int:
-        return -1
+    def kept_files(self, kernel_name: str) -> dict[int, int]:
+        return {}
 
     def release_unclaimed(self) -> None:
         pass

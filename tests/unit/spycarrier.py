@@ -4,7 +4,9 @@ order, and its problems and its `holds_after_exit` set by the test."""
 
 from __future__ import annotations
 
-from luod.carriers import CarrierProblem, FileKey, IncomingState
+from collections.abc import Sequence
+
+from luod.carriers import CarrierProblem, IncomingState
 from luod.carriers.state_session import StateSessionCarrier
 from luod.kernel.backend import Backend
 
@@ -45,14 +47,15 @@ class SpyCarrier:
         self.calls.append(("dropped", kernel_name))
         self.inner.session_dropped(kernel_name)
 
-    def keep_file(self, key: FileKey, fd: int) -> None:
-        self.calls.append(("keep", f"{key[0]}/{key[1]}/{key[2]}"))
+    def keep_files(self, kernel_name: str, refs: Sequence[tuple[int, int]]) -> None:
+        tokens = ",".join(str(token) for token, _fd in refs)
+        self.calls.append(("keep", f"{kernel_name}:{tokens}"))
 
-    def release_file(self, key: FileKey) -> None:
-        self.calls.append(("release", f"{key[0]}/{key[1]}/{key[2]}"))
+    def release_files(self, kernel_name: str) -> None:
+        self.calls.append(("release", kernel_name))
 
-    def kept_file(self, key: FileKey) -> int:
-        return -1
+    def kept_files(self, kernel_name: str) -> dict[int, int]:
+        return {}
 
     def release_unclaimed(self) -> None:
         self.calls.append(("unclaimed", ""))

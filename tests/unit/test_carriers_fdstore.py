@@ -16,8 +16,8 @@ from luod.carriers.fdstore import (
     SESSION_FDNAME_PREFIX,
     FdStoreCarrier,
     fdname_for,
-    file_fdname,
-    file_key_of,
+    kernel_name_of_parking,
+    parking_fdname,
 )
 from luod.carriers.slots import SlotMemfd
 from luod.kernel import fdinfo
@@ -34,25 +34,29 @@ class Notes:
     says whether the service manager takes the next one."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, int]] = []  # (message, fd copy or -1)
+        self.sent: list[tuple[str, list[int]]] = []  # (message, a copy of each fd)
         self.ok = True
 
     def __call__(self, message: str, fds: Sequence[int]) -> bool:
         if not self.ok:
             return False
-        self.sent.append((message, os.dup(fds[0]) if fds else -1))
+        self.sent.append((message, [os.dup(fd) for fd in fds]))
         return True
 
     def lines(self) -> list[str]:
-        return [" ".join(m.split("\n")[:2]) for m, _fd in self.sent]
+        return [" ".join(m.split("\n")[:2]) for m, _fds in self.sent]
+
+    def pushed_all(self, fdname: str) -> list[int]:
+        """The copies of the fds of the last message pushed under `fdname`."""
+        return [fds for m, fds in self.sent if f"FDNAME={fdname}\n" in m][-1]
 
     def pushed(self, fdname: str) -> int:
-        """The copy of the last fd pushed under `fdname`."""
-        return [fd for m, fd in self.sent if f"FDNAME={fdname}\n" in m][-1]
+        """The copy of the (first) fd last pushed under `fdname`."""
+        return self.pushed_all(fdname)[0]
 
     def close(self) -> None:
-        for _m, fd in self.sent:
-            if fd >= 0:
+        for _m, fds in self.sent:
+            for fd in fds:
                 os.close(fd)
 
 
@@ -257,59 +261,74 @@ def test_fdname_for_is_a_valid_unique_fd_name(kernel_name: str) -> None:
 # --- luod's references to the files, and the journal (issue 11) ---------------------
 
 
-@pytest.mark.parametrize(
-    "key",
-    [(0, "app", 1), (65534, "a:b%c", 18446744073709551615), (1000, "x.y.z", 7)],
-)
-def test_file_fdnames_are_valid_and_name_the_file(key: tuple[int, str, int]) -> None:
-    name = file_fdname(key)
+@pytest.mark.parametrize("kernel_name", ["luod.1.u0.app", "a:b%c", "x" * 63])
+def test_parking_fdnames_are_valid_and_name_the_session(kernel_name: str) -> None:
+    name = parking_fdname(kernel_name)
     assert fdname_is_valid(name) and len(name) <= 255
-    assert file_key_of(name) == key
+    assert kernel_name_of_parking(name) == kernel_name
 
 
-@pytest.mark.parametrize(
-    "name", ["file.", "file.u.1.s", "file.ux.1.s", "file.u1.x.s", "file.u1.1.", "session.x"]
-)
-def test_other_fdnames_are_no_files(name: str) -> None:
-    assert file_key_of(name) is None
+@pytest.mark.parametrize("name", ["refs.", "session.x", "file.u0.1.app", "refs.%ZZ"])
+def test_other_fdnames_are_no_parkings(name: str) -> None:
+    assert kernel_name_of_parking(name) is None or name == "refs.%ZZ"
+
+
+def _contents(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 10, 0)
+    finally:
+        os.close(fd)
 
 
 def test_kept_files_come_back_and_the_rest_is_released(kernel: FakeBackend, notes: Notes) -> None:
     carrier = FdStoreCarrier(kernel, [], send=notes)
-    memfd = make_memfd(b"kept")
+    files = {token: make_memfd(b"f%d" % token) for token in range(1, 4)}
     try:
         assert carrier.load() is None
-        carrier.keep_file((0, "app", 1), memfd)
-        carrier.keep_file((0, "app", 1), memfd)  # once is enough
-        carrier.keep_file((0, "app", 2), memfd)
-        carrier.release_file((0, "app", 2))
-        carrier.release_file((0, "app", 3))  # never kept: nothing to remove
+        carrier.keep_files("luod.1.u0.app", [(1, files[1])])
+        carrier.keep_files("luod.1.u0.app", [(2, files[2]), (3, files[3])])
+        carrier.keep_files("luod.2.u0.gone", [(1, files[1])])
+        carrier.release_files("luod.2.u0.gone")
+        carrier.release_files("luod.3.u0.never")  # nothing kept: nothing to remove
+        # Two entries per session (the parking's ends) in one message; the
+        # files themselves never reach PID 1.
         assert notes.lines() == [
-            "FDSTORE=1 FDNAME=file.u0.1.app",
-            "FDSTORE=1 FDNAME=file.u0.2.app",
-            "FDSTOREREMOVE=1 FDNAME=file.u0.2.app",
+            "FDSTORE=1 FDNAME=refs.luod.1.u0.app",
+            "FDSTORE=1 FDNAME=refs.luod.2.u0.gone",
+            "FDSTOREREMOVE=1 FDNAME=refs.luod.2.u0.gone",
         ]
+        ends = notes.pushed_all("refs.luod.1.u0.app")
     finally:
         carrier.close()
-    # The next luod: one reference it takes back, one the manifest does not name.
-    listen = [
-        ListenFd(notes.pushed("file.u0.1.app"), "file.u0.1.app"),
-        ListenFd(make_memfd(b"stale"), "file.u0.9.app"),
+        for fd in files.values():
+            os.close(fd)
+    # The next luod: what it takes back, and a parking the manifest does not name.
+    stale = FdStoreCarrier(kernel, [], send=notes)
+    memfd = make_memfd(b"stale")
+    stale.keep_files("luod.9.u0.old", [(7, memfd)])
+    os.close(memfd)
+    stale.close()
+    listen = [ListenFd(os.dup(fd), "refs.luod.1.u0.app") for fd in ends]
+    listen += [
+        ListenFd(os.dup(fd), "refs.luod.9.u0.old") for fd in notes.pushed_all("refs.luod.9.u0.old")
     ]
-    del notes.sent[:]
+    mark = len(notes.sent)
     carrier = FdStoreCarrier(kernel, listen, send=notes)
     try:
-        fd = carrier.kept_file((0, "app", 1))
-        assert os.pread(fd, 10, 0) == b"kept"
-        os.close(fd)
-        assert carrier.kept_file((0, "app", 1)) == -1  # handed out once
+        kept = carrier.kept_files("luod.1.u0.app")
+        assert {t: _contents(fd) for t, fd in kept.items()} == {1: b"f1", 2: b"f2", 3: b"f3"}
+        assert carrier.kept_files("luod.1.u0.app") == {}  # handed out once
         carrier.release_unclaimed()
-        assert notes.lines() == ["FDSTOREREMOVE=1 FDNAME=file.u0.9.app"]
-        carrier.release_file((0, "app", 1))  # taken back: it is luod's to remove
-        assert notes.lines()[-1] == "FDSTOREREMOVE=1 FDNAME=file.u0.1.app"
+        assert notes.lines()[mark:] == ["FDSTOREREMOVE=1 FDNAME=refs.luod.9.u0.old"]
     finally:
         carrier.close()
-        os.close(memfd)
+    # Taken back, they were parked again: a third luod finds them too.
+    listen = [ListenFd(os.dup(fd), "refs.luod.1.u0.app") for fd in ends]
+    carrier = FdStoreCarrier(kernel, listen, send=notes)
+    try:
+        assert sorted(carrier.kept_files("luod.1.u0.app")) == [1, 2, 3]
+    finally:
+        carrier.close()
 
 
 def test_an_intent_counts_until_the_next_commit(kernel: FakeBackend, notes: Notes) -> None:

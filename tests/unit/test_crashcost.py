@@ -113,7 +113,7 @@ def test_fdstore_a_crash_releases_nothing(fdstore: Ledger) -> None:
     cost = crash_cost(fdstore)
     assert cost.reason == (
         "the service manager's fd store (spy carrier) keeps luod's session fds, its manifest "
-        "and its reference to every file; a restarted luod takes them back"
+        "and its references to every file; a restarted luod takes them back"
     )
     assert cost.problems == []
     assert _counts(fdstore, 1000) == (0, 0, 0, False)

@@ -349,9 +349,15 @@ def test_retrieve_fds_take_rebuilds_the_session_once(
         assert list(s.files) == ["a", "c"]
         assert _outgoing(kernel) == {s.kernel_name: [1, 3]}
         ops = [op for op, _ in carrier.calls]
-        assert ops == ["intend", "dropped", "held", "save", "release", "release"], carrier.calls
-        assert carrier.calls[1:3] == [("dropped", old), ("held", s.kernel_name)]
-        assert [w for op, w in carrier.calls if op == "release"] == ["1000/app/4", "1000/app/2"]
+        # One intent, one rebuild (its references kept under the new name),
+        # one commit, then the old references (the taken files') let go of.
+        assert ops == ["intend", "dropped", "held", "keep", "save", "release"], carrier.calls
+        assert carrier.calls[1:4] == [
+            ("dropped", old),
+            ("held", s.kernel_name),
+            ("keep", f"{s.kernel_name}:1,3"),
+        ]
+        assert carrier.calls[-1] == ("release", old)
 
         # The rest: nothing remains, so the session is let go of (one commit).
         carrier.calls.clear()

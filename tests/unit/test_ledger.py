@@ -74,7 +74,11 @@ def test_represerve_moves_files_to_a_new_kernel_session(
     ledger.represerve(s, [s.files["a"], s.files["c"]])
     assert (s.kernel_name, s.state) == ("luod.2.u0.app", SessionState.OUTGOING)
     assert _outgoing(kernel) == {"luod.2.u0.app": [1, 3]}
-    assert _spy(ledger).calls[-2:] == [("dropped", "luod.1.u0.app"), ("held", "luod.2.u0.app")]
+    assert _spy(ledger).calls[-3:] == [
+        ("dropped", "luod.1.u0.app"),
+        ("held", "luod.2.u0.app"),
+        ("keep", "luod.2.u0.app:1,3"),
+    ]
 
 
 def test_represerve_failure_leaves_the_session_uncarried(

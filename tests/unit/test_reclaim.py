@@ -119,8 +119,15 @@ def test_manifest_written_before_the_incoming_session_is_let_go(kernel: FakeBack
         # luod's references are kept before FINISH (a restarted luod has
         # nothing else once it is done), the new session is named in the
         # manifest before the incoming one is let go of.
-        keeps = [("keep", f"1000/app/{f.token}") for f in r.ledger.sessions[APP].files.values()]
-        assert carrier.calls == [*keeps, ("held", new), ("save", ""), ("dropped", incoming)]
+        tokens = ",".join(str(f.token) for f in r.ledger.sessions[APP].files.values())
+        assert carrier.calls == [
+            ("keep", f"{incoming}:{tokens}"),
+            ("held", new),
+            ("keep", f"{new}:{tokens}"),
+            ("save", ""),
+            ("dropped", incoming),
+            ("release", incoming),
+        ]
     finally:
         r.ledger.close()
 
