@@ -24,7 +24,9 @@
 # With the test hooks or test units, the Python helpers the test programs
 # share go in too: testsupport/{__init__,util,guest}.py of the working tree
 # (never from LUOD_IMAGE_REF: they are the tests' side) as the package
-# testsupport, next to luod.
+# testsupport, next to luod; and the fault-injection entry point
+# (testsupport/{crashhook,luod_crashable}.py: `python3 -m
+# testsupport.luod_crashable` is the image's luod with LUOD_TEST_CRASH_AT).
 #
 # What goes in, on top of a copy of the root (the cached root is not changed),
 # with --deb: the package's files instead of the first three lines:
@@ -179,8 +181,9 @@ if [[ -n $test_units ]]; then
 	done
 	source_desc+=", test units from $test_units"
 fi
-# The helpers of the test programs (testsupport.guest), for the root's python3.
-testsupport=(__init__.py util.py guest.py)
+# The helpers of the test programs (testsupport.guest) and the crashable
+# luod (testsupport.luod_crashable), for the root's python3.
+testsupport=(__init__.py util.py guest.py crashhook.py luod_crashable.py)
 rm -rf "$site/testsupport"
 if [[ $test_stage == 1 || -n $test_units ]]; then
 	for f in "${testsupport[@]}"; do
@@ -210,6 +213,12 @@ if [[ -d $site/testsupport ]]; then
 	if ! out=$(chroot "$r" python3 -c 'import testsupport.guest' 2>&1); then
 		printf '%s\n' "$out" >&2
 		die "testsupport.guest does not import with the root's python3 (above)"
+	fi
+	# (A luod of LUOD_IMAGE_REF from before luod.crashpoint has no hook to arm.)
+	if chroot "$r" python3 -c 'import luod.crashpoint' 2>/dev/null &&
+		! out=$(chroot "$r" python3 -c 'import testsupport.luod_crashable' 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "testsupport.luod_crashable does not import with the root's python3 (above)"
 	fi
 fi
 

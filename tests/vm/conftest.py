@@ -38,3 +38,11 @@ def luo_kernel(request: pytest.FixtureRequest, qemu_ready: None) -> LuoKernel:
     if override:
         return LuoKernel(variant, Path(override))
     return LuoKernel(variant, qemu.build_kernel(variant))
+
+
+@pytest.fixture(scope="session")
+def stock_kernel(qemu_ready: None) -> Path:
+    """Scenarios that do not depend on how a session fd looks run on the
+    stock Debian kernel only."""
+    override = os.environ.get("LUOD_VM_KERNEL_STOCK")
+    return Path(override) if override else qemu.build_kernel("stock")

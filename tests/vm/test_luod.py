@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,6 @@ from .conftest import LuoKernel
 pytestmark = pytest.mark.vm
 
 GUEST = Path(__file__).with_name("guest_luod.py")
-
-
-@pytest.fixture(scope="session")
-def stock_kernel(qemu_ready: None) -> Path:
-    """Scenarios that do not depend on how a session fd looks run on the
-    stock Debian kernel only."""
-    override = os.environ.get("LUOD_VM_KERNEL_STOCK")
-    return Path(override) if override else qemu.build_kernel("stock")
 
 
 def run(
