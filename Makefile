@@ -23,8 +23,8 @@ deps:
 	vm/host-deps.sh all
 
 lint: venv
-	$(VENV)/bin/ruff check luod tests testsupport tools $(wildcard bench/*.py) examples
-	$(VENV)/bin/ruff format --check luod tests testsupport tools $(wildcard bench/*.py) examples
+	$(VENV)/bin/ruff check luod tests testsupport tools $(wildcard bench/*.py) $(wildcard examples)
+	$(VENV)/bin/ruff format --check luod tests testsupport tools $(wildcard bench/*.py) $(wildcard examples)
 	$(VENV)/bin/mypy --strict luod tests testsupport tools $(wildcard bench/*.py) $(wildcard examples/*/*.py)
 
 # The IDL files in protocol/ are rendered from luod/varlink/'s types and
