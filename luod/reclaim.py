@@ -30,7 +30,7 @@ from luod.crashpoint import reached
 from luod.kernel.backend import LuoError
 from luod.ledger import Ledger
 from luod.manifest import Manifest, ManifestError, from_json
-from luod.model import Session, SessionKey, SessionKind, SessionState
+from luod.model import HeldFile, Session, SessionKey, SessionKind, SessionState
 
 log = structlog.get_logger("luod")
 
@@ -321,16 +321,7 @@ class Reclaimer:
     def _lose_unheld(self, s: Session, report: ReclaimReport, reason: str) -> None:
         """Record every file of `s` luod holds no reference to as lost."""
         for f in [f for f in s.files.values() if f.fd < 0]:
-            log.error(
-                "fd-lost",
-                session=s.name,
-                name=f.name,
-                token=f.token,
-                owner=s.owner.describe(),
-                reason=reason,
-            )
-            del s.files[f.name]
-            report.lose(s.owner.uid, f"{s.name}/{f.name}")
+            _lose_file(s, f, report, reason)
 
     def _retrieve_files(self, s: Session, incoming_fd: int, report: ReclaimReport) -> None:
         """luod's reference to every file of an incoming managed session:
@@ -347,16 +338,7 @@ class Reclaimer:
                     raise LuoError("retrieve_fd", errno.ENOENT, "its incoming session is gone")
                 f.fd = self.ledger.backend.retrieve_fd(incoming_fd, f.token)
             except LuoError as e:
-                log.error(
-                    "fd-lost",
-                    session=s.name,
-                    name=f.name,
-                    token=f.token,
-                    owner=s.owner.describe(),
-                    reason=str(e),
-                )
-                del s.files[f.name]
-                report.lose(s.owner.uid, f"{s.name}/{f.name}")
+                _lose_file(s, f, report, str(e))
                 continue
             report.count(s.owner.uid, files=1)
 
@@ -468,6 +450,20 @@ class Reclaimer:
         if gone:
             ledger.drop_all(gone, f"not claimed within {self.grace:g}s after the kexec")
         return [s.name for s in gone]
+
+
+def _lose_file(s: Session, f: HeldFile, report: ReclaimReport, reason: str) -> None:
+    """Record the file `f` of `s` as lost (it leaves `s`), and log it."""
+    log.error(
+        "fd-lost",
+        session=s.name,
+        name=f.name,
+        token=f.token,
+        owner=s.owner.describe(),
+        reason=reason,
+    )
+    del s.files[f.name]
+    report.lose(s.owner.uid, f"{s.name}/{f.name}")
 
 
 def _lose_session(s: Session, report: ReclaimReport, reason: str) -> None:
