@@ -8,6 +8,10 @@
 #
 # What is in it: debootstrap --variant=minbase of Debian sid with
 #   systemd systemd-sysv udev python3 kexec-tools procps iproute2 dbus
+#   qemu-system-x86
+# (debootstrap follows Depends only, never Recommends: QEMU comes without
+# qemu-utils, ovmf, the GUI and spice modules; tests/systemd/test_qemu_cpr.py
+# and examples/qemu-cpr/ run it inside the VM, under TCG)
 # and luod's run-time Python dependencies (pyproject.toml [project]
 # dependencies). Each of those is taken from Debian sid as python3-<name>
 # when sid has it in a version that satisfies a `>=` requirement; only what
@@ -37,7 +41,7 @@
 set -euo pipefail
 
 SUITE=${LUOD_ROOT_SUITE:-sid}
-PACKAGES=(systemd systemd-sysv udev python3 kexec-tools procps iproute2 dbus)
+PACKAGES=(systemd systemd-sysv udev python3 kexec-tools procps iproute2 dbus qemu-system-x86)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
@@ -234,16 +238,19 @@ touch -r "$root/usr" "$root/etc/.updated" "$root/var/.updated"
 # What went in, for humans and for build-image.sh.
 # shellcheck disable=SC2016 # dpkg-query's own ${...} format
 systemd_version=$(chroot "$root" dpkg-query -W -f '${Version}' systemd)
+# shellcheck disable=SC2016 # dpkg-query's own ${...} format
+qemu_version=$(chroot "$root" dpkg-query -W -f '${Version}' qemu-system-x86)
 python3 - "$root/.luod-root.json" "$key" "$SUITE" "$mirror" "$pyver" "$systemd_version" \
-	"${provenance[@]}" <<-'EOF'
+	"$qemu_version" "${provenance[@]}" <<-'EOF'
 	import json, sys
-	out, key, suite, mirror, pyver, systemd, *prov = sys.argv[1:]
+	out, key, suite, mirror, pyver, systemd, qemu, *prov = sys.argv[1:]
 	deps = {}
 	for p in prov:
 	    req, _, how = p.partition("|")
 	    deps[req] = how
 	json.dump({"key": key, "suite": suite, "mirror": mirror, "python": pyver,
-	           "systemd": systemd, "python_deps": deps}, open(out, "w"), indent=2)
+	           "systemd": systemd, "qemu": qemu, "python_deps": deps},
+	          open(out, "w"), indent=2)
 	EOF
 # shellcheck disable=SC2016 # dpkg-query's own ${...} format
 chroot "$root" dpkg-query -W -f '${Package}=${Version}\n' >"$root/.luod-packages.txt"
@@ -252,5 +259,5 @@ rm -rf "$dest"
 mv "$root" "$dest"
 touch "$dest.complete"
 elapsed=$(($(date +%s%3N) - start))
-log "done in $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000))) s: $dest ($(du -sh "$dest" | cut -f1), systemd $systemd_version, python $pyver)"
+log "done in $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000))) s: $dest ($(du -sh "$dest" | cut -f1), systemd $systemd_version, qemu $qemu_version, python $pyver)"
 echo "$dest"

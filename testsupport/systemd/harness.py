@@ -13,7 +13,7 @@ The pieces:
   luod-test-stage.service after multi-user.target, which runs
   /usr/lib/luod-test/test-stage (vm/systemd/): it runs our program
   (`results/.guest/stage-script`, bash) with the helpers of guest/ next to
-  it (lib.sh to source; memfd.py, bulk.py). The program either kexecs into
+  it (lib.sh to source; memfd.py, bulk.py, qemucpr.py). The program either kexecs into
   the next stage (`stage_kexec` in lib.sh: `luoctl kexec /boot/vmlinuz
   --append "... luod.test_stage=N+1"`, which ends in `systemctl kexec`) or
   returns, and the VM powers off.

@@ -12,6 +12,9 @@
 #   stage_kexec [ARGS]    save logs, then `luoctl kexec /boot/vmlinuz --append
 #                         "<this cmdline, luod.test_stage=N+1>" ARGS`; returns
 #                         only if that failed (the unit is stopped otherwise)
+#   stage_jump CMD...     the same with CMD instead of luoctl kexec (e.g.
+#                         `luoctl update` after `luoctl load ... --append
+#                         "$(next_cmdline)"`)
 
 set -u
 : "${LUOD_TEST_STAGE:?} ${LUOD_TEST_OUT:?} ${LUOD_TEST_GUEST:?}"
@@ -78,19 +81,26 @@ collect_logs() {
 }
 
 stage_kexec() {
+	stage_jump luoctl kexec /boot/vmlinuz --append "$(next_cmdline)" "$@"
+}
+
+# stage_jump CMD...: stage_kexec with another command that ends in the kexec
+# (e.g. `luoctl update` after a `luoctl load` of /boot/vmlinuz with
+# next_cmdline); returns only if it failed.
+stage_jump() {
 	local rc
 	finish
 	collect_logs
 	uptime_s >"$G/stage-$STAGE.kexec"
 	sync
-	echo "[$(uptime_s)] luoctl kexec /boot/vmlinuz --append '$(next_cmdline)' $*"
-	luoctl kexec /boot/vmlinuz --append "$(next_cmdline)" "$@" >"$OUT/kexec.out" 2>&1
+	echo "[$(uptime_s)] $*"
+	"$@" >"$OUT/kexec.out" 2>&1
 	rc=$?
 	echo "$rc" >"$OUT/kexec.rc"
 	cat "$OUT/kexec.out"
 	if [[ $rc != 0 ]]; then
 		rm -f "$G/stage-$STAGE.kexec"
-		echo "luoctl kexec failed with $rc"
+		echo "$1 failed with $rc"
 		return "$rc"
 	fi
 	# systemctl kexec has queued kexec.target: wait to be stopped with the rest.
