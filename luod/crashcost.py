@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from luod.carriers import CarrierProblem
 from luod.ledger import Ledger
 from luod.model import Session
 from luod.preflight import Problem
@@ -54,7 +53,9 @@ def crash_cost(ledger: Ledger, uid: int | None = None) -> CrashCost:
         return _cost(held, True, reason, [])
     problems = carrier.problems()
     for p in problems:
-        if p.kernel_name is None and _on_exit(p):
+        # A problem of the carrier's own state that a restart in this boot
+        # would feel too (not only the next kexec): the manifest not in the store.
+        if p.kernel_name is None and p.on_exit:
             return _cost(held, True, f"{p.reason} ({carrier.name} carrier)", [])
     lost = {p.kernel_name: p.reason for p in problems if p.kernel_name is not None}
     concerned = [s for s in held if s.kernel_name in lost]
@@ -70,14 +71,6 @@ def crash_cost(ledger: Ledger, uid: int | None = None) -> CrashCost:
     )
     listed = [Problem(s.name, None, lost[s.kernel_name], s.owner.uid) for s in concerned]
     return _cost(concerned, False, reason, listed)
-
-
-def _on_exit(p: CarrierProblem) -> bool:
-    """Whether a problem of the carrier's own state costs a crash too, not
-    only the next kexec: a carrier says so with `on_exit` (a problem
-    without it, such as a service manager that drops the store at a
-    kexec, leaves a restart in this boot unharmed)."""
-    return p.on_exit
 
 
 def _cost(

@@ -461,9 +461,6 @@ class FakeKernel:
 
     # lifetime
 
-    def peers(self) -> list[socket.socket]:
-        return [s.peer for s in self.by_client.values() if s.peer is not None]
-
     def reap(self) -> None:
         """Release every session whose last fd was closed."""
         for session in list(self.by_client.values()):
