@@ -6,14 +6,18 @@ real kernel, the state-session carrier, info-level logs to a file on tmpfs);
 this program is its client and, for the raw baselines, calls the kernel
 itself through luod.kernel.backend.KernelBackend in-process.
 
-Stage 1: luod's RSS idle; hand-off of N small memfds, three ways, repeated
-and interleaved, and luod's RSS with many held fds (bench/handoff.py); then
+Stage 1: luod's start to READY next to `python -c "import asyncio"` with the
+same interpreter; luod's RSS idle; hand-off of N small memfds, three ways,
+repeated and interleaved, one PreserveFd next to one GetInfo on the same
+connection, and luod's RSS with many held fds (bench/handoff.py); then
 it sets up the first reclaim case (S sessions x F memfds in luod, and the
 same again as raw sessions of this process: bench/reclaim.py) and
 live-updates with `luoctl kexec`.
 Stage k+1: luod starts and reclaims; the first fd is retrieved (the end of
 the blackout, stamped by the host); luod's reclaim duration and start time;
-the raw reclaim loop; then the next case, or the end.
+the raw reclaim loop; every fd back through luod, with the `import
+asyncio` baseline between RetrieveFds and RetrieveFd; then the next case,
+or the end.
 
 Config: LUOD_BENCH_CONFIG (JSON, see DEFAULTS). Results: bench-<stage>.json
 in the results share. Host-stamped events: testsupport.vm.timeline.mark().
@@ -25,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -32,11 +37,18 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from testsupport.luodproc import LuodProcess
+from testsupport.luodproc import REPO, LuodProcess
 from testsupport.vm import guestlib
 from testsupport.vm.timeline import mark
 
-from .handoff import bench_breakdown, bench_handoff, bench_held, probe_batch, proc_status
+from .handoff import (
+    bench_breakdown,
+    bench_call_vs_getinfo,
+    bench_handoff,
+    bench_held,
+    probe_batch,
+    proc_status,
+)
 from .reclaim import raw_reclaim, retrieve_batches, retrieve_per_fd, setup_reclaim
 
 WORK = Path("/run/luod-bench")
@@ -56,7 +68,13 @@ DEFAULTS: dict[str, Any] = {
     "raw_first": [False, False, True, False, True, False],
     "files_per_session": 10,  # of a case reclaim_files does not name
     "profile": False,  # luod under cProfile; importtime of luod.daemon
+    "pair_calls": 200,  # PreserveFd and GetInfo each, interleaved on one connection
+    "baseline_runs": 5,  # of `python -c "import asyncio"`, next to each luod start
+    "warm_starts": 3,  # luod restarted in stage 1 with its files cached (goal 2)
 }
+
+# What luod's start is compared with (issue 12, goal 2).
+BASELINE_CODE = "import asyncio"
 
 
 def config() -> dict[str, Any]:
@@ -85,6 +103,27 @@ def start(luod: LuodProcess) -> float:
     t0 = time.monotonic()
     luod.start()
     return time.monotonic() - t0
+
+
+def python_baseline(runs: int) -> list[float]:
+    """Seconds from spawning `python -c "import asyncio"` to its exit, `runs`
+    times: the interpreter luod runs with (sys.executable, the venv's), the
+    environment LuodProcess gives luod (its PYTHONPATH, unbuffered), timed
+    the way start() times luod (time.monotonic around spawn -> done)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    out = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-c", BASELINE_CODE],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+        out.append(time.monotonic() - t0)
+    return out
 
 
 def stop(luod: LuodProcess) -> None:
@@ -153,6 +192,19 @@ def stage1(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     luod = new_luod(profile="luod-handoff.prof" if cfg["profile"] else None)
     out["luod_start_fresh"] = start(luod)
     mark("luod-ready")
+    # Right after luod's start, with luod idle (issue 12, goal 2).
+    out["python_asyncio_fresh"] = python_baseline(cfg["baseline_runs"])
+    mark("python-baseline", luod=out["luod_start_fresh"], runs=out["python_asyncio_fresh"])
+    # The same start again with luod's files in the page cache, as asyncio's
+    # are for the baseline runs: the like-for-like figure of goal 2 (a restart,
+    # an upgrade). Nothing is held yet, so stopping luod loses nothing.
+    out["luod_start_warm"] = []
+    for _ in range(cfg["warm_starts"]):
+        stop(luod)
+        luod = new_luod()
+        out["luod_start_warm"].append(start(luod))
+    out["python_asyncio_warm"] = python_baseline(cfg["baseline_runs"])
+    mark("luod-warm-starts", luod=out["luod_start_warm"], runs=out["python_asyncio_warm"])
     out["rss_idle"] = proc_status(luod.pid)
     with luod.client() as c:
         out["status_fresh"] = c.status()
@@ -161,6 +213,12 @@ def stage1(cfg: dict[str, Any], out: dict[str, Any]) -> None:
         out["probe"] = probe = probe_batch(c)
     mark("probe", **probe)
     out["handoff"] = bench_handoff(luod, cfg, probe["limit"])
+    out["call_vs_getinfo"] = pair = bench_call_vs_getinfo(luod, cfg["pair_calls"])
+    mark(
+        "call-vs-getinfo",
+        preserve_fd=statistics.median(pair["preserve_fd"]),
+        get_info=statistics.median(pair["get_info"]),
+    )
     out["breakdown"] = bench_breakdown(luod)
     mark("breakdown", **out["breakdown"])
     out["held"] = bench_held(luod, cfg, probe["limit"])
@@ -208,6 +266,12 @@ def stage_reclaim(cfg: dict[str, Any], out: dict[str, Any], n: int) -> None:
         # Every fd back through luod (copies): in batches, one RetrieveFds
         # per session, right after the raw loop; then one RetrieveFd per fd.
         out["retrieve_batches_via_luod"] = retrieve_batches(c, sessions)
+        # The `import asyncio` baseline of luod's start: not before luod's
+        # start (the blackout would include it), nor during its re-preserve
+        # (they would share the vCPUs), nor between the raw loop and
+        # RetrieveFds (compared with each other): here, with luod idle.
+        out["python_asyncio"] = python_baseline(cfg["baseline_runs"])
+        mark("python-baseline", luod=out["luod_start"], runs=out["python_asyncio"])
         out["retrieve_all_via_luod"] = retrieve_per_fd(c, sessions, files)
     out["status"] = status
     out["reclaim"] = status["reclaim"]

@@ -1,9 +1,10 @@
 """Guest side of `make bench`: what handing fds to luod costs.
 
 Hand-off of N memfds three ways, in the same run (the raw PRESERVE_FD loop
-in this process, PreserveFds batches, one PreserveFd per fd), luod's memory
-while it holds many fds, and where a hand-off's time goes (luod's own
-building blocks, timed piece by piece). Called by bench/guest.py.
+in this process, PreserveFds batches, one PreserveFd per fd), one PreserveFd
+next to a GetInfo round trip on the same connection, luod's memory while it
+holds many fds, and where a hand-off's time goes (luod's own building
+blocks, timed piece by piece). Called by bench/guest.py.
 """
 
 from __future__ import annotations
@@ -154,6 +155,51 @@ def bench_handoff(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> 
                     **{m: runs[m][str(n)][-1] for m in ("raw", "batches", "per_fd")},
                 )
     return runs
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def get_info(c: Client) -> None:
+    c.call("org.varlink.service.GetInfo").close()
+
+
+def bench_call_vs_getinfo(luod: LuodProcess, n: int) -> dict[str, Any]:
+    """One PreserveFd (a fresh one-page memfd into one session) and one
+    org.varlink.service.GetInfo, each timed alone, n of each, interleaved on
+    the same connection: GetInfo is what a round trip through the client,
+    the socket and luod's varlink server costs with no work behind it, so
+    the ratio is (round trip + luod's work per PreserveFd) / round trip
+    (issue 12, goal 4: <= 1.5x)."""
+    session = "bench-pair"
+    fds = memfds(n + 1, "bench")
+    preserve: list[float] = []
+    info: list[float] = []
+    try:
+        with luod.client() as c:
+            # Untimed: the session's creation, and each call once.
+            c.preserve_fd(session, "warm", fds[n], create_session=True)
+            get_info(c)
+            for i in range(n):
+
+                def one(i: int = i) -> None:
+                    c.preserve_fd(session, f"f{i}", fds[i])
+
+                # Which goes first alternates, so that neither always
+                # follows the other's wake-ups.
+                if i % 2:
+                    info.append(timed(lambda: get_info(c)))
+                    preserve.append(timed(one))
+                else:
+                    preserve.append(timed(one))
+                    info.append(timed(lambda: get_info(c)))
+            c.discard_session(session)
+    finally:
+        close_all(fds)
+    return {"preserve_fd": preserve, "get_info": info}
 
 
 def bench_held(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """luod's error catalogue: every error a caller can get, each written once.
 
 An entry is a class: the interface whose IDL declares it, its name there
-(the class name unless given), its typed parameters (dataclass fields, in
-constructor order), the IDL comment (the docstring) and the sentence a
+(the class name unless given), its typed parameters (annotated fields, in
+constructor order, as a dataclass would take them), the IDL comment (the docstring) and the sentence a
 human reads (`sentence`, formatted from the parameters). luod's layers raise
 the entries as exceptions (`raise errors.NoSuchSession(session)`); the
 varlink layer (luod.varlink.replies) derives its error replies and the IDL
@@ -18,34 +18,48 @@ No varlink here: luod.client imports this, and services import the client.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from luod.interfaces import CUSTODY, MANAGER
 
-_LOCAL = "luod.local"
+
+class _Local:
+    """What `local()` returns: marks a field as luod's log only."""
+
+    __slots__ = ()
+
+
+_LOCAL = _Local()
+_REQUIRED = object()
 
 
 def local() -> Any:
     """A field for luod's log only: not a parameter of the varlink error."""
-    return dataclasses.field(metadata={_LOCAL: True})
+    return _LOCAL
 
 
 CATALOGUE: dict[str, type[LuodError]] = {}
 """Every error, by its full varlink name, in the order the IDL lists them."""
 
 
+# Not dataclasses: each @dataclass compiles an __init__ and a __repr__ of
+# its own, and with the `dataclasses` module (which imports `inspect`) that
+# was a third of what luoctl imports and half a varlink round trip's worth of
+# luod's start. One __init__ for all entries does the same work.
 @typing.dataclass_transform(eq_default=False, field_specifiers=(local,))
 class LuodError(Exception):
-    """Base of the catalogue. Subclasses are dataclasses; a subclass names
-    its interface (and its varlink name when it is not the class name)."""
+    """Base of the catalogue. A subclass names its interface (and its varlink
+    name when it is not the class name) and annotates its fields, which are
+    its constructor's parameters in order, as a dataclass's would be."""
 
     interface: ClassVar[str]
     varlink_name: ClassVar[str]
     error_name: ClassVar[str]
     sentence: ClassVar[str]
+    # Every field in constructor order, with its default (_REQUIRED: none).
+    field_defaults: ClassVar[dict[str, Any]]
     # The fields that are the varlink error's parameters, in order; and
     # those that are for luod's log only.
     wire_names: ClassVar[tuple[str, ...]]
@@ -56,14 +70,45 @@ class LuodError(Exception):
         cls.interface = interface
         cls.varlink_name = name or cls.__name__
         cls.error_name = f"{interface}.{cls.varlink_name}"
-        # In place (no slots): the class stays the one being defined.
-        made: Any = dataclasses.dataclass(eq=False)(cls)
-        fields = dataclasses.fields(made)
-        cls.wire_names = tuple(f.name for f in fields if not f.metadata.get(_LOCAL))
-        cls.local_names = tuple(f.name for f in fields if f.metadata.get(_LOCAL))
+        defaults: dict[str, Any] = {}
+        wire: list[str] = []
+        local_: list[str] = []
+        for field in cls.__annotations__:
+            default = cls.__dict__.get(field, _REQUIRED)
+            if default is _LOCAL:
+                local_.append(field)
+                default = _REQUIRED
+                delattr(cls, field)
+            else:
+                wire.append(field)
+            defaults[field] = default
+        cls.field_defaults = defaults
+        cls.wire_names = tuple(wire)
+        cls.local_names = tuple(local_)
         if cls.error_name in CATALOGUE:
             raise TypeError(f"{cls.error_name} is in the catalogue twice")
         CATALOGUE[cls.error_name] = cls
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # As a dataclass's __init__: positional in field order, then by name.
+        fields = self.field_defaults
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__}() takes {len(fields)} arguments")
+        for field, value in zip(fields, args, strict=False):
+            if field in kwargs:
+                raise TypeError(f"{type(self).__name__}() got {field!r} twice")
+            kwargs[field] = value
+        for field, default in fields.items():
+            value = kwargs.pop(field, default)
+            if value is _REQUIRED:
+                raise TypeError(f"{type(self).__name__}() missing argument {field!r}")
+            setattr(self, field, value)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}() got unexpected {sorted(kwargs)}")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.field_defaults)
+        return f"{type(self).__name__}({shown})"
 
     @property
     def parameters(self) -> dict[str, Any]:

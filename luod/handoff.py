@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -87,17 +87,20 @@ def _preserve_fds(
             )
     names: set[str] = set()
     checked: list[fdinfo.FdFacts] = []
+    existing = ledger.sessions.get(key)
+    taken: Mapping[str, HeldFile] = {} if existing is None else existing.files
+    inspect_fd, memfd, holder_of = fdinfo.inspect_fd, fdinfo.FdKind.MEMFD, ledger.holder_of
     for h in files:
         check_fd_name(h.name, h.parameter("name"))
-        if h.name in names or (key in ledger.sessions and h.name in ledger.sessions[key].files):
+        if h.name in names or h.name in taken:
             raise errors.FdNameExists(session, h.name)
         names.add(h.name)
-        facts = fdinfo.inspect_fd(h.fd)
-        if facts.kind is not fdinfo.FdKind.MEMFD:
+        facts = inspect_fd(h.fd)
+        if facts.kind is not memfd:
             raise errors.UnsupportedFd(
                 h.parameter("fileDescriptor"), facts.kind.value, _refusal(facts)
             )
-        held = ledger.holder_of((facts.dev, facts.ino))
+        held = holder_of((facts.dev, facts.ino))
         if held is not None:
             (uid, held_session), held_name = held
             if uid != peer.uid:
@@ -123,27 +126,24 @@ def _preserve_fds(
     reached("handoff.intent")
     now = ledger.clock()
     added: list[HeldFile] = []
+    preserve, index, held_files = ledger.backend.preserve_fd, ledger.index, s.files
     try:
         for h, facts in zip(files, checked, strict=True):
-            f = HeldFile(
-                name=h.name,
-                token=s.next_token(),
-                size=facts.size,
-                preserved_at=now,
-                fd=h.fd,
-            )
-            ledger.backend.preserve_fd(s.fd, f.fd, f.token)
+            # name, token, size, preserved_at, fd
+            f = HeldFile(h.name, s.next_token(), facts.size, now, h.fd)
+            preserve(s.fd, f.fd, f.token)
             h.fd = -1  # owned by the session from here on
             added.append(f)
-            s.files[f.name] = f
-            ledger.index(s, f, (facts.dev, facts.ino))
+            held_files[f.name] = f
+            index(s, f, (facts.dev, facts.ino))
     except LuoError as e:
         _rollback(ledger, s, added, created)
         raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
     reached("handoff.preserved")
     ledger.keep(s, added)
     reached("handoff.kept")
-    ledger.commit(s)
+    # The record names the new files only (the whole session if it is new).
+    ledger.commit_added(s, added)
     reached("handoff.committed")
     if len(added) == 1:
         (f,) = added

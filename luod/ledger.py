@@ -17,7 +17,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import structlog
 
@@ -167,12 +167,26 @@ class Ledger:
         marked changed() since the last record, and everything but the
         sessions. One record appended to the manifest, in proportion to
         what changed (a whole manifest when the carrier asks for one)."""
+        self._commit(changed, ())
+
+    def commit_added(self, s: Session, files: Sequence[HeldFile]) -> None:
+        """commit(s) where all that changed in `s` is `files` added to it:
+        the record names just those files, unless `s` is to be written whole
+        anyway (new, or changed otherwise since the last record)."""
+        if s.key in self._changed:
+            self._commit((s,), ())
+        else:
+            self._commit((), ((s, files),))
+
+    def _commit(
+        self, changed: Iterable[Session], added: Sequence[tuple[Session, Sequence[HeldFile]]]
+    ) -> None:
         if self.manifest_error is not None:
             return
         for s in changed:
             self._changed[s.key] = s
         put = [s for key, s in self._changed.items() if self._sessions.get(key) is s]
-        record = change_json(self.manifest(sessions=False), put, sorted(self._gone))
+        record = change_json(self.manifest(sessions=False), put, sorted(self._gone), added)
         if self.carrier.append(record):
             self._changed.clear()
             self._gone.clear()

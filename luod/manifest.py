@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import json.encoder
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,21 +88,55 @@ def _meta(m: Manifest) -> dict[str, Any]:
     }
 
 
+def _number(x: float) -> str:
+    """`x` as _encode() says it (a finite float or an int)."""
+    if type(x) is float and math.isfinite(x):
+        return float.__repr__(x)
+    if type(x) is int:
+        return int.__repr__(x)
+    return _encode(x)
+
+
+def _meta_json(m: Manifest) -> str:
+    """_encode(_meta(m)), put together by hand: every record says it."""
+    subscribers = (
+        _encode([{"name": n, "uid": u} for n, u in sorted(m.subscribers)])
+        if m.subscribers
+        else "[]"
+    )
+    return (
+        f'{{"bootId":{_quote(m.boot_id)},"kexecCount":{_number(m.kexec_count)},'
+        f'"nameCounter":{_number(m.name_counter)},"written":{_number(m.written_at)},'
+        f'"subscribers":{subscribers}}}'
+    )
+
+
+def _session_head(s: Session) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "kind": s.kind.value,
+        "kernelName": s.kernel_name,
+        # State and deadline matter to a luod restarted in the same
+        # boot; after a kexec every session is incoming anyway.
+        "state": s.state.value,
+        "claimDeadline": s.claim_deadline,
+        "owner": _owner_to_json(s.owner),
+        "created": s.created_at,
+    }
+
+
 def _session_json(s: Session) -> str:
-    return _with_array(
-        {
-            "name": s.name,
-            "kind": s.kind.value,
-            "kernelName": s.kernel_name,
-            # State and deadline matter to a luod restarted in the same
-            # boot; after a kexec every session is incoming anyway.
-            "state": s.state.value,
-            "claimDeadline": s.claim_deadline,
-            "owner": _owner_to_json(s.owner),
-            "created": s.created_at,
-        },
-        "files",
-        [f.manifest_entry or _file_entry(f) for f in s.files.values()],
+    """_with_array(_session_head(s), "files", ...), put together by hand."""
+    o = s.owner
+    unit = "null" if o.unit is None else _quote(o.unit)
+    deadline = "null" if s.claim_deadline is None else _number(s.claim_deadline)
+    return (
+        f'{{"name":{_quote(s.name)},"kind":{_quote(s.kind.value)},'
+        f'"kernelName":{_quote(s.kernel_name)},"state":{_quote(s.state.value)},'
+        f'"claimDeadline":{deadline},"owner":{{"uid":{_number(o.uid)},"unit":{unit},'
+        f'"comm":{_quote(o.comm)}}},"created":{_number(s.created_at)},"files":['
+        + ",".join([f.manifest_entry or _file_entry(f) for f in s.files.values()])
+        + "]}"
     )
 
 
@@ -110,12 +145,43 @@ def to_json(m: Manifest) -> bytes:
     return _with_array(doc, "sessions", [_session_json(s) for s in m.sessions]).encode()
 
 
-def change_json(m: Manifest, put: list[Session], gone: list[tuple[int, str]]) -> bytes:
+def change_json(
+    m: Manifest,
+    put: list[Session],
+    gone: list[tuple[int, str]],
+    added: Sequence[tuple[Session, Sequence[HeldFile]]] = (),
+) -> bytes:
     """A change of the manifest `m` as one log record (luod.carriers.slots):
-    the sessions `put` as they are now, the sessions `gone`, and everything
-    but the sessions. Read back by from_json() over the base."""
-    doc = {"del": [[uid, name] for uid, name in gone], "meta": _meta(m)}
-    return _with_array(doc, "put", [_session_json(s) for s in put]).encode()
+    the sessions `put` as they are now, the sessions `gone`, files `added`
+    to sessions the manifest names already (just those files: a hand-off
+    into a session of many files writes the new ones, not all of them), and
+    everything but the sessions. Read back by from_json() over the base, in
+    that order: del, put, add."""
+    # Put together from JSON texts: a hand-off writes one record per call.
+    parts = [
+        '{"del":',
+        _encode([[uid, name] for uid, name in gone]) if gone else "[]",
+        ',"meta":',
+        _meta_json(m),
+        ',"put":[',
+        ",".join([_session_json(s) for s in put]),
+        "]",
+    ]
+    if added:
+        parts.append(',"add":[')
+        parts.append(
+            ",".join(
+                [
+                    f"[{int(s.owner.uid)},{_quote(s.name)},["
+                    + ",".join([f.manifest_entry or _file_entry(f) for f in files])
+                    + "]]"
+                    for s, files in added
+                ]
+            )
+        )
+        parts.append("]")
+    parts.append("}")
+    return "".join(parts).encode()
 
 
 def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -203,6 +269,8 @@ def from_json(raw: bytes, records: Sequence[bytes] = ()) -> Manifest:
             s = _session(sd, f"{where}.put[{j}]")
             sessions.pop(s.key, None)  # a session put again goes to the end
             sessions[s.key] = s
+        for j, add in enumerate(_get(record, "add", list, where) if "add" in record else ()):
+            _add_files(sessions, add, f"{where}.add[{j}]")
         meta = _get(record, "meta", dict, where)
     return Manifest(
         sessions=list(sessions.values()),
@@ -251,6 +319,28 @@ def _session(sd: Any, where: str) -> Session:
         tokens.add(f.token)
         s.files[f.name] = f
     return s
+
+
+def _add_files(sessions: dict[tuple[int, str], Session], add: Any, where: str) -> None:
+    """A record's files added to a session it names: [uid, name, [files]]."""
+    if not (
+        isinstance(add, list)
+        and len(add) == 3
+        and type(add[0]) is int
+        and type(add[1]) is str
+        and isinstance(add[2], list)
+    ):
+        raise ManifestError("corrupt", f"manifest: {where} is not [uid, name, files]")
+    s = sessions.get((add[0], add[1]))
+    if s is None:
+        raise ManifestError("corrupt", f"manifest: {where} adds to a session it does not name")
+    tokens = {f.token for f in s.files.values()}
+    for j, fd_ in enumerate(add[2]):
+        f = _file(fd_) or _checked_file(fd_, f"{where}.files[{j}]")
+        if f.name in s.files or f.token in tokens:
+            raise ManifestError("corrupt", f"manifest: {where}.files[{j}] repeats a name or token")
+        tokens.add(f.token)
+        s.files[f.name] = f
 
 
 def _subscribers(raw: Any) -> set[tuple[str, int]]:

@@ -22,17 +22,19 @@ import contextlib
 import dataclasses
 import errno
 import os
-import platform
 import stat
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import structlog
 
 from luod import errors, notify
-from luod.kernel import image, kexec
 from luod.kernel.backend import Backend, LuoError
 from luod.peer import Peer
+
+if TYPE_CHECKING:
+    from luod.kernel import image
 
 log = structlog.get_logger("luod")
 
@@ -172,6 +174,12 @@ class NextKernel:
         kernel instead of `cmdline`. A UKI gives its own initrd and command
         line where none is given. `force`: load a kernel that cannot take
         the handover (logged, with what would be lost)."""
+        # Imported here, not at the top: luod's start to READY does not
+        # need them, and they pull in ctypes, gzip and zlib.
+        import platform
+
+        from luod.kernel import image, kexec
+
         _check_path("kernel", kernel)
         if initrd is not None:
             _check_path("initrd", initrd)
@@ -250,6 +258,8 @@ class NextKernel:
 
     def _inspect(self, data: bytes, cmdline: str) -> tuple[image.KernelFacts | None, list[str]]:
         """What the image says, and why it cannot take the handover."""
+        from luod.kernel import image
+
         facts: image.KernelFacts | None = None
         problems: list[str] = []
         try:

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import secrets
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -167,7 +167,7 @@ class Orchestrator:
         if len(mine) >= limit:
             raise errors.SubscriptionQuotaExceeded("subscriptions", limit)
         sub = Subscriber(
-            id=secrets.token_hex(16),
+            id=os.urandom(16).hex(),
             name=name,
             peer=peer,
             deadline=min(deadline or DEFAULT_DEADLINE, self.max_deadline),

@@ -19,9 +19,12 @@ import errno
 import os
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from luod.kernel import fdinfo, image, kexec, uapi
+from luod.kernel import fdinfo, uapi
+
+if TYPE_CHECKING:
+    from luod.kernel import image
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
@@ -184,28 +187,40 @@ class KernelBackend:
         except LuoError:
             return None
 
+    # kexec (ctypes) and image (gzip, zlib) only when a kernel is loaded or
+    # inspected: luod's start to READY does not pay for them.
     def reboot_kexec(self) -> None:
+        from luod.kernel import kexec
+
         try:
             kexec.reboot_kexec()
         except OSError as e:
             raise LuoError("reboot", e.errno or errno.EIO, _subject(e)) from None
 
     def load_kernel(self, kernel: str, initrd: str | None, cmdline: str) -> None:
+        from luod.kernel import kexec
+
         try:
             kexec.load(kernel, initrd, cmdline)
         except OSError as e:
             raise LuoError("kexec_file_load", e.errno or errno.EIO, _subject(e, kernel)) from None
 
     def unload_kernel(self) -> None:
+        from luod.kernel import kexec
+
         try:
             kexec.unload()
         except OSError as e:
             raise LuoError("kexec_file_load", e.errno or errno.EIO, _subject(e)) from None
 
     def kernel_loaded(self) -> bool:
+        from luod.kernel import kexec
+
         return kexec.is_loaded()
 
     def running_luo(self) -> image.RunningLuo:
+        from luod.kernel import image
+
         return image.running_luo()
 
     def boot_id(self) -> str:

@@ -7,7 +7,6 @@ Python has no fstatfs(), so it is called through ctypes. struct statfs is
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import enum
 import errno
 import fcntl
@@ -15,6 +14,7 @@ import functools
 import os
 import re
 import stat
+import typing
 
 from luod.kernel import uapi
 
@@ -74,9 +74,10 @@ class FdKind(enum.Enum):
     OTHER = "other"
 
 
-@dataclasses.dataclass(frozen=True)
-class FdFacts:
-    """Everything the classifier knows about one fd, gathered in one go."""
+class FdFacts(typing.NamedTuple):
+    """Everything the classifier knows about one fd, gathered in one go.
+    (A named tuple: made for every fd of a hand-off, where a frozen
+    dataclass cost half of inspect_fd().)"""
 
     kind: FdKind
     fs_type: int

@@ -19,10 +19,16 @@ from asyncvarlink.conversion import ObjectVarlinkType, VarlinkType
 from luod import errors
 from luod.custody import Custodian, Handoff
 from luod.interfaces import CUSTODY
-from luod.varlink.fastconv import FdRecordList, FlatRecordList
+from luod.varlink.fastconv import (
+    FdRecordList,
+    FlatObject,
+    FlatRecord,
+    FlatRecordList,
+    FlatReply,
+)
 from luod.varlink.limits import MAX_FDS_PER_MESSAGE
 from luod.varlink.replies import replies_of, translating
-from luod.varlink.transport import current, take_fd
+from luod.varlink.transport import current, reply_fd, take_fd
 from luod.varlink.types import (
     FileInfo,
     FileToPreserve,
@@ -138,7 +144,7 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         custody. With take, luod lets go of it. owner (root only): the uid
         whose session it is."""
         fd, f = self.custodian.retrieve_fd(current().peer, session, name, bool(take), owner)
-        return {"fileDescriptor": FileDescriptor(fd, should_close=True), "file": file_info(f)}
+        return {"fileDescriptor": reply_fd(fd), "file": file_info(f)}
 
     @varlinkmethod(return_parameter="files")
     @translating
@@ -157,10 +163,7 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         got = self.custodian.retrieve_fds(
             current().peer, session, names, bool(take), owner, limit=MAX_FDS_PER_MESSAGE
         )
-        return [
-            RetrievedFile(fileDescriptor=FileDescriptor(fd, should_close=True), file=file_info(f))
-            for fd, f in got
-        ]
+        return [RetrievedFile(fileDescriptor=reply_fd(fd), file=file_info(f)) for fd, f in got]
 
     @varlinkmethod
     @translating
@@ -235,3 +238,32 @@ def _quicken_retrieve_fds() -> None:
 
 
 _quicken_retrieve_fds()
+
+
+def _quicken_one_fd() -> None:
+    """PreserveFd, RetrieveFd and RetrieveFds take flat parameters
+    (FlatObject), and PreserveFd says a flat record (FlatRecord): a client
+    calling once per fd pays asyncvarlink's generic conversion per fd. As
+    above, the generic conversion stays without a signature to adjust."""
+    preserve = varlinksignature(CustodyInterface.PreserveFd)
+    if preserve is not None:
+        preserve.parameter_type = FlatObject(
+            {"session": str, "name": str, "fileDescriptor": int, "createSession": bool},
+            optional={"createSession"},
+        )
+        preserve.return_type = FlatReply({"file": FlatRecord(FileInfo)})
+    retrieve = varlinksignature(CustodyInterface.RetrieveFd)
+    if retrieve is not None:
+        retrieve.parameter_type = FlatObject(
+            {"session": str, "name": str, "take": bool, "owner": int},
+            optional={"take", "owner"},
+        )
+    many = varlinksignature(CustodyInterface.RetrieveFds)
+    if many is not None:
+        many.parameter_type = FlatObject(
+            {"session": str, "names": list[str], "take": bool, "owner": int},
+            optional={"names", "take", "owner"},
+        )
+
+
+_quicken_one_fd()

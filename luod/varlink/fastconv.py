@@ -19,13 +19,96 @@ import typing
 
 from asyncvarlink import FileDescriptor, FileDescriptorArray
 from asyncvarlink.conversion import (
+    ConversionError,
     DataclassVarlinkType,
     FileDescriptorVarlinkType,
     ListVarlinkType,
+    ObjectVarlinkType,
     OOBTypeState,
+    VarlinkType,
 )
 
+from luod.varlink.transport import is_reply_fd
+
 _SCALARS = (str, int, float, bool)
+
+
+class FlatObject(ObjectVarlinkType):
+    """A method's parameters when each is a scalar or a list of str, the
+    optional ones dropped when None (as asyncvarlink's varlinkmethod builds
+    them): checked in one pass, without asyncvarlink's context manager per
+    key. Anything else (a wrong type, a missing or unknown key, null) goes
+    to asyncvarlink's conversion, so errors read exactly as before. The
+    interface description is the same: the keys in the order given."""
+
+    def __init__(self, fields: dict[str, typing.Any], optional: typing.Collection[str] = ()):
+        typemap: dict[str, VarlinkType] = {}
+        self.kinds: dict[str, type | None] = {}  # None: a list of str
+        for name, annotation in fields.items():
+            vtype = VarlinkType.from_type_annotation(annotation)
+            typemap[name] = vtype.optional() if name in optional else vtype
+            if annotation in _SCALARS:
+                self.kinds[name] = annotation
+            elif annotation == list[str]:
+                self.kinds[name] = None
+            else:
+                raise TypeError(f"{name}: neither a scalar nor a list of str")
+        super().__init__(typemap, discardnone=frozenset(optional))
+        self.required = frozenset(fields) - frozenset(optional)
+
+    def fromjson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
+        if type(obj) is dict:
+            kinds = self.kinds
+            for name, value in obj.items():
+                kind = kinds.get(name, False)
+                if kind is None:
+                    if type(value) is not list or not all(type(v) is str for v in value):
+                        break
+                elif type(value) is not kind:
+                    break  # also an unknown key (False) and null
+            else:
+                if self.required.issubset(obj):
+                    return dict(obj)
+        return super().fromjson(obj, oobstate)
+
+
+class FlatReply(ObjectVarlinkType):
+    """A reply of flat records (FlatRecord) under their keys, said without
+    asyncvarlink's context manager per key; anything unexpected goes to
+    asyncvarlink's conversion (FlatRecord converts without side effects,
+    so it may run again there)."""
+
+    def __init__(self, records: dict[str, FlatRecord]) -> None:
+        super().__init__(dict(records))
+        self.records = dict(records)
+
+    def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
+        if type(obj) is dict and obj.keys() == self.records.keys():
+            try:
+                return {k: vtype.tojson(obj[k], oobstate) for k, vtype in self.records.items()}
+            except ConversionError:
+                pass
+        return super().tojson(obj, oobstate)
+
+
+class FlatRecord(DataclassVarlinkType):
+    """A reply's dataclass whose fields are all plain scalars, said in one
+    pass (replies only: tojson)."""
+
+    def __init__(self, record: type) -> None:
+        super().__init__(record)
+        fields = dataclasses.fields(record)
+        if not all(f.type in _SCALARS for f in fields):
+            raise TypeError(f"{record.__name__} is not a flat record of scalars")
+        self.record = record
+        self.fields = tuple((f.name, f.type) for f in fields)
+
+    def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
+        if type(obj) is self.record:
+            d = obj.__dict__
+            if len(d) == len(self.fields) and all(type(d.get(n)) is t for n, t in self.fields):
+                return d.copy()
+        return super().tojson(obj, oobstate)
 
 
 class FlatRecordList(ListVarlinkType):
@@ -37,14 +120,17 @@ class FlatRecordList(ListVarlinkType):
             raise TypeError(f"{record.__name__} is not a flat record of scalars")
         self.record = record
         self.fields = tuple(zip((f.name for f in fields), types, strict=True))
+        self.names = tuple(f.name for f in fields)
+        self.types = types
 
     def _fits(self, d: typing.Any) -> bool:
         # Exactly the declared keys, each of exactly its type: bool is not
-        # accepted for int here (the generic path decides about that).
+        # accepted for int here (the generic path decides about that). A
+        # missing key reads as None, which is no field's type.
         return (
             type(d) is dict
-            and len(d) == len(self.fields)
-            and all(type(d.get(name)) is t for name, t in self.fields)
+            and len(d) == len(self.names)
+            and tuple(map(type, map(d.get, self.names))) == self.types
         )
 
     def fromjson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
@@ -95,7 +181,7 @@ class FdRecordList(ListVarlinkType):
         for name, how in self.plan:
             v = getattr(r, name)
             if how is None:
-                if type(v) is not FileDescriptor or not isinstance(v.fd, int):
+                if not is_reply_fd(v):
                     return False
             elif isinstance(how, tuple):
                 kind, inner = how

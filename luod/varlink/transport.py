@@ -7,9 +7,13 @@ open-file limit), a `more` call (a subscription) that does not stop the
 connection from being read, and the bounds of luod.varlink.limits. luod
 reads and frames messages itself (LuodTransport): linearly, up to the
 maximum message size, with the fds of each message closed at once when the
-message is refused. Each is done here by overriding or reading asyncvarlink's
-private parts; this is the one module to check when asyncvarlink changes
-(pyproject.toml pins the versions the tests cover).
+message is refused. It also serves a call as soon as it is read and sends
+its reply at once (asyncvarlink waits an iteration of the loop for each,
+and registers a writer per reply), and keeps fds where asyncvarlink looks
+at them without an exception per fd (issue 12: per-call and per-fd cost).
+Each is done here by overriding or reading asyncvarlink's private parts;
+this is the one module to check when asyncvarlink changes (pyproject.toml
+pins the versions the tests cover).
 
 fds travel as sd-varlink does it: an int in the JSON is an index into the
 SCM_RIGHTS array of the message. luod resolves indexes itself (`take_fd`,
@@ -27,6 +31,7 @@ import contextvars
 import dataclasses
 import errno
 import functools
+import os
 import resource
 import socket
 import struct
@@ -35,10 +40,12 @@ from typing import Any
 
 import structlog
 from asyncvarlink import (
+    FileDescriptor,
     FileDescriptorArray,
     VarlinkInterfaceRegistry,
     VarlinkInterfaceServerProtocol,
     VarlinkMethodCall,
+    VarlinkMethodReply,
     VarlinkTransport,
     VarlinkUnixServer,
 )
@@ -73,6 +80,19 @@ class CallContext:
     # The kernel dropped fds of this call: luod was at its open-file limit.
     fds_dropped: bool = False
     taken: set[int] = dataclasses.field(default_factory=set)
+    # A `more` call: it may go on using its fds after a reply.
+    more: bool = False
+
+    def close_untaken(self) -> None:
+        """Close the fds of the call that nothing took, before its (last)
+        reply goes out: a client that has its answer finds them closed, as
+        when replies waited for the loop (they would be closed with the
+        call's array anyway, a moment later)."""
+        if self.fds is None or self.more:
+            return
+        for i, fd in enumerate(self.fds):
+            if fd.fd is not None and i not in self.taken:
+                fd.close()
 
 
 _current: contextvars.ContextVar[CallContext] = contextvars.ContextVar("luod_call")
@@ -93,12 +113,56 @@ def take_fd(index: int, parameter: str) -> int:
             raise errors.TooManyOpenFiles(parameter, index, limit)
         raise errors.MissingFd(parameter, index)
     fd = ctx.fds[index]
-    if not fd:
+    # What FileDescriptor.take() does, for an fd received as an int (as
+    # received_fds() makes them), without `if not fd` and take() looking at
+    # it through an AttributeError each: a hand-off takes every fd.
+    raw = fd.fd
+    if not isinstance(raw, int) or raw < 0:
         raise errors.MissingFd(parameter, index)
     ctx.taken.add(index)
-    raw = fd.take()
-    assert isinstance(raw, int)
+    fd.fd = None
     return raw
+
+
+def received_fds(fds: list[int]) -> FileDescriptorArray:
+    """The fds of a received message, owned by the array until taken: what
+    FileDescriptorArray(referee, fds) makes, without its per-fd look for a
+    fileno() method (an AttributeError caught per int). The kernel hands
+    out each fd of a message once: no duplicates to refuse."""
+    array = FileDescriptorArray(_SENTINEL)
+    array._by_position = [FileDescriptor(fd, should_close=True) for fd in fds]
+    array._by_fileno = {fd: i for i, fd in enumerate(fds)}
+    return array
+
+
+class _Owned:
+    """An fd of luod's that a reply hands over (closed once sent). asyncvarlink
+    looks for a fileno() and a close() method on what a FileDescriptor wraps:
+    a plain int costs a caught AttributeError each time, three per fd of a
+    reply."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def reply_fd(fd: int) -> FileDescriptor:
+    """`fd` (owned by the caller until now) for a reply: asyncvarlink
+    closes it once the reply is sent."""
+    return FileDescriptor(_Owned(fd), should_close=True)
+
+
+def is_reply_fd(fd: Any) -> bool:
+    """Whether `fd` is a FileDescriptor a reply can carry as it is: wrapping
+    an int or what reply_fd() wraps."""
+    return type(fd) is FileDescriptor and (type(fd.fd) is _Owned or isinstance(fd.fd, int))
 
 
 # --- protocol: one connection's calls -----------------------------------------
@@ -116,6 +180,8 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         self._disconnect_hooks: list[Callable[[], None]] = []
         self._dropped = False
         self._silent: asyncio.TimerHandle | None = None
+        # The fds of the message being served (its reply goes out at once).
+        self.serving_fds: FileDescriptorArray | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -161,7 +227,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             lim.close_fds(fds)
             self.violation(str(e), len(data), len(fds))
             return
-        array = FileDescriptorArray(_SENTINEL, fds) if fds else None
+        array = received_fds(fds) if fds else None
         try:
             self._enqueue(obj, array, dropped)
         finally:
@@ -171,21 +237,48 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def _enqueue(self, obj: JSONObject, fds: FileDescriptorArray | None, dropped: bool) -> None:
         # As asyncvarlink's VarlinkProtocol.message_received does it for each
         # message: calls are served in order; the fds live until theirs ran.
-        loop = asyncio.get_running_loop()
+        call = functools.partial(self._request, obj, fds, dropped)
+        if not self._consumer_queue:
+            # Nothing of this connection's waits before it: served now rather
+            # than in the next iteration of the loop (asyncvarlink's
+            # call_soon). Its fds live until frame_received() releases them
+            # after it, or (asyncvarlink's own reference) until the future
+            # of a call that returns one; such a call pauses reading as it
+            # does there.
+            self._consumer_queue.append((call, None))
+            self._process_queue(None)
+            return
         done = None
         if fds:
-            done = loop.create_future()
+            done = asyncio.get_running_loop().create_future()
             fds.reference_until_done(done)
-        processing = bool(self._consumer_queue)
-        self._consumer_queue.append((functools.partial(self._request, obj, fds, dropped), done))
-        if not processing:
-            loop.call_soon(self._process_queue, None)
+        self._consumer_queue.append((call, done))
 
     def _request(
         self, obj: JSONObject, fds: FileDescriptorArray | None, dropped: bool
     ) -> asyncio.Future[None] | None:
         self._dropped = dropped
-        fut: asyncio.Future[None] | None = self.request_received(obj, fds)
+        self.serving_fds = fds
+        try:
+            fut: asyncio.Future[None] | None = self.request_received(obj, fds)
+        finally:
+            self.serving_fds = None
+        return fut
+
+    def send_reply(
+        self,
+        reply: VarlinkMethodReply,
+        fds: list[int] | None = None,
+        autoclose: bool = True,
+    ) -> asyncio.Future[None]:
+        """asyncvarlink's send_reply, without tracking a reply that went out
+        at once (LuodTransport sends when nothing waits): its future is done
+        already, and each callback on it costs an iteration of the loop."""
+        fut = self.send_message(reply.tojson(), fds, autoclose)
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            return fut
+        fut.add_done_callback(self._on_message_sent)
+        self._add_transfer(fut)
         return fut
 
     @property
@@ -231,9 +324,14 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
-        token = _current.set(CallContext(self.peer, fds, self, self._dropped))
+        ctx = CallContext(self.peer, fds, self, self._dropped, more=call.more)
+        token = _current.set(ctx)
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
+        except BaseException:
+            # Its error reply goes out (at once) after this returns.
+            ctx.close_untaken()
+            raise
         finally:
             _current.reset(token)
         if call.more:
@@ -426,6 +524,10 @@ class LuodTransport(VarlinkTransport):
                 return
             if whole:
                 protocol.frame_received(*message.take())
+            if got == n < len(_peek_buffer):
+                # All the socket held is read: epoll says when there is
+                # more (a peek now would mostly be EAGAIN).
+                return
 
     def _end_of_input(self) -> None:
         # As asyncvarlink does at EOF; once only, even if reading resumes.
@@ -442,6 +544,39 @@ class LuodTransport(VarlinkTransport):
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
         if self._closing or self._sendfd is None or self._queued > MAX_QUEUED_REPLY:
             return self._refuse_send()
+        if not self._sendqueue:
+            # The fds of the call that nothing took are closed before its
+            # reply goes out (asyncvarlink closed them before its writer ran).
+            protocol = self._protocol
+            ctx = _current.get(None)
+            if ctx is not None and ctx.protocol is protocol:
+                ctx.close_untaken()
+            elif isinstance(protocol, LuodProtocol) and protocol.serving_fds is not None:
+                # Refused before or after the method: nothing is taken now.
+                for fd in protocol.serving_fds:
+                    if fd.fd is not None:
+                        fd.close()
+            # Nothing waits before it: sent now. asyncvarlink would register
+            # a writer in the next loop iteration, send when the socket says
+            # it is writable (it almost always is) and unregister it: three
+            # iterations of the loop and two epoll_ctl() per reply.
+            try:
+                sent = VarlinkTransport._do_write_socket(self, [data], fds or [])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as err:
+                # As asyncvarlink's _handle_write on a failed send.
+                self._close_sender()
+                fut = self._loop.create_future()
+                fut.set_exception(err)
+                return fut
+            if sent >= len(data):
+                fut = self._loop.create_future()
+                fut.set_result(None)
+                return fut
+            if sent:
+                # The fds went with the first byte; the rest follows alone.
+                data, fds = data[sent:], None
         self._queued += len(data)
         return super().send_message(data, fds)
 

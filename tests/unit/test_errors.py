@@ -4,7 +4,6 @@ by name, declared in the IDL, and said to a human in its sentence."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import re
 import typing
@@ -31,10 +30,7 @@ ENTRIES = list(errors.CATALOGUE.values())
 def sample(cls: type[errors.LuodError]) -> errors.LuodError:
     """An instance with a distinct value for every field."""
     hints = typing.get_type_hints(cls)
-    values = {
-        f.name: 7 if hints[f.name] is int else f"<{f.name}>"
-        for f in dataclasses.fields(typing.cast(Any, cls))
-    }
+    values = {name: 7 if hints[name] is int else f"<{name}>" for name in cls.field_defaults}
     return cls(**values)
 
 

@@ -1,0 +1,82 @@
+#!/usr/bin/python3
+"""Guest helper of bench/systemd.py (issue 12, goal 2): luod's start to
+READY against a bare interpreter's `import asyncio`, in the same guest.
+
+    startup.py --info FILE [--restarts 3] [--runs 5]
+
+- `systemctl restart luod.service`, `restarts` times: each time luod.service's
+  ExecMainStartTimestampMonotonic -> ActiveEnterTimestampMonotonic (Type=notify:
+  ActiveEnter is READY=1), from PID 1's own clock readings.
+- `python3 -c "import asyncio"`, `runs` times: wall time around fork/exec and
+  wait (subprocess.run), CLOCK_MONOTONIC.
+
+Writes every sample and both medians to FILE (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+PROPS = "ExecMainStartTimestampMonotonic,ActiveEnterTimestampMonotonic,ExecMainPID"
+
+
+def show(unit: str) -> dict[str, str]:
+    text = subprocess.run(
+        ["systemctl", "show", "-p", PROPS, unit], check=True, capture_output=True, text=True
+    ).stdout
+    pairs = (line.partition("=") for line in text.splitlines())
+    return {k: v for k, _, v in pairs}
+
+
+def luod_restart() -> dict[str, Any]:
+    subprocess.run(["systemctl", "restart", "luod.service"], check=True)
+    p = show("luod.service")
+    start, ready = (
+        int(p["ExecMainStartTimestampMonotonic"]),
+        int(p["ActiveEnterTimestampMonotonic"]),
+    )
+    return {
+        "pid": p["ExecMainPID"],
+        "start_us": start,
+        "ready_us": ready,
+        "seconds": (ready - start) / 1e6,
+    }
+
+
+def import_asyncio() -> float:
+    t = time.monotonic()
+    subprocess.run(["python3", "-c", "import asyncio"], check=True)
+    return time.monotonic() - t
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--info", required=True)
+    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args()
+    # One import first, so that neither side pays for a cold page cache alone
+    # (luod has been running: its files are cached).
+    import_asyncio()
+    restarts = [luod_restart() for _ in range(args.restarts)]
+    imports = [import_asyncio() for _ in range(args.runs)]
+    out = {
+        "luod_restarts": restarts,
+        "luod_ready_median": statistics.median(r["seconds"] for r in restarts),
+        "import_asyncio": imports,
+        "import_asyncio_median": statistics.median(imports),
+    }
+    with open(args.info, "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
