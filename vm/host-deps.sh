@@ -25,6 +25,9 @@ need() { # need PACKAGE TEST...
 }
 have() { command -v "$1"; }
 header() { test -e "/usr/include/$1"; }
+# A package that brings no command of its own (python3-all: a dependency
+# package only): asked of dpkg, not of PATH.
+installed() { dpkg-query -W -f='${Status}' "$1" | grep -q ' installed$'; }
 
 build_deps() {
 	need build-essential have gcc
@@ -49,7 +52,7 @@ deb_deps() {
 	need debhelper have dh
 	need dh-python have pybuild
 	need pybuild-plugin-pyproject test -e /usr/share/dh-python/dhpython/build/plugin_pyproject.py
-	need python3-all have python3
+	need python3-all installed python3-all
 	need python3-hatchling /usr/bin/python3 -c 'import hatchling'
 	need lintian have lintian
 }
