@@ -19,12 +19,12 @@ from pathlib import Path
 
 from luod.client import Client
 from testsupport.fakekernel import running_fake_kernel
-from testsupport.images import fake_bzimage
+from testsupport.images import GOOD_CMDLINE, fake_bzimage
 from testsupport.luodproc import LuodProcess, fake_backend_args
 
 
 def _subscriber(
-    socket_path: str, name: str, ready: threading.Barrier, done: threading.Event
+    socket_path: str, name: str, ready: threading.Barrier, over: threading.Event
 ) -> None:
     with Client(socket_path) as events, Client(socket_path) as acks:
         for ev in events.subscribe(name, 30):
@@ -33,7 +33,10 @@ def _subscriber(
             elif ev["phase"] in ("prepare", "freeze"):
                 acks.acknowledge(ev["subscription"], ev["update"], ev["phase"])
                 if ev["phase"] == "freeze":
-                    done.set()
+                    # Connected until the update is over, as a real
+                    # subscriber is: one that leaves while others still
+                    # freeze makes luod abort ("disconnected during freeze").
+                    over.wait(60)
                     return
 
 
@@ -42,11 +45,12 @@ def _update(workdir: Path, fake: str, n: int) -> tuple[float, float]:
     luod.start()
     try:
         ready = threading.Barrier(n + 1)
+        over = threading.Event()
         threads = []
         for i in range(n):
             t = threading.Thread(
                 target=_subscriber,
-                args=(luod.socket, f"s{i}", ready, threading.Event()),
+                args=(luod.socket, f"s{i}", ready, over),
                 daemon=True,
             )
             t.start()
@@ -54,8 +58,9 @@ def _update(workdir: Path, fake: str, n: int) -> tuple[float, float]:
         if n:
             ready.wait(60)
         with luod.client() as c:
-            c.load_kernel(str(fake_bzimage(workdir / "bzImage")))
+            c.load_kernel(str(fake_bzimage(workdir / "bzImage")), cmdline=GOOD_CMDLINE)
             out = c.update()
+        over.set()
         for t in threads:
             t.join(30)
         luod.wait_exit(30)
