@@ -122,24 +122,36 @@ def cmd_peek(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {}
     if args.anchor:
         out["anchor"] = anchor(args.anchor)
+    deadline = time.monotonic() + args.wait
     out["vmm"] = wait_running(args.name, args.wait)
     tiny = load(TINYGUEST, "tinyguest")
-    samples = []
-    for i in range(args.samples):
-        if i:
-            time.sleep(args.interval)
+
+    def sample() -> dict[str, Any]:
         text = qmp(
             args.name, "human-monitor-command", {"command-line": f"xp /3wx {tiny.COUNTER:#x}"}
         )
         words = [int(w, 16) for w in str(text).split(":", 1)[1].split()]
-        samples.append(
-            {
-                "monotonic": time.monotonic(),
-                "counter": words[0],
-                "magic_ok": words[1] == tiny.MAGIC,
-                "pattern_done": words[2],
-            }
-        )
+        return {
+            "monotonic": time.monotonic(),
+            "counter": words[0],
+            "magic_ok": words[1] == tiny.MAGIC,
+            "pattern_done": words[2],
+        }
+
+    # QEMU "running" is not the guest booted: on a loaded TCG host its boot
+    # sector may not have written the magic and the pattern yet when the
+    # VM was just started (stage 1). Wait for them, within --wait; a guest
+    # restored from its RAM (stage 2) has them at once.
+    first = sample()
+    while not (first["magic_ok"] and first["pattern_done"] == 1):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+        first = sample()
+    samples = [first]
+    for _ in range(1, args.samples):
+        time.sleep(args.interval)
+        samples.append(sample())
     out["samples"] = samples
     dump = f"/tmp/pattern-{os.getpid()}.bin"
     size = tiny.PATTERN_END - tiny.PATTERN_START
