@@ -190,12 +190,7 @@ class Workload:
                 part = range(k * per, (k + 1) * per)
                 c.preserve_fds(session, [(names[i], fds[i]) for i in part], create_session=k == 0)
 
-        try:
-            took = self.timed(run)
-        finally:
-            close_all(fds)
-        c.discard_session(session)
-        return took
+        return self.handed_off(run, fds, session)
 
     def singles(self) -> Timing:
         fds = memfds(SINGLES)
@@ -206,11 +201,16 @@ class Workload:
             for i, fd in enumerate(fds):
                 c.preserve_fd(session, f"f{i}", fd, create_session=i == 0)
 
+        return self.handed_off(run, fds, session)
+
+    def handed_off(self, run: Callable[[], None], fds: list[int], session: str) -> Timing:
+        """`run` (a hand-off of `fds` into `session`) timed; then the fds
+        closed and the session discarded."""
         try:
             took = self.timed(run)
         finally:
             close_all(fds)
-        c.discard_session(session)
+        self.c.discard_session(session)
         return took
 
     def retrieve(self, sessions: int, files: int) -> Timing:

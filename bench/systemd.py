@@ -45,6 +45,8 @@ from typing import Any
 from testsupport.systemd import harness
 from testsupport.vm import qemu
 
+from .report import GOALS_HEADER, fmt_s, goal_row
+
 STAGE = Path(__file__).with_name("systemd-stage.sh")
 
 GOAL1_TARGET = 1.15  # luod's path to "the service has its fd" vs the fd store's
@@ -52,11 +54,6 @@ GOAL2_TARGET = 1.5  # luod start -> READY vs `python3 -c "import asyncio"`
 GOAL7_TARGET = 1.5  # GetInfo round trip, luod vs sd-varlink (systemd-creds)
 # What the reclaim unit must not start (goal 3): a second interpreter.
 PYTHONS = re.compile(r"^(python[0-9.]*|luoctl|luod)$")
-
-GOALS_HEADER = [
-    "| goal | what | luod | reference | ratio | target | |",
-    "|---|---|---:|---:|---:|---:|---|",
-]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +73,14 @@ class Goal:
     reference_seconds: float | None = None
 
     def row(self) -> str:
+        if self.ratio is not None and self.target is not None:
+            return goal_row(
+                self.goal, self.what, self.luod, self.reference, self.ratio, self.target
+            )
+        # Context rows (no target) and yes/no goals (goal 3).
         ratio = "—" if self.ratio is None else f"{self.ratio:.2f}x"
         target = "—" if self.target is None else f"<= {self.target:g}x"
-        met = {None: "", True: "met", False: "**missed**"}[self.met]
+        met = {None: "", True: "met", False: "**MISSED**"}[self.met]
         return (
             f"| {self.goal} | {self.what} | {self.luod} | {self.reference} "
             f"| {ratio} | {target} | {met} |"
@@ -118,14 +120,6 @@ def ratio_goal(goal: str, what: str, luod: float, reference: float, target: floa
     ratio = luod / reference
     met = None if target is None else ratio <= target
     return Goal(goal, what, fmt_s(luod), fmt_s(reference), ratio, target, met, luod, reference)
-
-
-def fmt_s(x: float) -> str:
-    if x < 0.001:
-        return f"{x * 1e6:.0f} us"
-    if x < 1:
-        return f"{x * 1000:.2f} ms"
-    return f"{x:.2f} s"
 
 
 def us(props: dict[str, str], key: str) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -81,3 +82,11 @@ def describe(fd: int) -> dict[str, Any]:
 def listen_fds_by_name() -> dict[str, int]:
     """The fds the service manager passed (LISTEN_FDS), by FDNAME."""
     return {entry.name: entry.fd for entry in notify.listen_fds()}
+
+
+def write_json(path: str, data: Any) -> None:
+    """A guest program's results: to `path` (the host reads it from the
+    results share) and to stdout (the step's log)."""
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(json.dumps(data))

@@ -92,49 +92,45 @@ class FlatReply(ObjectVarlinkType):
 
 
 class FlatRecord(DataclassVarlinkType):
-    """A reply's dataclass whose fields are all plain scalars, said in one
-    pass (replies only: tojson)."""
+    """A dataclass whose fields are all plain scalars, said in one pass
+    (tojson; FlatRecordList reads a list of them in one pass too)."""
 
     def __init__(self, record: type) -> None:
         super().__init__(record)
         fields = dataclasses.fields(record)
-        if not all(f.type in _SCALARS for f in fields):
+        self.types = tuple(f.type for f in fields)
+        if not all(t in _SCALARS for t in self.types):
             raise TypeError(f"{record.__name__} is not a flat record of scalars")
         self.record = record
-        self.fields = tuple((f.name, f.type) for f in fields)
-
-    def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
-        if type(obj) is self.record:
-            d = obj.__dict__
-            if len(d) == len(self.fields) and all(type(d.get(n)) is t for n, t in self.fields):
-                return d.copy()
-        return super().tojson(obj, oobstate)
-
-
-class FlatRecordList(ListVarlinkType):
-    def __init__(self, record: type) -> None:
-        super().__init__(DataclassVarlinkType(record))
-        fields = dataclasses.fields(record)
-        types = tuple(f.type for f in fields)
-        if not all(t in _SCALARS for t in types):
-            raise TypeError(f"{record.__name__} is not a flat record of scalars")
-        self.record = record
-        self.fields = tuple(zip((f.name for f in fields), types, strict=True))
         self.names = tuple(f.name for f in fields)
-        self.types = types
 
-    def _fits(self, d: typing.Any) -> bool:
-        # Exactly the declared keys, each of exactly its type: bool is not
-        # accepted for int here (the generic path decides about that). A
-        # missing key reads as None, which is no field's type.
+    def fits(self, d: typing.Any) -> bool:
+        """Exactly the declared keys, each of exactly its type: bool is not
+        accepted for int here (the generic path decides about that). A
+        missing key reads as None, which is no field's type."""
         return (
             type(d) is dict
             and len(d) == len(self.names)
             and tuple(map(type, map(d.get, self.names))) == self.types
         )
 
+    def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
+        if type(obj) is self.record:
+            d = obj.__dict__
+            if self.fits(d):
+                return d.copy()
+        return super().tojson(obj, oobstate)
+
+
+class FlatRecordList(ListVarlinkType):
+    def __init__(self, record: type) -> None:
+        self.item = FlatRecord(record)
+        super().__init__(self.item)
+        self.record = record
+
     def fromjson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
-        if type(obj) is list and all(self._fits(d) for d in obj):
+        fits = self.item.fits
+        if type(obj) is list and all(fits(d) for d in obj):
             record = self.record
             return [record(**d) for d in obj]
         return super().fromjson(obj, oobstate)
@@ -142,7 +138,7 @@ class FlatRecordList(ListVarlinkType):
     def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
         if type(obj) is list and all(type(r) is self.record for r in obj):
             out = [r.__dict__.copy() for r in obj]
-            if all(self._fits(d) for d in out):
+            if all(self.item.fits(d) for d in out):
                 return out
         return super().tojson(obj, oobstate)
 

@@ -244,7 +244,7 @@ _STRING = re.compile(rb'"[^"]*"')
 
 
 def text_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
-    """depth() of the JSON text `data` (valid JSON: it was parsed), read from
+    """How deep arrays and objects nest in the JSON text `data` (valid JSON: it was parsed), read from
     the text: its brackets outside strings, innermost pairs taken away
     until none is left; more than `limit` passes stop at limit + 1. A
     PreserveFds of 250 files has 250 objects in a list: walking the parsed
@@ -268,22 +268,3 @@ def text_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
         brackets = brackets.replace(b"()", b"")
         passes += 1
     return passes
-
-
-def depth(obj: Any) -> int:
-    """How deep arrays and objects nest in `obj` (without recursion)."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        value, level = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        deepest = max(deepest, level)
-        if level > MAX_DEPTH:
-            return level  # deep enough to refuse; no need to walk on
-        stack.extend((child, level + 1) for child in children)
-    return deepest

@@ -1,5 +1,6 @@
 """luod.varlink.limits.text_depth reads from a message's text what depth()
-finds walking the parsed object (decode_message checks the nesting with it)."""
+below finds walking the parsed object (decode_message checks the nesting
+with it; it walked the object before)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,27 @@ from typing import Any
 
 import pytest
 
-from luod.varlink.limits import MAX_DEPTH, ProtocolViolation, decode_message, depth, text_depth
+from luod.varlink.limits import MAX_DEPTH, ProtocolViolation, decode_message, text_depth
+
+
+def depth(obj: Any) -> int:
+    """How deep arrays and objects nest in `obj`, walked (without recursion)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            return level  # deep enough to refuse; no need to walk on
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
 
 LEAVES: list[Any] = [
     1,

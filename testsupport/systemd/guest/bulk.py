@@ -22,7 +22,6 @@ the barrier (PID 1); creating the memfds is not counted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 from luod import notify
 from luod.client import MAX_FDS_PER_MESSAGE as SCM_MAX_FD
 from luod.client import Client, connect
-from testsupport.guest import close_all, memfds
+from testsupport.guest import close_all, memfds, write_json
 
 # Bounds the extra batches of --until: the caller's step takes seconds, not
 # the minutes this many fds would take under TCG.
@@ -131,9 +130,7 @@ def main() -> int:
             out["ratio"] = out["luod"]["seconds"] / out["fdstore"]["seconds"]
     finally:
         close_all(fds)
-    with open(args.info, "w") as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    write_json(args.info, out)
     return 0
 
 

@@ -16,12 +16,13 @@ Writes every sample and both medians to FILE (JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
+
+from testsupport.guest import write_json
 
 PROPS = "ExecMainStartTimestampMonotonic,ActiveEnterTimestampMonotonic,ExecMainPID"
 
@@ -72,9 +73,7 @@ def main() -> int:
         "import_asyncio": imports,
         "import_asyncio_median": statistics.median(imports),
     }
-    with open(args.info, "w") as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    write_json(args.info, out)
     return 0
 
 

@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+from testsupport.guest import write_json
+
 GETINFO = json.dumps({"method": "org.varlink.service.GetInfo"}).encode() + b"\0"
 
 
@@ -90,9 +92,7 @@ def main() -> int:
             samples[name].append(conns[name].timed())
     for name, values in samples.items():
         out["servers"][name].update(summary(values))
-    with open(args.info, "w") as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    write_json(args.info, out)
     return 0
 
 
