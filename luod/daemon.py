@@ -262,7 +262,7 @@ async def serve(args: argparse.Namespace, custodian: Custodian, activated: Liste
 def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> int:
     """luod. `backend`: the kernel to use instead of /dev/liveupdate (tests)."""
     args = config.parse_args(build_parser, argv)
-    logsetup.setup(args.log_level, json=args.log_format == "json")
+    logsetup.setup(args.log_level, json=args.log_format == "json", cache=True)
     if backend is None:
         backend = KernelBackend()
     reason = backend.unavailable_reason()

@@ -15,7 +15,7 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -76,25 +76,73 @@ def stderr_is_journal() -> bool:
     return bool(want) and want == f"{st.st_dev}:{st.st_ino}"
 
 
+# Keys seen to be valid logfmt keys. They are the keyword names of luod's
+# own log calls (and the library handler's), a set bounded by the code.
+_VALID_KEYS: set[str] = set()
+
+
+def _logfmt_value(value: Any) -> str:
+    text = value if type(value) is str else str(value)
+    quoted = " " in text or "=" in text or '"' in text
+    if quoted and "\\" in text:
+        text = text.replace("\\", "\\\\")
+    if '"' in text:
+        text = text.replace('"', '\\"')
+    if "\n" in text:
+        text = text.replace("\n", "\\n")
+    return f'"{text}"' if quoted else text
+
+
+def logfmt(event: Mapping[str, Any]) -> str:
+    """`event` as one logfmt line, "event" first: the line structlog's
+    LogfmtRenderer(key_order=["event"], drop_missing=True) makes, without
+    its copy of the event and its scan of every key on every line (a
+    hand-off logs a line per call: this was a tenth of a PreserveFd)."""
+    first = event.get("event")
+    elements = [] if first is None else [f"event={_logfmt_value(first)}"]
+    for key, value in event.items():
+        if key == "event":
+            continue
+        if key not in _VALID_KEYS:
+            if any(c <= " " for c in key):
+                raise ValueError(f'Invalid key: "{key}"')
+            _VALID_KEYS.add(key)
+        if value is None:
+            elements.append(f"{key}=")
+        elif value is True:
+            elements.append(key)
+        elif value is False:
+            elements.append(f"{key}=false")
+        elif type(value) is int:
+            elements.append(f"{key}={value}")
+        else:
+            elements.append(f"{key}={_logfmt_value(value)}")
+    return " ".join(elements)
+
+
 class _Emitter:
-    """The last processor: writes the event and drops it from structlog."""
+    """The last processor: writes the event. What it returns goes to
+    structlog's ReturnLogger, which does nothing with it."""
 
     def __init__(self, stream: TextIO, journal: str | None, json: bool) -> None:
         self.stream = stream
         self.journal = journal
         self.sock: socket.socket | None = None
-        self.logfmt = structlog.processors.LogfmtRenderer(key_order=["event"], drop_missing=True)
         self.json = structlog.processors.JSONRenderer() if json else None
 
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        if "exc_info" in event:
+            # A traceback, as the exception key (format_exc_info): asked
+            # for by a few lines only, so not a processor of every line.
+            event = structlog.processors.format_exc_info(logger, method, event)
         priority = _PRIORITY.get(method, 6)
-        line = str(self.logfmt(logger, method, dict(event)))
+        line = logfmt(event)
         if self.journal is not None and self._send(priority, line, event):
-            raise structlog.DropEvent
+            return ""
         text = line if self.json is None else str(self.json(logger, method, event))
         self.stream.write(f"<{priority}>{text}\n")
         self.stream.flush()
-        raise structlog.DropEvent
+        return ""
 
     def _send(self, priority: int, line: str, event: MutableMapping[str, Any]) -> bool:
         fields = {
@@ -119,22 +167,25 @@ def setup(
     stream: TextIO | None = None,
     json: bool = False,
     journal: str | None = None,
+    cache: bool = False,
 ) -> None:
     """`journal`: the socket to send native entries to; by default the
-    system journal when stderr is connected to it, else none."""
+    system journal when stderr is connected to it, else none. `cache`: each
+    module's logger binds to this configuration at its first line and keeps
+    it (saves binding on every line); for a process that sets logging up
+    once, before its first line, as luod does. In-process tests configure
+    structlog again (capture_logs) and need loggers that follow it."""
     if journal is None and stream is None and stderr_is_journal():
         journal = JOURNAL_SOCKET
+    # One processor: luod binds nothing to structlog's context variables
+    # (no merge_contextvars), and a processor costs every line.
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.format_exc_info,
-            _Emitter(stream if stream is not None else sys.stderr, journal, json),
-        ],
+        processors=[_Emitter(stream if stream is not None else sys.stderr, journal, json)],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream if stream is not None else sys.stderr),
-        cache_logger_on_first_use=False,
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=cache,
     )
     root = logging.getLogger()
     root.handlers[:] = [_LibraryHandler()]

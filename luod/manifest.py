@@ -58,13 +58,22 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 _quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
+# The last time _file_entry() wrote, as JSON: every file of a hand-off has
+# the same, and a float's repr costs as much as the rest of the entry.
+_last_time: tuple[float, str] = (math.nan, "")
+
+
 def _file_entry(f: HeldFile) -> str:
+    global _last_time
     if f.manifest_entry is None:
         # What _encode() gives for the same dict, without its per-call cost
         # (a hand-off writes one entry per file).
+        t = float(f.preserved_at)
+        if t != _last_time[0]:
+            _last_time = (t, float.__repr__(t))
         f.manifest_entry = (
             f'{{"name":{_quote(f.name)},"token":{int(f.token)},'
-            f'"size":{int(f.size)},"preserved":{float(f.preserved_at)!r}}}'
+            f'"size":{int(f.size)},"preserved":{_last_time[1]}}}'
         )
     return f.manifest_entry
 

@@ -5,6 +5,7 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 import structlog
 
 from luod import log
@@ -64,3 +65,42 @@ def test_journal_gone_falls_back_to_stderr(tmp_path: Path) -> None:
     log.setup("info", stream=out, journal=str(tmp_path / "nobody-listens"))
     structlog.get_logger().info("listening", pid=1)
     assert out.getvalue() == "<6>event=listening pid=1\n"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"event": "fd-preserved", "session": "s", "token": 5, "size": 4096, "owner": "a (uid 0)"},
+        {"session": "no event", "event": None, "flag": True, "off": False, "gone": None},
+        {"event": 'say "hi"', "path": "C:\\dir name", "plain": "back\\slash", "n": -1},
+        {"event": "x", "detail": "two\nlines", "eq": "a=b", "list": ["a b"], "raw": b"x"},
+        {"event": "x", "float": 1.5, "empty": "", "enum": socket.AF_UNIX},
+    ],
+)
+def test_logfmt_is_structlogs_line(event: dict[str, object]) -> None:
+    # luod renders its own lines (cheaper); they must stay what structlog's
+    # renderer made, which journald users and the tests read.
+    theirs = structlog.processors.LogfmtRenderer(key_order=["event"], drop_missing=True)
+    assert log.logfmt(event) == theirs(None, "info", dict(event))
+
+
+def test_logfmt_refuses_key_with_space() -> None:
+    with pytest.raises(ValueError, match='Invalid key: "a b"'):
+        log.logfmt({"event": "x", "a b": 1})
+
+
+def test_traceback_logged_with_cached_loggers() -> None:
+    out = io.StringIO()
+    log.setup("info", stream=out, cache=True)
+    try:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            structlog.get_logger().error("kexec-failed", exc_info=True)
+    finally:
+        # Loggers bound from here on follow a configuration again (other
+        # tests capture logs).
+        log.setup("info", stream=io.StringIO())
+    line = out.getvalue()
+    assert line.startswith("<3>event=kexec-failed exception=")
+    assert "RuntimeError: boom" in line and "\n" not in line.rstrip("\n")
