@@ -5,11 +5,13 @@ answered, with every fd that came along closed at once."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import select
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -369,6 +371,46 @@ def test_a_client_that_does_not_read_its_replies_is_cut_off(luod: LuodProcess) -
     assert "Traceback" not in log and "EMSGSIZE" not in log
     with luod.client() as c:
         c.status()
+
+
+def test_a_pipelining_connection_does_not_hold_back_another(luod: LuodProcess) -> None:
+    """One connection pipelines 2,000 calls (and reads its replies); a call
+    on a second connection, sent after all of them, is answered while the
+    first still waits for most of its replies: luod serves a call as soon
+    as it reads it, but reads a bounded number of messages from one
+    connection before the others get their turn."""
+    calls = 2000
+    flood = connect(luod)
+    replies = 0
+    done = threading.Event()
+
+    def read_replies() -> None:
+        nonlocal replies
+        while replies < calls:
+            data = flood.recv(1 << 16)
+            if not data:
+                break
+            replies += data.count(0)
+        done.set()
+
+    reader = threading.Thread(target=read_replies, daemon=True)
+    reader.start()
+    flood.sendall(GET_STATUS * calls)
+    other = connect(luod)
+    other.settimeout(30)
+    other.sendall(GET_STATUS)
+    reply = b""
+    while not reply.endswith(b"\0"):
+        chunk = other.recv(1 << 16)
+        assert chunk, "luod closed the second connection"
+        reply += chunk
+    seen = replies
+    assert done.wait(60), f"only {replies} of {calls} replies came"
+    other.close()
+    flood.close()
+    print(f"\nthe second connection's reply came after {seen} of {calls} pipelined ones")
+    assert "status" in json.loads(reply[:-1])["parameters"]
+    assert seen < calls // 2
 
 
 # --- a flood from one uid --------------------------------------------------------
