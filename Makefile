@@ -60,11 +60,13 @@ kernel: deps
 debdeps:
 	vm/host-deps.sh deb
 
+# --durations: every CI log says what each test cost (the CI budget is
+# 25 minutes warm; the QEMU tiers are most of it).
 test-fast: venv tools debdeps
-	LUOD_REQUIRE_SID_TOOLS=1 $(PYTEST) -q -m "not vm and not systemd" tests
+	LUOD_REQUIRE_SID_TOOLS=1 $(PYTEST) -q --durations=10 -m "not vm and not systemd" tests
 
 test-vm: venv deps kernel
-	$(PYTEST) -q -m vm tests/vm
+	$(PYTEST) -q --durations=0 -m vm tests/vm
 
 # A Debian sid root with systemd 262 (debootstrap, cached by its inputs).
 root: deps
@@ -72,7 +74,7 @@ root: deps
 
 test-systemd: venv deps root
 	vm/build-kernel.sh stock >/dev/null
-	$(PYTEST) -q -m systemd tests/systemd
+	$(PYTEST) -q --durations=0 -m systemd tests/systemd
 
 test: lint test-fast test-vm test-systemd
 

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from testsupport.vm import qemu
-from testsupport.vm.timeline import Event, Timeline, cached_root_cmdline
+from testsupport.vm.timeline import Event, Timeline
 
 from .report import fmt_s, host_description, report
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--uncached-root",
         action="store_true",
-        help="mount the guest's 9p root without cache=loose, as the tests do (much slower)",
+        help="mount the guest's 9p root without cache=loose (much slower: every stat() and read() goes to QEMU)",
     )
     p.add_argument(
         "--analyse", type=Path, metavar="DIR", help="no run: report on the results in DIR again"
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         GUEST,
         args.timeout,
         guest_env={"LUOD_BENCH_CONFIG": json.dumps(cfg)},
-        extra_cmdline=[] if args.uncached_root else cached_root_cmdline(),
+        extra_cmdline=qemu.uncached_root_cmdline() if args.uncached_root else [],
         memory=args.memory,
     )
     (results / "host.json").write_text(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from testsupport.vm import qemu
-from testsupport.vm.timeline import CLOCK_NOTE, Event, Timeline, cached_root_cmdline
+from testsupport.vm.timeline import CLOCK_NOTE, Event, Timeline
 
 GUEST = Path(__file__).with_name("guest_demo.py")
 TIMEOUT = 600.0
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--uncached-root",
         action="store_true",
-        help="mount the guest's 9p root without cache=loose, as the tests do (much slower)",
+        help="mount the guest's 9p root without cache=loose (much slower: every stat() and read() goes to QEMU)",
     )
     args = p.parse_args(argv)
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         GUEST,
         args.timeout,
         guest_env={"LUOD_DEMO_MIB": str(args.mib)},
-        extra_cmdline=[] if args.uncached_root else cached_root_cmdline(),
+        extra_cmdline=qemu.uncached_root_cmdline() if args.uncached_root else [],
         memory=args.memory,
     )
     if result.timed_out:

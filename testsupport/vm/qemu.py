@@ -45,16 +45,32 @@ STAGE_PARAM = "luod.test_stage"
 SERIAL_LOG = "serial.log"
 GUEST_DIR = ".guest"  # init's bookkeeping (and what it runs)
 
+ROOT_FLAGS = "trans=virtio,version=9p2000.L,msize=262144"
 BASE_CMDLINE = (
     "console=ttyS0",
     "root=hostroot",
     "rootfstype=9p",
-    "rootflags=trans=virtio,version=9p2000.L,msize=262144",
+    # cache=loose: the guest's page cache serves what it read once, as a
+    # local root would. Without it every stat() and read() of a Python
+    # import is a round trip through QEMU's 9p server, which under TCG made
+    # each Python start take seconds (the VM tier ran 1.6-1.9x longer). The
+    # root is the host's /, read-only, and nothing the guest reads from it
+    # changes during a run; what host and guest exchange goes through the
+    # results share, which has no cache.
+    f"rootflags={ROOT_FLAGS},cache=loose",
     "ro",
     "kho=on",
     "liveupdate=on",
     "panic=-1",
 )
+
+
+def uncached_root_cmdline() -> list[str]:
+    """Kernel command line words that mount the guest's root without
+    cache=loose (the last rootflags= wins; a kexec'd kernel gets the same
+    words, guestlib.next_stage_cmdline copies /proc/cmdline): for
+    measuring what the 9p round trips cost (make bench --uncached-root)."""
+    return [f"rootflags={ROOT_FLAGS}"]
 
 
 class GuestError(AssertionError):

@@ -40,18 +40,6 @@ CLOCK_NOTE = (
 )
 
 
-def cached_root_cmdline() -> list[str]:
-    """Kernel command line words that mount the guest's root (the host's /
-    over 9p) with cache=loose: the guest's page cache then serves what was
-    read once, as a local root would. The tests' default is no cache, where
-    every stat() and read() of a Python import is a round trip through
-    QEMU's 9p server, which under TCG makes a Python start take seconds.
-    The last rootflags= on the command line wins; a kexec'd kernel gets the
-    same words (guestlib.next_stage_cmdline copies /proc/cmdline)."""
-    flags = next(w for w in qemu.BASE_CMDLINE if w.startswith("rootflags="))
-    return [f"{flags},cache=loose"]
-
-
 # --- guest side ---------------------------------------------------------------
 
 
