@@ -93,6 +93,38 @@ def pytest_runtest_makereport(
     return report
 
 
+# guest/cycle.sh: one boot, one kexec, one boot, shared by
+# test_socket_activation, test_handoff and test_handback.
+CYCLE = SCENARIOS / "cycle.sh"
+# Two boots of ~20-45 s and one kexec, under TCG on a shared 2-core host.
+CYCLE_TIMEOUT = 600.0
+
+
+def shared_run(
+    systemd_vm: SystemdVM,
+    tmp_path_factory: pytest.TempPathFactory,
+    script: Path,
+    timeout: float,
+    name: str,
+) -> Iterator[harness.GuestResult]:
+    """A run several tests read (the body of a fixture): its results are
+    kept in ARTIFACTS/`name` whether a test failed or not."""
+    results = tmp_path_factory.mktemp(name) / "results"
+    result = systemd_vm.boot(script, results, timeout)
+    yield result
+    dest = ARTIFACTS / name
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(results, dest, ignore=shutil.ignore_patterns(".guest"))
+
+
+@pytest.fixture(scope="session")
+def cycle(
+    systemd_vm: SystemdVM, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[harness.GuestResult]:
+    """The run of guest/cycle.sh, booted by the first test that asks for it."""
+    yield from shared_run(systemd_vm, tmp_path_factory, CYCLE, CYCLE_TIMEOUT, "cycle")
+
+
 @pytest.fixture
 def results(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """The results share of a test's VM; copied to ARTIFACTS if it failed."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +29,7 @@ import pytest
 
 from testsupport.systemd import harness
 
-from .conftest import ARTIFACTS, SCENARIOS, SystemdVM
+from .conftest import SCENARIOS, SystemdVM, shared_run
 
 pytestmark = pytest.mark.systemd
 
@@ -44,12 +43,7 @@ TIMEOUT = 600.0
 def run(
     systemd_vm: SystemdVM, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[harness.GuestResult]:
-    results = tmp_path_factory.mktemp("coexist") / "results"
-    result = systemd_vm.boot(GUEST, results, TIMEOUT)
-    yield result
-    dest = ARTIFACTS / "test_coexistence"
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(results, dest, ignore=shutil.ignore_patterns(".guest"))
+    yield from shared_run(systemd_vm, tmp_path_factory, GUEST, TIMEOUT, "test_coexistence")
 
 
 def _stage(result: harness.GuestResult, n: int) -> harness.Stage:

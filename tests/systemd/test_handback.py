@@ -7,52 +7,44 @@ FileDescriptorStoreMax=4 and `ExecStartPre=luoctl handback handback
 --optional`: PID 1 takes FDSTORE=1 messages from the control process and
 passes the store to ExecStart= (src/core/service.c: service_notify_message,
 service_exec_flags gives EXEC_PASS_FDS to ExecStart= only, service_collect_fds
-adds the fd store). One QEMU run: boot, one kexec, boot (guest/handback.sh)."""
+adds the fd store). One QEMU run: boot, one kexec, boot (guest/cycle.sh, whose
+run test_handoff shares)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from testsupport.systemd import harness
 
-from .conftest import SCENARIOS, SystemdVM
-
 pytestmark = pytest.mark.systemd
-
-GUEST = SCENARIOS / "handback.sh"
-# Two boots of ~20-45 s and one kexec, under TCG on a shared 2-core host.
-TIMEOUT = 600.0
 
 
 def _unit_json(stage: harness.Stage) -> dict[str, Any]:
-    step = stage.step("json")
-    assert step.ok(), f"{step}\n{stage.step('journal-unit').out}"
+    step = stage.step("handback-json")
+    assert step.ok(), f"{step}\n{stage.step('handback-journal-unit').out}"
     data: dict[str, Any] = step.json()
     return data
 
 
-def test_service_finds_its_memfd_in_its_fd_store_after_kexec(
-    systemd_vm: SystemdVM, results: Path
-) -> None:
-    result = systemd_vm.boot(GUEST, results, TIMEOUT)
+def test_service_finds_its_memfd_in_its_fd_store_after_kexec(cycle: harness.GuestResult) -> None:
+    result = cycle
     report = result.report()
     s1 = harness.stage(result, 1)
 
     # Boot 1: no session yet; --optional lets the unit start, the program
     # hands its memfd to luod.
-    start = s1.step("start")
-    assert start.ok(), f"{start}\n{s1.step('journal-unit').out}\n{report}"
+    start = s1.step("handback-start")
+    assert start.ok(), f"{start}\n{s1.step('handback-journal-unit').out}\n{report}"
     first = _unit_json(s1)
     assert first["ok"] and first["mode"] == "pushed-to-luod", first
     assert first["listen_fds"] is None, first
-    assert "nothing to hand back (--optional)" in s1.step("journal-unit").out
-    [held] = s1.step("list").json()
+    assert "nothing to hand back (--optional)" in s1.step("handback-journal-unit").out
+    [held] = s1.step("handback-list").json()
     assert [f["name"] for f in held["files"]] == ["blob"], held
     assert held["owner"].get("unit") == "luod-test-handback.service", held
-    assert s1.step("enable").ok(), s1.step("enable")
+    assert s1.step("handback-enable").ok(), s1.step("handback-enable")
 
     harness.assert_kexec_reached(result, 1)
     result.check(final_stage=2)
@@ -60,8 +52,8 @@ def test_service_finds_its_memfd_in_its_fd_store_after_kexec(
 
     # Boot 2: started at boot after luod-reclaim.service; the fd came from
     # the unit's own fd store, named as in luod, with the same bytes.
-    shown = s2.step("show").props()
-    journal = s2.step("journal-unit").out
+    shown = s2.step("handback-show").props()
+    journal = s2.step("handback-journal-unit").out
     assert (shown["ActiveState"], shown["Result"]) == ("active", "success"), (
         f"{shown}\n{journal}\n{s2.step('journal-luod').out}"
     )
@@ -82,10 +74,10 @@ def test_service_finds_its_memfd_in_its_fd_store_after_kexec(
 
     # The store holds it (systemd-analyze fdstore), and luod still does
     # (a copy was handed back).
-    store = s2.step("fdstore")
+    store = s2.step("handback-fdstore")
     assert store.ok() and "blob" in store.out, store
     assert shown["NFileDescriptorStore"] == "1", shown
-    [held2] = s2.step("list").json()
+    [held2] = s2.step("handback-list").json()
     assert [f["name"] for f in held2["files"]] == ["blob"], held2
 
     # The service's main process did not call luod: luod copied the fd to

@@ -1,6 +1,7 @@
 """Scenario (b): a memfd handed to luod with `varlinkctl --push-fd=` only,
 `luoctl kexec` (-> systemctl kexec), and after the boot luod-reclaim.service
-has run and `varlinkctl --exec ... RetrieveFd` gives the same bytes back."""
+has run and `varlinkctl --exec ... RetrieveFd` gives the same bytes back
+(guest/cycle.sh, whose run test_handback shares)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,7 @@ import pytest
 
 from testsupport.systemd import harness
 
-from .conftest import SCENARIOS, SystemdVM
-
 pytestmark = pytest.mark.systemd
-
-GUEST = SCENARIOS / "handoff.sh"
-TIMEOUT = 420.0  # two boots of ~20 s and one kexec under TCG
 
 
 def _json(path: Path) -> Any:
@@ -25,10 +21,8 @@ def _json(path: Path) -> Any:
         return json.load(f)
 
 
-def test_memfd_pushed_by_varlinkctl_survives_systemctl_kexec(
-    systemd_vm: SystemdVM, results: Path
-) -> None:
-    result = systemd_vm.boot(GUEST, results, TIMEOUT)
+def test_memfd_pushed_by_varlinkctl_survives_systemctl_kexec(cycle: harness.GuestResult) -> None:
+    result = cycle
     report = result.report()
     s1 = harness.stage(result, 1)
 
@@ -54,5 +48,7 @@ def test_memfd_pushed_by_varlinkctl_survives_systemctl_kexec(
     assert after["size"] == before["size"]
     assert after["position"] == before["position"] == 4096
 
+    [held] = s2.step("list").json()
+    assert [f["name"] for f in held["files"]] == ["blob"], held
     status = json.loads(s2.step("status").out)["status"]
-    assert status["files"] == 1, status
+    assert status["files"] == 2, status  # this blob and test_handback's

@@ -1,23 +1,19 @@
 """Scenario (a): luod.socket activation, and luod as systemd 262's varlinkctl
-sees it, in a VM whose PID 1 is systemd."""
+sees it, in a VM whose PID 1 is systemd (stage 1 of guest/cycle.sh, before
+anything is held)."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from testsupport.systemd import harness
 
-from .conftest import SCENARIOS, SystemdVM
-
 pytestmark = pytest.mark.systemd
 
-GUEST = SCENARIOS / "socket_activation.sh"
 PROTOCOL = harness.REPO / "protocol"
-TIMEOUT = 300.0  # boot ~20 s, the steps ~10 s under TCG
 
 
 def _idl_methods() -> set[str]:
@@ -30,11 +26,10 @@ def _idl_methods() -> set[str]:
     return methods
 
 
-def test_socket_activation_and_varlinkctl(systemd_vm: SystemdVM, results: Path) -> None:
-    result = systemd_vm.boot(GUEST, results, TIMEOUT)
-    result.check(final_stage=1)
-    s = harness.stage(result, 1)
-    report = result.report()
+def test_socket_activation_and_varlinkctl(cycle: harness.GuestResult) -> None:
+    report = cycle.report()
+    assert 1 in cycle.stage_uptime, report
+    s = harness.stage(cycle, 1)
 
     socket = s.step("boot-socket").props()
     assert socket["ActiveState"] == "active", report
