@@ -499,8 +499,11 @@ def _cloexec_flags(pid: int) -> dict[int, bool]:
     """fd -> whether O_CLOEXEC is set, for every fd of process `pid`."""
     out = {}
     for name in os.listdir(f"/proc/{pid}/fdinfo"):
-        with open(f"/proc/{pid}/fdinfo/{name}") as f:
-            flags = next(line for line in f if line.startswith("flags:"))
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                flags = next(line for line in f if line.startswith("flags:"))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # closed since the listing (a connection luod let go of)
         out[int(name)] = bool(int(flags.split()[1], 8) & os.O_CLOEXEC)
     return out
 
