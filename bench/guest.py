@@ -201,7 +201,9 @@ def stage1(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     out["luod_start_warm"] = []
     for _ in range(cfg["warm_starts"]):
         stop(luod)
-        luod = new_luod()
+        # Under cProfile too: the last of them is the luod whose hand-off
+        # is profiled (each stop writes the file; the last one stays).
+        luod = new_luod(profile="luod-handoff.prof" if cfg["profile"] else None)
         out["luod_start_warm"].append(start(luod))
     out["python_asyncio_warm"] = python_baseline(cfg["baseline_runs"])
     mark("luod-warm-starts", luod=out["luod_start_warm"], runs=out["python_asyncio_warm"])
