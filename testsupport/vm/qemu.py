@@ -69,7 +69,8 @@ def uncached_root_cmdline() -> list[str]:
     """Kernel command line words that mount the guest's root without
     cache=loose (the last rootflags= wins; a kexec'd kernel gets the same
     words, guestlib.next_stage_cmdline copies /proc/cmdline): for
-    measuring what the 9p round trips cost (make bench --uncached-root)."""
+    measuring what the 9p round trips cost (--uncached-root of bench.run
+    and the demo)."""
     return [f"rootflags={ROOT_FLAGS}"]
 
 
