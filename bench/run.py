@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--uncached-root",
         action="store_true",
-        help="mount the guest's 9p root without cache=loose (much slower: every stat() and read() goes to QEMU)",
+        help="mount the guest's 9p root without cache=loose "
+        "(much slower: every stat() and read() goes to QEMU)",
     )
     p.add_argument(
         "--analyse", type=Path, metavar="DIR", help="no run: report on the results in DIR again"

@@ -244,9 +244,10 @@ _STRING = re.compile(rb'"[^"]*"')
 
 
 def text_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
-    """How deep arrays and objects nest in the JSON text `data` (valid JSON: it was parsed), read from
-    the text: its brackets outside strings, innermost pairs taken away
-    until none is left; more than `limit` passes stop at limit + 1. A
+    """How deep arrays and objects nest in the JSON text `data` (valid
+    JSON: it was parsed), read from the text: its brackets outside strings,
+    innermost pairs taken away until none is left; more than `limit`
+    passes stop at limit + 1. A
     PreserveFds of 250 files has 250 objects in a list: walking the parsed
     object cost twice what parsing it did (and as much as the rest of
     luod's work per fd)."""

@@ -112,9 +112,15 @@ def shared_run(
     results = tmp_path_factory.mktemp(name) / "results"
     result = systemd_vm.boot(script, results, timeout)
     yield result
+    keep_artifacts(results, name)
+
+
+def keep_artifacts(results: Path, name: str) -> Path:
+    """Copy a run's results (but the guest's helpers) to ARTIFACTS/`name`."""
     dest = ARTIFACTS / name
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(results, dest, ignore=shutil.ignore_patterns(".guest"))
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +138,5 @@ def results(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     yield path
     report = getattr(request.node, "luod_report_call", None)
     if report is not None and report.failed and path.exists():
-        dest = ARTIFACTS / request.node.name
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(path, dest, ignore=shutil.ignore_patterns(".guest"))
+        dest = keep_artifacts(path, request.node.name)
         print(f"results of the failed run kept in {dest}")
