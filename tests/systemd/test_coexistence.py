@@ -228,12 +228,13 @@ def test_reclaim_runs_before_services_that_want_fds(run: harness.GuestResult) ->
     reclaim_start = int(reclaim["ExecMainStartTimestampMonotonic"])
     wants_start = int(wants["ExecMainStartTimestampMonotonic"])
     assert reclaim_start and reclaim_done <= wants_start, (reclaim, wants)
-    chain = s2.step("critical-chain")
-    assert chain.ok(), chain
     status = json.loads(s2.step("status").out)["status"]
     print(
         f"luod-reclaim.service: {(reclaim_done - reclaim_start) / 1e6:.2f}s "
-        f"(ExecMain start..exit); luod's reclaim: {status.get('reclaim')}\n"
-        f"critical-chain luod-test-wants-fds.service:\n{chain.out}\n"
-        f"critical-chain luod-reclaim.service:\n{s2.step('critical-chain-reclaim').out}"
+        f"(ExecMain start..exit); luod's reclaim: {status.get('reclaim')}; "
+        f"luod-test-wants-fds.service started "
+        f"{(wants_start - reclaim_done) / 1e6:.2f}s after it exited"
     )
+    if "critical-chain" in s2.steps():  # LUOD_SYSTEMD_ANALYZE=1
+        for name in ("critical-chain", "critical-chain-reclaim"):
+            print(f"{name}:\n{s2.step(name).out}")

@@ -63,6 +63,7 @@ def test_kill9_in_represerve_and_in_handoff_loses_nothing(
     # After the kexec: killed at boot in the re-preserve, started again.
     s2 = harness.stage(result, 2)
     journal2 = s2.step("journal-luod").out
+    assert s2.step("back").ok(), f"luod did not come back at boot\n{journal2}\n{report}"
     luod2 = s2.step("luod").props()
     assert (luod2["ActiveState"], luod2["NRestarts"]) == ("active", "1"), f"{luod2}\n{journal2}"
     assert "luod-crash-once" in luod2["ExecStart"], luod2

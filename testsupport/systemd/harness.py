@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
@@ -48,6 +49,11 @@ BUILD_DEB = REPO / "tools" / "build-deb.sh"
 # Python helpers it and the bench call).
 GUEST_HELPERS = Path(__file__).resolve().parent / "guest"
 STAGE_PARAM = qemu.STAGE_PARAM
+# LUOD_SYSTEMD_ANALYZE=1: every stage also keeps `systemd-analyze blame` and
+# `critical-chain` of its boot (stage-N/boot-blame.txt, boot-critical-chain.txt).
+# They cost about 25 s a stage under TCG, so a run asks for them when a boot is
+# what it looks into.
+ANALYZE_PARAM = "luod.test_analyze=1"
 
 BASE_CMDLINE = (
     "console=ttyS0",
@@ -147,6 +153,8 @@ def boot(
     shutil.copy2(script, guest_dir / "stage-script")
 
     cmdline = [*BASE_CMDLINE, *extra_cmdline, f"{STAGE_PARAM}={stage}"]
+    if os.environ.get("LUOD_SYSTEMD_ANALYZE") == "1":
+        cmdline.append(ANALYZE_PARAM)
     command = (
         *qemu.qemu_command(kernel, cmdline, results, memory=memory, smp=smp),
         "-drive", f"file={qemu.qemu_opt(image.resolve())},if=virtio,format=raw,snapshot=on",

@@ -41,6 +41,20 @@ wait_restarted() {
 	return 1
 }
 
+# wait_back: luod.service and luod-reclaim.service both active: after luod
+# was killed at boot both are restarted, and the boot (multi-user.target,
+# then this stage) does not wait for that; 60 s at most.
+wait_back() {
+	local _
+	for _ in $(seq 1200); do
+		# (is-active of two units is true when either is)
+		systemctl is-active --quiet luod.service &&
+			systemctl is-active --quiet luod-reclaim.service && return 0
+		sleep 0.05
+	done
+	return 1
+}
+
 journal_luod() {
 	journalctl -b --no-pager -o short-monotonic -u luod.service -u luod.socket \
 		-u luod-reclaim.service
@@ -64,6 +78,7 @@ if [[ $STAGE == 1 ]]; then
 fi
 
 if [[ $STAGE == 2 ]]; then
+	step back wait_back
 	step luod systemctl show -p "$svc" luod.service
 	step reclaim systemctl show -p ActiveState,SubState,Result,ExecMainStatus luod-reclaim.service
 	step get python3 "$FILES" get "$OUT/get.json" "$S1/files.json"

@@ -15,6 +15,8 @@
 #   stage_jump CMD...     the same with CMD instead of luoctl kexec (e.g.
 #                         `luoctl update` after `luoctl load ... --append
 #                         "$(next_cmdline)"`)
+#   analyze_boot          true when the host asked for systemd-analyze
+#                         blame and critical-chain (LUOD_SYSTEMD_ANALYZE=1)
 
 set -u
 : "${LUOD_TEST_STAGE:?} ${LUOD_TEST_OUT:?} ${LUOD_TEST_GUEST:?}"
@@ -58,6 +60,17 @@ finish() {
 		             "err": read(n, "err")[-20000:]} for n in names}
 		(out / "stage.json").write_text(json.dumps({"steps": steps}, indent=1) + "\n")
 	PY
+}
+
+# Whether the host asked for systemd-analyze blame and critical-chain
+# (LUOD_SYSTEMD_ANALYZE=1: luod.test_analyze=1 on the command line).
+analyze_boot() {
+	local words w
+	read -r -a words </proc/cmdline
+	for w in "${words[@]}"; do
+		[[ $w == luod.test_analyze=1 ]] && return 0
+	done
+	return 1
 }
 
 # This boot's command line with luod.test_stage=N+1.
