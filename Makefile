@@ -78,10 +78,11 @@ test-systemd: venv deps root
 	vm/build-kernel.sh stock >/dev/null
 	$(PYTEST) -q --durations=0 -m systemd tests/systemd
 
-# The two QEMU tiers run at once. A TCG guest keeps about 1.1 of 2 cores
-# busy (one vCPU runs, the other mostly waits), so one tier alone leaves the
-# machine half idle; their guests share nothing but the caches, whose
-# builders take a lock. Each tier's output is shown whole when it ends.
+# The two QEMU tiers run at once: their guests run TCG on one host thread
+# each (testsupport/vm/qemu.py, qemu_command), so two of them fill 2 cores
+# without slowing each other; one tier alone leaves the machine half idle.
+# They share nothing but the caches, whose builders take a lock. Each
+# tier's output is shown whole when it ends.
 test: lint test-fast
 	@echo "test-vm and test-systemd run at once; each one's output follows when it ends"
 	@$(MAKE) --no-print-directory -j2 --output-sync=target test-vm test-systemd

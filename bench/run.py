@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         guest_env={"LUOD_BENCH_CONFIG": json.dumps(cfg)},
         extra_cmdline=qemu.uncached_root_cmdline() if args.uncached_root else [],
         memory=args.memory,
+        one_thread=False,
     )
     (results / "host.json").write_text(
         json.dumps({**host_description(), "load_after": [round(x, 2) for x in os.getloadavg()]})

@@ -464,7 +464,13 @@ def run(args: argparse.Namespace) -> int:
     modes_file = results / "bench-modes"
     modes_file.write_text(" ".join(modes) + "\n")
     result = harness.boot(
-        image, kernel, STAGE, results / "vm", args.timeout, extra_files=[count_file, modes_file]
+        image,
+        kernel,
+        STAGE,
+        results / "vm",
+        args.timeout,
+        extra_files=[count_file, modes_file],
+        one_thread=False,
     )
     print(harness.describe(result))
     s1, s2 = harness.stage(result, 1), harness.stage(result, 2)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         f"QEMU {info.get('qemu', '?')}; this takes 2-4 minutes ..."
     )
     result = harness.boot(image, kernel, vmpause.GUEST, results / "vm", vmpause.TIMEOUT,
-                          extra_files=vmpause.EXTRA_FILES)  # fmt: skip
+                          extra_files=vmpause.EXTRA_FILES, one_thread=False)  # fmt: skip
     print(harness.describe(result))
     try:
         seen = vmpause.verify(result)

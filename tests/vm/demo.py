@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         guest_env={"LUOD_DEMO_MIB": str(args.mib)},
         extra_cmdline=qemu.uncached_root_cmdline() if args.uncached_root else [],
         memory=args.memory,
+        one_thread=False,
     )
     if result.timed_out:
         narrator.say(result.duration, "host", f"QEMU killed after {args.timeout:.0f} s")

@@ -139,10 +139,12 @@ def boot(
     memory: str = "2G",
     smp: int = 2,
     extra_files: Sequence[Path] = (),
+    one_thread: bool = True,
 ) -> GuestResult:
     """Boot `image` with `kernel` and run the bash program `script` in each
     stage, starting at `stage`. QEMU is killed after `timeout` seconds.
-    `extra_files` are copied into /results/.guest/ next to the helpers."""
+    `extra_files` are copied into /results/.guest/ next to the helpers.
+    `one_thread`: see qemu.qemu_command()."""
     results = qemu.prepare_results(results)
     guest_dir = results / qemu.GUEST_DIR
     for helper in GUEST_HELPERS.iterdir():
@@ -156,7 +158,9 @@ def boot(
     if os.environ.get("LUOD_SYSTEMD_ANALYZE") == "1":
         cmdline.append(ANALYZE_PARAM)
     command = (
-        *qemu.qemu_command(kernel, cmdline, results, memory=memory, smp=smp),
+        *qemu.qemu_command(
+            kernel, cmdline, results, memory=memory, smp=smp, one_thread=one_thread
+        ),
         "-drive", f"file={qemu.qemu_opt(image.resolve())},if=virtio,format=raw,snapshot=on",
         "-device", "virtio-rng-pci",
         "-virtfs", qemu.results_share(results),

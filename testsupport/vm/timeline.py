@@ -141,6 +141,7 @@ class Timeline:
         extra_cmdline: Sequence[str] = (),
         memory: str = "1G",
         smp: int = 2,
+        one_thread: bool = True,
     ) -> qemu.GuestResult:
         """qemu.run_guest(), with every event stamped (and handed to
         on_event, in this thread) while it runs."""
@@ -165,6 +166,7 @@ class Timeline:
                         extra_cmdline=extra_cmdline,
                         memory=memory,
                         smp=smp,
+                        one_thread=one_thread,
                     )
                 )
             except BaseException as e:
