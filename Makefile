@@ -74,15 +74,17 @@ test-vm: venv deps kernel
 root: deps
 	vm/build-root.sh >/dev/null
 
+# Two guests at once (pytest-xdist; the tests that read one run are in one
+# xdist_group): its five runs are most of `make test`'s time.
 test-systemd: venv deps root
 	vm/build-kernel.sh stock >/dev/null
-	$(PYTEST) -q --durations=0 -m systemd tests/systemd
+	$(PYTEST) -q -n 2 --dist loadgroup --durations=0 -m systemd tests/systemd
 
 # The two QEMU tiers run at once: their guests run TCG on one host thread
-# each (testsupport/vm/qemu.py, qemu_command), so two of them fill 2 cores
-# without slowing each other; one tier alone leaves the machine half idle.
-# They share nothing but the caches, whose builders take a lock. Each
-# tier's output is shown whole when it ends.
+# each (testsupport/vm/qemu.py, qemu_command), so guests at once share the
+# cores without slowing each other beyond that; one guest alone leaves
+# 2 cores half idle. They share nothing but the caches, whose builders take
+# a lock. Each tier's output is shown whole when it ends.
 test: lint test-fast
 	@echo "test-vm and test-systemd run at once; each one's output follows when it ends"
 	@$(MAKE) --no-print-directory -j2 --output-sync=target test-vm test-systemd

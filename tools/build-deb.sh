@@ -64,9 +64,14 @@ key=$( (
 	find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
 	cat "$repo/tools/build-deb.sh"
 ) | sha256sum | cut -c1-12)
-cache=${LUOD_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/luod}/deb/$key
+cache_root=${LUOD_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/luod}/deb
+cache=$cache_root/$key
 deb=luod_${version}_all.deb
-mkdir -p "$out"
+mkdir -p "$out" "$cache_root"
+# One build at a time (the systemd tier's workers build the same package at
+# once): whoever waited finds it cached, never a half-copied one.
+exec 9>"$cache_root/.lock"
+flock 9
 if [[ -s $cache/$deb ]]; then
 	log "cached: $cache/$deb"
 else

@@ -21,7 +21,9 @@ from .conftest import SCENARIOS, SystemdVM
 pytestmark = pytest.mark.systemd
 
 GUEST = SCENARIOS / "crashsafety.sh"
-TIMEOUT = 600.0  # three boots of ~20 s and two kexecs under TCG
+# Three boots of ~20 s and two kexecs under TCG: about 300 s with three
+# guests on 2 cores (make test).
+TIMEOUT = 900.0
 INFLIGHT = "cs0/d"
 
 

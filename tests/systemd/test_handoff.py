@@ -13,7 +13,9 @@ import pytest
 
 from testsupport.systemd import harness
 
-pytestmark = pytest.mark.systemd
+# One worker of pytest-xdist (make test-systemd: --dist loadgroup) runs
+# the tests of the `cycle` run, so that it is booted once.
+pytestmark = [pytest.mark.systemd, pytest.mark.xdist_group("cycle")]
 
 
 def _json(path: Path) -> Any:
