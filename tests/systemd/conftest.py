@@ -9,7 +9,6 @@ import dataclasses
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
@@ -110,20 +109,7 @@ def shared_run(
     name: str,
 ) -> Iterator[harness.GuestResult]:
     """A run several tests read (the body of a fixture): its results are
-    kept in ARTIFACTS/`name` whether a test failed or not. Under
-    pytest-xdist their xdist_group keeps them on one worker; a second
-    worker booting the same run is said loudly (it costs minutes)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # The workers' base temp folders share a parent of this run's own.
-        mark = tmp_path_factory.getbasetemp().parent / f"{name}.booted"
-        try:
-            mark.touch(exist_ok=False)
-        except FileExistsError:
-            warnings.warn(
-                f"the {name} run is booted by a second pytest-xdist worker: its "
-                "tests are not in one xdist_group, or --dist loadgroup ignored it",
-                stacklevel=1,
-            )
+    kept in ARTIFACTS/`name` whether a test failed or not."""
     results = tmp_path_factory.mktemp(name) / "results"
     result = systemd_vm.boot(script, results, timeout)
     yield result

@@ -32,7 +32,7 @@ from testsupport.systemd import harness
 from .conftest import SCENARIOS, SystemdVM, shared_run
 
 # One worker of pytest-xdist (make test-systemd: --dist loadgroup) runs
-# these tests, which read one run (the module's `run`): it is booted once.
+# its tests read one run (the module's `run`), so that it is booted once.
 pytestmark = [pytest.mark.systemd, pytest.mark.xdist_group("coexistence")]
 
 GUEST = SCENARIOS / "coexist.sh"

@@ -19,7 +19,7 @@ import pytest
 from testsupport.systemd import harness
 
 # One worker of pytest-xdist (make test-systemd: --dist loadgroup) runs
-# the tests that read the `cycle` run: it is booted once.
+# the tests of the `cycle` run, so that it is booted once.
 pytestmark = [pytest.mark.systemd, pytest.mark.xdist_group("cycle")]
 
 

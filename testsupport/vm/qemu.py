@@ -375,7 +375,7 @@ def qemu_command(
     at once each ran as fast as one alone, where two guests of a thread
     per vCPU on 2 cores each took twice as long: a guest's vCPU spins on a
     lock or an IPI while the host has the vCPU it waits for off its core.
-    So `make test` runs guests of both QEMU tiers at once. The bench and the
+    So `make test` runs the two QEMU tiers at once. The bench and the
     demos (False) keep a thread per vCPU: their timings model a machine
     with `smp` CPUs."""
     return (
