@@ -53,8 +53,8 @@ class SystemdVM:
 def systemd_vm(tmp_path_factory: pytest.TempPathFactory) -> SystemdVM:
     """Skips (loudly) only when QEMU cannot run here; a failed kernel, root
     or image build is an error. LUOD_SYSTEMD_KERNEL / LUOD_SYSTEMD_IMAGE
-    override the builds. Each pytest-xdist worker builds its own image (a
-    few seconds; the package and the root come from the cache)."""
+    override the builds. Each of make test's two systemd-tier runs builds
+    its own image (the package and the root come from the cache)."""
     reason = qemu.qemu_unavailable_reason()
     if reason is not None:
         pytest.skip(f"SYSTEMD TIER SKIPPED: {reason}")

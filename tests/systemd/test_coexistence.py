@@ -31,9 +31,7 @@ from testsupport.systemd import harness
 
 from .conftest import SCENARIOS, SystemdVM, shared_run
 
-# One worker of pytest-xdist (make test-systemd: --dist loadgroup) runs
-# its tests read one run (the module's `run`), so that it is booted once.
-pytestmark = [pytest.mark.systemd, pytest.mark.xdist_group("coexistence")]
+pytestmark = pytest.mark.systemd
 
 GUEST = SCENARIOS / "coexist.sh"
 # Two boots of ~20-45 s, a 1,000-memfd hand-off and a kexec carrying it,

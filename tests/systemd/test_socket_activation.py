@@ -11,9 +11,7 @@ import pytest
 
 from testsupport.systemd import harness
 
-# One worker of pytest-xdist (make test-systemd: --dist loadgroup) runs
-# the tests of the `cycle` run, so that it is booted once.
-pytestmark = [pytest.mark.systemd, pytest.mark.xdist_group("cycle")]
+pytestmark = pytest.mark.systemd
 
 PROTOCOL = harness.REPO / "protocol"
 
