@@ -68,7 +68,7 @@ cache_root=${LUOD_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/luod}/deb
 cache=$cache_root/$key
 deb=luod_${version}_all.deb
 mkdir -p "$out" "$cache_root"
-# One build at a time (the systemd tier's workers build the same package at
+# One build at a time (the systemd tier's two runs build the same package at
 # once): whoever waited finds it cached, never a half-copied one.
 exec 9>"$cache_root/.lock"
 flock 9
