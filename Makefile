@@ -75,7 +75,8 @@ root: deps
 	vm/build-root.sh >/dev/null
 
 # The systemd tier's five runs are most of `make test`'s time: two pytest
-# runs share them, a guest each; `make test` runs both at once. The first
+# runs share them, a guest each, so that `make test` can run either next to
+# another part. The first
 # takes these files (the three of guest/cycle.sh's run stay together), the
 # second all the others; their runs take about as long as each other.
 SYSTEMD_A := $(addprefix tests/systemd/,test_coexistence.py test_qemu_cpr.py \
@@ -91,14 +92,16 @@ test-systemd-b: venv deps root
 	vm/build-kernel.sh stock >/dev/null
 	$(PYTEST) -q --durations=0 -m systemd tests/systemd $(addprefix --ignore=,$(SYSTEMD_A))
 
-# The two QEMU tiers run at once: their guests run TCG on one host thread
-# each (testsupport/vm/qemu.py, qemu_command), so guests at once share the
-# cores without slowing each other beyond that; one guest alone leaves
-# 2 cores half idle. They share nothing but the caches, whose builders take
-# a lock. Each tier's output is shown whole when it ends.
+# The QEMU tiers run two guests at a time: test-vm, test-systemd-a and
+# test-systemd-b, each as a make job slot frees. A guest runs TCG on one host
+# thread (testsupport/vm/qemu.py, qemu_command), so two of them fill 2 cores
+# without slowing each other, where one alone leaves the machine half idle;
+# three at once were slower in all (CI: 1,180 s for the VM tier alone). They
+# share nothing but the caches, whose builders take a lock. Each part's
+# output is shown whole when it ends.
 test: lint test-fast
-	@echo "test-vm and test-systemd's two runs at once; each one's output follows when it ends"
-	@$(MAKE) --no-print-directory -j3 --output-sync=target test-vm test-systemd-a test-systemd-b
+	@echo "test-vm, test-systemd-a and test-systemd-b, two at a time; each one's output follows when it ends"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-vm test-systemd-a test-systemd-b
 
 demo: venv deps
 	vm/build-kernel.sh stock >/dev/null
