@@ -29,6 +29,7 @@ if [[ $STAGE == 1 ]]; then
 	# luod through the socket.
 	step boot-socket systemctl show -p ActiveState,SubState,Listen,Triggers luod.socket
 	step boot-luod systemctl show -p "$props" luod.service
+	step boot-reclaim-started wait_started luod-reclaim.service
 	step boot-reclaim systemctl show -p ActiveState,SubState,Result,ExecMainStatus luod-reclaim.service
 	step enabled systemctl is-enabled luod.socket luod-reclaim.service
 	step socket-node stat -c '%F %a %U' "$SOCK"

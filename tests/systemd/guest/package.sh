@@ -31,6 +31,7 @@ if [[ $STAGE == 1 ]]; then
 	exit 1
 fi
 
+step reclaim-started wait_started luod-reclaim.service
 step reclaim systemctl show -p ActiveState,SubState,Result luod-reclaim.service
 step retrieve varlinkctl --exec call "$SOCK" io.luod.Custody.RetrieveFd \
 	'{"session":"pkg","name":"blob"}' -- \

@@ -15,6 +15,7 @@
 #   stage_jump CMD...     the same with CMD instead of luoctl kexec (e.g.
 #                         `luoctl update` after `luoctl load ... --append
 #                         "$(next_cmdline)"`)
+#   wait_started UNIT...  wait until no UNIT is activating (120 s at most)
 #   analyze_boot          true when the host asked for systemd-analyze
 #                         blame and critical-chain (LUOD_SYSTEMD_ANALYZE=1)
 
@@ -60,6 +61,22 @@ finish() {
 		             "err": read(n, "err")[-20000:]} for n in names}
 		(out / "stage.json").write_text(json.dumps({"steps": steps}, indent=1) + "\n")
 	PY
+}
+
+# wait_started UNIT...: until no UNIT is starting any more (120 s at most).
+# luod-reclaim.service is ordered before nothing (units/luod-reclaim.service):
+# the boot, and a stage after multi-user.target, may come before it is done.
+wait_started() {
+	local _ unit busy
+	for _ in $(seq 1200); do
+		busy=0
+		for unit in "$@"; do
+			[[ $(systemctl show -P ActiveState "$unit") == activating ]] && busy=1
+		done
+		[[ $busy == 0 ]] && return 0
+		sleep 0.1
+	done
+	return 1
 }
 
 # Whether the host asked for systemd-analyze blame and critical-chain
