@@ -76,9 +76,9 @@ root: deps
 
 # The systemd tier's five runs are most of `make test`'s time: two pytest
 # runs share them, a guest each, so that `make test` can run either next to
-# another part. The first
-# takes these files (the three of guest/cycle.sh's run stay together), the
-# second all the others; their runs take about as long as each other.
+# another part. The first takes these files (the three of guest/cycle.sh's
+# run stay together), the second all the others; their runs take about as
+# long as each other.
 SYSTEMD_A := $(addprefix tests/systemd/,test_coexistence.py test_qemu_cpr.py \
 	test_socket_activation.py test_handoff.py test_handback.py)
 
@@ -96,7 +96,8 @@ test-systemd-b: venv deps root
 # test-systemd-b, each as a make job slot frees. A guest runs TCG on one host
 # thread (testsupport/vm/qemu.py, qemu_command), so two of them fill 2 cores
 # without slowing each other, where one alone leaves the machine half idle;
-# three at once were slower in all (CI: 1,180 s for the VM tier alone). They
+# three at once were slower in all (in CI the VM tier took 1,180 s, against
+# 600 s next to one other guest). They
 # share nothing but the caches, whose builders take a lock. Each part's
 # output is shown whole when it ends.
 test: lint test-fast
