@@ -97,9 +97,8 @@ test-systemd-b: venv deps root
 # thread (testsupport/vm/qemu.py, qemu_command), so two of them fill 2 cores
 # without slowing each other, where one alone leaves the machine half idle;
 # three at once were slower in all (in CI the VM tier took 1,180 s, against
-# 600 s next to one other guest). They
-# share nothing but the caches, whose builders take a lock. Each part's
-# output is shown whole when it ends.
+# 600 s next to one other guest). They share nothing but the caches, whose
+# builders take a lock. Each part's output is shown whole when it ends.
 test: lint test-fast
 	@echo "test-vm, test-systemd-a and test-systemd-b, two at a time; each one's output follows when it ends"
 	@$(MAKE) --no-print-directory -j2 --output-sync=target test-vm test-systemd-a test-systemd-b
