@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all venv deps lint test test-fast test-vm test-systemd test-systemd-a test-systemd-b demo demo-vm bench bench-systemd idl kernel root tools man wheel deb debdeps clean
+.PHONY: all venv deps lint test test-fast test-vm test-vm-a test-vm-b test-systemd test-systemd-a test-systemd-b demo demo-vm bench bench-systemd idl kernel root tools man wheel deb debdeps clean
 
 all: test
 
@@ -67,8 +67,17 @@ debdeps:
 test-fast: venv tools debdeps
 	LUOD_REQUIRE_SID_TOOLS=1 $(PYTEST) -q -n auto --durations=10 -m "not vm and not systemd" tests
 
-test-vm: venv deps kernel
-	$(PYTEST) -q --durations=0 -m vm tests/vm
+# The VM tier in two pytest runs of about equal length, so that `make test`
+# can pair each with another part: test_luod.py's scenarios, and the others.
+VM_A := tests/vm/test_luod.py
+
+test-vm: test-vm-a test-vm-b
+
+test-vm-a: venv deps kernel
+	$(PYTEST) -q --durations=0 -m vm $(VM_A)
+
+test-vm-b: venv deps kernel
+	$(PYTEST) -q --durations=0 -m vm tests/vm $(addprefix --ignore=,$(VM_A))
 
 # A Debian sid root with systemd 262 (debootstrap, cached by its inputs).
 root: deps
@@ -92,16 +101,18 @@ test-systemd-b: venv deps root
 	vm/build-kernel.sh stock >/dev/null
 	$(PYTEST) -q --durations=0 -m systemd tests/systemd $(addprefix --ignore=,$(SYSTEMD_A))
 
-# The QEMU tiers run two guests at a time: test-vm, test-systemd-a and
-# test-systemd-b, each as a make job slot frees. A guest runs TCG on one host
-# thread (testsupport/vm/qemu.py, qemu_command), so two of them fill 2 cores
-# without slowing each other, where one alone leaves the machine half idle;
-# three at once were slower in all (in CI the VM tier took 1,180 s, against
-# 600 s next to one other guest). They share nothing but the caches, whose
-# builders take a lock. Each part's output is shown whole when it ends.
+# The QEMU tiers run two guests at a time: four pytest runs of 5-10
+# minutes each, the longest first, each as a make job slot frees (in CI of
+# d5380ac: systemd-a about 610 s, systemd-b 550, vm-a 310, vm-b 290). A guest
+# runs TCG on one host thread (testsupport/vm/qemu.py, qemu_command), so two
+# of them fill 2 cores without slowing each other, where one alone leaves the
+# machine half idle; three at once were slower in all (in CI the VM tier took
+# 1,180 s, against 600 s next to one other guest). They share nothing but the
+# caches, whose builders take a lock. Each part's output is shown whole when
+# it ends.
 test: lint test-fast
-	@echo "test-vm, test-systemd-a and test-systemd-b, two at a time; each one's output follows when it ends"
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-vm test-systemd-a test-systemd-b
+	@echo "test-systemd-a, test-systemd-b, test-vm-a and test-vm-b, two at a time; each one's output follows when it ends"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-systemd-a test-systemd-b test-vm-a test-vm-b
 
 demo: venv deps
 	vm/build-kernel.sh stock >/dev/null
