@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all venv deps lint test test-fast test-vm test-vm-a test-vm-b test-systemd test-systemd-a test-systemd-b demo demo-vm bench bench-systemd idl kernel root tools man wheel deb debdeps clean
+.PHONY: all venv deps lint test test-fast test-vm test-vm-a test-vm-b test-systemd test-systemd-a test-systemd-b test-chain-1 test-chain-2 demo demo-vm bench bench-systemd idl kernel root tools man wheel deb debdeps clean
 
 all: test
 
@@ -68,16 +68,18 @@ test-fast: venv tools debdeps
 	LUOD_REQUIRE_SID_TOOLS=1 $(PYTEST) -q -n auto --durations=10 -m "not vm and not systemd" tests
 
 # The VM tier in two pytest runs of about equal length, so that `make test`
-# can pair each with another part: test_luod.py's scenarios, and the others.
+# can pair each with a systemd run: test_luod.py's scenarios, and the others.
 VM_A := tests/vm/test_luod.py
+VM_A_RUN = $(PYTEST) -q --durations=0 -m vm $(VM_A)
+VM_B_RUN = $(PYTEST) -q --durations=0 -m vm tests/vm $(addprefix --ignore=,$(VM_A))
 
 test-vm: test-vm-a test-vm-b
 
 test-vm-a: venv deps kernel
-	$(PYTEST) -q --durations=0 -m vm $(VM_A)
+	$(VM_A_RUN)
 
 test-vm-b: venv deps kernel
-	$(PYTEST) -q --durations=0 -m vm tests/vm $(addprefix --ignore=,$(VM_A))
+	$(VM_B_RUN)
 
 # A Debian sid root with systemd 262 (debootstrap, cached by its inputs).
 root: deps
@@ -90,29 +92,38 @@ root: deps
 # long as each other.
 SYSTEMD_A := $(addprefix tests/systemd/,test_coexistence.py test_qemu_cpr.py \
 	test_socket_activation.py test_handoff.py test_handback.py)
+SYSTEMD_A_RUN = $(PYTEST) -q --durations=0 -m systemd $(SYSTEMD_A)
+SYSTEMD_B_RUN = $(PYTEST) -q --durations=0 -m systemd tests/systemd $(addprefix --ignore=,$(SYSTEMD_A))
 
 test-systemd: test-systemd-a test-systemd-b
 
 test-systemd-a: venv deps root
 	vm/build-kernel.sh stock >/dev/null
-	$(PYTEST) -q --durations=0 -m systemd $(SYSTEMD_A)
+	$(SYSTEMD_A_RUN)
 
 test-systemd-b: venv deps root
 	vm/build-kernel.sh stock >/dev/null
-	$(PYTEST) -q --durations=0 -m systemd tests/systemd $(addprefix --ignore=,$(SYSTEMD_A))
+	$(SYSTEMD_B_RUN)
 
-# The QEMU tiers run two guests at a time: four pytest runs of 5-10
-# minutes each, the longest first, each as a make job slot frees (in CI of
-# d5380ac: systemd-a about 610 s, systemd-b 550, vm-a 310, vm-b 290). A guest
-# runs TCG on one host thread (testsupport/vm/qemu.py, qemu_command), so two
-# of them fill 2 cores without slowing each other, where one alone leaves the
-# machine half idle; three at once were slower in all (in CI the VM tier took
-# 1,180 s, against 600 s next to one other guest). They share nothing but the
-# caches, whose builders take a lock. Each part's output is shown whole when
-# it ends.
+# `make test` runs the four QEMU parts as two chains at once, so that two
+# guests run at a time and a VM-tier guest always runs next to a systemd one.
+# A guest runs TCG on one host thread (testsupport/vm/qemu.py, qemu_command):
+# two fill 2 cores without slowing each other, where one alone leaves the
+# machine half idle. A VM-tier guest also keeps QEMU's 9p server busy (its
+# root is the host's /): two of them at once took 430 and 530 s, against
+# about 300 each next to a systemd guest, and three guests at once were
+# slower in all. Each chain runs its second part also when the first failed,
+# and fails if either did; its output is shown whole when it ends. The
+# guests share nothing but the caches, whose builders take a lock.
+test-chain-1: venv deps root kernel
+	status=0; $(SYSTEMD_A_RUN) || status=1; $(VM_B_RUN) || status=1; exit $$status
+
+test-chain-2: venv deps root kernel
+	status=0; $(VM_A_RUN) || status=1; $(SYSTEMD_B_RUN) || status=1; exit $$status
+
 test: lint test-fast
-	@echo "test-systemd-a, test-systemd-b, test-vm-a and test-vm-b, two at a time; each one's output follows when it ends"
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-systemd-a test-systemd-b test-vm-a test-vm-b
+	@echo "test-chain-1 (test-systemd-a, then test-vm-b) and test-chain-2 (test-vm-a, then test-systemd-b) at once; each one's output follows when it ends"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-chain-1 test-chain-2
 
 demo: venv deps
 	vm/build-kernel.sh stock >/dev/null
