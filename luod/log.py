@@ -15,7 +15,7 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -107,14 +107,20 @@ def logfmt(event: Mapping[str, Any]) -> str:
             if any(c <= " " for c in key):
                 raise ValueError(f'Invalid key: "{key}"')
             _VALID_KEYS.add(key)
-        if value is None:
+        kind = type(value)
+        if kind is str:
+            # Most values need no quotes and no escapes: said as they are.
+            if " " in value or "=" in value or '"' in value or "\n" in value:
+                value = _logfmt_value(value)
+            elements.append(f"{key}={value}")
+        elif kind is int:
+            elements.append(f"{key}={value}")
+        elif value is None:
             elements.append(f"{key}=")
         elif value is True:
             elements.append(key)
         elif value is False:
             elements.append(f"{key}=false")
-        elif type(value) is int:
-            elements.append(f"{key}={value}")
         else:
             elements.append(f"{key}={_logfmt_value(value)}")
     return " ".join(elements)
@@ -162,6 +168,48 @@ class _Emitter:
         return True
 
 
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def _direct(method: str, general: Callable[..., Any]) -> Callable[..., Any]:
+    """A logger method that gives the event straight to luod's one
+    processor (the _Emitter). The general path (`general`: structlog's
+    _proxy_to_logger, _process_event and ReturnLogger) cost 17 K of the
+    495 K instructions of a hand-off (bench/RESULTS.md); it is taken
+    whenever anything is unusual: positional arguments, a bound context,
+    other processors (structlog.testing.capture_logs)."""
+
+    def log(self: Any, event: str, *args: Any, **kw: Any) -> Any:
+        processors = self._processors
+        if args or self._context or len(processors) != 1 or type(processors[0]) is not _Emitter:
+            return general(self, event, *args, **kw)
+        # The event dict as _process_event makes it: the keywords, then "event".
+        kw["event"] = event
+        processors[0](self._logger, method, kw)
+        return None
+
+    log.__name__ = method
+    return log
+
+
+def _bound_logger_class(min_level: int) -> type[Any]:
+    """structlog's filtering bound logger for `min_level` (a level below
+    it stays a no-op), with the methods at or above it direct (_direct)."""
+    base = structlog.make_filtering_bound_logger(min_level)
+    direct = {
+        name: _direct(name, getattr(base, name))
+        for name, level in _LEVELS.items()
+        if level >= min_level
+    }
+    return type(base.__name__, (base,), direct)
+
+
 def setup(
     level: str = "info",
     stream: TextIO | None = None,
@@ -181,9 +229,7 @@ def setup(
     # (no merge_contextvars), and a processor costs every line.
     structlog.configure(
         processors=[_Emitter(stream if stream is not None else sys.stderr, journal, json)],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=_bound_logger_class(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.ReturnLoggerFactory(),
         cache_logger_on_first_use=cache,
     )

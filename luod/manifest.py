@@ -58,8 +58,33 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 _quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
+# Times (luod's clock, seconds) are written to the microsecond, as the API
+# says them (luod.varlink.types.usec), up to 2**32 s (the year 2106).
+_TIME_LIMIT = float(2**32)
+
+
+def _usec(t: float) -> float:
+    """`t` as the manifest keeps it: to the microsecond."""
+    if type(t) is float and 0.0 <= t < _TIME_LIMIT:
+        return round(t * 1_000_000) / 1_000_000
+    return t
+
+
+def _time(t: float) -> str:
+    """What _encode(_usec(t)) says, without a float's repr: the shortest
+    text that reads back as that float costs about 7 K instructions (big
+    numbers), as much as the rest of a file's entry, and a hand-off writes
+    at least two (its files' time, the record's). Below 2**32 two times
+    a microsecond apart are different floats, so the microseconds with no
+    trailing zeros are that shortest text."""
+    if type(t) is float and 1e-4 <= t < _TIME_LIMIT:  # repr has no exponent there
+        whole, micro = divmod(round(t * 1_000_000), 1_000_000)
+        return f"{whole}.{micro:06d}".rstrip("0") if micro else f"{whole}.0"
+    return _number(_usec(t))
+
+
 # The last time _file_entry() wrote, as JSON: every file of a hand-off has
-# the same, and a float's repr costs as much as the rest of the entry.
+# the same.
 _last_time: tuple[float, str] = (math.nan, "")
 
 
@@ -70,7 +95,7 @@ def _file_entry(f: HeldFile) -> str:
         # (a hand-off writes one entry per file).
         t = float(f.preserved_at)
         if t != _last_time[0]:
-            _last_time = (t, float.__repr__(t))
+            _last_time = (t, _time(t))
         f.manifest_entry = (
             f'{{"name":{_quote(f.name)},"token":{int(f.token)},'
             f'"size":{int(f.size)},"preserved":{_last_time[1]}}}'
@@ -92,7 +117,7 @@ def _meta(m: Manifest) -> dict[str, Any]:
         "bootId": m.boot_id,
         "kexecCount": m.kexec_count,
         "nameCounter": m.name_counter,
-        "written": m.written_at,
+        "written": _usec(m.written_at),
         "subscribers": [{"name": n, "uid": u} for n, u in sorted(m.subscribers)],
     }
 
@@ -115,7 +140,7 @@ def _meta_json(m: Manifest) -> str:
     )
     return (
         f'{{"bootId":{_quote(m.boot_id)},"kexecCount":{_number(m.kexec_count)},'
-        f'"nameCounter":{_number(m.name_counter)},"written":{_number(m.written_at)},'
+        f'"nameCounter":{_number(m.name_counter)},"written":{_time(m.written_at)},'
         f'"subscribers":{subscribers}}}'
     )
 
@@ -128,9 +153,9 @@ def _session_head(s: Session) -> dict[str, Any]:
         # State and deadline matter to a luod restarted in the same
         # boot; after a kexec every session is incoming anyway.
         "state": s.state.value,
-        "claimDeadline": s.claim_deadline,
+        "claimDeadline": None if s.claim_deadline is None else _usec(s.claim_deadline),
         "owner": _owner_to_json(s.owner),
-        "created": s.created_at,
+        "created": _usec(s.created_at),
     }
 
 
@@ -138,12 +163,12 @@ def _session_json(s: Session) -> str:
     """_with_array(_session_head(s), "files", ...), put together by hand."""
     o = s.owner
     unit = "null" if o.unit is None else _quote(o.unit)
-    deadline = "null" if s.claim_deadline is None else _number(s.claim_deadline)
+    deadline = "null" if s.claim_deadline is None else _time(s.claim_deadline)
     return (
         f'{{"name":{_quote(s.name)},"kind":{_quote(s.kind.value)},'
         f'"kernelName":{_quote(s.kernel_name)},"state":{_quote(s.state.value)},'
         f'"claimDeadline":{deadline},"owner":{{"uid":{_number(o.uid)},"unit":{unit},'
-        f'"comm":{_quote(o.comm)}}},"created":{_number(s.created_at)},"files":['
+        f'"comm":{_quote(o.comm)}}},"created":{_time(s.created_at)},"files":['
         + ",".join([f.manifest_entry or _file_entry(f) for f in s.files.values()])
         + "]}"
     )

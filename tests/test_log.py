@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import struct
 from pathlib import Path
@@ -104,3 +105,33 @@ def test_traceback_logged_with_cached_loggers() -> None:
     line = out.getvalue()
     assert line.startswith("<3>event=kexec-failed exception=")
     assert "RuntimeError: boom" in line and "\n" not in line.rstrip("\n")
+
+
+def test_direct_methods_write_what_structlogs_path_writes() -> None:
+    """luod's logger methods skip structlog's general path (cheaper); the
+    lines are the same, and anything unusual still takes that path."""
+    out = io.StringIO()
+    log.setup("debug", stream=out)
+    logger = structlog.get_logger()
+    general = structlog.make_filtering_bound_logger(logging.DEBUG)
+    bound = logger.bind()
+    for method in ("debug", "info", "warning", "error", "critical"):
+        getattr(logger, method)("fd-preserved", session="s x", token=5)
+        getattr(general, method)(bound, "fd-preserved", session="s x", token=5)
+    lines = out.getvalue().splitlines()
+    assert lines[0::2] == lines[1::2] and len(lines) == 10
+    assert lines[2] == '<6>event=fd-preserved session="s x" token=5'
+    out.truncate(0)
+    out.seek(0)
+    logger.bind(uid=7).info("bound")  # a context: the general path
+    logger.info("%s-%d", "args", 2)  # positional arguments: the same
+    assert out.getvalue().splitlines() == ["<6>event=bound uid=7", "<6>event=args-2"]
+    with structlog.testing.capture_logs() as captured:  # other processors
+        logger.warning("captured", n=1)
+    assert captured == [{"event": "captured", "n": 1, "log_level": "warning"}]
+    try:
+        log.setup("warning", stream=out)
+        structlog.get_logger().info("below the level")
+    finally:
+        log.setup("info", stream=io.StringIO())
+    assert "below" not in out.getvalue()

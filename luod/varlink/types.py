@@ -207,8 +207,10 @@ class UpdateResult(typing.TypedDict):
 
 
 def usec(t: float) -> int:
-    """Seconds (wall clock or a duration) in the wire's microseconds."""
-    return int(t * 1_000_000)
+    """Seconds (wall clock or a duration) in the wire's microseconds, the
+    nearest: a time read back from the manifest (luod.manifest, written to
+    the microsecond) says the same as before it was written."""
+    return round(t * 1_000_000)
 
 
 def opt_usec(t: float | None) -> int | None:

@@ -135,3 +135,43 @@ def test_texts_put_together_by_hand_are_what_the_encoder_says(
         Manifest([], 0, 0, 42, ""),
     ):
         assert _meta_json(m) == _encode(_meta(m))
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        0.0,
+        1e-7,
+        5e-7,
+        1.5e-6,
+        1.0,
+        2.5,
+        42.000001,
+        1765040000.1234565,
+        1765040000.999_999_7,
+        4294967295.999999,
+        float(2**32),
+        1e17,
+        -1.5,
+        7,
+    ],
+)
+def test_times_are_written_to_the_microsecond(t: float) -> None:
+    """What _time() writes by hand is what the encoder says of the time to
+    the microsecond, and reads back as the microseconds the API says."""
+    from luod.manifest import _encode, _time, _usec
+    from luod.varlink.types import usec
+
+    assert _time(t) == _encode(_usec(t))
+    assert usec(json.loads(_time(t))) == usec(t) or not 0 <= t < 2**32
+
+
+def test_times_to_the_microsecond_at_random() -> None:
+    import random
+
+    from luod.manifest import _time, _usec
+
+    rng = random.Random(12)
+    for _ in range(20_000):
+        t = rng.choice([rng.uniform(0, 2**32), rng.uniform(1.7e9, 1.8e9), rng.uniform(0, 10)])
+        assert _time(t) == float.__repr__(_usec(t)), t
