@@ -261,7 +261,7 @@ def bench_breakdown(luod: LuodProcess) -> dict[str, Any]:
     from luod.carriers.slots import capacity_for, write_slot
     from luod.kernel import fdinfo
     from luod.manifest import Manifest, to_json
-    from luod.model import HeldFile, Owner, Session, SessionKind
+    from luod.model import HeldFile, HeldFiles, Owner, Session, SessionKind
 
     out: dict[str, Any] = {}
     fd = memfds(1, "bench")[0]
@@ -287,7 +287,7 @@ def bench_breakdown(luod: LuodProcess) -> dict[str, Any]:
             for i in range(n)
         }
         s = Session("s", SessionKind.MANAGED, Owner(0, None, "bench"), "luod.1.s", time.time())
-        s.files = files
+        s.files = HeldFiles(files)
         m = Manifest(sessions=[s])
         payload = to_json(m)
         mfd = os.memfd_create("manifest", os.MFD_CLOEXEC)

@@ -126,19 +126,22 @@ def _preserve_fds(
     reached("handoff.intent")
     now = ledger.clock()
     added: list[HeldFile] = []
-    preserve, index, held_files = ledger.backend.preserve_fd, ledger.index, s.files
+    preserve, index = ledger.backend.preserve_fd, ledger.index
     try:
         for h, facts in zip(files, checked, strict=True):
             # name, token, size, preserved_at, fd
             f = HeldFile(h.name, s.next_token(), facts.size, now, h.fd)
             preserve(s.fd, f.fd, f.token)
-            h.fd = -1  # owned by the session from here on
+            h.fd = -1  # owned by `added` from here on, the session's below
             added.append(f)
-            held_files[f.name] = f
             index(s, f, (facts.dev, facts.ino))
     except LuoError as e:
         _rollback(ledger, s, added, created)
         raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
+    except BaseException:
+        s.files.add(added)  # what is preserved is the session's, fds and all
+        raise
+    s.files.add(added)
     reached("handoff.preserved")
     ledger.keep(s, added)
     reached("handoff.kept")
@@ -171,10 +174,10 @@ def _preserve_fds(
 
 
 def _rollback(ledger: Ledger, s: Session, added: list[HeldFile], created: bool) -> None:
-    """Undo a partial hand-off: nothing may change on bad input."""
+    """Undo a partial hand-off (`added`: preserved, not in the session's
+    files yet): nothing may change on bad input."""
     for f in added:
         ledger.unindex(f)
-        del s.files[f.name]
         f.close()
     if created:
         ledger.drop(s, "hand-off failed")

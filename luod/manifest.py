@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from luod.model import HeldFile, Owner, Session, SessionKind, SessionState
+from luod.model import HeldFile, HeldFiles, Owner, Session, SessionKind, SessionState
 
 # 2: session names are unique per owner (uid), not globally: two sessions
 # may share a name if their owners differ. A version 1 manifest (names were
@@ -345,13 +345,15 @@ def _session(sd: Any, where: str) -> Session:
         claim_deadline=None if deadline is None else float(deadline),
     )
     tokens: set[int] = set()
+    files: dict[str, HeldFile] = {}
     for j, fd_ in enumerate(_get(sd, "files", list, where)):
         f = _file(fd_) or _checked_file(fd_, f"{where}.files[{j}]")
-        if f.name in s.files or f.token in tokens:
+        if f.name in files or f.token in tokens:
             fwhere = f"{where}.files[{j}]"
             raise ManifestError("corrupt", f"manifest: {fwhere} repeats a name or token")
         tokens.add(f.token)
-        s.files[f.name] = f
+        files[f.name] = f
+    s.files = HeldFiles(files)  # counted once, not file by file
     return s
 
 
@@ -369,12 +371,14 @@ def _add_files(sessions: dict[tuple[int, str], Session], add: Any, where: str) -
     if s is None:
         raise ManifestError("corrupt", f"manifest: {where} adds to a session it does not name")
     tokens = {f.token for f in s.files.values()}
+    files: dict[str, HeldFile] = {}
     for j, fd_ in enumerate(add[2]):
         f = _file(fd_) or _checked_file(fd_, f"{where}.files[{j}]")
-        if f.name in s.files or f.token in tokens:
+        if f.name in s.files or f.name in files or f.token in tokens:
             raise ManifestError("corrupt", f"manifest: {where}.files[{j}] repeats a name or token")
         tokens.add(f.token)
-        s.files[f.name] = f
+        files[f.name] = f
+    s.files.add(list(files.values()))
 
 
 def _subscribers(raw: Any) -> set[tuple[str, int]]:

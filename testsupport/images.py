@@ -49,7 +49,8 @@ def compress(name: str, data: bytes) -> bytes:
     """As the kernel's Makefile.lib does it, with the size appended."""
     size = struct.pack("<I", len(data))
     if name == "gzip":
-        return gzip.compress(data) + size
+        # No timestamp, as `gzip -n` (and one test id on every xdist worker).
+        return gzip.compress(data, mtime=0) + size
     if name == "xz":
         return lzma.compress(data, lzma.FORMAT_XZ, check=lzma.CHECK_CRC32) + size
     if name == "lzma":

@@ -33,4 +33,8 @@ def custodian(
     c = Custodian(kernel, carrier, boot_id="boot-1", **custodian_options)
     c.start()
     yield c
+    # Every test checks that the bytes counted as files came and went
+    # (luod.model.HeldFiles, what quotas count) are what the files hold.
+    for s in c.sessions.values():
+        assert s.bytes_pinned == sum(f.size for f in s.files.values()), s.key
     c.close()

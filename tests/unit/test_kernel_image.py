@@ -141,6 +141,7 @@ def test_embedded_config(tmp_path: Path) -> None:
         (images.bzimage_bytes(images.compress("bzip2", b"x" * 1000)[:30]), "cut short"),
         (images.bzimage_bytes(images.compress("gzip", b"x" * 100000)[:60]), "cut short"),
     ],
+    ids=["zeros", "unknown-payload", "xz-cut", "xz-garbage", "bzip2-cut", "gzip-cut"],
 )
 def test_unreadable_images(data: bytes, says: str) -> None:
     with pytest.raises(ImageError, match=says):

@@ -12,7 +12,7 @@ import pytest
 
 from luod.ledger import Ledger
 from luod.manifest import Manifest, ManifestError, change_json, from_json, to_json
-from luod.model import HeldFile, Owner, Session, SessionKind
+from luod.model import HeldFile, HeldFiles, Owner, Session, SessionKind
 from tests.unit.test_ledger import LogCarrier, _held_session
 from testsupport.fakekernel import FakeBackend
 from testsupport.util import make_memfd
@@ -127,7 +127,7 @@ def test_texts_put_together_by_hand_are_what_the_encoder_says(
     )
 
     s = Session("sé", SessionKind.MANAGED, owner, "luod.1.s", 1.25, claim_deadline=deadline)
-    s.files = {f"f{i}": HeldFile(f"f{i}", i + 1, 4096, 2.5 + i) for i in range(3)}
+    s.files = HeldFiles({f"f{i}": HeldFile(f"f{i}", i + 1, 4096, 2.5 + i) for i in range(3)})
     files = [_file_entry(f) for f in s.files.values()]
     assert _session_json(s) == _with_array(_session_head(s), "files", files)
     for m in (
