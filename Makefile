@@ -110,11 +110,12 @@ test-systemd-b: venv deps root
 # A guest runs TCG on one host thread (testsupport/vm/qemu.py, qemu_command):
 # two fill 2 cores without slowing each other, where one alone leaves the
 # machine half idle. A VM-tier guest also keeps QEMU's 9p server busy (its
-# root is the host's /): two of them at once took 430 and 530 s, against
-# about 300 each next to a systemd guest, and three guests at once were
-# slower in all. Each chain runs its second part also when the first failed,
-# and fails if either did; its output is shown whole when it ends. The
-# guests share nothing but the caches, whose builders take a lock.
+# root is the host's /): in CI, test-vm-b and test-vm-a at once took 430
+# and 530 s, against 290 and 430 s each next to a systemd guest (warm CI
+# 1,510 against 1,211 s in all), and three guests at once were slower.
+# Each chain runs its second part also when the first failed, and fails if
+# either did; its output is shown whole when it ends. The guests share
+# nothing but the caches, whose builders take a lock.
 test-chain-1: venv deps root kernel
 	status=0; $(SYSTEMD_A_RUN) || status=1; $(VM_B_RUN) || status=1; exit $$status
 
