@@ -27,32 +27,20 @@ DROPIN=/etc/systemd/system/luod.service.d/50-crash.conf
 S1=$LUOD_TEST_RESULTS/stage-1
 S2=$LUOD_TEST_RESULTS/stage-2
 
-# wait_restarted N: luod.service active again after N restarts (READY=1 of
-# the new luod: Type=notify); 60 s at most.
-wait_restarted() {
-	local _
-	for _ in $(seq 1200); do
-		if [[ $(systemctl show -P NRestarts luod.service) -ge $1 &&
-			$(systemctl is-active luod.service) == active ]]; then
-			return 0
-		fi
-		sleep 0.05
-	done
-	return 1
+# restarted N: luod.service active again after N restarts (READY=1 of the
+# new luod: Type=notify).
+restarted() {
+	[[ $(systemctl show -P NRestarts luod.service) -ge $1 &&
+		$(systemctl is-active luod.service) == active ]]
 }
 
-# wait_back: luod.service and luod-reclaim.service both active: after luod
-# was killed at boot both are restarted, and the boot (multi-user.target,
-# then this stage) does not wait for that; 60 s at most.
-wait_back() {
-	local _
-	for _ in $(seq 1200); do
-		# (is-active of two units is true when either is)
-		systemctl is-active --quiet luod.service &&
-			systemctl is-active --quiet luod-reclaim.service && return 0
-		sleep 0.05
-	done
-	return 1
+# back: luod.service and luod-reclaim.service both active. After luod was
+# killed at boot both are restarted, and the boot (multi-user.target, then
+# this stage) does not wait for that.
+back() {
+	# (is-active of two units is true when either is)
+	systemctl is-active --quiet luod.service &&
+		systemctl is-active --quiet luod-reclaim.service
 }
 
 journal_luod() {
@@ -78,13 +66,13 @@ if [[ $STAGE == 1 ]]; then
 fi
 
 if [[ $STAGE == 2 ]]; then
-	step back wait_back
+	step back wait_until 60 back
 	step luod systemctl show -p "$svc" luod.service
 	step reclaim systemctl show -p ActiveState,SubState,Result,ExecMainStatus luod-reclaim.service
 	step get python3 "$FILES" get "$OUT/get.json" "$S1/files.json"
 	# luod's second start in this boot is armed at handoff.preserved.
 	step inflight python3 "$FILES" put "$OUT/inflight.json" cs0/d:65536:0
-	step wait-restarted wait_restarted 2
+	step wait-restarted wait_until 60 restarted 2
 	# Right after READY: no NotReady, nothing missing.
 	step get-after-crash python3 "$FILES" get "$OUT/after-crash.json" "$S1/files.json" "$OUT/inflight.json"
 	step luod-after-crash systemctl show -p "$svc" luod.service

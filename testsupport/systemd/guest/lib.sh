@@ -15,6 +15,8 @@
 #   stage_jump CMD...     the same with CMD instead of luoctl kexec (e.g.
 #                         `luoctl update` after `luoctl load ... --append
 #                         "$(next_cmdline)"`)
+#   wait_until SECONDS CMD...  until CMD succeeds (polled every 0.05 s);
+#                         fails after SECONDS
 #   wait_started UNIT...  wait until no UNIT is activating (120 s at most)
 #   analyze_boot          true when the host asked for systemd-analyze
 #                         blame and critical-chain (LUOD_SYSTEMD_ANALYZE=1)
@@ -63,20 +65,32 @@ finish() {
 	PY
 }
 
+# wait_until SECONDS CMD...: until CMD succeeds, polled every 0.05 s; fails
+# after SECONDS.
+wait_until() {
+	local rounds=$(($1 * 20)) _
+	shift
+	for _ in $(seq "$rounds"); do
+		"$@" && return 0
+		sleep 0.05
+	done
+	return 1
+}
+
+# none_activating UNIT...: no UNIT is starting.
+none_activating() {
+	local unit
+	for unit in "$@"; do
+		[[ $(systemctl show -P ActiveState "$unit") == activating ]] && return 1
+	done
+	return 0
+}
+
 # wait_started UNIT...: until no UNIT is starting any more (120 s at most).
 # luod-reclaim.service is ordered before nothing (units/luod-reclaim.service):
 # the boot, and a stage after multi-user.target, may come before it is done.
 wait_started() {
-	local _ unit busy
-	for _ in $(seq 1200); do
-		busy=0
-		for unit in "$@"; do
-			[[ $(systemctl show -P ActiveState "$unit") == activating ]] && busy=1
-		done
-		[[ $busy == 0 ]] && return 0
-		sleep 0.1
-	done
-	return 1
+	wait_until 120 none_activating "$@"
 }
 
 # Whether the host asked for systemd-analyze blame and critical-chain
