@@ -168,15 +168,6 @@ class _Emitter:
         return True
 
 
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-}
-
-
 def _direct(method: str, general: Callable[..., Any]) -> Callable[..., Any]:
     """A logger method that gives the event straight to luod's one
     processor (the _Emitter). The general path (`general`: structlog's
@@ -202,10 +193,11 @@ def _bound_logger_class(min_level: int) -> type[Any]:
     """structlog's filtering bound logger for `min_level` (a level below
     it stays a no-op), with the methods at or above it direct (_direct)."""
     base = structlog.make_filtering_bound_logger(min_level)
+    levels = logging.getLevelNamesMapping()
     direct = {
         name: _direct(name, getattr(base, name))
-        for name, level in _LEVELS.items()
-        if level >= min_level
+        for name in _PRIORITY
+        if levels[name.upper()] >= min_level
     }
     return type(base.__name__, (base,), direct)
 

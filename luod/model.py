@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 # A session's identity in luod: (owner uid, name). Names are scoped by owner:
 # two uids may each hold a session called "cache", and nothing one of them
@@ -78,19 +78,15 @@ class HeldFiles(dict[str, HeldFile]):
         super().__init__(files or ())
         self.size = sum(f.size for f in self.values())
 
-    # dict's own methods, called unbound (cheaper than super()).
-    def __setitem__(
-        self, name: str, f: HeldFile, _get: Any = dict.get, _set: Any = dict.__setitem__
-    ) -> None:
-        old = _get(self, name)
+    # dict's own methods are called unbound: cheaper than super().
+    def __setitem__(self, name: str, f: HeldFile) -> None:
+        old = dict.get(self, name)
         self.size += f.size if old is None else f.size - old.size
-        _set(self, name, f)
+        dict.__setitem__(self, name, f)
 
-    def __delitem__(
-        self, name: str, _get: Any = dict.__getitem__, _del: Any = dict.__delitem__
-    ) -> None:
-        self.size -= _get(self, name).size
-        _del(self, name)
+    def __delitem__(self, name: str) -> None:
+        self.size -= dict.__getitem__(self, name).size
+        dict.__delitem__(self, name)
 
     def add(self, files: Sequence[HeldFile]) -> None:
         """`files`, of names not held yet, at once: [name] = file costs a
@@ -141,11 +137,7 @@ class Session:
 
     @property
     def bytes_pinned(self) -> int:
-        files = self.files
-        if type(files) is HeldFiles:
-            return files.size
-        # Replaced by a plain dict after construction (tests do).
-        return sum(f.size for f in files.values())
+        return self.files.size
 
     def close(self) -> None:
         """Drop every fd luod holds for this session. For an outgoing
