@@ -271,9 +271,7 @@ def bench_breakdown(luod: LuodProcess) -> dict[str, Any]:
         os.close(fd)
     with open(os.devnull, "w") as devnull:
         luodlog.setup("info", stream=devnull)
-        import structlog
-
-        log = structlog.get_logger("luod")
+        log = luodlog.get_logger()
         out["log_line"] = per_call(
             lambda: log.info(
                 "fd-preserved", session="s", name="f1", token=1, size=4096, owner="x (uid 0)"

@@ -185,9 +185,7 @@ def analyse(
             f"| varlink round trip of GetStatus (client, asyncvarlink, luod) | {fmt_s(bd['status_round_trip'])} | per call |"
         )
         w(f"| fdinfo.inspect_fd of a memfd (one fstat) | {fmt_s(bd['inspect_fd'])} | per fd |")
-        w(
-            f"| one structlog info line (luod.log, to /dev/null) | {fmt_s(bd['log_line'])} | per call |"
-        )
+        w(f"| one log line (luod.log, to /dev/null) | {fmt_s(bd['log_line'])} | per call |")
         w(
             f"| raw PRESERVE_FD ioctl (hand-off above, N={big}) | {fmt_s(med['raw'][big] / int(big))} | per fd |"
         )

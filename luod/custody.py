@@ -29,8 +29,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import structlog
-
 from luod import errors, handoff
 from luod.carriers import Carrier
 from luod.crashpoint import reached
@@ -38,6 +36,7 @@ from luod.handoff import Handoff
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError
 from luod.ledger import Ledger
+from luod.log import get_logger
 from luod.model import (
     HeldFile,
     Holdings,
@@ -56,7 +55,7 @@ from luod.reclaim import Reclaimer, ReclaimReport
 
 __all__ = ["Custodian", "Handoff", "Holdings", "Problem", "ReclaimReport", "owner_of"]
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 
 def owner_of(peer: Peer) -> Owner:

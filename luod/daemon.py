@@ -18,21 +18,20 @@ import resource
 import sys
 from collections.abc import Sequence
 
-import structlog
-
 import luod
 from luod import carriers, config, notify, quotas, service, servicemanager
 from luod import log as logsetup
 from luod.custody import Custodian
 from luod.interfaces import DEFAULT_SOCKET
 from luod.kernel.backend import BOOT_ID_PATH, Backend, KernelBackend
+from luod.log import get_logger
 from luod.nextkernel import NextKernel
 from luod.notify import ListenFd
 from luod.orchestrator import MAX_SUBSCRIPTIONS, MAX_SUBSCRIPTIONS_ROOT, Orchestrator, Policy
 from luod.varlink import limits
 from luod.varlink.registry import make_registry
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|m|min|h)?\s*$")
 _UNIT = {

@@ -14,13 +14,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import structlog
-
 from luod import errors
 from luod.crashpoint import reached
 from luod.kernel import fdinfo
 from luod.kernel.backend import LuoError
 from luod.ledger import Ledger
+from luod.log import get_logger
 from luod.model import HeldFile, Session, SessionKind
 from luod.names import check_fd_name, check_session_name
 from luod.peer import Peer
@@ -28,7 +27,7 @@ from luod.peer import Peer
 if TYPE_CHECKING:
     from luod.custody import Custodian
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 
 @dataclasses.dataclass

@@ -19,17 +19,16 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import structlog
-
 from luod import errors
 from luod.carriers import Carrier
 from luod.crashpoint import reached
 from luod.kernel.backend import Backend, LuoError
+from luod.log import get_logger
 from luod.manifest import Manifest, ManifestError, change_json, to_json
 from luod.model import HeldFile, Holdings, Session, SessionKey, SessionState
 from luod.names import kernel_session_name
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 # How long to wait for the carrier to let go of a dropped session's fd.
 REPRESERVE_PATIENCE = 3.0

@@ -5,6 +5,12 @@ priority prefix journald understands (SyslogLevelPrefix=yes). Under journald
 (stderr is the stream $JOURNAL_STREAM names): journald's native protocol, so
 every key of the event is a field of its own (LUOD_SESSION=, LUOD_NAME=,
 LUOD_OWNER=, ... in `journalctl -o verbose`) and MESSAGE is the logfmt line.
+
+luod's modules log with `get_logger()`. The lines are structlog's (logfmt,
+JSONRenderer, format_exc_info; tests/test_log.py holds them to it), but
+luod writes its own lines itself and imports structlog only for what it
+needs it for: a traceback, JSON, positional arguments, or a process that
+configured structlog otherwise (tests' capture_logs).
 """
 
 from __future__ import annotations
@@ -15,10 +21,8 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
-
-import structlog
 
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -27,16 +31,14 @@ _FIELD = re.compile(r"[^A-Z0-9_]")
 
 class _LibraryHandler(logging.Handler):
     """Libraries (asyncvarlink) log through the stdlib; their records become
-    structlog events too, so every line journald sees has a priority."""
+    luod's events too, so every line journald sees has a priority."""
 
     def emit(self, record: logging.LogRecord) -> None:
         method = record.levelname.lower()
         fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             fields["exc_info"] = record.exc_info
-        getattr(structlog.get_logger(), method if method in _PRIORITY else "error")(
-            "library-log", **fields
-        )
+        getattr(_LOGGER, method if method in _PRIORITY else "error")("library-log", **fields)
 
 
 def shown(text: str, limit: int = 100) -> str:
@@ -127,26 +129,32 @@ def logfmt(event: Mapping[str, Any]) -> str:
 
 
 class _Emitter:
-    """The last processor: writes the event. What it returns goes to
-    structlog's ReturnLogger, which does nothing with it."""
+    """Writes an event: luod's logger hands it its events directly, and it
+    is structlog's one processor when structlog is in use (what it returns
+    goes to structlog's ReturnLogger, which does nothing with it)."""
 
-    def __init__(self, stream: TextIO, journal: str | None, json: bool) -> None:
+    def __init__(self, stream: TextIO, journal: str | None, json: bool, min_level: int) -> None:
         self.stream = stream
         self.journal = journal
         self.sock: socket.socket | None = None
-        self.json = structlog.processors.JSONRenderer() if json else None
+        self.json = json
+        self.min_level = min_level
+        self._render_json: Any = None
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         if "exc_info" in event:
-            # A traceback, as the exception key (format_exc_info): asked
-            # for by a few lines only, so not a processor of every line.
-            event = structlog.processors.format_exc_info(logger, method, event)
+            # A traceback, as the exception key: asked for by a few lines
+            # only, so not a processor of every line.
+            event = _structlog().processors.format_exc_info(logger, method, event)
         priority = _PRIORITY.get(method, 6)
         line = logfmt(event)
         if self.journal is not None and self._send(priority, line, event):
             return ""
-        text = line if self.json is None else str(self.json(logger, method, event))
-        self.stream.write(f"<{priority}>{text}\n")
+        if self.json:
+            if self._render_json is None:
+                self._render_json = _structlog().processors.JSONRenderer()
+            line = str(self._render_json(logger, method, event))
+        self.stream.write(f"<{priority}>{line}\n")
         self.stream.flush()
         return ""
 
@@ -168,38 +176,95 @@ class _Emitter:
         return True
 
 
-def _direct(method: str, general: Callable[..., Any]) -> Callable[..., Any]:
-    """A logger method that gives the event straight to luod's one
-    processor (the _Emitter). The general path (`general`: structlog's
-    _proxy_to_logger, _process_event and ReturnLogger) cost 17 K of the
-    495 K instructions of a hand-off (bench/RESULTS.md); it is taken
-    whenever anything is unusual: positional arguments, a bound context,
-    other processors (structlog.testing.capture_logs)."""
+# What setup() made; None before (events then go through structlog).
+_emitter: _Emitter | None = None
+_cache = False
 
-    def log(self: Any, event: str, *args: Any, **kw: Any) -> Any:
-        processors = self._processors
-        if args or self._context or len(processors) != 1 or type(processors[0]) is not _Emitter:
-            return general(self, event, *args, **kw)
-        # The event dict as _process_event makes it: the keywords, then "event".
-        kw["event"] = event
-        processors[0](self._logger, method, kw)
+
+def _structlog() -> Any:
+    """structlog, imported when first needed: importing it cost 69 M of the
+    562 M instructions of luod's start (issue 12, goal 2), and luod's own
+    lines do not need it. When luod imports it, it is set up as luod is."""
+    if "structlog" not in sys.modules:
+        import structlog
+
+        if _emitter is not None:
+            _configure(structlog, _emitter)
+        return structlog
+    return sys.modules["structlog"]
+
+
+def _configure(structlog: Any, emitter: _Emitter) -> None:
+    # One processor: luod binds nothing to structlog's context variables
+    # (no merge_contextvars), and a processor costs every line.
+    structlog.configure(
+        processors=[emitter],
+        wrapper_class=structlog.make_filtering_bound_logger(emitter.min_level),
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=_cache,
+    )
+
+
+def _direct_to(level: int) -> _Emitter | None:
+    """The emitter an event at `level` goes to directly; None: through
+    structlog. Directly once setup() is done, unless structlog was
+    configured since with anything else (tests' capture_logs)."""
+    emitter = _emitter
+    if emitter is None:
         return None
+    structlog = sys.modules.get("structlog")
+    if structlog is not None:
+        processors = structlog.get_config()["processors"]
+        if len(processors) != 1 or processors[0] is not emitter:
+            return None
+    return emitter
 
-    log.__name__ = method
-    return log
+
+class Logger:
+    """What luod's modules log with (`log = get_logger()`):
+    `log.info("fd-preserved", session=..., ...)`, an event and its keys. In
+    luod an event goes straight to the emitter setup() made, which writes
+    the line structlog would; anything unusual (positional arguments, no
+    setup(), structlog configured otherwise, as by capture_logs) goes
+    through structlog, with its own rules."""
+
+    __slots__ = ()
+
+    def _log(self, method: str, level: int, event: str, args: tuple[Any, ...], kw: Any) -> None:
+        emitter = _direct_to(level)
+        if emitter is None or args:
+            getattr(_structlog().get_logger("luod"), method)(event, *args, **kw)
+        elif level >= emitter.min_level:
+            # The event dict as structlog makes it: the keywords, then "event".
+            kw["event"] = event
+            emitter(None, method, kw)
+
+    def debug(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("debug", logging.DEBUG, event, args, kw)
+
+    def info(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("info", logging.INFO, event, args, kw)
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("warning", logging.WARNING, event, args, kw)
+
+    def error(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("error", logging.ERROR, event, args, kw)
+
+    def critical(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("critical", logging.CRITICAL, event, args, kw)
+
+    def exception(self, event: str, *args: Any, **kw: Any) -> None:
+        """An error with the exception being handled (its traceback)."""
+        kw.setdefault("exc_info", True)
+        self._log("error", logging.ERROR, event, args, kw)
 
 
-def _bound_logger_class(min_level: int) -> type[Any]:
-    """structlog's filtering bound logger for `min_level` (a level below
-    it stays a no-op), with the methods at or above it direct (_direct)."""
-    base = structlog.make_filtering_bound_logger(min_level)
-    levels = logging.getLevelNamesMapping()
-    direct = {
-        name: _direct(name, getattr(base, name))
-        for name in _PRIORITY
-        if levels[name.upper()] >= min_level
-    }
-    return type(base.__name__, (base,), direct)
+_LOGGER = Logger()
+
+
+def get_logger() -> Logger:
+    return _LOGGER
 
 
 def setup(
@@ -210,21 +275,23 @@ def setup(
     cache: bool = False,
 ) -> None:
     """`journal`: the socket to send native entries to; by default the
-    system journal when stderr is connected to it, else none. `cache`: each
-    module's logger binds to this configuration at its first line and keeps
-    it (saves binding on every line); for a process that sets logging up
-    once, before its first line, as luod does. In-process tests configure
+    system journal when stderr is connected to it, else none. `cache`:
+    structlog's loggers bind to this configuration at their first line and
+    keep it (saves binding on every line); for a process that sets logging
+    up once, before its first line, as luod does. In-process tests configure
     structlog again (capture_logs) and need loggers that follow it."""
+    global _emitter, _cache
     if journal is None and stream is None and stderr_is_journal():
         journal = JOURNAL_SOCKET
-    # One processor: luod binds nothing to structlog's context variables
-    # (no merge_contextvars), and a processor costs every line.
-    structlog.configure(
-        processors=[_Emitter(stream if stream is not None else sys.stderr, journal, json)],
-        wrapper_class=_bound_logger_class(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.ReturnLoggerFactory(),
-        cache_logger_on_first_use=cache,
+    _emitter = _Emitter(
+        stream if stream is not None else sys.stderr,
+        journal,
+        json,
+        logging.getLevelNamesMapping()[level.upper()],
     )
+    _cache = cache
+    if "structlog" in sys.modules:
+        _configure(sys.modules["structlog"], _emitter)
     root = logging.getLogger()
     root.handlers[:] = [_LibraryHandler()]
     root.setLevel(logging.WARNING)

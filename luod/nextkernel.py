@@ -27,16 +27,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-import structlog
-
 from luod import errors, notify
 from luod.kernel.backend import Backend, LuoError
+from luod.log import get_logger
 from luod.peer import Peer
 
 if TYPE_CHECKING:
     from luod.kernel import image
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 # `systemctl kexec` starts kexec.target: services are stopped in order (their
 # ExecStop= runs), then PID 1 carries the fd stores and jumps. (varlink's

@@ -31,12 +31,11 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
-import structlog
-
 from luod import errors
+from luod.log import get_logger
 from luod.peer import Peer
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 DEFAULT_DEADLINE = 30.0
 MAX_DEADLINE = 300.0

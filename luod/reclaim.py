@@ -24,15 +24,14 @@ import json
 import os
 import time
 
-import structlog
-
 from luod.crashpoint import reached
 from luod.kernel.backend import LuoError
 from luod.ledger import Ledger
+from luod.log import get_logger
 from luod.manifest import Manifest, ManifestError, from_json
 from luod.model import HeldFile, Session, SessionKey, SessionKind, SessionState
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 
 @dataclasses.dataclass

@@ -16,18 +16,18 @@ import os
 import signal
 import socket
 
-import structlog
 from asyncvarlink import VarlinkInterfaceRegistry
 
 from luod import notify
 from luod.custody import Custodian
+from luod.log import get_logger
 from luod.nextkernel import NextKernel
 from luod.notify import ListenFd
 from luod.orchestrator import Orchestrator
 from luod.varlink.limits import Limits
 from luod.varlink.transport import LuodServer
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 # LISTEN_FDNAMES name of the varlink socket (FileDescriptorName= in luod.socket).
 VARLINK_FDNAME = "varlink"

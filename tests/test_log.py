@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,14 +110,15 @@ def test_traceback_logged_with_cached_loggers() -> None:
     assert "RuntimeError: boom" in line and "\n" not in line.rstrip("\n")
 
 
-def test_direct_methods_write_what_structlogs_path_writes() -> None:
-    """luod's logger methods skip structlog's general path (cheaper); the
-    lines are the same, and anything unusual still takes that path."""
+def test_luods_logger_writes_what_structlogs_path_writes() -> None:
+    """luod's logger writes its lines itself (no structlog on luod's start);
+    they are the lines structlog's path makes, and anything unusual still
+    takes that path."""
     out = io.StringIO()
     log.setup("debug", stream=out)
-    logger = structlog.get_logger()
+    logger = log.get_logger()
     general = structlog.make_filtering_bound_logger(logging.DEBUG)
-    bound = logger.bind()
+    bound = structlog.get_logger().bind()
     for method in ("debug", "info", "warning", "error", "critical"):
         getattr(logger, method)("fd-preserved", session="s x", token=5)
         getattr(general, method)(bound, "fd-preserved", session="s x", token=5)
@@ -123,15 +127,53 @@ def test_direct_methods_write_what_structlogs_path_writes() -> None:
     assert lines[2] == '<6>event=fd-preserved session="s x" token=5'
     out.truncate(0)
     out.seek(0)
-    logger.bind(uid=7).info("bound")  # a context: the general path
-    logger.info("%s-%d", "args", 2)  # positional arguments: the same
-    assert out.getvalue().splitlines() == ["<6>event=bound uid=7", "<6>event=args-2"]
+    logger.info("%s-%d", "args", 2)  # positional arguments: structlog's path
+    assert out.getvalue().splitlines() == ["<6>event=args-2"]
     with structlog.testing.capture_logs() as captured:  # other processors
         logger.warning("captured", n=1)
     assert captured == [{"event": "captured", "n": 1, "log_level": "warning"}]
+    logger.info("after")  # structlog's configuration is luod's again
+    assert out.getvalue().splitlines()[-1] == "<6>event=after"
     try:
         log.setup("warning", stream=out)
+        logger.info("below the level")
         structlog.get_logger().info("below the level")
     finally:
         log.setup("info", stream=io.StringIO())
     assert "below" not in out.getvalue()
+
+
+def test_luods_logger_traceback_and_json() -> None:
+    out = io.StringIO()
+    log.setup("info", stream=out, json=True)
+    try:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.get_logger().exception("preserve-again-failed", session="s")
+        log.get_logger().info("fd-preserved", session="s", token=5)
+    finally:
+        log.setup("info", stream=io.StringIO())
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("<3>{") and second.startswith("<6>{")
+    failed = json.loads(first[3:])
+    assert failed["event"] == "preserve-again-failed" and failed["session"] == "s"
+    assert "RuntimeError: boom" in failed["exception"]
+    theirs = structlog.processors.JSONRenderer()
+    assert second[3:] == theirs(None, "info", {"session": "s", "token": 5, "event": "fd-preserved"})
+
+
+def test_luod_starts_without_structlog() -> None:
+    """Importing structlog cost 12 % of luod's start (issue 12, goal 2):
+    luod's modules and its lines do without it."""
+    code = (
+        "import io, sys, luod.daemon, luod.log;"
+        "luod.log.setup('info', stream=io.StringIO());"
+        "luod.log.get_logger().info('listening', socket='/run/luod/io.luod');"
+        "logging = __import__('logging'); logging.getLogger('asyncvarlink').warning('x');"
+        "print(sorted(m for m in sys.modules if m.startswith('structlog')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout == "[]\n"

@@ -30,12 +30,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-import structlog
-
 from luod.kernel.backend import Backend
+from luod.log import get_logger
 from luod.notify import ListenFd
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 
 @dataclasses.dataclass

@@ -50,8 +50,6 @@ import stat
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-import structlog
-
 from luod import notify, servicemanager
 from luod.carriers import (
     CarrierOptions,
@@ -63,10 +61,11 @@ from luod.carriers.parking import Parking
 from luod.carriers.slots import SlotWriter, newest, read_newest, slot_capacity, write_slot
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError
+from luod.log import get_logger
 from luod.manifest import ManifestError
 from luod.notify import ListenFd
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 MANIFEST_NAMES = ("luod-manifest-a", "luod-manifest-b")
 SESSION_FDNAME_PREFIX = "session."

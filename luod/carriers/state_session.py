@@ -16,15 +16,14 @@ import errno
 import os
 from collections.abc import Sequence
 
-import structlog
-
 from luod.carriers import CarrierOptions, CarrierProblem, IncomingState
 from luod.carriers.slots import SlotMemfd, SlotWriter, newest
 from luod.kernel.backend import Backend, LuoError
+from luod.log import get_logger
 from luod.manifest import ManifestError
 from luod.notify import ListenFd
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 STATE_SESSION_NAMES = ("luod", "luod.b")
 MANIFEST_TOKEN = 1

@@ -15,14 +15,13 @@ import types
 import typing
 from collections.abc import Callable
 
-import structlog
 from asyncvarlink import TypedVarlinkErrorReply
 
 from luod import errors
-from luod.log import shown
+from luod.log import get_logger, shown
 from luod.varlink import transport
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 
 @functools.cache

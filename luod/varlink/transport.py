@@ -38,7 +38,6 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from asyncvarlink import (
     FileDescriptor,
     FileDescriptorArray,
@@ -52,6 +51,7 @@ from asyncvarlink import (
 from asyncvarlink.types import JSONObject
 
 from luod import errors
+from luod.log import get_logger
 from luod.peer import Peer, peer_of_socket
 from luod.varlink import limits as lim
 from luod.varlink.limits import (
@@ -64,7 +64,7 @@ from luod.varlink.limits import (
     decode_message,
 )
 
-log = structlog.get_logger("luod")
+log = get_logger()
 
 # asyncvarlink's FileDescriptorArray needs a first referee to be released.
 _SENTINEL = object()
