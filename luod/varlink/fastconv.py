@@ -188,7 +188,12 @@ class FdRecordList(ListVarlinkType):
         return True
 
     def tojson(self, obj: typing.Any, oobstate: OOBTypeState = None) -> typing.Any:
-        fds = None if oobstate is None else oobstate.get(FileDescriptorVarlinkType)
+        # Looked up as asyncvarlink's FileDescriptorVarlinkType does (by
+        # key: a reply's state may make its array on first use).
+        try:
+            fds = None if oobstate is None else oobstate[FileDescriptorVarlinkType]
+        except KeyError:
+            fds = None
         if (
             type(obj) is list
             and isinstance(fds, FileDescriptorArray)

@@ -35,20 +35,26 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from asyncvarlink import (
+    AnnotatedResult,
     FileDescriptor,
     FileDescriptorArray,
+    VarlinkErrorReply,
     VarlinkInterfaceRegistry,
     VarlinkInterfaceServerProtocol,
     VarlinkMethodCall,
     VarlinkMethodReply,
+    VarlinkMethodSignature,
     VarlinkTransport,
     VarlinkUnixServer,
+    varlinksignature,
 )
-from asyncvarlink.types import JSONObject
+from asyncvarlink.conversion import ConversionError, FileDescriptorVarlinkType
+from asyncvarlink.serviceerrors import InvalidParameter
+from asyncvarlink.types import JSONObject, validate_interface, validate_name
 
 from luod import errors
 from luod.log import get_logger
@@ -165,6 +171,47 @@ def is_reply_fd(fd: Any) -> bool:
     return type(fd) is FileDescriptor and (type(fd.fd) is _Owned or isinstance(fd.fd, int))
 
 
+# --- plain calls: served without asyncvarlink's per-call steps ---------------
+
+PlainMethods = Mapping[str, tuple[Callable[..., Any], VarlinkMethodSignature]]
+_REPLY_FDS = object()
+
+
+def plain_methods(registry: VarlinkInterfaceRegistry) -> PlainMethods:
+    """The methods of `registry` that give one reply synchronously, by their
+    full name (io.luod.Custody.PreserveFd): those LuodProtocol serves
+    itself. What asyncvarlink's lookup finds under that name (getattr), with
+    the names its VarlinkMethodCall would accept."""
+    plain: dict[str, tuple[Callable[..., Any], VarlinkMethodSignature]] = {}
+    for interface in registry:
+        for name in dir(interface):
+            if not name[:1].isupper():
+                continue
+            method = getattr(interface, name)
+            signature = varlinksignature(method)
+            if signature is None or signature.asynchronous or signature.more:
+                continue
+            try:
+                validate_interface(interface.name)
+                validate_name(name)
+            except ValueError:
+                continue
+            plain[f"{interface.name}.{name}"] = (method, signature)
+    return plain
+
+
+class _ReplyFds(dict[Any, Any]):
+    """The out-of-band state of a reply's conversion: its FileDescriptorArray
+    made when the first fd is converted (asyncvarlink made one for every
+    reply; most carry no fd)."""
+
+    def __missing__(self, key: Any) -> Any:
+        if key is not FileDescriptorVarlinkType:
+            raise KeyError(key)
+        self[key] = array = FileDescriptorArray(_REPLY_FDS)
+        return array
+
+
 # --- protocol: one connection's calls -----------------------------------------
 
 
@@ -174,9 +221,15 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
 
     peer: Peer
 
-    def __init__(self, registry: VarlinkInterfaceRegistry, limits: Limits) -> None:
+    def __init__(
+        self,
+        registry: VarlinkInterfaceRegistry,
+        limits: Limits,
+        plain: PlainMethods | None = None,
+    ) -> None:
         super().__init__(registry)
         self.limits = limits
+        self._plain = plain_methods(registry) if plain is None else plain
         self._disconnect_hooks: list[Callable[[], None]] = []
         self._dropped = False
         self._silent: asyncio.TimerHandle | None = None
@@ -265,6 +318,79 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             self.serving_fds = None
         return fut
 
+    def request_received(
+        self, obj: JSONObject, fds: FileDescriptorArray | None
+    ) -> asyncio.Future[None] | None:
+        """A plain call (its method and parameters only: no oneway, more or
+        upgrade) of a method that gives one reply is served by _call_plain;
+        any other message as asyncvarlink serves it, errors and all."""
+        method = obj.get("method")
+        entry = self._plain.get(method) if type(method) is str else None
+        parameters = obj.get("parameters", {})
+        if (
+            entry is None
+            or not (len(obj) == 1 or (len(obj) == 2 and "parameters" in obj))
+            or type(parameters) is not dict
+        ):
+            fut: asyncio.Future[None] | None = super().request_received(obj, fds)
+            return fut
+        try:
+            self._call_plain(entry[0], entry[1], parameters, fds)
+        except VarlinkErrorReply as err:
+            self.send_error(err)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            try:
+                self.handle_call_exception(exc, False)
+            except VarlinkErrorReply as err:
+                self.send_error(err)
+        return None
+
+    def _call_plain(
+        self,
+        method: Callable[..., Any],
+        signature: VarlinkMethodSignature,
+        parameters: JSONObject,
+        fds: FileDescriptorArray | None,
+    ) -> None:
+        """What call_received and asyncvarlink's call_received and
+        _call_sync_method_single do for such a call, in one step: without a
+        VarlinkMethodCall (its two regular expressions), the method's lookup
+        by name and a FileDescriptorArray for a reply that carries no fd
+        (issue 12, goal 7: luod's GetInfo round trip against sd-varlink's)."""
+        ctx = CallContext(self.peer, fds, self, self._dropped)
+        token = _current.set(ctx)
+        oob = _ReplyFds()
+        try:
+            try:
+                pyparams = signature.parameter_type.fromjson(
+                    parameters, {FileDescriptorVarlinkType: fds}
+                )
+            except ConversionError as err:
+                raise InvalidParameter(parameter=err.location[0]) from err
+            result = method(**pyparams)
+            assert isinstance(result, AnnotatedResult)
+            assert not result.continues
+            jsonparams = signature.return_type.tojson(result.parameters, oob)
+            reply: JSONObject = {"parameters": jsonparams} if jsonparams else {}
+            reply.update(result.extensions)
+            sent = oob.get(FileDescriptorVarlinkType)
+            if sent is None:
+                self._send_json(reply, None, False)
+            else:
+                fut = self._send_json(reply, [fd.fileno() for fd in sent], False)
+                sent.reference_until_done(fut)
+        except BaseException:
+            # Its error reply goes out (at once) after this returns.
+            ctx.close_untaken()
+            raise
+        finally:
+            _current.reset(token)
+            sent = oob.get(FileDescriptorVarlinkType)
+            if sent is not None:
+                sent.release(_REPLY_FDS)
+
     def send_reply(
         self,
         reply: VarlinkMethodReply,
@@ -274,7 +400,12 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         """asyncvarlink's send_reply, without tracking a reply that went out
         at once (LuodTransport sends when nothing waits): its future is done
         already, and each callback on it costs an iteration of the loop."""
-        fut = self.send_message(reply.tojson(), fds, autoclose)
+        return self._send_json(reply.tojson(), fds, autoclose)
+
+    def _send_json(
+        self, obj: JSONObject, fds: list[int] | None, autoclose: bool
+    ) -> asyncio.Future[None]:
+        fut = self.send_message(obj, fds, autoclose)
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             return fut
         fut.add_done_callback(self._on_message_sent)
@@ -360,7 +491,10 @@ class LuodServer(VarlinkUnixServer):
         self.counts = ConnectionCounts(self.limits)
         self._backoff = 0.0
         self._backoff_handle: asyncio.TimerHandle | None = None
-        super().__init__(sock, functools.partial(LuodProtocol, registry, self.limits))
+        super().__init__(
+            sock,
+            functools.partial(LuodProtocol, registry, self.limits, plain_methods(registry)),
+        )
 
     async def start_serving(self) -> None:
         await super().start_serving()

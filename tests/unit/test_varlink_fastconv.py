@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -135,3 +136,29 @@ def test_fd_records_description_and_in_use() -> None:
     sig = varlinksignature(custody.CustodyInterface.RetrieveFds)
     assert sig is not None
     assert "FdRecordList" in repr(sig.return_type)
+
+
+def test_fd_records_fast_with_a_plain_calls_reply_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain call's reply state (transport._ReplyFds) makes its fd array
+    when the first fd is converted: FdRecordList finds it there and stays
+    on its one pass, without asyncvarlink's conversion."""
+    from asyncvarlink.conversion import ListVarlinkType
+
+    from luod.varlink.transport import _REPLY_FDS, _ReplyFds
+
+    def generic(*args: object) -> None:
+        raise AssertionError("asyncvarlink's conversion")
+
+    monkeypatch.setattr(ListVarlinkType, "tojson", generic)
+    records = _retrieved(3)
+    oob = _ReplyFds()
+    try:
+        said = FdRecordList(types.RetrievedFile).tojson(records, oob)
+        array = oob[FileDescriptorVarlinkType]
+        assert [d["fileDescriptor"] for d in said] == [0, 1, 2]
+        assert [fd.fileno() for fd in array] == [r.fileDescriptor.fileno() for r in records]
+        array.release(_REPLY_FDS)  # closes them, as a sent reply does
+    finally:
+        for r in records:
+            with contextlib.suppress(OSError):
+                os.close(r.fileDescriptor.fileno())

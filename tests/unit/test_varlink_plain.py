@@ -1,0 +1,273 @@
+"""luod.varlink.transport serves a plain call (method and parameters) of a
+method with one reply itself, without asyncvarlink's per-call steps. Each
+exchange here goes to a connection served that way and to one served by
+asyncvarlink's own path (no plain methods): the replies are the same bytes,
+and the fds that came with a call are closed the same."""
+
+# No `from __future__ import annotations`: asyncvarlink reads the test
+# interface's signatures at run time.
+
+import array
+import asyncio
+import collections.abc
+import contextlib
+import functools
+import json
+import os
+import socket
+import typing
+
+import pytest
+from asyncvarlink import (
+    FileDescriptor,
+    TypedVarlinkErrorReply,
+    VarlinkInterface,
+    VarlinkInterfaceRegistry,
+    varlinkmethod,
+)
+
+from luod.varlink import transport
+from luod.varlink.limits import Limits
+
+
+class Refused(TypedVarlinkErrorReply, interface="io.luod.Test"):
+    class Parameters:
+        reason: str
+
+
+class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
+    errors = (Refused,)
+
+    def __init__(self) -> None:
+        self.taken: list[int] = []
+
+    @varlinkmethod(return_parameter="text")
+    def Echo(self, text: str, times: typing.Optional[int] = None) -> str:  # noqa: UP045
+        return text * (1 if times is None else times)
+
+    @varlinkmethod
+    def Nothing(self) -> None:
+        return None
+
+    @varlinkmethod
+    def Refuse(self, reason: str) -> None:
+        raise Refused(reason=reason)
+
+    @varlinkmethod
+    def Crash(self) -> None:
+        raise RuntimeError("a bug")
+
+    @varlinkmethod(return_parameter="size")
+    def Take(self, fileDescriptor: int) -> int:
+        fd = transport.take_fd(fileDescriptor, "fileDescriptor")
+        self.taken.append(fd)
+        return os.fstat(fd).st_size
+
+    @varlinkmethod(return_parameter="fileDescriptor")
+    def Give(self, size: int) -> FileDescriptor:
+        fd = os.memfd_create("given")
+        os.ftruncate(fd, size)
+        return transport.reply_fd(fd)
+
+    @varlinkmethod(return_parameter="count")
+    def Count(self, upto: int) -> collections.abc.Iterator[int]:
+        yield from range(upto)
+
+
+def _served(
+    loop: asyncio.AbstractEventLoop, plain: bool
+) -> tuple[socket.socket, ProbeInterface, transport.LuodTransport]:
+    interface = ProbeInterface()
+    registry = VarlinkInterfaceRegistry()
+    registry.register_interface(interface)
+    methods = transport.plain_methods(registry) if plain else {}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    served = transport.serve_connection(
+        loop, ours, functools.partial(transport.LuodProtocol, registry, Limits(), methods)
+    )
+    theirs.settimeout(10)
+    return theirs, interface, served
+
+
+def _exchange(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, message: object, fds: list[int]
+) -> tuple[list[bytes], list[int]]:
+    """Send `message` with `fds`; the replies up to the last one (not
+    "continues"), and the fds that came with them."""
+    cmsg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([json.dumps(message).encode() + b"\0"], cmsg)
+
+    def receive() -> tuple[list[bytes], list[int]]:
+        data, got = b"", array.array("i")
+        while True:
+            chunk, ancdata, _flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            for level, kind, raw in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
+            assert chunk, "luod closed the connection"
+            data += chunk
+            replies = data.split(b"\0")[:-1]
+            if replies and b'"continues":true' not in replies[-1]:
+                return replies, list(got)
+
+    return loop.run_until_complete(loop.run_in_executor(None, receive))
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("sent")
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+# An fd left to the garbage collector is closed there with a ResourceWarning:
+# an error here.
+pytestmark = pytest.mark.filterwarnings(
+    "error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning"
+)
+
+CALLS: list[tuple[str, dict[str, object], int]] = [
+    # method, parameters, fds sent
+    ("io.luod.Test.Echo", {"text": "ab", "times": 2}, 0),
+    ("io.luod.Test.Echo", {"text": "ab"}, 0),
+    ("io.luod.Test.Nothing", {}, 0),
+    ("io.luod.Test.Echo", {"text": 5}, 0),  # InvalidParameter
+    ("io.luod.Test.Echo", {"text": "a", "other": 1}, 0),  # InvalidParameter
+    ("io.luod.Test.Echo", {}, 1),  # InvalidParameter; its fd closed
+    ("io.luod.Test.Refuse", {"reason": "no"}, 1),
+    ("io.luod.Test.Crash", {}, 0),  # InternalServerError
+    ("io.luod.Test.Take", {"fileDescriptor": 1}, 2),  # takes one of two
+    ("io.luod.Test.Take", {"fileDescriptor": 3}, 1),  # MissingFd-like: no such fd
+    ("io.luod.Test.Give", {"size": 8192}, 0),
+    ("io.luod.Test.Missing", {}, 0),  # MethodNotFound
+    ("io.luod.Nowhere.Echo", {}, 0),  # InterfaceNotFound
+    ("io.luod.Test.Count", {"upto": 2}, 0),  # ExpectedMore: not a plain method
+]
+
+
+@pytest.mark.parametrize(("method", "parameters", "nfds"), CALLS)
+def test_plain_calls_are_answered_as_asyncvarlink_answers(
+    method: str, parameters: dict[str, object], nfds: int
+) -> None:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    answers = []
+    try:
+        for plain in (True, False):
+            sock, interface, served = _served(loop, plain)
+            before = len(os.listdir("/proc/self/fd"))
+            sent = [_memfd(4096 * (i + 1)) for i in range(nfds)]
+            with contextlib.closing(sock):
+                message = {"method": method, "parameters": parameters}
+                replies, fds = _exchange(loop, sock, message, sent)
+                for fd in sent:
+                    os.close(fd)
+                given = [os.fstat(fd).st_size for fd in fds]
+                for fd in fds:
+                    os.close(fd)
+                # What the method took is its own; everything else that came
+                # with the call, and what the reply carried, is closed.
+                taken = [fd for fd in interface.taken if _is_open(fd)]
+                for fd in taken:
+                    os.close(fd)
+                leaked = len(os.listdir("/proc/self/fd")) - before
+                answers.append((replies, given, len(taken), leaked))
+            served.close()
+            loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+    assert answers[0] == answers[1]
+    (replies, given, n_taken, leaked) = answers[0]
+    assert len(replies) == 1 and leaked == 0
+    reply = json.loads(replies[0])
+    assert given == ([8192] if method.endswith(".Give") else [])
+    assert n_taken == (1 if method.endswith(".Take") and reply.get("parameters") else 0)
+    expected = EXPECTED.get((method, json.dumps(parameters)))
+    if expected is not None:
+        assert reply == expected
+
+
+EXPECTED = {
+    ("io.luod.Test.Echo", '{"text": "ab", "times": 2}'): {"parameters": {"text": "abab"}},
+    ("io.luod.Test.Nothing", "{}"): {},
+    ("io.luod.Test.Echo", '{"text": 5}'): {
+        "error": "org.varlink.service.InvalidParameter",
+        "parameters": {"parameter": "text"},
+    },
+    ("io.luod.Test.Refuse", '{"reason": "no"}'): {
+        "error": "io.luod.Test.Refused",
+        "parameters": {"reason": "no"},
+    },
+    ("io.luod.Test.Crash", "{}"): {"error": "invalid.asyncvarlink.InternalServerError"},
+    ("io.luod.Test.Take", '{"fileDescriptor": 1}'): {"parameters": {"size": 8192}},
+    ("io.luod.Test.Give", '{"size": 8192}'): {"parameters": {"fileDescriptor": 0}},
+    ("io.luod.Test.Missing", "{}"): {
+        "error": "org.varlink.service.MethodNotFound",
+        "parameters": {"method": "Missing"},
+    },
+}
+
+
+def test_oneway_more_and_extensions_go_to_asyncvarlink() -> None:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        sock, _interface, served = _served(loop, True)
+        with contextlib.closing(sock):
+            replies, _ = _exchange(
+                loop,
+                sock,
+                {"method": "io.luod.Test.Count", "parameters": {"upto": 2}, "more": True},
+                [],
+            )
+            assert [json.loads(r) for r in replies] == [
+                {"continues": True, "parameters": {"count": 0}},
+                {"parameters": {"count": 1}},
+            ]
+            # A key of its own (an extension): asyncvarlink's path, served.
+            replies, _ = _exchange(
+                loop, sock, {"method": "io.luod.Test.Echo", "parameters": {"text": "e"}, "x": 1}, []
+            )
+            assert [json.loads(r) for r in replies] == [{"parameters": {"text": "e"}}]
+            # oneway: no reply; the next call's reply is the first to come.
+            sock.sendall(
+                json.dumps(
+                    {"method": "io.luod.Test.Echo", "parameters": {"text": "x"}, "oneway": True}
+                ).encode()
+                + b"\0"
+            )
+            replies, _ = _exchange(
+                loop, sock, {"method": "io.luod.Test.Echo", "parameters": {"text": "y"}}, []
+            )
+            assert [json.loads(r) for r in replies] == [{"parameters": {"text": "y"}}]
+            # parameters not an object: asyncvarlink's ProtocolViolation.
+            replies, _ = _exchange(
+                loop, sock, {"method": "io.luod.Test.Nothing", "parameters": []}, []
+            )
+            assert json.loads(replies[0])["error"] == "invalid.asyncvarlink.ProtocolViolation"
+        served.close()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def test_plain_methods_are_the_single_reply_ones() -> None:
+    registry = VarlinkInterfaceRegistry()
+    registry.register_interface(ProbeInterface())
+    assert sorted(transport.plain_methods(registry)) == [
+        "io.luod.Test.Crash",
+        "io.luod.Test.Echo",
+        "io.luod.Test.Give",
+        "io.luod.Test.Nothing",
+        "io.luod.Test.Refuse",
+        "io.luod.Test.Take",
+    ]
