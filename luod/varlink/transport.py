@@ -9,8 +9,10 @@ reads and frames messages itself (LuodTransport): linearly, up to the
 maximum message size, with the fds of each message closed at once when the
 message is refused. It also serves a call as soon as it is read and sends
 its reply at once (asyncvarlink waits an iteration of the loop for each,
-and registers a writer per reply), and keeps fds where asyncvarlink looks
-at them without an exception per fd (issue 12: per-call and per-fd cost).
+and registers a writer per reply), serves a plain call (a method and its
+parameters, one reply) in one step without asyncvarlink's per-call objects,
+and keeps fds where asyncvarlink looks at them without an exception per fd
+(issue 12: per-call and per-fd cost).
 Each is done here by overriding or reading asyncvarlink's private parts;
 this is the one module to check when asyncvarlink changes (pyproject.toml
 pins the versions the tests cover).
