@@ -182,8 +182,8 @@ _cache = False
 
 
 def _structlog() -> Any:
-    """structlog, imported when first needed: importing it cost 69 M of the
-    562 M instructions of luod's start (issue 12, goal 2), and luod's own
+    """structlog, imported when first needed: importing it cost 68 M of the
+    562 M instructions of luod's imports (issue 12, goal 2), and luod's own
     lines do not need it. When luod imports it, it is set up as luod is."""
     if "structlog" not in sys.modules:
         import structlog
@@ -205,10 +205,10 @@ def _configure(structlog: Any, emitter: _Emitter) -> None:
     )
 
 
-def _direct_to(level: int) -> _Emitter | None:
-    """The emitter an event at `level` goes to directly; None: through
-    structlog. Directly once setup() is done, unless structlog was
-    configured since with anything else (tests' capture_logs)."""
+def _direct() -> _Emitter | None:
+    """The emitter luod's events go to directly; None: through structlog.
+    Directly once setup() is done, unless structlog was configured since
+    with anything else (tests' capture_logs)."""
     emitter = _emitter
     if emitter is None:
         return None
@@ -231,7 +231,7 @@ class Logger:
     __slots__ = ()
 
     def _log(self, method: str, level: int, event: str, args: tuple[Any, ...], kw: Any) -> None:
-        emitter = _direct_to(level)
+        emitter = _direct()
         if emitter is None or args:
             getattr(_structlog().get_logger("luod"), method)(event, *args, **kw)
         elif level >= emitter.min_level:
