@@ -31,7 +31,6 @@ import argparse
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 SECTION = "Luod"
 NAME = "luod.conf"
@@ -70,36 +69,45 @@ def keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return out
 
 
-def search_dirs(root: str | None = None) -> list[Path]:
+# Paths are str and os.path here, not pathlib: luod reads these at every
+# start, and pathlib (with urllib.parse and ipaddress, which it imports)
+# was 17 M of the 494 M instructions of luod's imports (Python 3.11).
+
+
+def search_dirs(root: str | None = None) -> list[str]:
     root = os.environ.get(ROOT_ENV, "") if root is None else root
-    return [Path(root + d) if root else Path(d) for d in DIRS]
+    return [root + d if root else d for d in DIRS]
 
 
-def files(root: str | None = None) -> list[Path]:
+def files(root: str | None = None) -> list[str]:
     """The files to read, in the order they are applied."""
     dirs = search_dirs(root)
-    out: list[Path] = []
-    main = next((d / NAME for d in dirs if (d / NAME).exists()), None)
+    out: list[str] = []
+    main = next(
+        (os.path.join(d, NAME) for d in dirs if os.path.exists(os.path.join(d, NAME))), None
+    )
     if main is not None:
         out.append(main)
-    dropins: dict[str, Path] = {}
+    dropins: dict[str, str] = {}
     for d in dirs:
+        dropin_dir = os.path.join(d, f"{NAME}.d")
         try:
-            entries = sorted((d / f"{NAME}.d").iterdir())
+            entries = sorted(os.listdir(dropin_dir))
         except (FileNotFoundError, NotADirectoryError):
             continue
-        for f in entries:
-            if f.name.endswith(".conf") and f.name not in dropins:
-                dropins[f.name] = f
+        for name in entries:
+            if name.endswith(".conf") and name not in dropins:
+                dropins[name] = os.path.join(dropin_dir, name)
     out.extend(dropins[name] for name in sorted(dropins))
     return out
 
 
-def read(path: Path) -> Iterator[Assignment]:
+def read(path: str) -> Iterator[Assignment]:
     """The assignments of one file, in order."""
     section: str | None = None
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     for n, raw in enumerate(text.splitlines(), 1):
@@ -144,7 +152,7 @@ def _convert(action: argparse.Action, a: Assignment) -> object:
     return value
 
 
-def settings(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> dict[str, object]:
+def settings(parser: argparse.ArgumentParser, paths: Sequence[str]) -> dict[str, object]:
     """What the files set: option dest → value, checked by the parser's own types."""
     by_key = keys(parser)
     out: dict[str, object] = {}

@@ -5,8 +5,6 @@ import json
 import logging
 import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -161,19 +159,3 @@ def test_luods_logger_traceback_and_json() -> None:
     assert "RuntimeError: boom" in failed["exception"]
     theirs = structlog.processors.JSONRenderer()
     assert second[3:] == theirs(None, "info", {"session": "s", "token": 5, "event": "fd-preserved"})
-
-
-def test_luod_starts_without_structlog() -> None:
-    """Importing structlog cost 12 % of luod's start (issue 12, goal 2):
-    luod's modules and its lines do without it."""
-    code = (
-        "import io, sys, luod.daemon, luod.log;"
-        "luod.log.setup('info', stream=io.StringIO());"
-        "luod.log.get_logger().info('listening', socket='/run/luod/io.luod');"
-        "logging = __import__('logging'); logging.getLogger('asyncvarlink').warning('x');"
-        "print(sorted(m for m in sys.modules if m.startswith('structlog')))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout == "[]\n"

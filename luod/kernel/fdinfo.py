@@ -6,7 +6,6 @@ Python has no fstatfs(), so it is called through ctypes. struct statfs is
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import fcntl
@@ -18,26 +17,36 @@ import typing
 
 from luod.kernel import uapi
 
-# The process's own symbols include libc's: no ctypes.util.find_library(),
-# which runs ldconfig or a compiler (seconds under emulation, at every start).
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_libc.fstatfs.restype = ctypes.c_int
 _STATFS_SIZE = 120
 
 
-# One buffer for every call: making one per call cost as much as the syscall.
-# luod calls this from one thread only.
-_statfs_buf = ctypes.create_string_buffer(_STATFS_SIZE)
-_f_type = ctypes.c_long.from_buffer(_statfs_buf)
+@functools.cache
+def _fstatfs() -> tuple[typing.Any, typing.Any, typing.Any]:
+    """libc's fstatfs(), one buffer for every call (making one per call cost
+    as much as the syscall; luod calls it from one thread only) and the
+    buffer's f_type. ctypes is imported at the first call, not at luod's
+    start (7 M of its 494 M instructions of imports, Python 3.11): a start
+    with nothing held never calls it. The process's own symbols include
+    libc's: no ctypes.util.find_library(), which runs ldconfig or a
+    compiler (seconds under emulation)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fstatfs.restype = ctypes.c_int
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    return libc.fstatfs, buf, ctypes.c_long.from_buffer(buf)
 
 
 def fstatfs_type(fd: int) -> int:
     """f_type of the filesystem `fd` lives on."""
-    if _libc.fstatfs(fd, _statfs_buf) != 0:
+    fstatfs, buf, f_type = _fstatfs()
+    if fstatfs(fd, buf) != 0:
+        import ctypes  # imported by _fstatfs() already
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return int(_f_type.value) & 0xFFFFFFFF
+    return int(f_type.value) & 0xFFFFFFFF
 
 
 @functools.cache

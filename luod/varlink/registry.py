@@ -9,7 +9,6 @@ protocol/ that tests/test_idl.py compares with this rendering.
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 from asyncvarlink import VarlinkInterfaceRegistry
@@ -52,6 +51,8 @@ def interface_descriptions() -> dict[str, str]:
 
 def main() -> None:
     """`python -m luod.varlink.registry DIR`: write the IDL files (make idl)."""
+    import pathlib  # not on luod's start (luod.config says why)
+
     out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "protocol")
     out.mkdir(parents=True, exist_ok=True)
     for name, text in interface_descriptions().items():
