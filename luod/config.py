@@ -83,9 +83,7 @@ def files(root: str | None = None) -> list[str]:
     """The files to read, in the order they are applied."""
     dirs = search_dirs(root)
     out: list[str] = []
-    main = next(
-        (os.path.join(d, NAME) for d in dirs if os.path.exists(os.path.join(d, NAME))), None
-    )
+    main = next((p for p in (os.path.join(d, NAME) for d in dirs) if os.path.exists(p)), None)
     if main is not None:
         out.append(main)
     dropins: dict[str, str] = {}

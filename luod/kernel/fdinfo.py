@@ -21,32 +21,34 @@ _STATFS_SIZE = 120
 
 
 @functools.cache
-def _fstatfs() -> tuple[typing.Any, typing.Any, typing.Any]:
-    """libc's fstatfs(), one buffer for every call (making one per call cost
-    as much as the syscall; luod calls it from one thread only) and the
-    buffer's f_type. ctypes is imported at the first call, not at luod's
-    start (7 M of its 494 M instructions of imports, Python 3.11): a start
-    with nothing held never calls it. The process's own symbols include
-    libc's: no ctypes.util.find_library(), which runs ldconfig or a
-    compiler (seconds under emulation)."""
+def _fstatfs() -> typing.Callable[[int], int]:
+    """fstatfs_type's work, made at its first call: ctypes is imported then,
+    not at luod's start (7 M of its 494 M instructions of imports, Python
+    3.11), and a start with nothing held never calls it. The process's own
+    symbols include libc's: no ctypes.util.find_library(), which runs
+    ldconfig or a compiler (seconds under emulation)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.fstatfs.restype = ctypes.c_int
+    # One buffer for every call: making one per call cost as much as the
+    # syscall. luod calls this from one thread only.
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    return libc.fstatfs, buf, ctypes.c_long.from_buffer(buf)
+    f_type = ctypes.c_long.from_buffer(buf)
+
+    def fstatfs_type(fd: int) -> int:
+        if libc.fstatfs(fd, buf) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(f_type.value) & 0xFFFFFFFF
+
+    return fstatfs_type
 
 
 def fstatfs_type(fd: int) -> int:
     """f_type of the filesystem `fd` lives on."""
-    fstatfs, buf, f_type = _fstatfs()
-    if fstatfs(fd, buf) != 0:
-        import ctypes  # imported by _fstatfs() already
-
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(f_type.value) & 0xFFFFFFFF
+    return _fstatfs()(fd)
 
 
 @functools.cache
