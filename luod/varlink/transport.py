@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import errno
@@ -80,10 +81,32 @@ _SENTINEL = object()
 # --- per-call context: who called, and the fds that came with the call -------
 
 
+# The fds that came with a call. A call asyncvarlink serves has them in its
+# FileDescriptorArray; a plain call served as soon as it is read
+# (LuodProtocol.frame_received) has the received ints themselves, -1 once
+# taken or closed: no FileDescriptor object, reference count and __del__ per
+# fd of a hand-off (issue 12, goal 4).
+CallFds = FileDescriptorArray | list[int]
+
+
+def close_left(fds: CallFds) -> None:
+    """Close the fds of a call that nothing took."""
+    if isinstance(fds, list):
+        for i, fd in enumerate(fds):
+            if fd >= 0:
+                fds[i] = -1
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return
+    for entry in fds:
+        if entry.fd is not None:
+            entry.close()
+
+
 @dataclasses.dataclass
 class CallContext:
     peer: Peer
-    fds: FileDescriptorArray | None
+    fds: CallFds | None
     protocol: LuodProtocol
     # The kernel dropped fds of this call: luod was at its open-file limit.
     fds_dropped: bool = False
@@ -97,6 +120,9 @@ class CallContext:
         when replies waited for the loop (they would be closed with the
         call's array anyway, a moment later)."""
         if self.fds is None or self.more:
+            return
+        if isinstance(self.fds, list):
+            close_left(self.fds)
             return
         for i, fd in enumerate(self.fds):
             if fd.fd is not None and i not in self.taken:
@@ -115,21 +141,28 @@ def take_fd(index: int, parameter: str) -> int:
     """Take ownership of fd `index` of the current call, or MissingFd
     (TooManyOpenFiles when the kernel dropped fds of the call)."""
     ctx = current()
-    if ctx.fds is None or index < 0 or index >= len(ctx.fds) or index in ctx.taken:
-        if ctx.fds_dropped and index >= (0 if ctx.fds is None else len(ctx.fds)):
-            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            raise errors.TooManyOpenFiles(parameter, index, limit)
-        raise errors.MissingFd(parameter, index)
-    fd = ctx.fds[index]
-    # What FileDescriptor.take() does, for an fd received as an int (as
-    # received_fds() makes them), without `if not fd` and take() looking at
-    # it through an AttributeError each: a hand-off takes every fd.
-    raw = fd.fd
-    if not isinstance(raw, int) or raw < 0:
-        raise errors.MissingFd(parameter, index)
-    ctx.taken.add(index)
-    fd.fd = None
-    return raw
+    fds = ctx.fds
+    count = 0 if fds is None else len(fds)
+    if 0 <= index < count:
+        if isinstance(fds, list):
+            raw = fds[index]
+            if raw >= 0:
+                fds[index] = -1
+                return raw
+        elif fds is not None and index not in ctx.taken:
+            entry = fds[index]
+            # What FileDescriptor.take() does, for an fd received as an int
+            # (as received_fds() makes them), without `if not fd` and take()
+            # looking at it through an AttributeError each.
+            held = entry.fd
+            if isinstance(held, int) and held >= 0:
+                ctx.taken.add(index)
+                entry.fd = None
+                return held
+    elif ctx.fds_dropped and index >= count:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        raise errors.TooManyOpenFiles(parameter, index, limit)
+    raise errors.MissingFd(parameter, index)
 
 
 def received_fds(fds: list[int]) -> FileDescriptorArray:
@@ -180,10 +213,11 @@ _REPLY_FDS = object()
 
 
 def plain_methods(registry: VarlinkInterfaceRegistry) -> PlainMethods:
-    """The methods of `registry` that give one reply synchronously, by their
-    full name (io.luod.Custody.PreserveFd): those LuodProtocol serves
-    itself. What asyncvarlink's lookup finds under that name (getattr), with
-    the names its VarlinkMethodCall would accept."""
+    """The methods of `registry` that give one reply synchronously and take
+    no parameter of asyncvarlink's FileDescriptor type, by their full name
+    (io.luod.Custody.PreserveFd): those LuodProtocol serves itself. What
+    asyncvarlink's lookup finds under that name (getattr), with the names
+    its VarlinkMethodCall would accept."""
     plain: dict[str, tuple[Callable[..., Any], VarlinkMethodSignature]] = {}
     for interface in registry:
         for name in dir(interface):
@@ -192,6 +226,13 @@ def plain_methods(registry: VarlinkInterfaceRegistry) -> PlainMethods:
             method = getattr(interface, name)
             signature = varlinksignature(method)
             if signature is None or signature.asynchronous or signature.more:
+                continue
+            if any(
+                isinstance(t, FileDescriptorVarlinkType)
+                for t in signature.parameter_type.traverse()
+            ):
+                # Its parameters would need the call's FileDescriptorArray
+                # (luod's methods take fds as indexes: take_fd).
                 continue
             try:
                 validate_interface(interface.name)
@@ -236,7 +277,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         self._dropped = False
         self._silent: asyncio.TimerHandle | None = None
         # The fds of the message being served (its reply goes out at once).
-        self.serving_fds: FileDescriptorArray | None = None
+        self.serving_fds: CallFds | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -282,6 +323,19 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             lim.close_fds(fds)
             self.violation(str(e), len(data), len(fds))
             return
+        if not self._consumer_queue:
+            plain = self._plain_call(obj)
+            if plain is not None:
+                # Served now, with its fds as they came (CallFds); what the
+                # call did not take is closed when it is done.
+                self._dropped = dropped
+                self.serving_fds = fds
+                try:
+                    self._serve_plain(*plain, fds or None)
+                finally:
+                    self.serving_fds = None
+                    close_left(fds)
+                return
         array = received_fds(fds) if fds else None
         try:
             self._enqueue(obj, array, dropped)
@@ -326,18 +380,36 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         """A plain call (its method and parameters only: no oneway, more or
         upgrade) of a method that gives one reply is served by _call_plain;
         any other message as asyncvarlink serves it, errors and all."""
-        method = obj.get("method")
-        entry = self._plain.get(method) if type(method) is str else None
-        parameters = obj.get("parameters", {})
-        if (
-            entry is None
-            or not (len(obj) == 1 or (len(obj) == 2 and "parameters" in obj))
-            or type(parameters) is not dict
-        ):
+        plain = self._plain_call(obj)
+        if plain is None:
             fut: asyncio.Future[None] | None = super().request_received(obj, fds)
             return fut
+        self._serve_plain(*plain, fds)
+        return None
+
+    def _plain_call(
+        self, obj: JSONObject
+    ) -> tuple[Callable[..., Any], VarlinkMethodSignature, JSONObject] | None:
+        """The method, signature and parameters of a plain call; None for
+        any other message."""
+        method = obj.get("method")
+        entry = self._plain.get(method) if type(method) is str else None
+        if entry is None or not (len(obj) == 1 or (len(obj) == 2 and "parameters" in obj)):
+            return None
+        parameters = obj.get("parameters", {})
+        if not isinstance(parameters, dict):
+            return None
+        return entry[0], entry[1], parameters
+
+    def _serve_plain(
+        self,
+        method: Callable[..., Any],
+        signature: VarlinkMethodSignature,
+        parameters: JSONObject,
+        fds: CallFds | None,
+    ) -> None:
         try:
-            self._call_plain(entry[0], entry[1], parameters, fds)
+            self._call_plain(method, signature, parameters, fds)
         except VarlinkErrorReply as err:
             self.send_error(err)
         except (SystemExit, KeyboardInterrupt):
@@ -347,28 +419,27 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
                 self.handle_call_exception(exc, False)
             except VarlinkErrorReply as err:
                 self.send_error(err)
-        return None
 
     def _call_plain(
         self,
         method: Callable[..., Any],
         signature: VarlinkMethodSignature,
         parameters: JSONObject,
-        fds: FileDescriptorArray | None,
+        fds: CallFds | None,
     ) -> None:
         """What call_received and asyncvarlink's call_received and
         _call_sync_method_single do for such a call, in one step: without a
         VarlinkMethodCall (its two regular expressions), the method's lookup
         by name and a FileDescriptorArray for a reply that carries no fd
-        (issue 12, goal 7: luod's GetInfo round trip against sd-varlink's)."""
+        (issue 12, goal 7: luod's GetInfo round trip against sd-varlink's).
+        Its parameters need no fds (plain_methods): luod's methods take
+        them by index (take_fd)."""
         ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
         oob = _ReplyFds()
         try:
             try:
-                pyparams = signature.parameter_type.fromjson(
-                    parameters, {FileDescriptorVarlinkType: fds}
-                )
+                pyparams = signature.parameter_type.fromjson(parameters)
             except ConversionError as err:
                 raise InvalidParameter(parameter=err.location[0]) from err
             result = method(**pyparams)
@@ -695,9 +766,7 @@ class LuodTransport(VarlinkTransport):
                 ctx.close_untaken()
             elif isinstance(protocol, LuodProtocol) and protocol.serving_fds is not None:
                 # Refused before or after the method: nothing is taken now.
-                for fd in protocol.serving_fds:
-                    if fd.fd is not None:
-                        fd.close()
+                close_left(protocol.serving_fds)
             # Nothing waits before it: sent now. asyncvarlink would register
             # a writer in the next loop iteration, send when the socket says
             # it is writable (it almost always is) and unregister it: three

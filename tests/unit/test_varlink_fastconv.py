@@ -31,6 +31,7 @@ BAD: list[Any] = [
     [{"name": "a"}],
     [{"name": "a", "fileDescriptor": "0"}],
     [{"name": "a", "fileDescriptor": 0, "extra": 1}],
+    [{"name": "a", "fd": 0}],  # as many keys, one of them unknown
     [{"name": 1, "fileDescriptor": 0}],
     [{"name": "a", "fileDescriptor": 0}, {"name": "b", "fileDescriptor": 1.5}],
     [{"name": "a", "fileDescriptor": True}],  # bool: the generic path decides

@@ -63,6 +63,19 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
         self.taken.append(fd)
         return os.fstat(fd).st_size
 
+    @varlinkmethod(return_parameter="size")
+    def TakeTwice(self, fileDescriptor: int) -> int:
+        fd = transport.take_fd(fileDescriptor, "fileDescriptor")
+        self.taken.append(fd)
+        transport.take_fd(fileDescriptor, "fileDescriptor")  # gone: refused
+        return 0
+
+    @varlinkmethod(return_parameter="size")
+    def Hold(self, fileDescriptor: FileDescriptor) -> int:
+        # An fd typed as asyncvarlink's: its parameters need the call's
+        # FileDescriptorArray, so asyncvarlink serves it.
+        return os.fstat(fileDescriptor.fileno()).st_size
+
     @varlinkmethod(return_parameter="fileDescriptor")
     def Give(self, size: int) -> FileDescriptor:
         fd = os.memfd_create("given")
@@ -144,7 +157,11 @@ CALLS: list[tuple[str, dict[str, object], int]] = [
     ("io.luod.Test.Refuse", {"reason": "no"}, 1),
     ("io.luod.Test.Crash", {}, 0),  # InternalServerError
     ("io.luod.Test.Take", {"fileDescriptor": 1}, 2),  # takes one of two
-    ("io.luod.Test.Take", {"fileDescriptor": 3}, 1),  # MissingFd-like: no such fd
+    ("io.luod.Test.Take", {"fileDescriptor": 3}, 1),  # MissingFd: no such fd
+    ("io.luod.Test.Take", {"fileDescriptor": -1}, 1),  # MissingFd
+    # MissingFd (taken already; not an error of this interface: InternalServerError)
+    ("io.luod.Test.TakeTwice", {"fileDescriptor": 0}, 2),
+    ("io.luod.Test.Hold", {"fileDescriptor": 1}, 2),  # not a plain method
     ("io.luod.Test.Give", {"size": 8192}, 0),
     ("io.luod.Test.Missing", {}, 0),  # MethodNotFound
     ("io.luod.Nowhere.Echo", {}, 0),  # InterfaceNotFound
@@ -189,7 +206,8 @@ def test_plain_calls_are_answered_as_asyncvarlink_answers(
     assert len(replies) == 1 and leaked == 0
     reply = json.loads(replies[0])
     assert given == ([8192] if method.endswith(".Give") else [])
-    assert n_taken == (1 if method.endswith(".Take") and reply.get("parameters") else 0)
+    takes = (method.endswith(".Take") and reply.get("parameters")) or method.endswith(".TakeTwice")
+    assert n_taken == (1 if takes else 0)
     expected = EXPECTED.get((method, json.dumps(parameters)))
     if expected is not None:
         assert reply == expected
@@ -209,6 +227,7 @@ EXPECTED = {
     ("io.luod.Test.Crash", "{}"): {"error": "invalid.asyncvarlink.InternalServerError"},
     ("io.luod.Test.Take", '{"fileDescriptor": 1}'): {"parameters": {"size": 8192}},
     ("io.luod.Test.Give", '{"size": 8192}'): {"parameters": {"fileDescriptor": 0}},
+    ("io.luod.Test.Hold", '{"fileDescriptor": 1}'): {"parameters": {"size": 8192}},
     ("io.luod.Test.Missing", "{}"): {
         "error": "org.varlink.service.MethodNotFound",
         "parameters": {"method": "Missing"},
@@ -270,4 +289,5 @@ def test_plain_methods_are_the_single_reply_ones() -> None:
         "io.luod.Test.Nothing",
         "io.luod.Test.Refuse",
         "io.luod.Test.Take",
+        "io.luod.Test.TakeTwice",
     ]
