@@ -10,9 +10,10 @@ maximum message size, with the fds of each message closed at once when the
 message is refused. It also serves a call as soon as it is read and sends
 its reply at once (asyncvarlink waits an iteration of the loop for each,
 and registers a writer per reply), serves a plain call (a method and its
-parameters, one reply) in one step without asyncvarlink's per-call objects,
-and keeps fds where asyncvarlink looks at them without an exception per fd
-(issue 12: per-call and per-fd cost).
+parameters, one reply) in one step without asyncvarlink's per-call objects
+(its fds as plain ints, its reply said by luod.varlink.replyconv), and keeps
+fds where asyncvarlink looks at them without an exception per fd (issue 12:
+per-call and per-fd cost).
 Each is done here by overriding or reading asyncvarlink's private parts;
 this is the one module to check when asyncvarlink changes (pyproject.toml
 pins the versions the tests cover).
@@ -72,6 +73,7 @@ from luod.varlink.limits import (
     ProtocolViolation,
     decode_message,
 )
+from luod.varlink.replyconv import ReplyConverter, reply_converter
 
 log = get_logger()
 
@@ -208,7 +210,9 @@ def is_reply_fd(fd: Any) -> bool:
 
 # --- plain calls: served without asyncvarlink's per-call steps ---------------
 
-PlainMethods = Mapping[str, tuple[Callable[..., Any], VarlinkMethodSignature]]
+# A plain method: the method, its signature, the converter of its reply.
+PlainMethod = tuple[Callable[..., Any], VarlinkMethodSignature, ReplyConverter]
+PlainMethods = Mapping[str, PlainMethod]
 _REPLY_FDS = object()
 
 
@@ -218,7 +222,7 @@ def plain_methods(registry: VarlinkInterfaceRegistry) -> PlainMethods:
     (io.luod.Custody.PreserveFd): those LuodProtocol serves itself. What
     asyncvarlink's lookup finds under that name (getattr), with the names
     its VarlinkMethodCall would accept."""
-    plain: dict[str, tuple[Callable[..., Any], VarlinkMethodSignature]] = {}
+    plain: dict[str, PlainMethod] = {}
     for interface in registry:
         for name in dir(interface):
             if not name[:1].isupper():
@@ -239,7 +243,11 @@ def plain_methods(registry: VarlinkInterfaceRegistry) -> PlainMethods:
                 validate_name(name)
             except ValueError:
                 continue
-            plain[f"{interface.name}.{name}"] = (method, signature)
+            plain[f"{interface.name}.{name}"] = (
+                method,
+                signature,
+                reply_converter(signature.return_type),
+            )
     return plain
 
 
@@ -387,11 +395,9 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         self._serve_plain(*plain, fds)
         return None
 
-    def _plain_call(
-        self, obj: JSONObject
-    ) -> tuple[Callable[..., Any], VarlinkMethodSignature, JSONObject] | None:
-        """The method, signature and parameters of a plain call; None for
-        any other message."""
+    def _plain_call(self, obj: JSONObject) -> tuple[PlainMethod, JSONObject] | None:
+        """The method and the parameters of a plain call; None for any
+        other message."""
         method = obj.get("method")
         entry = self._plain.get(method) if type(method) is str else None
         if entry is None or not (len(obj) == 1 or (len(obj) == 2 and "parameters" in obj)):
@@ -399,17 +405,11 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         parameters = obj.get("parameters", {})
         if not isinstance(parameters, dict):
             return None
-        return entry[0], entry[1], parameters
+        return entry, parameters
 
-    def _serve_plain(
-        self,
-        method: Callable[..., Any],
-        signature: VarlinkMethodSignature,
-        parameters: JSONObject,
-        fds: CallFds | None,
-    ) -> None:
+    def _serve_plain(self, entry: PlainMethod, parameters: JSONObject, fds: CallFds | None) -> None:
         try:
-            self._call_plain(method, signature, parameters, fds)
+            self._call_plain(entry, parameters, fds)
         except VarlinkErrorReply as err:
             self.send_error(err)
         except (SystemExit, KeyboardInterrupt):
@@ -420,20 +420,16 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             except VarlinkErrorReply as err:
                 self.send_error(err)
 
-    def _call_plain(
-        self,
-        method: Callable[..., Any],
-        signature: VarlinkMethodSignature,
-        parameters: JSONObject,
-        fds: CallFds | None,
-    ) -> None:
+    def _call_plain(self, entry: PlainMethod, parameters: JSONObject, fds: CallFds | None) -> None:
         """What call_received and asyncvarlink's call_received and
         _call_sync_method_single do for such a call, in one step: without a
         VarlinkMethodCall (its two regular expressions), the method's lookup
         by name and a FileDescriptorArray for a reply that carries no fd
         (issue 12, goal 7: luod's GetInfo round trip against sd-varlink's).
         Its parameters need no fds (plain_methods): luod's methods take
-        them by index (take_fd)."""
+        them by index (take_fd). The reply is said by the method's own
+        converter (luod.varlink.replyconv)."""
+        method, signature, say = entry
         ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
         oob = _ReplyFds()
@@ -445,7 +441,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             result = method(**pyparams)
             assert isinstance(result, AnnotatedResult)
             assert not result.continues
-            jsonparams = signature.return_type.tojson(result.parameters, oob)
+            jsonparams = say(result.parameters, oob)
             reply: JSONObject = {"parameters": jsonparams} if jsonparams else {}
             reply.update(result.extensions)
             sent = oob.get(FileDescriptorVarlinkType)
