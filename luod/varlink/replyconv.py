@@ -182,20 +182,15 @@ def _object(fields: list[_Field]) -> Say:
 
 
 def _dataclass(record: type, fields: list[_Field]) -> Say:
+    as_fields = _object(fields)
+    count = len(fields)
+
     def as_dataclass(obj: typing.Any) -> typing.Any:
-        # asyncvarlink says any dataclass with these fields; another than
-        # the declared one is left to it.
-        if type(obj) is not record:
+        # asyncvarlink says any dataclass by its fields (getattr); another
+        # than the declared one, or one with an attribute more or less than
+        # its fields, is left to it.
+        if type(obj) is not record or len(obj.__dict__) != count:
             raise _Unexpected
-        out = {}
-        for name, simple, optional, say in fields:
-            value = getattr(obj, name)
-            if simple is None:
-                out[name] = say(value)
-            elif isinstance(value, simple) or (optional and value is None):
-                out[name] = value
-            else:
-                raise _Unexpected
-        return out
+        return as_fields(obj.__dict__)
 
     return as_dataclass

@@ -116,6 +116,10 @@ def _invalid(vtype: VarlinkType, value: typing.Any) -> list[typing.Any]:
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
             out.extend(dataclasses.replace(value, **{f.name: wrong}) for wrong in _WRONG)
+        # An attribute more than its fields: asyncvarlink says the fields.
+        more = dataclasses.replace(value)
+        more.unknown = 1  # type: ignore[attr-defined]
+        out.append(more)
     elif isinstance(value, list) and value:
         out.extend([*value, wrong] for wrong in _WRONG)
     return out
