@@ -298,7 +298,10 @@ def test_quotas_per_uid_over_the_socket(small_luod: LuodProcess) -> None:
         luod, lambda c: c.preserve_fds("a", [(f"g{i}", make_memfd(b"f")) for i in range(50)])
     )
     assert _error("QuotaExceeded")(again)
-    wait_until(lambda: luod.fd_count() == held, "a refused batch's fds closed")
+    # At most as many as before: `held` may still count the connection of
+    # a helper (or of the status call behind `baseline`) that luod closes a
+    # moment later; none of the batch's 50 fds may stay.
+    wait_until(lambda: luod.fd_count() <= held, "a refused batch's fds closed")
     # Root's pool is its own: nobody's full quota takes nothing from it.
     with luod.client() as c:
         for i in range(10):
