@@ -391,7 +391,7 @@ def start_rows(stages: list[dict[str, Any]]) -> list[str]:
             goal_row(
                 "2 (headline)",
                 f"luod start -> READY, restarted in the boot with its files cached, nothing held "
-                f"(median of {len(s1['luod_start_warm'])})",
+                f"(median of {len(s1['luod_start_warm'])}, each next to one baseline run)",
                 fmt_s(luod),
                 f"{fmt_s(ref)} (import asyncio)",
                 luod / ref,
@@ -525,7 +525,8 @@ def goals_section(stages: list[dict[str, Any]]) -> list[str]:
             "RetrieveFds after a kexec. asyncio's files are then in the guest's page cache; "
             "luod's start is one start, the boot's first import of them. The headline row "
             "compares like with like: luod restarted in the same boot (its files cached too) "
-            "against the runs right after those restarts."
+            "against one run right after each restart (a restart and its run side by side, "
+            "so that a burst of load lands on both)."
         )
     if head is not None:
         s, f = head
