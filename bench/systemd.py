@@ -100,7 +100,8 @@ NOTES = [
     "- Goal 2: luod.service's start (ExecMainStartTimestampMonotonic, PID 1 forking it, so "
     "its sandbox set-up is in) to READY=1 (ActiveEnterTimestampMonotonic, Type=notify), "
     "`systemctl restart` in the same boot while it holds the bench's session; the reference "
-    "is spawn -> exit of the guest's python3, after one unmeasured run.",
+    "is spawn -> exit of the guest's python3, one run right after each restart (and one "
+    "unmeasured run before them).",
     "- Goal 3: met when no word of luod-reclaim.service's ExecStart= is python*, luoctl or "
     "luod (systemctl show -p ExecStart); its figure is the unit's start -> exit in the boot "
     "after the kexec, luod's socket-activated start included.",
@@ -329,7 +330,8 @@ def goals(boot: Boot) -> list[Goal]:
             "2",
             "luod start -> READY (`systemctl restart`, ExecMainStart -> ActiveEnter, "
             f'median of {len(start["luod_restarts"])}) vs `python3 -c "import asyncio"` '
-            f"(spawn -> exit, median of {len(start['import_asyncio'])})",
+            f"(spawn -> exit, median of {len(start['import_asyncio'])}, one right after "
+            "each restart)",
             start["luod_ready_median"],
             start["import_asyncio_median"],
             GOAL2_TARGET,

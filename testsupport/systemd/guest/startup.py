@@ -2,13 +2,14 @@
 """Guest helper of bench/systemd.py (issue 12, goal 2): luod's start to
 READY against a bare interpreter's `import asyncio`, in the same guest.
 
-    startup.py --info FILE [--restarts 3] [--runs 5]
+    startup.py --info FILE [--restarts 5]
 
 - `systemctl restart luod.service`, `restarts` times: each time luod.service's
   ExecMainStartTimestampMonotonic -> ActiveEnterTimestampMonotonic (Type=notify:
   ActiveEnter is READY=1), from PID 1's own clock readings.
-- `python3 -c "import asyncio"`, `runs` times: wall time around fork/exec and
-  wait (subprocess.run), CLOCK_MONOTONIC.
+- `python3 -c "import asyncio"` right after each restart: wall time around
+  fork/exec and wait (subprocess.run), CLOCK_MONOTONIC. A restart and its run
+  side by side, so that a burst of load on the shared host lands on both.
 
 Writes every sample and both medians to FILE (JSON).
 """
@@ -59,14 +60,16 @@ def import_asyncio() -> float:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--info", required=True)
-    p.add_argument("--restarts", type=int, default=3)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--restarts", type=int, default=5)
     args = p.parse_args()
     # One import first, so that neither side pays for a cold page cache alone
     # (luod has been running: its files are cached).
     import_asyncio()
-    restarts = [luod_restart() for _ in range(args.restarts)]
-    imports = [import_asyncio() for _ in range(args.runs)]
+    restarts: list[dict[str, Any]] = []
+    imports: list[float] = []
+    for _ in range(args.restarts):
+        restarts.append(luod_restart())
+        imports.append(import_asyncio())
     out = {
         "luod_restarts": restarts,
         "luod_ready_median": statistics.median(r["seconds"] for r in restarts),
