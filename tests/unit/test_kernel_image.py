@@ -7,7 +7,6 @@ from __future__ import annotations
 import builtins
 import errno
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -75,26 +74,6 @@ def test_missing_decompressor_is_named(
         f"its payload is {compression}-compressed and the Python package {package!r} that reads "
         f"it is not installed (pip install {package}, or Debian's python3-{package})"
     )
-
-
-def test_the_project_kernels_if_built() -> None:
-    """The real thing: the cached LUO kernels (vm/build-kernel.sh), xz."""
-    cache = Path(os.environ.get("LUOD_CACHE", Path.home() / ".cache/luod")) / "kernel"
-    found = {p.parent.name.rsplit("-", 1)[1]: p for p in cache.glob("*/bzImage")}
-    if "stock" not in found:
-        pytest.skip("no cached stock kernel (make kernel)")
-    stock = image.read_bzimage(image.read_file(str(found["stock"])))
-    assert (stock.compression, stock.luo_abi) == ("xz", ("luo-v5",))
-    assert stock.handlers == {"memfd": ("memfd-v2",)}
-    assert stock.option("LIVEUPDATE") is True
-    assert stock.option("KEXEC_HANDOVER_ENABLE_DEFAULT") is False
-    assert stock.release is not None and stock.release.endswith("-luod-stock")
-    assert image.handover_problems(stock, RUNNING) == []
-    if "abi" in found:
-        other = image.read_bzimage(image.read_file(str(found["abi"])))
-        assert other.luo_abi == ("luo-v5-luod-test",)
-        [problem] = image.handover_problems(other, RUNNING)
-        assert problem.startswith("the image speaks LUO ABI luo-v5-luod-test, the running")
 
 
 @pytest.mark.parametrize(

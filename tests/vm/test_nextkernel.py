@@ -12,11 +12,15 @@ from typing import Any
 
 import pytest
 
+from luod.kernel import image
+from luod.kernel.image import RunningLuo
 from testsupport.vm import qemu
 
 pytestmark = pytest.mark.vm
 
 GUEST = Path(__file__).with_name("guest_nextkernel.py")
+# The running kernel as the project's stock kernel reports its LUO (debugfs).
+RUNNING = RunningLuo("luo-v5", {"memfd": "memfd-v2"}, "the test")
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +33,25 @@ def kernels(qemu_ready: None) -> tuple[Path, Path]:
         Path(stock) if stock else qemu.build_kernel("stock"),
         Path(abi) if abi else qemu.build_kernel("abi"),
     )
+
+
+def test_the_project_kernels_read_as_built(kernels: tuple[Path, Path]) -> None:
+    """luod.kernel.image on the real thing: the project's LUO kernels
+    (vm/build-kernel.sh, xz), as `luoctl load` reads a next kernel. Here
+    rather than in the fast tier, which runs before the kernels are built
+    (a clean clone's CI would skip it)."""
+    stock_path, abi_path = kernels
+    stock = image.read_bzimage(image.read_file(str(stock_path)))
+    assert (stock.compression, stock.luo_abi) == ("xz", ("luo-v5",))
+    assert stock.handlers == {"memfd": ("memfd-v2",)}
+    assert stock.option("LIVEUPDATE") is True
+    assert stock.option("KEXEC_HANDOVER_ENABLE_DEFAULT") is False
+    assert stock.release is not None and stock.release.endswith("-luod-stock")
+    assert image.handover_problems(stock, RUNNING) == []
+    abi = image.read_bzimage(image.read_file(str(abi_path)))
+    assert abi.luo_abi == ("luo-v5-luod-test",)
+    [problem] = image.handover_problems(abi, RUNNING)
+    assert problem.startswith("the image speaks LUO ABI luo-v5-luod-test, the running")
 
 
 def _run(
