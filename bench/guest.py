@@ -7,7 +7,7 @@ this program is its client and, for the raw baselines, calls the kernel
 itself through luod.kernel.backend.KernelBackend in-process.
 
 Stage 1: luod's start to READY next to `python -c "import asyncio"` with the
-same interpreter; luod's RSS idle; hand-off of N small memfds, three ways,
+same interpreter; luod's RSS idle; hand-off of N small memfds, four ways,
 repeated and interleaved, one PreserveFd next to one GetInfo on the same
 connection, and luod's RSS with many held fds (bench/handoff.py); then
 it sets up the first reclaim case (S sessions x F memfds in luod, and the

@@ -1,7 +1,8 @@
 """Guest side of `make bench`: what handing fds to luod costs.
 
-Hand-off of N memfds three ways, in the same run (the raw PRESERVE_FD loop
-in this process, PreserveFds batches, one PreserveFd per fd), one PreserveFd
+Hand-off of N memfds four ways, in the same run (the raw PRESERVE_FD loop
+in this process, the same loop asking fstat and F_GETFL of each fd first,
+PreserveFds batches, one PreserveFd per fd), one PreserveFd
 next to a GetInfo round trip on the same connection, luod's memory while it
 holds many fds, and where a hand-off's time goes (luod's own building
 blocks, timed piece by piece). Called by bench/guest.py.
@@ -9,6 +10,7 @@ blocks, timed piece by piece). Called by bench/guest.py.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -86,14 +88,28 @@ def probe_batch(c: Client) -> dict[str, Any]:
 # --- hand-off ---------------------------------------------------------------------
 
 
-def handoff_raw(be: KernelBackend, n: int, tag: str) -> float:
-    """CREATE_SESSION + PRESERVE_FD x n, in this process; then unpreserved."""
+# How a hand-off is timed: the raw loop, the raw loop with each fd
+# identified first, luod's PreserveFds batches, a PreserveFd per fd.
+HANDOFF_WAYS = ("raw", "identified", "batches", "per_fd")
+
+
+def handoff_raw(be: KernelBackend, n: int, tag: str, identify: bool = False) -> float:
+    """CREATE_SESSION + PRESERVE_FD x n, in this process; then unpreserved.
+    `identify`: each fd is first asked what luod asks before the kernel sees
+    it (fstat: a memfd? F_GETFL: not O_PATH?), which any holder that refuses
+    what it cannot carry, by name, must ask too."""
     fds = memfds(n, "bench")
     try:
         t0 = time.perf_counter()
         sfd = be.create_session(f"bench-raw-{tag}")
-        for i, fd in enumerate(fds):
-            be.preserve_fd(sfd, fd, i + 1)
+        if identify:
+            for i, fd in enumerate(fds):
+                os.fstat(fd)
+                fcntl.fcntl(fd, fcntl.F_GETFL)
+                be.preserve_fd(sfd, fd, i + 1)
+        else:
+            for i, fd in enumerate(fds):
+                be.preserve_fd(sfd, fd, i + 1)
         took = time.perf_counter() - t0
         os.close(sfd)  # the last fd of an outgoing session: unpreserves all
     finally:
@@ -136,23 +152,22 @@ def handoff_per_fd(c: Client, n: int, tag: str) -> float:
 
 def bench_handoff(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> dict[str, Any]:
     be = KernelBackend()
-    runs: dict[str, Any] = {
-        m: {str(n): [] for n in cfg["handoff"]} for m in ("raw", "batches", "per_fd")
-    }
+    runs: dict[str, Any] = {m: {str(n): [] for n in cfg["handoff"]} for m in HANDOFF_WAYS}
     runs["batch_calls"] = {}
     with luod.client() as c:
         for rep in range(cfg["repeats"]):
             for n in cfg["handoff"]:
                 # Interleaved, so that a burst of load on the shared host
-                # lands on all three alike.
+                # lands on all four alike.
                 runs["raw"][str(n)].append(handoff_raw(be, n, f"{n}-{rep}"))
+                runs["identified"][str(n)].append(handoff_raw(be, n, f"i{n}-{rep}", True))
                 took, calls = handoff_batches(c, n, f"{n}-{rep}", limit)
                 runs["batches"][str(n)].append(took)
                 runs["batch_calls"][str(n)] = calls
                 runs["per_fd"][str(n)].append(handoff_per_fd(c, n, f"{n}-{rep}"))
                 mark(
                     f"handoff-{n}-{rep}",
-                    **{m: runs[m][str(n)][-1] for m in ("raw", "batches", "per_fd")},
+                    **{m: runs[m][str(n)][-1] for m in HANDOFF_WAYS},
                 )
     return runs
 

@@ -149,7 +149,8 @@ class Progress:
         elif ev.name.startswith("handoff-"):
             _, n, rep = ev.name.split("-")
             text = (
-                f"hand-off {n} fds, run {int(rep) + 1}: raw {fmt_s(d['raw'])}, "
+                f"hand-off {n} fds, run {int(rep) + 1}: raw {fmt_s(d['raw'])} "
+                f"({fmt_s(d['identified'])} identifying each fd), "
                 f"PreserveFds {fmt_s(d['batches'])}, PreserveFd x{n} {fmt_s(d['per_fd'])}"
             )
         elif ev.name == "probe":
