@@ -57,7 +57,7 @@ READY_TIMEOUT = 120.0
 
 DEFAULTS: dict[str, Any] = {
     "handoff": [100, 1000],  # fds per hand-off run
-    "repeats": 3,  # of each hand-off run, interleaved
+    "repeats": 5,  # of each hand-off run, interleaved
     "held": 10000,  # fds luod holds for the RSS measurement
     "held_per_session": 1000,
     "reclaim": [10, 100, 100, 100, 100, 8],  # sessions per reclaim case, one kexec each

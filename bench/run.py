@@ -1,6 +1,6 @@
 """`make bench`: luod's benchmarks on the real LUO kernel, in a QEMU guest.
 
-    .venv/bin/python -m bench.run [--repeats 3] [--profile] [--results DIR]
+    .venv/bin/python -m bench.run [--repeats 5] [--profile] [--results DIR]
 
 Boots the project's LUO kernel (vm/build-kernel.sh stock) under QEMU/TCG
 with bench/guest.py as the stage program, and prints what luod costs next
@@ -197,7 +197,7 @@ def collect(results: Path, final_stage: int) -> tuple[list[dict[str, Any]], list
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="runs of each hand-off (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each hand-off (default 5)")
     p.add_argument("--handoff", default="100,1000", help="fds per hand-off run (default 100,1000)")
     p.add_argument(
         "--reclaim",
