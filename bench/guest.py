@@ -70,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "profile": False,  # luod under cProfile; importtime of luod.daemon
     "pair_calls": 200,  # PreserveFd and GetInfo each, interleaved on one connection
     "baseline_runs": 5,  # of `python -c "import asyncio"`, next to each luod start
-    "warm_starts": 5,  # luod restarted in stage 1 with its files cached, each next to a baseline run (goal 2)
+    "warm_starts": 5,  # luod restarts in stage 1, files cached, each then a baseline run (goal 2)
 }
 
 # What luod's start is compared with (issue 12, goal 2).

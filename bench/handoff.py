@@ -160,7 +160,7 @@ def bench_handoff(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> 
                 # Interleaved, so that a burst of load on the shared host
                 # lands on all four alike.
                 runs["raw"][str(n)].append(handoff_raw(be, n, f"{n}-{rep}"))
-                runs["identified"][str(n)].append(handoff_raw(be, n, f"i{n}-{rep}", True))
+                runs["identified"][str(n)].append(handoff_raw(be, n, f"i{n}-{rep}", identify=True))
                 took, calls = handoff_batches(c, n, f"{n}-{rep}", limit)
                 runs["batches"][str(n)].append(took)
                 runs["batch_calls"][str(n)] = calls
