@@ -144,16 +144,16 @@ def analyse(
     )
     w("|---:|---:|---:|---:|---:|---:|---:|---:|")
 
-    def per_fd(t: float, n: str) -> str:
+    def timed_per_fd(t: float, n: str) -> str:
         return f"{fmt_s(t)} ({t / int(n) * 1e6:.0f} us/fd)"
 
     for n in ns:
         r, b, p = med["raw"][n], med["batches"][n], med["per_fd"][n]
         i = med["identified"][n] if "identified" in med else None
-        ident = "— | —" if i is None else f"{per_fd(i, n)} | {fmt_x(i / r)}"
+        ident = "— | —" if i is None else f"{timed_per_fd(i, n)} | {fmt_x(i / r)}"
         w(
-            f"| {n} | {per_fd(r, n)} | {ident} | {per_fd(b, n)} | {fmt_x(b / r)} "
-            f"| {per_fd(p, n)} | {fmt_x(p / r)} |"
+            f"| {n} | {timed_per_fd(r, n)} | {ident} | {timed_per_fd(b, n)} | {fmt_x(b / r)} "
+            f"| {timed_per_fd(p, n)} | {fmt_x(p / r)} |"
         )
     big = ns[-1]
     probe = s1["probe"]
