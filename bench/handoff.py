@@ -102,14 +102,11 @@ def handoff_raw(be: KernelBackend, n: int, tag: str, identify: bool = False) -> 
     try:
         t0 = time.perf_counter()
         sfd = be.create_session(f"bench-raw-{tag}")
-        if identify:
-            for i, fd in enumerate(fds):
+        for i, fd in enumerate(fds):
+            if identify:
                 os.fstat(fd)
                 fcntl.fcntl(fd, fcntl.F_GETFL)
-                be.preserve_fd(sfd, fd, i + 1)
-        else:
-            for i, fd in enumerate(fds):
-                be.preserve_fd(sfd, fd, i + 1)
+            be.preserve_fd(sfd, fd, i + 1)
         took = time.perf_counter() - t0
         os.close(sfd)  # the last fd of an outgoing session: unpreserves all
     finally:
