@@ -20,9 +20,13 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+from luod.kernel.image import RunningLuo
 from testsupport.fakekernel import FAKE_LUO_ABI, FAKE_MEMFD_ABI
 
 VERSION = "7.3.4-luod-test (luod@luod-vm) #1 SMP PREEMPT"
+# A running kernel as the project's 7.3 kernel reports its LUO (debugfs):
+# what a next kernel, synthetic or the project's own build, must speak.
+RUNNING_LUO = RunningLuo("luo-v5", {"memfd": "memfd-v2"}, "the test")
 # What the fake kernel needs on a next kernel's command line.
 GOOD_CMDLINE = "console=ttyS0 kho=on liveupdate=on"
 

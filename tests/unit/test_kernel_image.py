@@ -17,7 +17,6 @@ from luod.kernel.image import ImageError, RunningLuo
 from testsupport import images
 
 STD_COMPRESSIONS = ["gzip", "xz", "lzma", "bzip2", "none"]
-RUNNING = RunningLuo("luo-v5", {"memfd": "memfd-v2"}, "the test")
 
 
 def _has(module: str) -> bool:
@@ -49,7 +48,7 @@ def test_bzimage_in_each_compression(tmp_path: Path, compression: str) -> None:
     assert facts.luo_abi == ("luo-v5",)
     assert facts.handlers == {"memfd": ("memfd-v2",)}
     assert facts.config is None and facts.option("LIVEUPDATE") is None
-    assert image.handover_problems(facts, RUNNING) == []
+    assert image.handover_problems(facts, images.RUNNING_LUO) == []
 
 
 @pytest.mark.parametrize(("compression", "package"), [("zstd", "zstandard"), ("lz4", "lz4")])
@@ -89,7 +88,7 @@ def test_missing_decompressor_is_named(
 )
 def test_handover_problems(tmp_path: Path, kwargs: dict[str, Any], problems: list[str]) -> None:
     facts = image.read_bzimage(images.bzimage(tmp_path / "k", **kwargs).read_bytes())
-    found = image.handover_problems(facts, RUNNING)
+    found = image.handover_problems(facts, images.RUNNING_LUO)
     assert len(found) == len(problems)
     for got, want in zip(found, problems, strict=True):
         assert got.startswith(want), got

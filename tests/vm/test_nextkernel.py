@@ -13,14 +13,12 @@ from typing import Any
 import pytest
 
 from luod.kernel import image
-from luod.kernel.image import RunningLuo
+from testsupport.images import RUNNING_LUO
 from testsupport.vm import qemu
 
 pytestmark = pytest.mark.vm
 
 GUEST = Path(__file__).with_name("guest_nextkernel.py")
-# The running kernel as the project's stock kernel reports its LUO (debugfs).
-RUNNING = RunningLuo("luo-v5", {"memfd": "memfd-v2"}, "the test")
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +45,10 @@ def test_the_project_kernels_read_as_built(kernels: tuple[Path, Path]) -> None:
     assert stock.option("LIVEUPDATE") is True
     assert stock.option("KEXEC_HANDOVER_ENABLE_DEFAULT") is False
     assert stock.release is not None and stock.release.endswith("-luod-stock")
-    assert image.handover_problems(stock, RUNNING) == []
+    assert image.handover_problems(stock, RUNNING_LUO) == []
     abi = image.read_bzimage(image.read_file(str(abi_path)))
     assert abi.luo_abi == ("luo-v5-luod-test",)
-    [problem] = image.handover_problems(abi, RUNNING)
+    [problem] = image.handover_problems(abi, RUNNING_LUO)
     assert problem.startswith("the image speaks LUO ABI luo-v5-luod-test, the running")
 
 
