@@ -30,7 +30,8 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+
+from luod.record import record
 
 SECTION = "Luod"
 NAME = "luod.conf"
@@ -45,7 +46,7 @@ class ConfigError(Exception):
     """A configuration file luod cannot start with: where, and what."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Assignment:
     key: str
     value: str

@@ -18,14 +18,13 @@ for its own sessions only.
 
 from __future__ import annotations
 
-import dataclasses
-
 from luod.ledger import Ledger
 from luod.model import Session
 from luod.preflight import Problem
+from luod.record import record
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class CrashCost:
     """What luod's exit now would release, in all or of one uid."""
 

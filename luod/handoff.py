@@ -9,7 +9,6 @@ session) or closed before `preserve_fds` returns, also on error.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from luod.log import get_logger
 from luod.model import HeldFile, Session, SessionKind
 from luod.names import check_fd_name, check_session_name
 from luod.peer import Peer
+from luod.record import record
 
 if TYPE_CHECKING:
     from luod.custody import Custodian
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = get_logger()
 
 
-@dataclasses.dataclass
+@record
 class Handoff:
     """A file a client hands off: its name, fd (owned), and where in the
     call it came from."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from luod.model import HeldFile, HeldFiles, Owner, Session, SessionKind, SessionState
+from luod.record import record
 
 # 2: session names are unique per owner (uid), not globally: two sessions
 # may share a name if their owners differ. A version 1 manifest (names were
@@ -36,7 +37,7 @@ class ManifestError(Exception):
         self.message = message
 
 
-@dataclasses.dataclass
+@record
 class Manifest:
     sessions: list[Session]
     kexec_count: int = 0

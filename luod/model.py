@@ -1,6 +1,6 @@
 """What luod holds: sessions, the files in them, and their owners.
 
-Plain dataclasses; the fds luod holds live here too, so closing a session
+Records (luod.record); the fds luod holds live here too, so closing a session
 in one place closes everything it keeps.
 """
 
@@ -11,6 +11,8 @@ import enum
 import os
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
+
+from luod.record import record
 
 # A session's identity in luod: (owner uid, name). Names are scoped by owner:
 # two uids may each hold a session called "cache", and nothing one of them
@@ -35,7 +37,7 @@ class SessionState(enum.Enum):
     INCOMING = "incoming"
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Owner:
     uid: int
     unit: str | None = None
@@ -45,7 +47,7 @@ class Owner:
         return f"{self.unit or self.comm or 'uid ' + str(self.uid)} (uid {self.uid})"
 
 
-@dataclasses.dataclass
+@record
 class HeldFile:
     name: str
     token: int
@@ -104,7 +106,7 @@ class HeldFiles(dict[str, HeldFile]):
     pop = popitem = clear = update = setdefault = __ior__ = _not_counted
 
 
-@dataclasses.dataclass
+@record
 class Session:
     name: str
     kind: SessionKind
@@ -149,7 +151,7 @@ class Session:
             self.fd = -1
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Holdings:
     """How much luod holds, in all or for one uid: what its status reports
     and what the quotas count."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import os
 import stat
@@ -31,6 +30,7 @@ from luod import errors, notify
 from luod.kernel.backend import Backend, LuoError
 from luod.log import get_logger
 from luod.peer import Peer
+from luod.record import record
 
 if TYPE_CHECKING:
     from luod.kernel import image
@@ -49,7 +49,7 @@ PROC_CMDLINE = "/proc/cmdline"
 KEXEC_DELAY = 0.1
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class LoadedKernel:
     """A kernel loaded for the next kexec, as luod loaded it."""
 

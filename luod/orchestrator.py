@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from luod import errors
 from luod.log import get_logger
 from luod.peer import Peer
+from luod.record import record
 
 log = get_logger()
 
@@ -46,7 +47,7 @@ MAX_SUBSCRIPTIONS = 16
 MAX_SUBSCRIPTIONS_ROOT = 256
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Policy:
     """Who may stop an update, and how many subscriptions a uid may hold."""
 
@@ -70,7 +71,7 @@ class Phase(enum.Enum):
     resumed = "resumed"
 
 
-@dataclasses.dataclass
+@record
 class Event:
     phase: Phase
     subscription: str
@@ -81,7 +82,7 @@ class Event:
     sessions: list[str] | None = None
 
 
-@dataclasses.dataclass
+@record
 class Subscriber:
     id: str
     name: str
@@ -105,7 +106,7 @@ class Subscriber:
         self.queue.put_nowait(event)
 
 
-@dataclasses.dataclass
+@record
 class Outcome:
     update: int
     ok: bool

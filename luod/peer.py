@@ -9,16 +9,17 @@ processes of one uid.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
 import struct
 
+from luod.record import record
+
 _UNIT = re.compile(r"/([^/]+\.(?:service|scope|socket|mount|slice))$")
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Peer:
     pid: int
     uid: int

@@ -15,9 +15,10 @@ import dataclasses
 
 from luod.ledger import Ledger
 from luod.model import SessionState
+from luod.record import record
 
 
-@dataclasses.dataclass
+@record
 class Problem:
     # The session concerned, "" for what concerns all of them.
     session: str

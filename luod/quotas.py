@@ -17,18 +17,18 @@ the client's own behalf and not seen by luod (nor counted).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from collections.abc import Callable
 
 from luod import errors
 from luod.model import Holdings
+from luod.record import record
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SHIFT = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     """What one uid may hold at most; 0: no limit."""
 
@@ -44,7 +44,7 @@ USER_DEFAULTS = Limits(sessions=64, files=4096, bytes=1 << 30)
 ROOT_DEFAULTS = Limits()
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Quotas:
     user: Limits = USER_DEFAULTS
     root: Limits = ROOT_DEFAULTS

@@ -30,11 +30,12 @@ from luod.ledger import Ledger
 from luod.log import get_logger
 from luod.manifest import Manifest, ManifestError, from_json
 from luod.model import HeldFile, Session, SessionKey, SessionKind, SessionState
+from luod.record import record
 
 log = get_logger()
 
 
-@dataclasses.dataclass
+@record
 class ReclaimReport:
     # "fresh" (nothing came over), "reclaimed" (after a kexec), "restored"
     # (luod restarted in the same boot), "failed"

@@ -33,11 +33,12 @@ from typing import Protocol
 from luod.kernel.backend import Backend
 from luod.log import get_logger
 from luod.notify import ListenFd
+from luod.record import record
 
 log = get_logger()
 
 
-@dataclasses.dataclass
+@record
 class IncomingState:
     """What the previous boot (or the previous luod) left: the newest
     manifest, raw, and the intent recorded after it (`intend`), if any:
@@ -50,7 +51,7 @@ class IncomingState:
     records: list[bytes] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass
+@record
 class CarrierProblem:
     """Something the carrier failed to keep: lost at the next kexec."""
 
@@ -145,7 +146,7 @@ class Carrier(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class CarrierOptions:
     """What a carrier may need to start, beyond the backend."""
 

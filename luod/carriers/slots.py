@@ -43,6 +43,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 
 from luod.manifest import ManifestError
+from luod.record import record
 
 SLOT_FORMAT = 2
 READS_FORMATS = frozenset({1, SLOT_FORMAT})
@@ -101,7 +102,7 @@ def write_record(fd: int, memfd_size: int, slot: int, at: int, seq: int, payload
     return _align(end)
 
 
-@dataclasses.dataclass
+@record
 class SlotRead:
     seq: int  # of the newest change: the base's, or its last record's
     slot: int
@@ -170,7 +171,7 @@ def read_newest(fd: int) -> SlotRead:
     return best
 
 
-@dataclasses.dataclass
+@record
 class Found:
     """The newest manifest among several memfds, and which memfd holds it."""
 
@@ -210,7 +211,7 @@ def newest(
     return best
 
 
-@dataclasses.dataclass
+@record
 class SlotMemfd:
     """One manifest memfd luod writes to."""
 

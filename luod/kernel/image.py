@@ -24,7 +24,6 @@ only ImageError (with a sentence) for what cannot be read.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import os
 import re
@@ -33,6 +32,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 
 from luod.kernel import decompress as kernel_decompress
+from luod.record import record
 
 # Decompressed kernels are tens of MiB; a payload that says more is refused
 # rather than read into luod's memory.
@@ -70,7 +70,7 @@ class ImageError(Exception):
     """The image cannot be read as a kernel; str() says why."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class KernelFacts:
     """What a kernel image says about itself and its LUO."""
 
@@ -95,7 +95,7 @@ class KernelFacts:
         return self.config.get(name) == "y"
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Uki:
     """The parts of a unified kernel image that kexec needs."""
 
@@ -105,7 +105,7 @@ class Uki:
     uname: str | None
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class RunningLuo:
     """The running kernel's LUO ABI and file handlers, and where from."""
 

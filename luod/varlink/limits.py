@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import os
 import re
 import time
 from collections.abc import Callable
 from typing import Any
+
+from luod.record import record
 
 # sd-varlink's VARLINK_BUFFER_MAX.
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -56,7 +57,7 @@ def default_max_connections(nofile: int) -> int:
     return max(8, min(DEFAULT_MAX_CONNECTIONS, nofile // 4))
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # Of max_connections, how many only root may use.

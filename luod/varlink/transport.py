@@ -63,6 +63,7 @@ from asyncvarlink.types import JSONObject, validate_interface, validate_name
 from luod import errors
 from luod.log import get_logger
 from luod.peer import Peer, peer_of_socket
+from luod.record import record
 from luod.varlink import limits as lim
 from luod.varlink.limits import (
     MAX_FDS_PER_MESSAGE,
@@ -105,7 +106,7 @@ def close_left(fds: CallFds) -> None:
             entry.close()
 
 
-@dataclasses.dataclass
+@record
 class CallContext:
     peer: Peer
     fds: CallFds | None

@@ -11,7 +11,6 @@ This module deliberately does not use `from __future__ import annotations`:
 asyncvarlink reads the field types at run time.
 """
 
-import dataclasses
 import enum
 import typing
 
@@ -23,6 +22,7 @@ from luod.model import HeldFile, Owner, Session
 from luod.orchestrator import Phase
 from luod.preflight import Problem
 from luod.reclaim import ReclaimReport
+from luod.record import record
 
 
 class SessionKind(enum.Enum):
@@ -36,14 +36,14 @@ class SessionState(enum.Enum):
     incoming = "incoming"
 
 
-@dataclasses.dataclass
+@record
 class OwnerInfo:
     uid: int
     unit: typing.Optional[str]  # noqa: UP045 - asyncvarlink evaluates this at run time
     comm: str
 
 
-@dataclasses.dataclass
+@record
 class FileInfo:
     name: str
     token: int
@@ -51,7 +51,7 @@ class FileInfo:
     preservedUSec: int
 
 
-@dataclasses.dataclass
+@record
 class SessionInfo:
     name: str
     kind: SessionKind
@@ -65,27 +65,27 @@ class SessionInfo:
     claimDeadlineUSec: typing.Optional[int]  # noqa: UP045
 
 
-@dataclasses.dataclass
+@record
 class FileToPreserve:
     name: str
     fileDescriptor: int
 
 
-@dataclasses.dataclass
+@record
 class RetrievedFile:
     # An index into the fds of the reply, as RetrieveFd's.
     fileDescriptor: FileDescriptor
     file: FileInfo
 
 
-@dataclasses.dataclass
+@record
 class ProblemInfo:
     session: str
     name: typing.Optional[str]  # noqa: UP045
     reason: str
 
 
-@dataclasses.dataclass
+@record
 class CrashCost:
     # What luod's exit now (a crash, kill -9) would release; to anyone but
     # root, of its own sessions only.
@@ -100,7 +100,7 @@ class CrashCost:
     problems: list[ProblemInfo]
 
 
-@dataclasses.dataclass
+@record
 class ReclaimInfo:
     state: str
     sessions: int
@@ -114,7 +114,7 @@ class ReclaimInfo:
     preservedAgainUSec: typing.Optional[int]  # noqa: UP045
 
 
-@dataclasses.dataclass
+@record
 class LoadedKernel:
     kernel: str
     initrd: typing.Optional[str]  # noqa: UP045
@@ -129,7 +129,7 @@ class LoadedKernel:
     problems: list[str]
 
 
-@dataclasses.dataclass
+@record
 class SubscriberInfo:
     name: str
     owner: OwnerInfo
@@ -138,7 +138,7 @@ class SubscriberInfo:
     lastEvent: Phase
 
 
-@dataclasses.dataclass
+@record
 class UpdateInfo:
     update: int
     ok: bool
@@ -148,7 +148,7 @@ class UpdateInfo:
     freezeUSec: typing.Optional[int]  # noqa: UP045
 
 
-@dataclasses.dataclass
+@record
 class Event:
     phase: Phase
     subscription: str
@@ -159,7 +159,7 @@ class Event:
     sessions: typing.Optional[list[str]]  # noqa: UP045
 
 
-@dataclasses.dataclass
+@record
 class StatusInfo:
     version: str
     backend: str
