@@ -382,12 +382,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated workloads of {','.join(WORKLOADS)} (default: all)",
     )
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(WORKLOADS) - {""})
+    if unknown:
+        ap.error(f"--only: no workload {', '.join(unknown)} (workloads: {', '.join(WORKLOADS)})")
     null = bool(args.null_preserve)
+    # The raw loop times the fake kernel's PRESERVE_FD, which --null-preserve takes away.
+    only = [w for w in args.only.split(",") if w and (w != "raw" or not null)]
+    if not only:
+        ap.error("--only: nothing to measure (raw is not measured with --null-preserve)")
     if args.gc != "default":
         os.environ["HOTPATH_GC"] = args.gc
     what = "luod, PRESERVE_FD a no-op" if null else "luod on the fake kernel"
     with running(null) as (p, fk):
-        only = [w for w in args.only.split(",") if w and (w != "raw" or not null)]
         runs = measure(p, fk, args.repeats, only)
     report(runs, what)
     if not args.no_profile:
