@@ -48,6 +48,8 @@ class ConfigError(Exception):
 
 @record(frozen=True)
 class Assignment:
+    """One `key=value` of a configuration file, and where it was read."""
+
     key: str
     value: str
     where: str  # "file:line"

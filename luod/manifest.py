@@ -39,6 +39,8 @@ class ManifestError(Exception):
 
 @record
 class Manifest:
+    """What luod holds, as the manifest says it across restarts and kexecs."""
+
     sessions: list[Session]
     kexec_count: int = 0
     name_counter: int = 0

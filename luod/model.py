@@ -39,6 +39,8 @@ class SessionState(enum.Enum):
 
 @record(frozen=True)
 class Owner:
+    """Whose a session is: the uid, and the unit and command it came from."""
+
     uid: int
     unit: str | None = None
     comm: str = ""
@@ -49,6 +51,8 @@ class Owner:
 
 @record
 class HeldFile:
+    """A file luod holds in a session (a memfd), by its name there."""
+
     name: str
     token: int
     size: int
@@ -108,6 +112,8 @@ class HeldFiles(dict[str, HeldFile]):
 
 @record
 class Session:
+    """A session luod holds: its kernel session and the files in it."""
+
     name: str
     kind: SessionKind
     owner: Owner

@@ -73,6 +73,8 @@ class Phase(enum.Enum):
 
 @record
 class Event:
+    """What a subscriber is told of an update: a phase, and what it concerns."""
+
     phase: Phase
     subscription: str
     update: int | None = None
@@ -84,6 +86,8 @@ class Event:
 
 @record
 class Subscriber:
+    """A subscription to the update barrier, and where it stands in the update."""
+
     id: str
     name: str
     peer: Peer
@@ -108,6 +112,8 @@ class Subscriber:
 
 @record
 class Outcome:
+    """How an update ended: done or aborted, by whom, and its phases' times."""
+
     update: int
     ok: bool
     reason: str | None = None

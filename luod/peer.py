@@ -21,6 +21,8 @@ _UNIT = re.compile(r"/([^/]+\.(?:service|scope|socket|mount|slice))$")
 
 @record(frozen=True)
 class Peer:
+    """Who is at the other end of a connection (SO_PEERCRED, and its unit)."""
+
     pid: int
     uid: int
     gid: int

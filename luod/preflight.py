@@ -20,6 +20,8 @@ from luod.record import record
 
 @record
 class Problem:
+    """Something the next kexec would lose: which session and file, and why."""
+
     # The session concerned, "" for what concerns all of them.
     session: str
     # The file concerned, None for the whole session.

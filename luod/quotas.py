@@ -46,6 +46,8 @@ ROOT_DEFAULTS = Limits()
 
 @record(frozen=True)
 class Quotas:
+    """What each unprivileged uid may hold, and what root may."""
+
     user: Limits = USER_DEFAULTS
     root: Limits = ROOT_DEFAULTS
 

@@ -37,6 +37,8 @@ log = get_logger()
 
 @record
 class ReclaimReport:
+    """What luod's start found and took back of what was held before it."""
+
     # "fresh" (nothing came over), "reclaimed" (after a kexec), "restored"
     # (luod restarted in the same boot), "failed"
     state: str

@@ -104,6 +104,8 @@ def write_record(fd: int, memfd_size: int, slot: int, at: int, seq: int, payload
 
 @record
 class SlotRead:
+    """The newest manifest one slot holds: its base and the records after it."""
+
     seq: int  # of the newest change: the base's, or its last record's
     slot: int
     payload: bytes  # the base

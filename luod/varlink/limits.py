@@ -59,6 +59,9 @@ def default_max_connections(nofile: int) -> int:
 
 @record(frozen=True)
 class Limits:
+    """How many connections luod serves (in all, kept for root, per user) and how
+    long a new one may stay silent."""
+
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # Of max_connections, how many only root may use.
     reserved_for_root: int = DEFAULT_MAX_CONNECTIONS // 8

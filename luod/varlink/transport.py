@@ -108,6 +108,8 @@ def close_left(fds: CallFds) -> None:
 
 @record
 class CallContext:
+    """The call being served: who made it, and the fds that came with it."""
+
     peer: Peer
     fds: CallFds | None
     protocol: LuodProtocol

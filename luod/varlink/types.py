@@ -38,6 +38,8 @@ class SessionState(enum.Enum):
 
 @record
 class OwnerInfo:
+    """A session's owner, on the wire."""
+
     uid: int
     unit: typing.Optional[str]  # noqa: UP045 - asyncvarlink evaluates this at run time
     comm: str
@@ -45,6 +47,8 @@ class OwnerInfo:
 
 @record
 class FileInfo:
+    """A file held in a session, on the wire."""
+
     name: str
     token: int
     size: int
@@ -53,6 +57,8 @@ class FileInfo:
 
 @record
 class SessionInfo:
+    """A session and the files in it, on the wire."""
+
     name: str
     kind: SessionKind
     state: SessionState
@@ -67,12 +73,16 @@ class SessionInfo:
 
 @record
 class FileToPreserve:
+    """One file of a PreserveFds call: its name and the index of its fd."""
+
     name: str
     fileDescriptor: int
 
 
 @record
 class RetrievedFile:
+    """One file of a RetrieveFds reply: the index of its fd and the file."""
+
     # An index into the fds of the reply, as RetrieveFd's.
     fileDescriptor: FileDescriptor
     file: FileInfo
@@ -80,6 +90,8 @@ class RetrievedFile:
 
 @record
 class ProblemInfo:
+    """Something the next kexec would lose, on the wire."""
+
     session: str
     name: typing.Optional[str]  # noqa: UP045
     reason: str
@@ -87,6 +99,8 @@ class ProblemInfo:
 
 @record
 class CrashCost:
+    """What luod's exit now would release, on the wire."""
+
     # What luod's exit now (a crash, kill -9) would release; to anyone but
     # root, of its own sessions only.
     sessions: int
@@ -102,6 +116,8 @@ class CrashCost:
 
 @record
 class ReclaimInfo:
+    """What luod's start took back, on the wire."""
+
     state: str
     sessions: int
     files: int
@@ -116,6 +132,8 @@ class ReclaimInfo:
 
 @record
 class LoadedKernel:
+    """The kernel loaded for the next kexec, on the wire."""
+
     kernel: str
     initrd: typing.Optional[str]  # noqa: UP045
     commandLine: str
@@ -131,6 +149,8 @@ class LoadedKernel:
 
 @record
 class SubscriberInfo:
+    """A subscriber to the update barrier, on the wire."""
+
     name: str
     owner: OwnerInfo
     state: str
@@ -140,6 +160,8 @@ class SubscriberInfo:
 
 @record
 class UpdateInfo:
+    """How the last update ended, on the wire."""
+
     update: int
     ok: bool
     subscriber: typing.Optional[str]  # noqa: UP045
@@ -150,6 +172,8 @@ class UpdateInfo:
 
 @record
 class Event:
+    """An event of the update barrier, on the wire."""
+
     phase: Phase
     subscription: str
     update: typing.Optional[int]  # noqa: UP045
@@ -161,6 +185,8 @@ class Event:
 
 @record
 class StatusInfo:
+    """What GetStatus says of luod, on the wire."""
+
     version: str
     backend: str
     carrier: str
