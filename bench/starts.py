@@ -1,0 +1,172 @@
+"""luod's start from two (or more) source trees, interleaved in one boot.
+
+A change to luod's start moves goal 2 by a few percent, and one luod start
+in this TCG guest moves by up to 30 % from the next: two runs of
+`bench.run` (one per tree, minutes apart) cannot tell such a change from
+the host's load. This boots the project's LUO kernel once and starts luod
+from each tree in turn, round after round, with one run of
+`python -c "import asyncio"` in each round, each in a rotating position;
+each luod is stopped as soon as it is READY. It prints each tree's median
+start, its ratio to the baseline's median, and, per round, each tree's
+start over the first tree's.
+
+    .venv/bin/python -m bench.starts [--rounds N] TREE [TREE ...]
+
+A TREE is a checkout of luod (its `luod/` is imported from there, with
+this checkout's venv and interpreter); `git worktree add ../luod-old REV`
+makes one. The guest sees the host's files, but not under /tmp and /run,
+which are its own. Each tree's byte-code is compiled before the boot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BASELINE = "asyncio"
+# What the guest mounts its own file systems on (vm/guest-init.sh).
+GUEST_OWN = ("/tmp", "/run", "/proc", "/sys", "/dev")
+READY_TIMEOUT = 120.0
+
+
+def _start_luod(tree: str) -> float:
+    """Seconds from spawning luod from `tree` to its READY=1; then stop it."""
+    work = tempfile.mkdtemp(prefix="luod-starts-")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify.bind(f"{work}/notify")
+    notify.settimeout(READY_TIMEOUT)
+    env = dict(os.environ, NOTIFY_SOCKET=f"{work}/notify", PYTHONUNBUFFERED="1", PYTHONPATH=tree)
+    argv = [sys.executable, "-m", "luod.daemon", f"--socket={work}/io.luod", "--grace=1h"]
+    with open(f"{work}/log", "wb") as log:
+        t0 = time.monotonic()
+        # In the tree: `-m` puts the working directory first on sys.path,
+        # before PYTHONPATH (the guest program's own is this checkout).
+        proc = subprocess.Popen(argv, env=env, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while "READY=1" not in notify.recv(4096).decode().split("\n"):
+                pass
+            took = time.monotonic() - t0
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            notify.close()
+    return took
+
+
+def _luod_from(tree: str) -> str:
+    """Where a luod started from `tree` imports luod from."""
+    env = dict(os.environ, PYTHONPATH=tree)
+    code = "import luod; print(luod.__file__)"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _baseline() -> float:
+    """Seconds from spawning `python -c "import asyncio"` to its exit."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import asyncio"], check=True)
+    return time.monotonic() - t0
+
+
+def guest(trees: list[str], rounds: int) -> dict[str, list[float]]:
+    """In the guest: a start of each tree's luod and one baseline run per
+    round, the order rotated every round; one unmeasured round first (the
+    page cache)."""
+    names = [*trees, BASELINE]
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for tree in trees:
+        where = _luod_from(tree)
+        if not where.startswith(tree + "/"):
+            raise RuntimeError(f"luod started in {tree} imports {where}, not that tree's")
+        print(f"{tree}: luod from {where}", flush=True)
+    for name in names:
+        _baseline() if name == BASELINE else _start_luod(name)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            runs[name].append(_baseline() if name == BASELINE else _start_luod(name))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in runs.items()))
+    return runs
+
+
+def report(trees: list[str], runs: dict[str, list[float]]) -> list[str]:
+    base = statistics.median(runs[BASELINE])
+    lines = [f"python -c 'import asyncio': median {base:.2f} s of {len(runs[BASELINE])}"]
+    for tree in trees:
+        mine = statistics.median(runs[tree])
+        per_round = statistics.median(
+            x / y for x, y in zip(runs[tree], runs[BASELINE], strict=True)
+        )
+        lines.append(
+            f"{tree}: luod start -> READY median {mine:.2f} s, {mine / base:.2f}x the baseline's "
+            f"median (per round: median {per_round:.2f}x)"
+        )
+    first = trees[0]
+    for tree in trees[1:]:
+        rel = [x / y for x, y in zip(runs[tree], runs[first], strict=True)]
+        lines.append(
+            f"{tree} / {first}, per round: median {statistics.median(rel):.3f} "
+            f"({' '.join(f'{x:.2f}' for x in rel)})"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = os.environ.get("LUOD_STARTS_CONFIG")
+    if config is not None:  # the guest's side
+        from testsupport.vm import guestlib
+
+        cfg = json.loads(config)
+        guestlib.write_json("starts.json", guest(cfg["trees"], cfg["rounds"]))
+        return 0
+
+    from bench.run import compile_bytecode
+    from testsupport.vm import qemu
+    from testsupport.vm.timeline import Timeline
+
+    p = argparse.ArgumentParser(prog="python -m bench.starts", description=__doc__.split("\n")[0])
+    p.add_argument("trees", nargs="+", type=Path, metavar="TREE", help="checkouts of luod")
+    p.add_argument("--rounds", type=int, default=16, help="rounds (default 16)")
+    p.add_argument("--results", type=Path, help="results folder (default: a new one in /tmp)")
+    args = p.parse_args(argv)
+    trees = [str(t.resolve()) for t in args.trees]
+    for tree in trees:
+        if not os.path.isfile(os.path.join(tree, "luod", "daemon.py")):
+            p.error(f"{tree}: no luod/daemon.py there: not a checkout of luod")
+        if any(tree == d or tree.startswith(d + "/") for d in GUEST_OWN):
+            p.error(f"{tree}: the guest does not see it ({', '.join(GUEST_OWN)} are its own)")
+    reason = qemu.qemu_unavailable_reason()
+    if reason is not None:
+        print(f"bench.starts: cannot run: {reason}", file=sys.stderr)
+        return 2
+    for line in compile_bytecode():
+        print(f"bench.starts: {line}", flush=True)
+    for tree in trees:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", f"{tree}/luod"], check=True)
+    results: Path = args.results or Path(tempfile.mkdtemp(prefix="luod-starts-"))
+    cfg = {"trees": trees, "rounds": args.rounds}
+    result = Timeline(results).run_guest(
+        qemu.build_kernel("stock"),
+        Path(__file__),
+        3600.0,
+        guest_env={"LUOD_STARTS_CONFIG": json.dumps(cfg)},
+        memory="2G",
+        one_thread=False,
+    )
+    result.check(final_stage=1)
+    runs = json.loads((results / "starts.json").read_text())
+    print("\n".join(report(trees, runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
