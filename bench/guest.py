@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     # luod restarts in stage 1, files cached, each then a baseline run (goal
     # 2's headline). Ten: one pair's ratio moves by up to 30 % from the next
     # on this host, and five pairs' medians drew 1.76x and 1.80x for a luod
-    # that 40 interleaved rounds put at 1.6x.
+    # that bench.starts put at 1.6x (two boots of 16 rounds).
     "warm_starts": 10,
 }
 
