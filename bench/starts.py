@@ -88,12 +88,16 @@ def guest(trees: list[str], rounds: int) -> dict[str, list[float]]:
         if not where.startswith(tree + "/"):
             raise RuntimeError(f"luod started in {tree} imports {where}, not that tree's")
         print(f"{tree}: luod from {where}", flush=True)
+
+    def run(name: str) -> float:
+        return _baseline() if name == BASELINE else _start_luod(name)
+
     for name in names:
-        _baseline() if name == BASELINE else _start_luod(name)
+        run(name)
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            runs[name].append(_baseline() if name == BASELINE else _start_luod(name))
+            runs[name].append(run(name))
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in runs.items()))
     return runs
 

@@ -3,8 +3,8 @@
 `dataclasses` writes each class's `__init__`, `__repr__`, `__eq__` (and,
 frozen, `__setattr__`, `__delattr__` and `__hash__`) as source text and
 compiles it when the class is made: at every start of luod, since no .pyc
-holds it. That compiling was a third of what luod's own modules cost at
-start (79 M instructions of 181 M, Python 3.11). `record` makes a real
+holds it. That compiling was close to half of what luod's own modules cost
+at start (79 M instructions of 181 M, Python 3.11). `record` makes a real
 dataclass (fields(), replace(), asdict() and asyncvarlink read it as any
 other) but without the generated `__repr__` and `__eq__`: every record
 shares the three functions below, which read the class's field names, taken
@@ -12,8 +12,10 @@ once when the class is made. They say and compare what dataclasses' would:
 `Name(field=value, ...)` over the fields with repr=True, equality of the
 fields with compare=True between instances of the same class only, and for
 a frozen record a hash of the fields it compares (a mutable one has none).
-The generated `__init__` stays: it runs for every instance, and nothing
-written once is as fast.
+The generated `__init__` stays (it runs for every instance, and nothing
+written once is as fast), and so do a frozen record's generated
+`__setattr__` and `__delattr__`: its `__init__` assigns its fields past
+them, which a shared `__setattr__` could not tell from any other assignment.
 """
 
 from __future__ import annotations
