@@ -382,12 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated workloads of {','.join(WORKLOADS)} (default: all)",
     )
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.only.split(",")) - set(WORKLOADS) - {""})
+    asked = [w for w in args.only.split(",") if w]
+    unknown = sorted(set(asked) - set(WORKLOADS))
     if unknown:
         ap.error(f"--only: no workload {', '.join(unknown)} (workloads: {', '.join(WORKLOADS)})")
     null = bool(args.null_preserve)
     # The raw loop times the fake kernel's PRESERVE_FD, which --null-preserve takes away.
-    only = [w for w in args.only.split(",") if w and (w != "raw" or not null)]
+    only = [w for w in asked if w != "raw" or not null]
     if not only:
         ap.error("--only: nothing to measure (raw is not measured with --null-preserve)")
     if args.gc != "default":
