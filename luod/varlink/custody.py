@@ -28,7 +28,7 @@ from luod.varlink.fastconv import (
 )
 from luod.varlink.limits import MAX_FDS_PER_MESSAGE
 from luod.varlink.replies import replies_of, translating
-from luod.varlink.transport import current, reply_fd, take_fd
+from luod.varlink.transport import current, declaring_errors, reply_fd, take_fd
 from luod.varlink.types import (
     FileInfo,
     FileToPreserve,
@@ -41,14 +41,13 @@ from luod.varlink.types import (
 )
 
 
+@declaring_errors(replies_of(CUSTODY))
 class CustodyInterface(VarlinkInterface, name=CUSTODY):
     """Hand file descriptors to luod so that they survive a kexec, and get
     them back after it. File descriptors travel with the message
     (SCM_RIGHTS); an int named fileDescriptor is an index into them.
     Session names are per user (uid): a call reaches the caller's own
     sessions only. Root names another uid's with owner (logged)."""
-
-    errors = replies_of(CUSTODY)
 
     def __init__(self, custodian: Custodian) -> None:
         self.custodian = custodian

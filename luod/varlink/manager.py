@@ -25,7 +25,7 @@ from luod.orchestrator import Orchestrator, Phase
 from luod.peer import Peer
 from luod.preflight import Problem
 from luod.varlink.replies import refused, replies_of, reply, translating
-from luod.varlink.transport import current
+from luod.varlink.transport import current, declaring_errors
 from luod.varlink.types import (
     CheckResult,
     Event,
@@ -45,11 +45,10 @@ from luod.varlink.types import (
 )
 
 
+@declaring_errors(replies_of(MANAGER))
 class ManagerInterface(VarlinkInterface, name=MANAGER):
     """Inspect and drive luod: status, the preflight check, reclaim after a
     kexec, and the kexec itself where no service manager does it."""
-
-    errors = replies_of(MANAGER)
 
     def __init__(
         self, custodian: Custodian, orchestrator: Orchestrator, nextkernel: NextKernel

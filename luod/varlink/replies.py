@@ -6,6 +6,12 @@ parameters with their types, the docstring as the IDL comment), and each
 interface declares `replies_of(ITS_NAME)`: so every error luod can raise is
 a reply and an IDL `error` line, with nothing to keep in step by hand.
 `refused` turns a raised catalogue error into its reply and logs it.
+
+A reply class is made when it is first needed: when a call is refused
+with it, or when its interface's IDL is rendered. Making all of them (a
+TypedDict and a converter each, in asyncvarlink) was 15.7 M of the 384 M
+instructions of luod's start on Python 3.14 (issue 12, goal 2), for
+replies that a call which succeeds never sends.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import functools
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from asyncvarlink import TypedVarlinkErrorReply
 
@@ -33,6 +39,20 @@ def _wire_type(annotation: str) -> typing.Any:
     return eval(annotation, vars(errors))
 
 
+# The reply classes made so far, by catalogue entry.
+MADE: dict[type[errors.LuodError], type[TypedVarlinkErrorReply]] = {}
+
+
+def reply_class(error: type[errors.LuodError]) -> type[TypedVarlinkErrorReply]:
+    """The reply class of a catalogue entry, made at its first use; the same
+    class from then on, so a refused call's reply is an instance of the
+    class its interface declares."""
+    made = MADE.get(error)
+    if made is None:
+        made = MADE[error] = _reply_class(error)
+    return made
+
+
 def _reply_class(error: type[errors.LuodError]) -> type[TypedVarlinkErrorReply]:
     hints = error.__annotations__
     annotations = {}
@@ -50,19 +70,38 @@ def _reply_class(error: type[errors.LuodError]) -> type[TypedVarlinkErrorReply]:
     return typing.cast(type[TypedVarlinkErrorReply], made)
 
 
-REPLIES: dict[type[errors.LuodError], type[TypedVarlinkErrorReply]] = {
-    error: _reply_class(error) for error in errors.CATALOGUE.values()
-}
+class Replies(Sequence[type[TypedVarlinkErrorReply]]):
+    """An interface's error replies, made when the sequence is first read."""
+
+    def __init__(self, interface: str) -> None:
+        self.interface = interface
+
+    @functools.cached_property
+    def _made(self) -> tuple[type[TypedVarlinkErrorReply], ...]:
+        return tuple(reply_class(e) for e in errors.of_interface(self.interface))
+
+    @typing.overload
+    def __getitem__(self, index: int) -> type[TypedVarlinkErrorReply]: ...
+    @typing.overload
+    def __getitem__(self, index: slice) -> Sequence[type[TypedVarlinkErrorReply]]: ...
+    def __getitem__(
+        self, index: int | slice
+    ) -> type[TypedVarlinkErrorReply] | Sequence[type[TypedVarlinkErrorReply]]:
+        return self._made[index]
+
+    def __len__(self) -> int:
+        return len(self._made)
 
 
-def replies_of(interface: str) -> tuple[type[TypedVarlinkErrorReply], ...]:
-    """An interface's `errors`: the replies of its catalogue entries."""
-    return tuple(REPLIES[e] for e in errors.of_interface(interface))
+def replies_of(interface: str) -> Replies:
+    """An interface's `errors`: the replies of its catalogue entries, made
+    when first read (transport.declaring_errors says when that is)."""
+    return Replies(interface)
 
 
 def reply(e: errors.LuodError) -> TypedVarlinkErrorReply:
     """The reply for `e`: its wire parameters (an absent optional one is left out)."""
-    return REPLIES[type(e)](**{k: v for k, v in e.parameters.items() if v is not None})
+    return reply_class(type(e))(**{k: v for k, v in e.parameters.items() if v is not None})
 
 
 # Long enough for a preflight refusal that names many sessions.

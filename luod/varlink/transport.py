@@ -39,14 +39,16 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from asyncvarlink import (
     AnnotatedResult,
     FileDescriptor,
     FileDescriptorArray,
+    TypedVarlinkErrorReply,
     VarlinkErrorReply,
+    VarlinkInterface,
     VarlinkInterfaceRegistry,
     VarlinkInterfaceServerProtocol,
     VarlinkMethodCall,
@@ -209,6 +211,28 @@ def is_reply_fd(fd: Any) -> bool:
     """Whether `fd` is a FileDescriptor a reply can carry as it is: wrapping
     an int or what reply_fd() wraps."""
     return type(fd) is FileDescriptor and (type(fd.fd) is _Owned or isinstance(fd.fd, int))
+
+
+# --- an interface's errors, declared once asyncvarlink has made it ----------
+
+_Interface = TypeVar("_Interface", bound=type[VarlinkInterface])
+
+
+def declaring_errors(
+    replies: Sequence[type[TypedVarlinkErrorReply]],
+) -> Callable[[_Interface], _Interface]:
+    """A class decorator: the interface's `errors` are `replies`, set once
+    the class is made. asyncvarlink reads `errors` when a subclass is made,
+    into the map by which a client proxy decodes error replies (a server
+    never reads it), and when it renders the IDL. Set afterwards, a sequence
+    made when first read (luod.varlink.replies.Replies) is first read when
+    the IDL is asked for, not at luod's start."""
+
+    def declare(interface: _Interface) -> _Interface:
+        interface.errors = replies
+        return interface
+
+    return declare
 
 
 # --- plain calls: served without asyncvarlink's per-call steps ---------------

@@ -18,7 +18,7 @@ from luod.client import Client, VarlinkError
 from luod.interfaces import CUSTODY, MANAGER
 from luod.varlink.custody import CustodyInterface
 from luod.varlink.manager import ManagerInterface
-from luod.varlink.replies import REPLIES, reply
+from luod.varlink.replies import reply, reply_class
 from testsupport.luodproc import LuodProcess
 from testsupport.util import run_as
 
@@ -65,7 +65,7 @@ def test_every_error_is_served_and_declared(cls: type[errors.LuodError]) -> None
         MANAGER: ManagerInterface,
     }
     interface = interfaces[cls.interface]
-    served = REPLIES[cls]
+    served = reply_class(cls)
     assert served in interface.errors
     assert served.name == cls.error_name
     assert cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")  # an IDL comment
