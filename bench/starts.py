@@ -23,42 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench.guest import python_baseline, start, stop
+from testsupport.luodproc import LuodProcess
 
 BASELINE = "asyncio"
 # What the guest mounts its own file systems on (vm/guest-init.sh).
 GUEST_OWN = ("/tmp", "/run", "/proc", "/sys", "/dev")
 READY_TIMEOUT = 120.0
-
-
-def _start_luod(tree: str) -> float:
-    """Seconds from spawning luod from `tree` to its READY=1; then stop it."""
-    work = tempfile.mkdtemp(prefix="luod-starts-")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    notify.bind(f"{work}/notify")
-    notify.settimeout(READY_TIMEOUT)
-    env = dict(os.environ, NOTIFY_SOCKET=f"{work}/notify", PYTHONUNBUFFERED="1", PYTHONPATH=tree)
-    argv = [sys.executable, "-m", "luod.daemon", f"--socket={work}/io.luod", "--grace=1h"]
-    with open(f"{work}/log", "wb") as log:
-        t0 = time.monotonic()
-        # In the tree: `-m` puts the working directory first on sys.path,
-        # before PYTHONPATH (the guest program's own is this checkout).
-        proc = subprocess.Popen(argv, env=env, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while "READY=1" not in notify.recv(4096).decode().split("\n"):
-                pass
-            took = time.monotonic() - t0
-        finally:
-            proc.terminate()
-            proc.wait(60)
-            notify.close()
-    return took
 
 
 def _luod_from(tree: str) -> str:
@@ -70,27 +47,27 @@ def _luod_from(tree: str) -> str:
     ).stdout.strip()
 
 
-def _baseline() -> float:
-    """Seconds from spawning `python -c "import asyncio"` to its exit."""
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import asyncio"], check=True)
-    return time.monotonic() - t0
-
-
 def guest(trees: list[str], rounds: int) -> dict[str, list[float]]:
     """In the guest: a start of each tree's luod and one baseline run per
     round, the order rotated every round; one unmeasured round first (the
     page cache)."""
     names = [*trees, BASELINE]
     runs: dict[str, list[float]] = {name: [] for name in names}
+    luods: dict[str, LuodProcess] = {}
     for tree in trees:
         where = _luod_from(tree)
         if not where.startswith(tree + "/"):
             raise RuntimeError(f"luod started in {tree} imports {where}, not that tree's")
         print(f"{tree}: luod from {where}", flush=True)
+        work = Path(tempfile.mkdtemp(prefix="luod-starts-"))
+        luods[tree] = LuodProcess(work, [], ["--grace=1h"], ready_timeout=READY_TIMEOUT, repo=tree)
 
     def run(name: str) -> float:
-        return _baseline() if name == BASELINE else _start_luod(name)
+        if name == BASELINE:
+            return python_baseline(1)[0]
+        took = start(luods[name])
+        stop(luods[name])
+        return took
 
     for name in names:
         run(name)

@@ -45,6 +45,9 @@ class LuodProcess:
     nofile: int | None = None
     # Interpreter arguments before `-m MODULE` (the bench: -m cProfile -o FILE).
     python_args: list[str] = dataclasses.field(default_factory=list)
+    # The checkout luod (and testsupport) is imported from: this one, or
+    # another tree whose start bench.starts compares with this one's.
+    repo: str = REPO
 
     @property
     def module(self) -> str:
@@ -83,8 +86,9 @@ class LuodProcess:
         notify.bind(notify_path)
         env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
         # testsupport is no installed package: the test entry point needs
-        # the tree on the path, wherever the tests run from.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+        # the tree on the path, wherever the tests run from. In the tree,
+        # too: `-m` puts the working directory first on sys.path.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.repo, env.get("PYTHONPATH")) if p)
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
                 [
@@ -99,6 +103,7 @@ class LuodProcess:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env=env,
+                cwd=self.repo,
                 preexec_fn=None if self.nofile is None else self._limit_nofile,
             )
         # Ready means READY=1 on the notify socket, as systemd would see it.
