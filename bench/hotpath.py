@@ -253,6 +253,9 @@ def raw_preserve(fake_kernel: str) -> float:
 
 
 WORKLOADS = ("getinfo", "getstatus", "batches", "singles", "retrieve", "raw")
+# luod's start, the warm-up and its exit, nothing timed: the count that is
+# subtracted when luod runs under callgrind (bench/RESULTS.md).
+NONE = "none"
 
 
 def measure(
@@ -379,20 +382,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default=",".join(WORKLOADS),
-        help=f"comma-separated workloads of {','.join(WORKLOADS)} (default: all)",
+        help=f"comma-separated workloads of {','.join(WORKLOADS)} (default: all); "
+        f"{NONE}: luod's start, warm-up and exit only (a count under valgrind subtracts it)",
     )
     args = ap.parse_args(argv)
+    if args.gc != "default":
+        os.environ["HOTPATH_GC"] = args.gc
     asked = [w for w in args.only.split(",") if w]
+    if asked == [NONE]:
+        with running(bool(args.null_preserve)) as (p, fk):
+            measure(p, fk, args.repeats, [])
+        print("bench.hotpath: --only none: luod started, warmed up and stopped; nothing timed")
+        return 0
     unknown = sorted(set(asked) - set(WORKLOADS))
     if unknown:
-        ap.error(f"--only: no workload {', '.join(unknown)} (workloads: {', '.join(WORKLOADS)})")
+        ap.error(
+            f"--only: no workload {', '.join(unknown)} "
+            f"(workloads: {', '.join(WORKLOADS)}; or {NONE} alone)"
+        )
     null = bool(args.null_preserve)
     # The raw loop times the fake kernel's PRESERVE_FD, which --null-preserve takes away.
     only = [w for w in asked if w != "raw" or not null]
     if not only:
         ap.error("--only: nothing to measure (raw is not measured with --null-preserve)")
-    if args.gc != "default":
-        os.environ["HOTPATH_GC"] = args.gc
     what = "luod, PRESERVE_FD a no-op" if null else "luod on the fake kernel"
     with running(null) as (p, fk):
         runs = measure(p, fk, args.repeats, only)
