@@ -194,6 +194,10 @@ def parse_args(
         from_files = settings(parser, files(root))
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: {e}\n")
+    if not from_files:
+        # The usual start: no file sets anything, and what the command line
+        # set itself need not be known (that takes a second parser: issue 12).
+        return args
     on_command_line = given(build, argv)
     for dest, value in from_files.items():
         if dest not in on_command_line:
