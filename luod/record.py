@@ -13,9 +13,21 @@ once when the class is made. They say and compare what dataclasses' would:
 fields with compare=True between instances of the same class only, and for
 a frozen record a hash of the fields it compares (a mutable one has none).
 The generated `__init__` stays (it runs for every instance, and nothing
-written once is as fast), and so do a frozen record's generated
-`__setattr__` and `__delattr__`: its `__init__` assigns its fields past
-them, which a shared `__setattr__` could not tell from any other assignment.
+written once is as fast).
+
+A frozen record is made as a mutable dataclass, with a shared
+`__setattr__` and `__delattr__` in place of the two that dataclasses would
+compile for each frozen class: 14.7 M instructions of luod's start on
+Python 3.11, 10.4 M on 3.14. Making an instance costs about 2 K
+instructions more (a call of the shared `__setattr__` per field; no frozen
+record is made per fd). The shared `__setattr__` lets a field be
+set once, when the instance has no value for it yet: that is the generated
+`__init__` setting it (every field of a frozen record is set there; `_make`
+refuses one that is not). After that it refuses as dataclasses' own does:
+any name on an instance of the record itself, a field on an instance of a
+subclass. The one difference: dataclasses' `__dataclass_params__.frozen` is
+False, so a plain `dataclasses.dataclass(frozen=True)` cannot derive from
+a frozen record (a frozen record can).
 """
 
 from __future__ import annotations
@@ -33,6 +45,10 @@ _SHOWN = "_record_shown"
 _SHOWN_VALUES = "_record_shown_values"
 _COMPARED = "_record_compared"
 _HASHED = "_record_hashed"
+# A frozen record's class (its subclasses inherit the attribute: theirs is
+# not them) and the names of its fields.
+_FROZEN_CLASS = "_record_frozen_class"
+_FROZEN_FIELDS = "_record_frozen_fields"
 
 
 def _values(names: tuple[str, ...]) -> Callable[[object], tuple[object, ...]]:
@@ -62,9 +78,58 @@ def _hash(self: object) -> int:
     return hash(getattr(type(self), _HASHED)(self))
 
 
+def _frozen_setattr(self: object, name: str, value: object) -> None:
+    own = self.__dict__
+    cls = type(self)
+    fields = getattr(cls, _FROZEN_FIELDS)
+    if name not in own and name in fields:
+        # __init__ setting the field (a record's fields are plain instance
+        # attributes: no descriptor to go through).
+        own[name] = value
+    elif cls is getattr(cls, _FROZEN_CLASS) or name in fields:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+    else:
+        object.__setattr__(self, name, value)
+
+
+def _frozen_delattr(self: object, name: str) -> None:
+    cls = type(self)
+    if cls is getattr(cls, _FROZEN_CLASS) or name in getattr(cls, _FROZEN_FIELDS):
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+    object.__delattr__(self, name)
+
+
 def _make(cls: type[_T], frozen: bool) -> type[_T]:
-    made: typing.Any = dataclasses.dataclass(cls, repr=False, eq=False, frozen=frozen)
+    # dataclasses' own rule, which it cannot check here: it sees every
+    # record as mutable.
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base) and hasattr(base, _FROZEN_CLASS) != frozen:
+            raise TypeError(
+                "cannot inherit frozen record from a non-frozen one"
+                if frozen
+                else "cannot inherit non-frozen record from a frozen one"
+            )
+    made: typing.Any = dataclasses.dataclass(cls, repr=False, eq=False)
     fields = dataclasses.fields(made)
+    if frozen:
+        unset = [
+            f.name
+            for f in fields
+            if not f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if unset:
+            # Its __init__ would leave them unset, and the first assignment
+            # after it would be let through.
+            raise TypeError(
+                f"frozen record {made.__qualname__}: field {unset[0]} is init=False "
+                "without a default (set every field in __init__)"
+            )
+        setattr(made, _FROZEN_CLASS, made)
+        setattr(made, _FROZEN_FIELDS, frozenset(f.name for f in fields))
+        made.__setattr__ = _frozen_setattr
+        made.__delattr__ = _frozen_delattr
     shown = tuple(f.name for f in fields if f.repr)
     setattr(made, _SHOWN, shown)
     setattr(made, _SHOWN_VALUES, _values(shown))

@@ -4,6 +4,7 @@ and compares what they do."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -112,6 +113,78 @@ def test_frozen_refuses_assignment() -> None:
     ours, _ = _both("one", frozen=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ours(1).a = 2
+
+
+def _outcome(action: typing.Callable[..., object], *args: object) -> str:
+    try:
+        action(*args)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "done"
+
+
+@pytest.mark.parametrize("subclass", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_frozen_refuses_as_dataclasses(shape: str, subclass: bool) -> None:
+    """Setting and deleting each field and a name that is none, on an
+    instance of the record and of a (plain) subclass: what dataclasses'
+    compiled __setattr__/__delattr__ do, the shared ones do."""
+    ours, theirs = _both(shape, frozen=True)
+    if subclass:
+        ours, theirs = type("Sub", (ours,), {}), type("Sub", (theirs,), {})
+    names = [f.name for f in dataclasses.fields(ours)] + ["other"]
+    for name in names:
+        made = ours(*VALUES[shape]), theirs(*VALUES[shape])
+        for action, *value in ((setattr, 5), (setattr, 6), (delattr,), (delattr,)):
+            got = [_outcome(action, obj, name, *value) for obj in made]
+            assert got[0] == got[1], (name, got)
+        assert vars(made[0]) == vars(made[1])
+    made = ours(*VALUES[shape]), theirs(*VALUES[shape])
+    assert [vars(copy.copy(m)) for m in made] == [vars(m) for m in made]
+    assert [vars(copy.deepcopy(m)) for m in made] == [vars(m) for m in made]
+    assert dataclasses.replace(made[0]) == made[0]
+
+
+def test_frozen_and_mutable_records_do_not_derive_from_each_other() -> None:
+    @record(frozen=True)
+    class Frozen:
+        a: int
+
+    @record
+    class Mutable:
+        a: int
+
+    with pytest.raises(TypeError, match="cannot inherit non-frozen record from a frozen one"):
+        record(type("M", (Frozen,), {"__annotations__": {"b": int}}))
+    with pytest.raises(TypeError, match="cannot inherit frozen record from a non-frozen one"):
+        record(frozen=True)(type("F", (Mutable,), {"__annotations__": {"b": int}}))
+
+    @record(frozen=True)
+    class More(Frozen):
+        b: int = 0
+
+    more = More(1, 2)
+    assert more == More(1, 2) and hash(more) == hash(More(1, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(more, "b", 3)  # noqa: B010 - past the type checker, which knows
+
+
+def test_frozen_fields_are_all_set_by_init() -> None:
+    # A field __init__ leaves unset could be assigned once afterwards.
+    with pytest.raises(TypeError, match="field b is init=False without a default"):
+
+        @record(frozen=True)
+        class Unset:
+            a: int
+            b: int = dataclasses.field(init=False)
+
+    @record(frozen=True)
+    class Set:
+        a: int
+        b: list[int] = dataclasses.field(init=False, default_factory=list)
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(Set(1), "b", [2])  # noqa: B010 - past the type checker, which knows
 
 
 def test_is_a_dataclass() -> None:
