@@ -1,6 +1,7 @@
 """Small helpers shared by the tests and the bench: memfds with known
 contents, a fake kernel image, waiting for a condition, whether an fd is
-open, running a function as another uid.
+open, running a function as another uid, Python code in a fresh
+interpreter.
 
 Only the standard library: this is also installed into the Debian sid VM
 image."""
@@ -13,6 +14,8 @@ import fcntl
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -68,6 +71,16 @@ def wait_until(done: Callable[[], bool], what: str, timeout: float = 10.0) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not so after {timeout:g}s")
         time.sleep(0.02)
+
+
+def fresh_python(code: str) -> str:
+    """What `code` prints in a new interpreter (this one, this environment):
+    what luod's start imports or makes, without what the test process has
+    loaded already."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout
 
 
 def fd_is_open(fd: int) -> bool:

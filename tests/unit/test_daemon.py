@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import subprocess
-import sys
 from typing import cast
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from luod import daemon, servicemanager
 from luod.interfaces import DEFAULT_SOCKET
 from luod.kernel.backend import Backend
+from testsupport.util import fresh_python
 
 
 @pytest.mark.parametrize(
@@ -139,7 +138,4 @@ def test_luods_start_imports_only_what_it_needs() -> None:
         "luod.daemon.build_parser().parse_args([]);"
         "print(sorted(m for m in ('structlog', 'pathlib', 'ctypes') if m in sys.modules))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout == "[]\n"
+    assert fresh_python(code) == "[]\n"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -22,6 +20,7 @@ from luod.varlink import transport
 from luod.varlink.custody import CustodyInterface
 from luod.varlink.manager import ManagerInterface
 from luod.varlink.replies import refused, replies_of, reply, reply_class, translating
+from testsupport.util import fresh_python
 
 ROOT = Peer(pid=1, uid=0, gid=0, comm="luoctl")
 NOBODY = Peer(pid=2, uid=65534, gid=65534, comm="intruder")
@@ -62,10 +61,7 @@ def test_reply_classes_are_made_when_first_needed_not_at_luods_start() -> None:
         "CustodyInterface.render_interface_description();"
         "print(len(replies.MADE) == len(errors.of_interface('io.luod.Custody')))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout == "0\n['NoSuchSession']\nTrue\n"
+    assert fresh_python(code) == "0\n['NoSuchSession']\nTrue\n"
 
 
 def test_reply_has_the_wire_parameters_only() -> None:
