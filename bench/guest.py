@@ -112,8 +112,9 @@ def start(luod: LuodProcess) -> float:
 def python_baseline(runs: int) -> list[float]:
     """Seconds from spawning `python -c "import asyncio"` to its exit, `runs`
     times: the interpreter luod runs with (sys.executable, the venv's), the
-    environment LuodProcess gives luod (its PYTHONPATH, unbuffered), timed
-    the way start() times luod (time.monotonic around spawn -> done)."""
+    environment LuodProcess gives luod (its PYTHONPATH, unbuffered, the
+    checkout as working directory and so first on sys.path), timed the way
+    start() times luod (time.monotonic around spawn -> done)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     out = []
@@ -122,6 +123,7 @@ def python_baseline(runs: int) -> list[float]:
         subprocess.run(
             [sys.executable, "-c", BASELINE_CODE],
             env=env,
+            cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             check=True,
