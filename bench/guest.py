@@ -90,15 +90,16 @@ def config() -> dict[str, Any]:
 # --- luod as a process -----------------------------------------------------------
 
 
-def new_luod(profile: str | None = None) -> LuodProcess:
+def new_luod(profile: str | None = None, repo: str = REPO, work: Path = WORK) -> LuodProcess:
     """luod on the real kernel, optionally under cProfile writing the
-    results share's file `profile` when it stops."""
-    WORK.mkdir(parents=True, exist_ok=True)
+    results share's file `profile` when it stops; from the checkout `repo`
+    (bench.starts: another tree's, each in its own `work`)."""
+    work.mkdir(parents=True, exist_ok=True)
     python_args = []
     if profile:
         python_args = ["-m", "cProfile", "-o", str(guestlib.results_dir() / profile)]
     return LuodProcess(
-        WORK, [], ["--grace=1h"], ready_timeout=READY_TIMEOUT, python_args=python_args
+        work, [], ["--grace=1h"], ready_timeout=READY_TIMEOUT, python_args=python_args, repo=repo
     )
 
 

@@ -15,7 +15,10 @@ start over the first tree's.
 A TREE is a checkout of luod (its `luod/` is imported from there, with
 this checkout's venv and interpreter); `git worktree add ../luod-old REV`
 makes one. The guest sees the host's files, but not under /tmp and /run,
-which are its own. Each tree's byte-code is compiled before the boot.
+which are its own: such a tree is refused. Each luod is started in its
+tree (testsupport.luodproc's `repo`, which tests/test_luodproc.py holds to
+importing that tree's luod). Each tree's byte-code is compiled before the
+boot.
 """
 
 from __future__ import annotations
@@ -29,22 +32,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.guest import python_baseline, start, stop
-from testsupport.luodproc import LuodProcess
+from bench.guest import new_luod, python_baseline, start, stop
 
 BASELINE = "asyncio"
 # What the guest mounts its own file systems on (vm/guest-init.sh).
 GUEST_OWN = ("/tmp", "/run", "/proc", "/sys", "/dev")
-READY_TIMEOUT = 120.0
-
-
-def _luod_from(tree: str) -> str:
-    """Where a luod started from `tree` imports luod from."""
-    env = dict(os.environ, PYTHONPATH=tree)
-    code = "import luod; print(luod.__file__)"
-    return subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True, check=True
-    ).stdout.strip()
 
 
 def guest(trees: list[str], rounds: int) -> dict[str, list[float]]:
@@ -53,14 +45,10 @@ def guest(trees: list[str], rounds: int) -> dict[str, list[float]]:
     page cache)."""
     names = [*trees, BASELINE]
     runs: dict[str, list[float]] = {name: [] for name in names}
-    luods: dict[str, LuodProcess] = {}
-    for tree in trees:
-        where = _luod_from(tree)
-        if not where.startswith(tree + "/"):
-            raise RuntimeError(f"luod started in {tree} imports {where}, not that tree's")
-        print(f"{tree}: luod from {where}", flush=True)
-        work = Path(tempfile.mkdtemp(prefix="luod-starts-"))
-        luods[tree] = LuodProcess(work, [], ["--grace=1h"], ready_timeout=READY_TIMEOUT, repo=tree)
+    luods = {
+        tree: new_luod(repo=tree, work=Path(tempfile.mkdtemp(prefix="luod-starts-")))
+        for tree in trees
+    }
 
     def run(name: str) -> float:
         if name == BASELINE:
