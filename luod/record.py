@@ -13,7 +13,8 @@ once when the class is made. They say and compare what dataclasses' would:
 fields with compare=True between instances of the same class only, and for
 a frozen record a hash of the fields it compares (a mutable one has none).
 The generated `__init__` stays (it runs for every instance, and nothing
-written once is as fast).
+written once is as fast), but is made when the class is first
+instantiated (`_init_on_first_use`): luod's start makes few of its records.
 
 A frozen record is made as a mutable dataclass, with a shared
 `__setattr__` and `__delattr__` in place of the two that dataclasses would
@@ -99,6 +100,72 @@ def _frozen_delattr(self: object, name: str) -> None:
     object.__delattr__(self, name)
 
 
+def _takes_initvar(cls: typing.Any, fields: tuple[dataclasses.Field[typing.Any], ...]) -> bool:
+    """Whether a pseudo-field of `cls` (one fields() leaves out: a ClassVar
+    or an InitVar) is an InitVar, as an object or as a string."""
+    real = {f.name for f in fields}
+    for name, f in cls.__dataclass_fields__.items():
+        t = f.type
+        if name not in real and (
+            isinstance(t, dataclasses.InitVar)
+            or t is dataclasses.InitVar
+            or (isinstance(t, str) and "InitVar" in t)
+        ):
+            return True
+    return False
+
+
+def _check_order(cls: type, fields: tuple[dataclasses.Field[typing.Any], ...]) -> None:
+    """dataclasses' check of the __init__ it would write, made when the
+    class is made: a positional field without a default after one with."""
+    seen_default = False
+    for f in fields:
+        if not f.init or f.kw_only:
+            continue
+        has_default = (
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
+        if has_default:
+            seen_default = True
+        elif seen_default:
+            raise TypeError(f"non-default argument {f.name!r} follows default argument")
+
+
+def _init_on_first_use(cls: typing.Any) -> Callable[..., None]:
+    """An `__init__` that puts dataclasses' own in its place when the class
+    is first instantiated, and runs it. Python 3.11 compiles each generated
+    `__init__` from source, about 0.5 M instructions, and luod's start makes
+    few of its 40 records (issue 12, goal 2). dataclasses writes it for a
+    twin of the class with the same fields (copies: dataclasses sets their
+    name and type): it sets the fields of any instance given as self, and
+    calls its `__post_init__`."""
+
+    def __init__(self: object, *args: object, **kwargs: object) -> None:
+        fields = [
+            (
+                f.name,
+                f.type,
+                dataclasses.field(
+                    default=f.default,
+                    default_factory=f.default_factory,
+                    init=f.init,
+                    kw_only=f.kw_only,
+                ),
+            )
+            for f in dataclasses.fields(cls)
+        ]
+        namespace = {"__post_init__": cls.__post_init__} if hasattr(cls, "__post_init__") else {}
+        twin: typing.Any = dataclasses.make_dataclass(
+            cls.__name__, fields, namespace=namespace, repr=False, eq=False
+        )
+        init = twin.__dict__["__init__"]
+        init.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = init
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
 def _make(cls: type[_T], frozen: bool) -> type[_T]:
     # dataclasses' own rule, which it cannot check here: it sees every
     # record as mutable.
@@ -109,22 +176,25 @@ def _make(cls: type[_T], frozen: bool) -> type[_T]:
                 if frozen
                 else "cannot inherit non-frozen record from a frozen one"
             )
-    made: typing.Any = dataclasses.dataclass(cls, repr=False, eq=False)
+    own_init = "__init__" in cls.__dict__
+    made: typing.Any = dataclasses.dataclass(cls, init=False, repr=False, eq=False)
     fields = dataclasses.fields(made)
+    if _takes_initvar(made, fields):
+        # The __init__ made when first needed is made from fields(), which
+        # leaves InitVars out.
+        raise TypeError(f"record {made.__qualname__}: InitVar fields are not supported")
+    _check_order(made, fields)
+    if not own_init:
+        made.__init__ = _init_on_first_use(made)
     if frozen:
-        unset = [
-            f.name
-            for f in fields
-            if not f.init
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        ]
+        # dataclasses' __init__ sets an init=False field only from a default
+        # factory (a plain default stays on the class): a field it leaves
+        # unset would let the first assignment after it through.
+        unset = [f.name for f in fields if not f.init and f.default_factory is dataclasses.MISSING]
         if unset:
-            # Its __init__ would leave them unset, and the first assignment
-            # after it would be let through.
             raise TypeError(
                 f"frozen record {made.__qualname__}: field {unset[0]} is init=False "
-                "without a default (set every field in __init__)"
+                "without a default_factory (set every field in __init__)"
             )
         setattr(made, _FROZEN_CLASS, made)
         setattr(made, _FROZEN_FIELDS, frozenset(f.name for f in fields))

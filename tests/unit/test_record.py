@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import types
 import typing
 
@@ -171,12 +172,20 @@ def test_frozen_and_mutable_records_do_not_derive_from_each_other() -> None:
 
 def test_frozen_fields_are_all_set_by_init() -> None:
     # A field __init__ leaves unset could be assigned once afterwards.
-    with pytest.raises(TypeError, match="field b is init=False without a default"):
+    with pytest.raises(TypeError, match="field b is init=False without a default_factory"):
 
         @record(frozen=True)
         class Unset:
             a: int
             b: int = dataclasses.field(init=False)
+
+    # dataclasses' __init__ leaves a plain default on the class.
+    with pytest.raises(TypeError, match="field b is init=False without a default_factory"):
+
+        @record(frozen=True)
+        class OnTheClass:
+            a: int
+            b: int = dataclasses.field(default=0, init=False)
 
     @record(frozen=True)
     class Set:
@@ -204,3 +213,109 @@ def test_without_parentheses() -> None:
     assert repr(Point(1)) == "test_without_parentheses.<locals>.Point(x=1, y=0)"
     assert Point(1) == Point(1, 0)
     assert Point.__hash__ is None
+
+
+# Calls of __init__, each made on a fresh class both ways (the first call
+# is the one that puts dataclasses' __init__ in place).
+INIT_CALLS: list[tuple[str, tuple[object, ...], dict[str, object]]] = [
+    ("several", (1, "x"), {}),
+    ("several", (1,), {"b": "x", "c": [4]}),
+    ("several", (), {"a": 1, "b": "x"}),
+    ("several", (1,), {}),
+    ("several", (1, "x", None, 4), {}),
+    ("several", (1, "x"), {"d": 5}),
+    ("several", (1, "x"), {"a": 2}),
+    ("factory", (1,), {}),
+    ("hidden", (1,), {"c": 3}),
+    ("empty", (), {}),
+    ("empty", (1,), {}),
+]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize(("shape", "args", "kwargs"), INIT_CALLS)
+def test_init_made_on_first_use_does_as_dataclasses(
+    shape: str, args: tuple[object, ...], kwargs: dict[str, object], frozen: bool
+) -> None:
+    """Each call on a class not instantiated before, then the same call
+    again: the same fields set, or the same error."""
+    ours, theirs = _both(shape, frozen)
+    for _ in range(2):
+        got = []
+        for cls in (ours, theirs):
+            try:
+                got.append(repr(vars(cls(*args, **kwargs))))
+            except TypeError as e:
+                got.append(f"TypeError: {e}".replace(cls.__qualname__ + ".", ""))
+        assert got[0] == got[1]
+    assert str(inspect.signature(ours)) == str(inspect.signature(theirs))
+
+
+def test_init_is_made_when_first_needed() -> None:
+    @record
+    class Later:
+        a: int
+
+    stub = Later.__init__
+    Later(1)
+    assert Later.__init__ is not stub
+    assert (
+        Later.__init__.__qualname__ == "test_init_is_made_when_first_needed.<locals>.Later.__init__"
+    )
+    made = Later.__init__
+    Later(2)
+    assert Later.__init__ is made
+
+
+def test_init_made_on_first_use_keeps_the_rest_of_dataclasses_init() -> None:
+    seen: list[str] = []
+
+    @record(frozen=True)
+    class Base:
+        a: int
+        fresh: list[int] = dataclasses.field(default_factory=list)
+        later: list[int] = dataclasses.field(default_factory=lambda: [9], init=False)
+
+        def __post_init__(self) -> None:
+            seen.append(type(self).__name__)
+
+    @record(frozen=True)
+    class Derived(Base):
+        b: int = 0
+        c: int = dataclasses.field(default=0, kw_only=True)
+
+    class Plain(Base):
+        pass
+
+    # A plain subclass made first puts Base's __init__ in place for both.
+    assert vars(Plain(1)) == {"a": 1, "fresh": [], "later": [9]}
+    one, two = Base(1), Base(1)
+    assert one.fresh is not two.fresh
+    # (luod's records declare no field specifiers: mypy knows no init=False.)
+    derived: typing.Any = Derived
+    assert vars(derived(1, [2], 3, c=4)) == {"a": 1, "fresh": [2], "later": [9], "b": 3, "c": 4}
+    with pytest.raises(TypeError):
+        derived(1, [2], 3, 4)
+    assert seen == ["Plain", "Base", "Base", "Derived"]
+
+
+def test_own_init_is_kept() -> None:
+    @record
+    class Own:
+        a: int
+
+        def __init__(self, text: str) -> None:
+            self.a = int(text)
+
+    assert Own("3") == Own("3") and Own("3").a == 3
+
+
+def test_init_checks_are_made_with_the_class() -> None:
+    # What dataclasses refuses when it writes __init__ is refused when the
+    # class is made, not at its first instance.
+    with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
+        record(type("Order", (), {"__annotations__": {"a": int, "b": int}, "a": 0}))
+    with pytest.raises(TypeError, match="InitVar fields are not supported"):
+        record(type("Init", (), {"__annotations__": {"a": dataclasses.InitVar[int]}}))
+    with pytest.raises(TypeError, match="InitVar fields are not supported"):
+        record(type("Init", (), {"__annotations__": {"a": "dataclasses.InitVar[int]"}}))
