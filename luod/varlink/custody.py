@@ -5,20 +5,23 @@ calls the Custodian (luod.custody), and says the result in wire types
 (luod.varlink.types). The errors it declares are the catalogue's Custody
 entries (luod.errors); `translating` serves a raised one as its reply.
 
-This module deliberately does not use `from __future__ import annotations`:
-asyncvarlink reads the method signatures at run time.
+The methods' annotations are evaluated when a method is first looked up
+(lazy_varlinkmethod), and the wire types imported then (luod.lazyimport).
 """
+
+from __future__ import annotations
 
 import fcntl
 import os
 import typing
 
-from asyncvarlink import FileDescriptor, VarlinkInterface, varlinkmethod, varlinksignature
+from asyncvarlink import FileDescriptor, VarlinkInterface, VarlinkMethodSignature
 from asyncvarlink.conversion import ObjectVarlinkType, VarlinkType
 
 from luod import errors
 from luod.custody import Custodian, Handoff
 from luod.interfaces import CUSTODY
+from luod.lazyimport import lazy_module
 from luod.varlink.fastconv import (
     FdRecordList,
     FlatObject,
@@ -28,17 +31,67 @@ from luod.varlink.fastconv import (
 )
 from luod.varlink.limits import MAX_FDS_PER_MESSAGE
 from luod.varlink.replies import replies_of, translating
-from luod.varlink.transport import current, declaring_errors, reply_fd, take_fd
-from luod.varlink.types import (
-    FileInfo,
-    FileToPreserve,
-    RetrievedFd,
-    RetrievedFile,
-    RetrievedSession,
-    SessionInfo,
-    file_info,
-    session_info,
+from luod.varlink.transport import (
+    current,
+    declaring_errors,
+    lazy_varlinkmethod,
+    reply_fd,
+    take_fd,
 )
+
+if typing.TYPE_CHECKING:
+    from luod.varlink import types as wire
+else:
+    # Imported when a method is first built or called (luod.lazyimport).
+    wire = lazy_module("luod.varlink.types")
+
+# Quicker conversions (luod.varlink.fastconv) of the same types, put in
+# place of asyncvarlink's generic ones when a method is built
+# (lazy_varlinkmethod's adjust): a client calling once per fd, or with
+# hundreds of fds in a call, would pay the generic conversion per fd.
+
+
+def _quicker_preserve_fd(sig: VarlinkMethodSignature) -> None:
+    """PreserveFd takes flat parameters (FlatObject) and says a flat
+    record (FlatRecord)."""
+    sig.parameter_type = FlatObject(
+        {"session": str, "name": str, "fileDescriptor": int, "createSession": bool},
+        optional={"createSession"},
+    )
+    sig.return_type = FlatReply({"file": FlatRecord(wire.FileInfo)})
+
+
+def _quicker_preserve_fds(sig: VarlinkMethodSignature) -> None:
+    """PreserveFds converts its two lists with FlatRecordList. Rebuilt as
+    asyncvarlink's varlinkmethod builds them (optional arguments with a
+    default are dropped when None)."""
+    sig.parameter_type = ObjectVarlinkType(
+        {
+            "session": VarlinkType.from_type_annotation(str),
+            "files": FlatRecordList(wire.FileToPreserve),
+            "createSession": VarlinkType.from_type_annotation(bool).optional(),
+        },
+        discardnone={"createSession"},
+    )
+    sig.return_type = ObjectVarlinkType({"files": FlatRecordList(wire.FileInfo)})
+
+
+def _quicker_retrieve_fd(sig: VarlinkMethodSignature) -> None:
+    """RetrieveFd takes flat parameters."""
+    sig.parameter_type = FlatObject(
+        {"session": str, "name": str, "take": bool, "owner": int},
+        optional={"take", "owner"},
+    )
+
+
+def _quicker_retrieve_fds(sig: VarlinkMethodSignature) -> None:
+    """RetrieveFds takes flat parameters and says its list of files with
+    FdRecordList."""
+    sig.parameter_type = FlatObject(
+        {"session": str, "names": list[str], "take": bool, "owner": int},
+        optional={"names", "take", "owner"},
+    )
+    sig.return_type = ObjectVarlinkType({"files": FdRecordList(wire.RetrievedFile)})
 
 
 @declaring_errors(replies_of(CUSTODY))
@@ -52,13 +105,13 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
     def __init__(self, custodian: Custodian) -> None:
         self.custodian = custodian
 
-    @varlinkmethod(return_parameter="session")
+    @lazy_varlinkmethod(return_parameter="session")
     @translating
-    def CreateSession(self, session: str) -> SessionInfo:
+    def CreateSession(self, session: str) -> wire.SessionInfo:
         """Create a session that luod manages for the caller."""
-        return session_info(self.custodian.create_session(current().peer, session))
+        return wire.session_info(self.custodian.create_session(current().peer, session))
 
-    @varlinkmethod(return_parameter="file")
+    @lazy_varlinkmethod(return_parameter="file", adjust=_quicker_preserve_fd)
     @translating
     def PreserveFd(
         self,
@@ -66,23 +119,23 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         name: str,
         fileDescriptor: int,
         createSession: typing.Optional[bool] = None,  # noqa: UP045
-    ) -> FileInfo:
+    ) -> wire.FileInfo:
         """Hand off one memfd into a session under a name. It is preserved
         at once, so errors surface now and not at the kexec."""
         fd = _take_file(fileDescriptor, "fileDescriptor")
         added = self.custodian.preserve_fds(
             current().peer, session, [Handoff(name, fd)], create=bool(createSession)
         )
-        return file_info(added[0])
+        return wire.file_info(added[0])
 
-    @varlinkmethod(return_parameter="files")
+    @lazy_varlinkmethod(return_parameter="files", adjust=_quicker_preserve_fds)
     @translating
     def PreserveFds(
         self,
         session: str,
-        files: list[FileToPreserve],
+        files: list[wire.FileToPreserve],
         createSession: typing.Optional[bool] = None,  # noqa: UP045
-    ) -> list[FileInfo]:
+    ) -> list[wire.FileInfo]:
         """Hand off many memfds in one call: all are preserved, or none."""
         handoffs: list[Handoff] = []
         try:
@@ -98,39 +151,42 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         added = self.custodian.preserve_fds(
             current().peer, session, handoffs, create=bool(createSession)
         )
-        return [file_info(f) for f in added]
+        return [wire.file_info(f) for f in added]
 
-    @varlinkmethod(return_parameter="session")
+    @lazy_varlinkmethod(return_parameter="session")
     @translating
-    def AdoptSession(self, fileDescriptor: int) -> SessionInfo:
+    def AdoptSession(self, fileDescriptor: int) -> wire.SessionInfo:
         """Hand over a LUO session the caller created itself. luod holds it
         as it is until the kexec and gives it back after."""
         fd = take_fd(fileDescriptor, "fileDescriptor")
-        return session_info(self.custodian.adopt_session(current().peer, fd))
+        return wire.session_info(self.custodian.adopt_session(current().peer, fd))
 
-    @varlinkmethod
+    @lazy_varlinkmethod()
     @translating
-    def CreateDelegatedSession(self, session: str) -> RetrievedSession:
+    def CreateDelegatedSession(self, session: str) -> wire.RetrievedSession:
         """Create a session and hand its fd to the caller, to preserve its
         own files into. luod keeps a reference as custodian: the session
         survives the caller's restart or crash and the shutdown, and after
         the kexec the caller takes it back with RetrieveSession."""
         fd, s = self.custodian.create_delegated(current().peer, session)
-        return {"fileDescriptor": FileDescriptor(fd, should_close=True), "session": session_info(s)}
+        return {
+            "fileDescriptor": FileDescriptor(fd, should_close=True),
+            "session": wire.session_info(s),
+        }
 
-    @varlinkmethod(return_parameter="sessions")
+    @lazy_varlinkmethod(return_parameter="sessions")
     @translating
     def ListSessions(
         self,
         session: typing.Optional[str] = None,  # noqa: UP045
         owner: typing.Optional[int] = None,  # noqa: UP045
-    ) -> list[SessionInfo]:
+    ) -> list[wire.SessionInfo]:
         """The caller's sessions (root: everyone's, or owner's), or only
         those named session."""
         found = self.custodian.list_sessions(current().peer, session, owner)
-        return [session_info(s) for s in found]
+        return [wire.session_info(s) for s in found]
 
-    @varlinkmethod
+    @lazy_varlinkmethod(adjust=_quicker_retrieve_fd)
     @translating
     def RetrieveFd(
         self,
@@ -138,14 +194,14 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         name: str,
         take: typing.Optional[bool] = None,  # noqa: UP045
         owner: typing.Optional[int] = None,  # noqa: UP045
-    ) -> RetrievedFd:
+    ) -> wire.RetrievedFd:
         """Get a held fd back. Without take, a copy: luod keeps it in
         custody. With take, luod lets go of it. owner (root only): the uid
         whose session it is."""
         fd, f = self.custodian.retrieve_fd(current().peer, session, name, bool(take), owner)
-        return {"fileDescriptor": reply_fd(fd), "file": file_info(f)}
+        return {"fileDescriptor": reply_fd(fd), "file": wire.file_info(f)}
 
-    @varlinkmethod(return_parameter="files")
+    @lazy_varlinkmethod(return_parameter="files", adjust=_quicker_retrieve_fds)
     @translating
     def RetrieveFds(
         self,
@@ -153,7 +209,7 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         names: typing.Optional[list[str]] = None,  # noqa: UP045
         take: typing.Optional[bool] = None,  # noqa: UP045
         owner: typing.Optional[int] = None,  # noqa: UP045
-    ) -> list[RetrievedFile]:
+    ) -> list[wire.RetrievedFile]:
         """Get many held fds back in one call: those named, or without names
         every fd of the session; at most 253 (SCM_MAX_FD) per call. All or
         nothing. Without take, copies: luod keeps them in custody. With
@@ -162,23 +218,28 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         got = self.custodian.retrieve_fds(
             current().peer, session, names, bool(take), owner, limit=MAX_FDS_PER_MESSAGE
         )
-        return [RetrievedFile(fileDescriptor=reply_fd(fd), file=file_info(f)) for fd, f in got]
+        return [
+            wire.RetrievedFile(fileDescriptor=reply_fd(fd), file=wire.file_info(f)) for fd, f in got
+        ]
 
-    @varlinkmethod
+    @lazy_varlinkmethod()
     @translating
     def RetrieveSession(
         self,
         session: str,
         owner: typing.Optional[int] = None,  # noqa: UP045
-    ) -> RetrievedSession:
+    ) -> wire.RetrievedSession:
         """An adopted or delegated session's fd, for its owner. Before the
         kexec a copy (luod goes on holding it, so that it is carried); after
         the kexec the session itself, and luod lets go of it. owner (root
         only): the uid whose session it is."""
         fd, s = self.custodian.retrieve_session(current().peer, session, owner)
-        return {"fileDescriptor": FileDescriptor(fd, should_close=True), "session": session_info(s)}
+        return {
+            "fileDescriptor": FileDescriptor(fd, should_close=True),
+            "session": wire.session_info(s),
+        }
 
-    @varlinkmethod
+    @lazy_varlinkmethod()
     @translating
     def DiscardSession(
         self,
@@ -202,67 +263,3 @@ def _take_file(index: int, parameter: str) -> int:
             parameter, "o-path", "an O_PATH fd gives no access to the file: send the file itself"
         )
     return fd
-
-
-def _quicken_preserve_fds() -> None:
-    """PreserveFds converts its two lists with FlatRecordList (fastconv):
-    the same types, quicker. Rebuilt as asyncvarlink's varlinkmethod builds
-    them (optional arguments with a default are dropped when None); if this
-    asyncvarlink has no signature to adjust, the generic conversion stays."""
-    sig = varlinksignature(CustodyInterface.PreserveFds)
-    if sig is None:
-        return
-    sig.parameter_type = ObjectVarlinkType(
-        {
-            "session": VarlinkType.from_type_annotation(str),
-            "files": FlatRecordList(FileToPreserve),
-            "createSession": VarlinkType.from_type_annotation(bool).optional(),
-        },
-        discardnone={"createSession"},
-    )
-    sig.return_type = ObjectVarlinkType({"files": FlatRecordList(FileInfo)})
-
-
-_quicken_preserve_fds()
-
-
-def _quicken_retrieve_fds() -> None:
-    """RetrieveFds says its list of files with FdRecordList (fastconv): the
-    same type, quicker. As for PreserveFds, the generic conversion stays if
-    this asyncvarlink keeps no signature to adjust."""
-    sig = varlinksignature(CustodyInterface.RetrieveFds)
-    if sig is None:
-        return
-    sig.return_type = ObjectVarlinkType({"files": FdRecordList(RetrievedFile)})
-
-
-_quicken_retrieve_fds()
-
-
-def _quicken_one_fd() -> None:
-    """PreserveFd, RetrieveFd and RetrieveFds take flat parameters
-    (FlatObject), and PreserveFd says a flat record (FlatRecord): a client
-    calling once per fd pays asyncvarlink's generic conversion per fd. As
-    above, the generic conversion stays without a signature to adjust."""
-    preserve = varlinksignature(CustodyInterface.PreserveFd)
-    if preserve is not None:
-        preserve.parameter_type = FlatObject(
-            {"session": str, "name": str, "fileDescriptor": int, "createSession": bool},
-            optional={"createSession"},
-        )
-        preserve.return_type = FlatReply({"file": FlatRecord(FileInfo)})
-    retrieve = varlinksignature(CustodyInterface.RetrieveFd)
-    if retrieve is not None:
-        retrieve.parameter_type = FlatObject(
-            {"session": str, "name": str, "take": bool, "owner": int},
-            optional={"take", "owner"},
-        )
-    many = varlinksignature(CustodyInterface.RetrieveFds)
-    if many is not None:
-        many.parameter_type = FlatObject(
-            {"session": str, "names": list[str], "take": bool, "owner": int},
-            optional={"names", "take", "owner"},
-        )
-
-
-_quicken_one_fd()

@@ -6,43 +6,35 @@ Orchestrator (luod.orchestrator: subscribers and the update barrier) and
 NextKernel (luod.nextkernel: loading the next kernel and the jump). The
 errors it declares are the catalogue's Manager entries (luod.errors).
 
-This module deliberately does not use `from __future__ import annotations`:
-asyncvarlink reads the method signatures at run time.
+The methods' annotations are evaluated when a method is first looked up
+(lazy_varlinkmethod), and the wire types imported then (luod.lazyimport).
 """
+
+from __future__ import annotations
 
 import collections.abc
 import typing
 
-from asyncvarlink import VarlinkInterface, varlinkmethod
+from asyncvarlink import VarlinkInterface
 
 import luod
 from luod import errors
 from luod.crashcost import crash_cost
 from luod.custody import Custodian
 from luod.interfaces import MANAGER
+from luod.lazyimport import lazy_module
 from luod.nextkernel import NextKernel
 from luod.orchestrator import Orchestrator, Phase
 from luod.peer import Peer
 from luod.preflight import Problem
 from luod.varlink.replies import refused, replies_of, reply, translating
-from luod.varlink.transport import current, declaring_errors
-from luod.varlink.types import (
-    CheckResult,
-    Event,
-    LoadedKernel,
-    ReclaimInfo,
-    StatusInfo,
-    UpdateResult,
-    crash_cost_info,
-    event_info,
-    loaded_kernel,
-    opt_usec,
-    problem_info,
-    reclaim_info,
-    subscriber_info,
-    update_info,
-    usec,
-)
+from luod.varlink.transport import current, declaring_errors, lazy_varlinkmethod
+
+if typing.TYPE_CHECKING:
+    from luod.varlink import types as wire
+else:
+    # Imported when a method is first built or called (luod.lazyimport).
+    wire = lazy_module("luod.varlink.types")
 
 
 @declaring_errors(replies_of(MANAGER))
@@ -57,9 +49,9 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         self.orchestrator = orchestrator
         self.nextkernel = nextkernel
 
-    @varlinkmethod(return_parameter="status")
+    @lazy_varlinkmethod(return_parameter="status")
     @translating
-    def GetStatus(self) -> StatusInfo:
+    def GetStatus(self) -> wire.StatusInfo:
         """What luod holds, how it will carry it, and what a crash of luod
         now would release (crashCost). Root is told about everyone; anyone
         else about its own sessions, files and bytes, its own subscribers
@@ -73,7 +65,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         if report is not None and whose is not None:
             report = report.for_uid(whose)
         loaded = self.nextkernel.loaded
-        return StatusInfo(
+        return wire.StatusInfo(
             version=luod.__version__,
             backend=custodian.backend.name,
             carrier=custodian.carrier.describe(),
@@ -81,20 +73,22 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             sessions=held.sessions,
             files=held.files,
             bytesPinned=held.bytes_pinned,
-            crashCost=crash_cost_info(crash_cost(custodian.ledger, whose)),
+            crashCost=wire.crash_cost_info(crash_cost(custodian.ledger, whose)),
             graceSec=int(custodian.grace),
-            nextReleaseUSec=opt_usec(custodian.next_deadline(whose)),
-            reclaim=None if report is None else reclaim_info(report),
+            nextReleaseUSec=wire.opt_usec(custodian.next_deadline(whose)),
+            reclaim=None if report is None else wire.reclaim_info(report),
             kernelLoaded=custodian.backend.kernel_loaded(),
-            loadedKernel=None if loaded is None else loaded_kernel(loaded),
+            loadedKernel=None if loaded is None else wire.loaded_kernel(loaded),
             # Root sees every subscriber, anyone else its own.
-            subscribers=[subscriber_info(s) for s in orch.visible_to(peer)],
-            lastUpdate=None if (last := orch.last_outcome_for(peer)) is None else update_info(last),
+            subscribers=[wire.subscriber_info(s) for s in orch.visible_to(peer)],
+            lastUpdate=None
+            if (last := orch.last_outcome_for(peer)) is None
+            else wire.update_info(last),
         )
 
-    @varlinkmethod
+    @lazy_varlinkmethod()
     @translating
-    def Check(self) -> CheckResult:
+    def Check(self) -> wire.CheckResult:
         """Preflight: what would be lost if the kexec happened now, and why
         (to anyone but root: what concerns its own sessions or all).
         crashCost: what a crash of luod now would release, and why."""
@@ -103,23 +97,23 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         problems = self.custodian.check(whose) + self._next_kernel_problems()
         return {
             "ready": not problems,
-            "problems": [problem_info(p) for p in problems],
-            "crashCost": crash_cost_info(crash_cost(self.custodian.ledger, whose)),
+            "problems": [wire.problem_info(p) for p in problems],
+            "crashCost": wire.crash_cost_info(crash_cost(self.custodian.ledger, whose)),
         }
 
     def _next_kernel_problems(self) -> list[Problem]:
         """The loaded kernel cannot take the handover (luod.nextkernel)."""
         return [Problem("", None, reason) for reason in self.nextkernel.problems()]
 
-    @varlinkmethod(return_parameter="reclaim")
+    @lazy_varlinkmethod(return_parameter="reclaim")
     @translating
-    def Reclaim(self) -> ReclaimInfo:
+    def Reclaim(self) -> wire.ReclaimInfo:
         """Make sure everything the previous kernel carried was taken over.
         luod does this when it starts; this returns what it found. The
         boot-time luod-reclaim.service calls it to start luod early."""
         if self.custodian.reclaim is None:
             raise errors.NotReady("luod has not started its reclaim yet")
-        return reclaim_info(self.custodian.reclaim)
+        return wire.reclaim_info(self.custodian.reclaim)
 
     def _root(self, method: str) -> Peer:
         peer = current().peer
@@ -140,7 +134,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         if next_kernel:
             self.nextkernel.log_forced([p.reason for p in next_kernel])
 
-    @varlinkmethod
+    @lazy_varlinkmethod()
     @translating
     def KExec(self, force: typing.Optional[bool] = None) -> None:  # noqa: UP045
         """Jump into the loaded kernel with reboot(LINUX_REBOOT_CMD_KEXEC) at
@@ -151,7 +145,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         self._preflight(bool(force), own_reboot=True)
         self.nextkernel.schedule_kexec(peer)
 
-    @varlinkmethod(return_parameter="loaded")
+    @lazy_varlinkmethod(return_parameter="loaded")
     @translating
     def LoadKernel(
         self,
@@ -160,7 +154,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         commandLine: typing.Optional[str] = None,  # noqa: UP045
         reuseCommandLine: typing.Optional[bool] = None,  # noqa: UP045
         force: typing.Optional[bool] = None,  # noqa: UP045
-    ) -> LoadedKernel:
+    ) -> wire.LoadedKernel:
         """Check a kernel image (a readable kernel for this architecture, or
         a UKI: its .linux, .initrd and .cmdline, unless initrd or
         commandLine is given) and whether it can take the handover (its
@@ -169,25 +163,25 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         kexec_file_load(2), ready for Update. Root only. force loads a
         kernel that cannot take the handover (logged)."""
         self._root("LoadKernel")
-        return loaded_kernel(
+        return wire.loaded_kernel(
             self.nextkernel.load_kernel(
                 kernel, initrd, commandLine, bool(reuseCommandLine), bool(force)
             )
         )
 
-    @varlinkmethod
+    @lazy_varlinkmethod()
     @translating
     def UnloadKernel(self) -> None:
         """Undo LoadKernel. Root only."""
         self._root("UnloadKernel")
         self.nextkernel.unload_kernel()
 
-    @varlinkmethod(return_parameter="event", delay_generator=False)
+    @lazy_varlinkmethod(return_parameter="event", delay_generator=False)
     async def Subscribe(
         self,
         name: str,
         deadlineSec: typing.Optional[float] = None,  # noqa: UP045
-    ) -> collections.abc.AsyncIterator[Event]:
+    ) -> collections.abc.AsyncIterator[wire.Event]:
         """Follow live updates (call with more). The first event is
         subscribed, or resumed when the caller's uid subscribed under this
         name before the last kexec. Then, per update: prepare and freeze,
@@ -207,12 +201,12 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         ctx.protocol.on_disconnect(lambda: self.orchestrator.unsubscribe(sub, "disconnected"))
         try:
             while (event := await sub.queue.get()) is not None:
-                yield event_info(event)
+                yield wire.event_info(event)
         finally:
             self.orchestrator.unsubscribe(sub, "stream closed")
         raise reply(errors.SubscriptionEnded("the subscription ended"))
 
-    @varlinkmethod
+    @lazy_varlinkmethod()
     @translating
     def Acknowledge(
         self,
@@ -230,8 +224,8 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             current().peer, subscription, update, phase, bool(refuse), reason
         )
 
-    @varlinkmethod
-    async def Update(self, force: typing.Optional[bool] = None) -> UpdateResult:  # noqa: UP045
+    @lazy_varlinkmethod()
+    async def Update(self, force: typing.Optional[bool] = None) -> wire.UpdateResult:  # noqa: UP045
         """The live update: preflight check, prepare, freeze, then the kexec
         (through PID 1 under systemd, else luod's own reboot). Returns once
         the barrier passed and the kexec is under way. Root only. force goes
@@ -251,7 +245,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
             )
         return {
             "update": outcome.update,
-            "prepareUSec": usec(outcome.phases["prepare"]),
-            "freezeUSec": usec(outcome.phases["freeze"]),
+            "prepareUSec": wire.usec(outcome.phases["prepare"]),
+            "freezeUSec": wire.usec(outcome.phases["freeze"]),
             "overridden": outcome.overridden,
         }

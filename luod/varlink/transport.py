@@ -35,12 +35,14 @@ import contextvars
 import dataclasses
 import errno
 import functools
+import inspect
 import os
 import resource
 import socket
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 from asyncvarlink import (
     AnnotatedResult,
@@ -56,6 +58,7 @@ from asyncvarlink import (
     VarlinkMethodSignature,
     VarlinkTransport,
     VarlinkUnixServer,
+    varlinkmethod,
     varlinksignature,
 )
 from asyncvarlink.conversion import ConversionError, FileDescriptorVarlinkType
@@ -235,47 +238,137 @@ def declaring_errors(
     return declare
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def lazy_varlinkmethod(
+    *,
+    return_parameter: str | None = None,
+    delay_generator: bool = True,
+    adjust: Callable[[VarlinkMethodSignature], None] | None = None,
+) -> Callable[[_Method], _Method]:
+    """asyncvarlink's varlinkmethod, applied when the method is first looked
+    up (a call of it, the IDL's rendering) rather than when its interface
+    class is made. varlinkmethod inspects the signature and builds the
+    conversion of every parameter and of the reply, 1 M instructions a
+    method; luod serves 19, and a boot calls a few (issue 12, goal 2:
+    luod's start). `adjust` is given the signature once it is built
+    (luod.varlink.custody's quicker conversions)."""
+
+    def defer(function: _Method) -> _Method:
+        return cast(_Method, _LazyMethod(function, return_parameter, delay_generator, adjust))
+
+    return defer
+
+
+class _LazyMethod:
+    """A method of a VarlinkInterface until it is first looked up, on the
+    class or an instance: then varlinkmethod's wrapper takes its place in
+    the class. Every lookup asyncvarlink makes (getattr) goes through this."""
+
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        return_parameter: str | None,
+        delay_generator: bool,
+        adjust: Callable[[VarlinkMethodSignature], None] | None,
+    ) -> None:
+        self._function = function
+        self._return_parameter = return_parameter
+        self._delay_generator = delay_generator
+        self._adjust = adjust
+        self.__doc__ = function.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._owner = owner
+        self._name = name
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        # The interfaces' modules use `from __future__ import annotations`
+        # (their wire types are imported when first needed: luod.lazyimport);
+        # varlinkmethod reads the annotations as objects.
+        unwrapped = inspect.unwrap(self._function)
+        unwrapped.__annotations__ = inspect.get_annotations(unwrapped, eval_str=True)
+        built = varlinkmethod(
+            self._function,
+            return_parameter=self._return_parameter,
+            delay_generator=self._delay_generator,
+        )
+        signature = varlinksignature(built)
+        if self._adjust is not None and signature is not None:
+            self._adjust(signature)
+        setattr(self._owner, self._name, built)
+        return built if instance is None else types.MethodType(built, instance)
+
+
 # --- plain calls: served without asyncvarlink's per-call steps ---------------
 
 # A plain method: the method, its signature, the converter of its reply.
 PlainMethod = tuple[Callable[..., Any], VarlinkMethodSignature, ReplyConverter]
-PlainMethods = Mapping[str, PlainMethod]
 _REPLY_FDS = object()
 
 
-def plain_methods(registry: VarlinkInterfaceRegistry) -> PlainMethods:
+class PlainMethods:
     """The methods of `registry` that give one reply synchronously and take
     no parameter of asyncvarlink's FileDescriptor type, by their full name
     (io.luod.Custody.PreserveFd): those LuodProtocol serves itself. What
     asyncvarlink's lookup finds under that name (getattr), with the names
-    its VarlinkMethodCall would accept."""
-    plain: dict[str, PlainMethod] = {}
-    for interface in registry:
-        for name in dir(interface):
-            if not name[:1].isupper():
-                continue
-            method = getattr(interface, name)
-            signature = varlinksignature(method)
-            if signature is None or signature.asynchronous or signature.more:
-                continue
-            if any(
+    its VarlinkMethodCall would accept. Each is looked up, and its reply's
+    converter made, when it is first called: a method no client calls in
+    a boot costs nothing (issue 12, goal 2: luod's start)."""
+
+    def __init__(self, registry: VarlinkInterfaceRegistry) -> None:
+        self._registry = registry
+        self._found: dict[str, PlainMethod] = {}
+        # Methods that are served, but not here. Only names of methods:
+        # a client's made-up names are not kept (they would grow it).
+        self._not_plain: set[str] = set()
+
+    def get(self, name: str) -> PlainMethod | None:
+        entry = self._found.get(name)
+        if entry is None and name not in self._not_plain:
+            entry = self._find(name)
+        return entry
+
+    def names(self) -> list[str]:
+        """Every plain method's full name (each looked up)."""
+        return [
+            f"{interface.name}.{name}"
+            for interface in self._registry
+            for name in dir(interface)
+            if self.get(f"{interface.name}.{name}") is not None
+        ]
+
+    def _find(self, full: str) -> PlainMethod | None:
+        interface_name, _, name = full.rpartition(".")
+        interface = self._registry.interfaces.get(interface_name)
+        if interface is None or not name[:1].isupper():
+            return None
+        try:
+            validate_interface(interface_name)
+            validate_name(name)
+        except ValueError:
+            return None
+        method = getattr(interface, name, None)
+        signature = None if method is None else varlinksignature(method)
+        if signature is None:
+            return None
+        if (
+            signature.asynchronous
+            or signature.more
+            or any(
                 isinstance(t, FileDescriptorVarlinkType)
                 for t in signature.parameter_type.traverse()
-            ):
-                # Its parameters would need the call's FileDescriptorArray
-                # (luod's methods take fds as indexes: take_fd).
-                continue
-            try:
-                validate_interface(interface.name)
-                validate_name(name)
-            except ValueError:
-                continue
-            plain[f"{interface.name}.{name}"] = (
-                method,
-                signature,
-                reply_converter(signature.return_type),
             )
-    return plain
+        ):
+            # asyncvarlink serves it: a subscription, or parameters that
+            # need the call's FileDescriptorArray (luod's methods take fds
+            # as indexes: take_fd).
+            self._not_plain.add(full)
+            return None
+        assert method is not None
+        entry = self._found[full] = (method, signature, reply_converter(signature.return_type))
+        return entry
 
 
 class _ReplyFds(dict[Any, Any]):
@@ -307,7 +400,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     ) -> None:
         super().__init__(registry)
         self.limits = limits
-        self._plain = plain_methods(registry) if plain is None else plain
+        self._plain = PlainMethods(registry) if plain is None else plain
         self._disconnect_hooks: list[Callable[[], None]] = []
         self._dropped = False
         self._silent: asyncio.TimerHandle | None = None
@@ -589,7 +682,7 @@ class LuodServer(VarlinkUnixServer):
         self._backoff_handle: asyncio.TimerHandle | None = None
         super().__init__(
             sock,
-            functools.partial(LuodProtocol, registry, self.limits, plain_methods(registry)),
+            functools.partial(LuodProtocol, registry, self.limits, PlainMethods(registry)),
         )
 
     async def start_serving(self) -> None:

@@ -139,3 +139,25 @@ def test_luods_start_imports_only_what_it_needs() -> None:
         "print(sorted(m for m in ('structlog', 'pathlib', 'ctypes') if m in sys.modules))"
     )
     assert fresh_python(code) == "[]\n"
+
+
+def test_luods_start_builds_methods_and_wire_types_when_first_needed() -> None:
+    """Issue 12, goal 2: asyncvarlink's build of each method (its
+    signature's conversions, 1 M instructions a method) and luod's wire
+    types (luod.varlink.types) wait for the first lookup of a method; a
+    record's __init__ for its first instance."""
+    code = (
+        "import sys, luod.daemon, luod.model;"
+        "from luod.varlink.custody import CustodyInterface as C;"
+        "from luod.varlink.manager import ManagerInterface as M;"
+        "lazy = lambda: sorted(n for i in (C, M) for n, v in vars(i).items()"
+        " if type(v).__name__ == '_LazyMethod');"
+        "wire = lambda: type(sys.modules['luod.varlink.types']).__name__;"
+        "made = lambda c: '_init_on_first_use' not in c.__init__.__qualname__;"
+        "print(len(lazy()), wire(), made(luod.model.HeldFile));"
+        "C.PreserveFd;"
+        "print(len(lazy()), 'PreserveFd' in lazy(), wire());"
+        "luod.model.HeldFile('a', 1, 0, 0.0, -1);"
+        "print(made(luod.model.HeldFile))"
+    )
+    assert fresh_python(code) == "19 _LazyModule False\n18 False module\nTrue\n"

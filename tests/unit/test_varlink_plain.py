@@ -93,7 +93,7 @@ def _served(
     interface = ProbeInterface()
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(interface)
-    methods = transport.plain_methods(registry) if plain else {}
+    methods = transport.PlainMethods(registry if plain else VarlinkInterfaceRegistry())
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     served = transport.serve_connection(
         loop, ours, functools.partial(transport.LuodProtocol, registry, Limits(), methods)
@@ -282,7 +282,7 @@ def test_oneway_more_and_extensions_go_to_asyncvarlink() -> None:
 def test_plain_methods_are_the_single_reply_ones() -> None:
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(ProbeInterface())
-    assert sorted(transport.plain_methods(registry)) == [
+    assert sorted(transport.PlainMethods(registry).names()) == [
         "io.luod.Test.Crash",
         "io.luod.Test.Echo",
         "io.luod.Test.Give",
@@ -291,3 +291,18 @@ def test_plain_methods_are_the_single_reply_ones() -> None:
         "io.luod.Test.Take",
         "io.luod.Test.TakeTwice",
     ]
+
+
+def test_plain_methods_are_found_when_first_called_and_keep_no_made_up_name() -> None:
+    registry = VarlinkInterfaceRegistry()
+    registry.register_interface(ProbeInterface())
+    plain = transport.PlainMethods(registry)
+    assert plain.get("io.luod.Test.Echo") is plain.get("io.luod.Test.Echo") is not None
+    assert plain.get("io.luod.Test.Count") is None  # a `more` method: asyncvarlink's
+    for name in ("io.luod.Test.Nope", "io.luod.Test.__init__", "io.luod.Test.echo", "x.Y.Z"):
+        assert plain.get(name) is None
+    for i in range(1000):
+        plain.get(f"io.luod.Test.Made{i}")
+    # Only names of served methods are kept: made-up ones would grow it.
+    assert plain._found.keys() == {"io.luod.Test.Echo"}
+    assert plain._not_plain == {"io.luod.Test.Count"}
