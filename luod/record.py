@@ -154,9 +154,12 @@ def _init_on_first_use(cls: typing.Any) -> Callable[..., None]:
             )
             for f in dataclasses.fields(cls)
         ]
-        namespace = {"__post_init__": cls.__post_init__} if hasattr(cls, "__post_init__") else {}
+        # A docstring: dataclasses would make one from the twin's signature.
+        namespace: dict[str, object] = {"__doc__": cls.__doc__ or cls.__name__}
+        if hasattr(cls, "__post_init__"):
+            namespace["__post_init__"] = cls.__post_init__
         twin: typing.Any = dataclasses.make_dataclass(
-            cls.__name__, fields, namespace=namespace, repr=False, eq=False
+            cls.__name__, fields, namespace=namespace, repr=False, eq=False, match_args=False
         )
         init = twin.__dict__["__init__"]
         init.__qualname__ = f"{cls.__qualname__}.__init__"
