@@ -18,6 +18,7 @@ import pytest
 from tests import sidtools
 from testsupport.fakekernel import FakeBackend
 from testsupport.luodproc import LuodProcess, running_luod
+from testsupport.systemd.guest import startup
 
 pytestmark = pytest.mark.varlinkctl
 
@@ -107,6 +108,26 @@ def test_security_exposure(sid_bin: Path, name: str) -> None:
     exposure, result = sidtools.security_exposure(sidtools.UNITS_DIR / name)
     print(f"{name}: overall exposure {exposure}")
     assert exposure <= MAX_EXPOSURE, result.output
+
+
+def test_bench_baseline_runs_in_luods_sandbox(sid_bin: Path, tmp_path: Path) -> None:
+    """bench/systemd.py compares luod's start under PID 1 with `import
+    asyncio` as a service in luod.service's sandbox (startup.py): that
+    service must be as confined as luod, and the plain one not at all."""
+    sandbox = startup.sandbox_lines((sidtools.UNITS_DIR / "luod.service").read_text())
+    assert not any(
+        line.startswith(("ExecStart=", "Type=", "FileDescriptorStore")) for line in sandbox
+    )
+    exposure = {}
+    for kind in ("sandboxed", "plain"):
+        unit = tmp_path / f"luod-bench-asyncio-{kind}.service"
+        unit.write_text(startup.baseline_unit(kind, sandbox))
+        result = sidtools.verify_units([unit])
+        assert result.returncode == 0, result.output
+        exposure[kind], _ = sidtools.security_exposure(unit)
+    luod, _ = sidtools.security_exposure(sidtools.UNITS_DIR / "luod.service")
+    assert exposure["sandboxed"] == luod
+    assert exposure["plain"] > 5.0
 
 
 # --- luod-reclaim.service: what it runs ---------------------------------------------
