@@ -10,7 +10,6 @@ blocks, timed piece by piece). Called by bench/guest.py.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -19,8 +18,7 @@ from typing import Any
 
 from luod.client import MAX_FDS_PER_MESSAGE, Client, VarlinkError
 from luod.interfaces import CUSTODY
-from luod.kernel.backend import KernelBackend
-from testsupport.guest import PAGE, close_all, memfds
+from testsupport.guest import PAGE, close_all, memfds, preserve_fd_vs_getinfo, raw_preserve
 from testsupport.luodproc import LuodProcess
 from testsupport.vm.timeline import mark
 
@@ -93,25 +91,13 @@ def probe_batch(c: Client) -> dict[str, Any]:
 HANDOFF_WAYS = ("raw", "identified", "batches", "per_fd")
 
 
-def handoff_raw(be: KernelBackend, n: int, tag: str, identify: bool = False) -> float:
-    """CREATE_SESSION + PRESERVE_FD x n, in this process; then unpreserved.
-    `identify`: each fd is first asked what luod asks before the kernel sees
-    it (fstat: a memfd? F_GETFL: not O_PATH?), which any holder that refuses
-    what it cannot carry, by name, must ask too."""
+def handoff_raw(n: int, tag: str, identify: bool = False) -> float:
+    """The raw loop (testsupport.guest.raw_preserve) of n fresh memfds."""
     fds = memfds(n, "bench")
     try:
-        t0 = time.perf_counter()
-        sfd = be.create_session(f"bench-raw-{tag}")
-        for i, fd in enumerate(fds):
-            if identify:
-                os.fstat(fd)
-                fcntl.fcntl(fd, fcntl.F_GETFL)
-            be.preserve_fd(sfd, fd, i + 1)
-        took = time.perf_counter() - t0
-        os.close(sfd)  # the last fd of an outgoing session: unpreserves all
+        return raw_preserve(fds, f"bench-{'i' if identify else ''}raw-{tag}", identify)
     finally:
         close_all(fds)
-    return took
 
 
 def handoff_batches(c: Client, n: int, tag: str, limit: int | None) -> tuple[float, int]:
@@ -148,7 +134,6 @@ def handoff_per_fd(c: Client, n: int, tag: str) -> float:
 
 
 def bench_handoff(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> dict[str, Any]:
-    be = KernelBackend()
     runs: dict[str, Any] = {m: {str(n): [] for n in cfg["handoff"]} for m in HANDOFF_WAYS}
     runs["batch_calls"] = {}
     with luod.client() as c:
@@ -156,8 +141,8 @@ def bench_handoff(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> 
             for n in cfg["handoff"]:
                 # Interleaved, so that a burst of load on the shared host
                 # lands on all four alike.
-                runs["raw"][str(n)].append(handoff_raw(be, n, f"{n}-{rep}"))
-                runs["identified"][str(n)].append(handoff_raw(be, n, f"i{n}-{rep}", identify=True))
+                runs["raw"][str(n)].append(handoff_raw(n, f"{n}-{rep}"))
+                runs["identified"][str(n)].append(handoff_raw(n, f"{n}-{rep}", identify=True))
                 took, calls = handoff_batches(c, n, f"{n}-{rep}", limit)
                 runs["batches"][str(n)].append(took)
                 runs["batch_calls"][str(n)] = calls
@@ -169,49 +154,18 @@ def bench_handoff(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> 
     return runs
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def get_info(c: Client) -> None:
-    c.call("org.varlink.service.GetInfo").close()
-
-
 def bench_call_vs_getinfo(luod: LuodProcess, n: int) -> dict[str, Any]:
-    """One PreserveFd (a fresh one-page memfd into one session) and one
-    org.varlink.service.GetInfo, each timed alone, n of each, interleaved on
-    the same connection: GetInfo is what a round trip through the client,
-    the socket and luod's varlink server costs with no work behind it, so
-    the ratio is (round trip + luod's work per PreserveFd) / round trip
-    (issue 12, goal 4: <= 1.5x)."""
+    """n PreserveFd next to n GetInfo on one connection
+    (testsupport.guest.preserve_fd_vs_getinfo)."""
     session = "bench-pair"
     fds = memfds(n + 1, "bench")
-    preserve: list[float] = []
-    info: list[float] = []
     try:
         with luod.client() as c:
-            # Untimed: the session's creation, and each call once.
-            c.preserve_fd(session, "warm", fds[n], create_session=True)
-            get_info(c)
-            for i in range(n):
-
-                def one(i: int = i) -> None:
-                    c.preserve_fd(session, f"f{i}", fds[i])
-
-                # Which goes first alternates, so that neither always
-                # follows the other's wake-ups.
-                if i % 2:
-                    info.append(timed(lambda: get_info(c)))
-                    preserve.append(timed(one))
-                else:
-                    preserve.append(timed(one))
-                    info.append(timed(lambda: get_info(c)))
+            out = preserve_fd_vs_getinfo(c, session, fds)
             c.discard_session(session)
     finally:
         close_all(fds)
-    return {"preserve_fd": preserve, "get_info": info}
+    return out
 
 
 def bench_held(luod: LuodProcess, cfg: dict[str, Any], limit: int | None) -> dict[str, Any]:

@@ -8,11 +8,15 @@
         memfds into a scratch session (discarded after each batch) until
         that file exists, so that whatever the caller does before creating
         it happens while luod is busy, however fast luod is.
-    bulk.py compare --count N --info FILE
+    bulk.py compare --count N --info FILE [--rounds R] [--pairs P]
         the same N memfds into luod (session bench) and then into this
         service's own fd store (sd_notify FDSTORE=1, up to 253 fds per
         message, then BARRIER=1 so PID 1 has taken them all); run it as a
         service with FileDescriptorStoreMax= >= N and NotifyAccess=.
+        Then goal 4 as luod runs under PID 1: R rounds of N fresh memfds
+        three ways each (the raw PRESERVE_FD loop in this process, the same
+        loop identifying each fd first, luod's PreserveFds batches), and P
+        PreserveFd calls next to P GetInfo on one connection.
 
 Runs on the guest's python3 (sid) with the image's luod and testsupport. The
 time of each push is from its first message to its last answer (luod) or to
@@ -32,7 +36,13 @@ from typing import Any
 from luod import notify
 from luod.client import MAX_FDS_PER_MESSAGE as SCM_MAX_FD
 from luod.client import Client, connect
-from testsupport.guest import close_all, memfds, write_json
+from testsupport.guest import (
+    close_all,
+    memfds,
+    preserve_fd_vs_getinfo,
+    raw_preserve,
+    write_json,
+)
 
 # Bounds the extra batches of --until: the caller's step takes seconds, not
 # the minutes this many fds would take under TCG.
@@ -103,6 +113,34 @@ def push_fdstore(fds: Sequence[int], name: str) -> dict[str, Any]:
     return {"seconds": t1 - t0, "send_seconds": sent - t0, "messages": messages}
 
 
+def handoff_rounds(c: Client, count: int, rounds: int, pairs: int) -> dict[str, Any]:
+    """Goal 4 in this guest: each round hands `count` fresh memfds off three
+    ways, in turn (a burst of load lands on all three alike): the raw loop,
+    the raw loop identifying each fd first, luod's PreserveFds batches
+    (into a session discarded after). Then `pairs` PreserveFd next to
+    `pairs` GetInfo on the connection `c`."""
+    ways: dict[str, list[float]] = {"raw": [], "identified": [], "batches": []}
+    for r in range(rounds):
+        for way, times in ways.items():
+            fds = memfds(count, "bulk")
+            try:
+                if way == "batches":
+                    session = f"bench-handoff-{r}"
+                    times.append(push_luod(c, session, fds)["seconds"])
+                    c.discard_session(session)
+                else:
+                    times.append(raw_preserve(fds, f"bench-{way}-{r}", way == "identified"))
+            finally:
+                close_all(fds)
+    fds = memfds(pairs + 1, "bulk")
+    try:
+        pair = preserve_fd_vs_getinfo(c, "bench-pair", fds)
+        c.discard_session("bench-pair")
+    finally:
+        close_all(fds)
+    return {"count": count, "ways": ways, "pairs": pair}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["luod", "compare"])
@@ -111,11 +149,19 @@ def main() -> int:
     p.add_argument("--info", required=True)
     p.add_argument("--mark", help="file written after the first batch")
     p.add_argument("--until", help="go on with more batches until this file exists")
+    p.add_argument("--rounds", type=int, default=3, help="compare: goal 4's rounds")
+    p.add_argument("--pairs", type=int, default=50, help="compare: PreserveFd/GetInfo pairs")
     args = p.parse_args()
     out: dict[str, Any] = {"count": args.count}
-    # The N memfds, one batch more at a time for --until, and some to spare;
-    # services start with a soft limit of 1024.
-    need = args.count + (SCM_MAX_FD if args.until else 0) + 64
+    # The N memfds, one batch more at a time for --until (compare: N more at
+    # a time for goal 4), and some to spare; services start with a soft
+    # limit of 1024.
+    more = 0
+    if args.until:
+        more = SCM_MAX_FD
+    elif args.what == "compare":
+        more = args.count + args.pairs + 1
+    need = args.count + more + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
@@ -128,6 +174,8 @@ def main() -> int:
             out["fdstore"] = push_fdstore(fds, "bench")
             out["fdstore"]["n_store"] = os.environ.get("FDSTORE")
             out["ratio"] = out["luod"]["seconds"] / out["fdstore"]["seconds"]
+            with connect() as c:
+                out["goal4"] = handoff_rounds(c, args.count, args.rounds, args.pairs)
     finally:
         close_all(fds)
     write_json(args.info, out)
