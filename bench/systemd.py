@@ -108,10 +108,19 @@ NOTES = [
     "its sandbox set-up is in) to READY=1 (ActiveEnterTimestampMonotonic, Type=notify), "
     "`systemctl restart` in the same boot while it holds the bench's session; the reference "
     "is spawn -> exit of the guest's python3, one run right after each restart (and one "
-    "unmeasured run before them).",
+    "unmeasured run before them). The (2) rows: the same `import asyncio` after each restart "
+    "as a oneshot service, plain and with the lines of luod.service's [Service] section that "
+    "set how it runs (its sandbox), from PID 1's fork to its exit.",
     "- Goal 3: met when no word of luod-reclaim.service's ExecStart= is python*, luoctl or "
     "luod (systemctl show -p ExecStart); its figure is the unit's start -> exit in the boot "
     "after the kexec, luod's socket-activated start included.",
+    "- Goal 4: in stage 1, bulk.py compare (a transient service, the image's python3): "
+    "rounds of 1,000 fresh one-page memfds handed off three ways in turn, the raw "
+    "PRESERVE_FD loop in its own process, the same loop asking fstat and F_GETFL of each fd "
+    "first, and luod's PreserveFds batches (luod as it runs under PID 1: sandboxed, logging "
+    "to journald, the fd store carrier); then PreserveFd and GetInfo alternately on one "
+    "connection. bench.run measures the same with the host's Python and the state-session "
+    "carrier.",
     "- Goal 7: systemd-creds.socket (Accept=yes: one systemd-creds per connection) at "
     "/run/systemd/io.systemd.Credentials and luod's /run/luod/io.luod, one connection each, "
     "GetInfo alternately, send -> whole reply.",

@@ -149,7 +149,7 @@ def main() -> int:
     p.add_argument("--info", required=True)
     p.add_argument("--mark", help="file written after the first batch")
     p.add_argument("--until", help="go on with more batches until this file exists")
-    p.add_argument("--rounds", type=int, default=3, help="compare: goal 4's rounds")
+    p.add_argument("--rounds", type=int, default=5, help="compare: goal 4's rounds")
     p.add_argument("--pairs", type=int, default=50, help="compare: PreserveFd/GetInfo pairs")
     args = p.parse_args()
     out: dict[str, Any] = {"count": args.count}
