@@ -19,12 +19,13 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from luod import notify
-from luod.client import Client
-from luod.kernel.backend import KernelBackend
 from testsupport.util import make_memfd, memfd_facts
+
+if TYPE_CHECKING:
+    from luod.client import Client
 
 PAGE = b"\xa5" * 4096
 
@@ -67,6 +68,10 @@ def raw_preserve(fds: Sequence[int], session: str, identify: bool = False) -> fl
     first asked what luod asks before the kernel sees it (fstat: a memfd?
     F_GETFL: not O_PATH?), which any holder that refuses by name what it
     cannot carry must ask too."""
+    # Here, not at the top: the guest's services import this module for
+    # its memfds, and need no kernel backend.
+    from luod.kernel.backend import KernelBackend
+
     be = KernelBackend()
     t0 = time.perf_counter()
     sfd = be.create_session(session)
