@@ -100,16 +100,17 @@ def preserve_fd_vs_getinfo(c: Client, session: str, fds: Sequence[int]) -> dict[
     caller discards `session`."""
     preserve: list[float] = []
     info: list[float] = []
+
+    def get_info() -> None:
+        c.call("org.varlink.service.GetInfo").close()
+
     # Untimed: the session's creation, and each call once.
     c.preserve_fd(session, "warm", fds[-1], create_session=True)
-    c.call("org.varlink.service.GetInfo").close()
+    get_info()
     for i, fd in enumerate(fds[:-1]):
 
         def one(i: int = i, fd: int = fd) -> None:
             c.preserve_fd(session, f"f{i}", fd)
-
-        def get_info() -> None:
-            c.call("org.varlink.service.GetInfo").close()
 
         # Which goes first alternates, so that neither always follows the
         # other's wake-ups.

@@ -153,14 +153,14 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=50, help="compare: PreserveFd/GetInfo pairs")
     args = p.parse_args()
     out: dict[str, Any] = {"count": args.count}
-    # The N memfds, one batch more at a time for --until (compare: N more at
-    # a time for goal 4), and some to spare; services start with a soft
-    # limit of 1024.
+    # The N memfds, one batch more at a time for --until (compare: N more,
+    # or the pairs' memfds, at a time for goal 4), and some to spare;
+    # services start with a soft limit of 1024.
     more = 0
     if args.until:
         more = SCM_MAX_FD
     elif args.what == "compare":
-        more = args.count + args.pairs + 1
+        more = max(args.count, args.pairs + 1)
     need = args.count + more + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need <= hard:
