@@ -121,15 +121,13 @@ class CallContext:
     # The kernel dropped fds of this call: luod was at its open-file limit.
     fds_dropped: bool = False
     taken: set[int] = dataclasses.field(default_factory=set)
-    # A `more` call: it may go on using its fds after a reply.
-    more: bool = False
 
     def close_untaken(self) -> None:
-        """Close the fds of the call that nothing took, before its (last)
-        reply goes out: a client that has its answer finds them closed, as
-        when replies waited for the loop (they would be closed with the
-        call's array anyway, a moment later)."""
-        if self.fds is None or self.more:
+        """Close the fds of the call that nothing took, before its reply goes
+        out: a client that has its answer finds them closed, as when replies
+        waited for the loop (they would be closed with the call's array
+        anyway, a moment later)."""
+        if self.fds is None:
             return
         if isinstance(self.fds, list):
             close_left(self.fds)
@@ -149,7 +147,9 @@ def current() -> CallContext:
 
 def take_fd(index: int, parameter: str) -> int:
     """Take ownership of fd `index` of the current call, or MissingFd
-    (TooManyOpenFiles when the kernel dropped fds of the call)."""
+    (TooManyOpenFiles when the kernel dropped fds of the call). Only while
+    the method is called: the fds it did not take are closed once it
+    returns, or once an asynchronous one is started (LuodProtocol)."""
     ctx = current()
     fds = ctx.fds
     count = 0 if fds is None else len(fds)
@@ -644,16 +644,18 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
-        ctx = CallContext(self.peer, fds, self, self._dropped, more=call.more)
+        ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
-        except BaseException:
-            # Its error reply goes out (at once) after this returns.
-            ctx.close_untaken()
-            raise
         finally:
             _current.reset(token)
+            # luod's methods take their fds (take_fd) while they are called,
+            # before this returns: an asynchronous one (Subscribe, Update)
+            # takes none. The rest are closed now: asyncvarlink would keep
+            # them until the call's future is done, that is for as long as
+            # a subscription lasts (253 fds a call).
+            ctx.close_untaken()
         if call.more:
             # asyncvarlink stops reading until the call's future is done; a
             # subscription never is, so the peer going away (EOF) would go

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 from collections.abc import Iterator
 from typing import cast
 
 import pytest
-from asyncvarlink import FileDescriptorArray
+from asyncvarlink import FileDescriptorArray, varlinksignature
 
 from luod import errors
 from luod.peer import Peer
 from luod.varlink import transport
+from luod.varlink.custody import CustodyInterface
+from luod.varlink.manager import ManagerInterface
 
 CALLER = Peer(pid=3, uid=1000, gid=1000, comm="svc")
 
@@ -54,3 +57,21 @@ def test_a_dropped_fd_is_named_for_the_open_file_limit() -> None:
     assert e.value.limit == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     with call_with([]), pytest.raises(errors.MissingFd):
         transport.take_fd(0, "fileDescriptor")
+
+
+def test_only_methods_served_in_one_step_take_fds() -> None:
+    """LuodProtocol closes the fds a call came with once its method has been
+    called (take_fd), before an asynchronous or `more` method runs: such a
+    method must take none."""
+    taking = set()
+    for interface in (CustodyInterface, ManagerInterface):
+        for name in dir(interface):
+            signature = varlinksignature(getattr(interface, name)) if name[:1].isupper() else None
+            if signature is None:
+                continue
+            takes_fds = re.search(r"\b(fileDescriptor|files):", signature.parameter_type.as_varlink)
+            if takes_fds:
+                taking.add(name)
+            if signature.asynchronous or signature.more:
+                assert not takes_fds, f"{interface.name}.{name}"
+    assert taking == {"AdoptSession", "PreserveFd", "PreserveFds"}
