@@ -12,9 +12,12 @@ import select
 import socket
 from typing import Any
 
+from luod.varlink.limits import MAX_FDS_PER_MESSAGE
 from testsupport.luodproc import LuodProcess
+from testsupport.util import make_memfd, wait_until
 
 SUBSCRIBE = "io.luod.Manager.Subscribe"
+RETRIEVE_FD = "io.luod.Custody.RetrieveFd"
 
 
 def sees_eof(read_end: int, timeout: float = 2.0) -> bool:
@@ -56,3 +59,49 @@ def test_fds_sent_with_a_subscription_are_closed_at_once(luod: LuodProcess) -> N
     finally:
         s.close()
         os.close(read_end)
+
+
+def test_replies_carrying_fds_wait_for_a_client_that_does_not_read_within_a_bound(
+    luod: LuodProcess,
+) -> None:
+    """RetrieveFd (copies) pipelined without reading a reply: each reply
+    carries a new fd of luod's until it is sent. Only the bytes waiting
+    were bounded (1 MiB): a connection held 9,000 of luod's fds, so one
+    uid's 128 connections more than luod's LimitNOFILE. At most one full
+    reply's worth of fds (SCM_MAX_FD) waits now; past it the client is cut
+    off, as past the bytes, and its fds closed."""
+    memfd = make_memfd(b"held")
+    with luod.client() as c:
+        c.preserve_fd("s", "f", memfd, create_session=True)
+        os.close(memfd)
+        c.status()
+        baseline = luod.fd_count()
+        call = json.dumps(
+            {"method": RETRIEVE_FD, "parameters": {"session": "s", "name": "f"}}
+        ).encode()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(luod.socket)
+        s.setblocking(False)
+        peak = 0
+        cut_off = False
+        try:
+            for _ in range(200):
+                try:
+                    s.send((call + b"\0") * 100)
+                except BlockingIOError:
+                    select.select([], [s], [], 0.05)
+                except (BrokenPipeError, ConnectionResetError):
+                    cut_off = True
+                    break
+                peak = max(peak, luod.fd_count() - baseline)
+            peak = max(peak, luod.fd_count() - baseline)
+        finally:
+            s.close()
+        print(f"\nluod's fds over its baseline at most {peak}; cut off: {cut_off}")
+        # The connection itself, and at most SCM_MAX_FD fds waiting in replies.
+        assert peak <= 1 + MAX_FDS_PER_MESSAGE
+        assert cut_off
+        wait_until(lambda: luod.fd_count() == baseline, "luod closed the fds of the replies")
+        c.status()
+    assert "event=client-not-reading" in luod.log()

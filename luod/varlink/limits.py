@@ -14,7 +14,8 @@ bounded here, and luod.varlink.transport enforces it:
 - time and memory: a connection that sent no message within the idle
   timeout of connecting is closed (one that did is bounded by the caps: a
   service may keep a connection open to call on it later); one that does
-  not read its replies is closed once MAX_QUEUED_REPLY bytes of them wait;
+  not read its replies is closed once MAX_QUEUED_REPLY bytes of them wait,
+  or MAX_QUEUED_REPLY_FDS fds;
 - the log: what a client can cause at will is logged at a bounded rate.
 """
 
@@ -39,12 +40,18 @@ MAX_DEPTH = 64
 # Replies waiting for a client that does not read; one reply of any size is
 # always queued, so a large ListSessions still goes out.
 MAX_QUEUED_REPLY = 1024 * 1024
-# Calls read but not yet served, per connection: reading pauses there, so a
-# client pipelining calls fills its own socket buffer, not luod's memory.
-MAX_PENDING_CALLS = 64
 # SCM_MAX_FD: no single sendmsg carries more; a message spread over several
 # chunks may not carry more in all either.
 MAX_FDS_PER_MESSAGE = 253
+# fds in replies waiting for a client that does not read: what one reply
+# carries at most. Each is an fd of luod's (RetrieveFd's copy of a held
+# file) until it is sent: bounded by bytes alone, a connection of small
+# replies would hold 9,000 of them, and one uid's connections more than
+# luod's LimitNOFILE.
+MAX_QUEUED_REPLY_FDS = MAX_FDS_PER_MESSAGE
+# Calls read but not yet served, per connection: reading pauses there, so a
+# client pipelining calls fills its own socket buffer, not luod's memory.
+MAX_PENDING_CALLS = 64
 
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_CONNECTIONS_PER_USER = 128

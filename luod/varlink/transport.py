@@ -74,6 +74,7 @@ from luod.varlink.limits import (
     MAX_FDS_PER_MESSAGE,
     MAX_PENDING_CALLS,
     MAX_QUEUED_REPLY,
+    MAX_QUEUED_REPLY_FDS,
     ConnectionCounts,
     Limits,
     ProtocolViolation,
@@ -800,8 +801,9 @@ class LuodTransport(VarlinkTransport):
     collects a message longer than one peek in a limits.MessageBuffer
     (linear, bounded). A whole message goes to LuodProtocol.frame_received.
 
-    Sending: at most MAX_QUEUED_REPLY bytes wait for a client that does not
-    read; and no more than IOV_MAX buffers go to one sendmsg()."""
+    Sending: at most MAX_QUEUED_REPLY bytes and MAX_QUEUED_REPLY_FDS fds
+    wait for a client that does not read; and no more than IOV_MAX buffers
+    go to one sendmsg()."""
 
     RECV_BUFFER_SIZE = 256 * 1024
 
@@ -809,6 +811,7 @@ class LuodTransport(VarlinkTransport):
         self._message = lim.MessageBuffer()
         self._eof = False
         self._queued = 0
+        self._queued_fds = 0
         super().__init__(*args, **kwargs)
 
     def _handle_read_socket_peek(self) -> None:
@@ -873,7 +876,12 @@ class LuodTransport(VarlinkTransport):
         super()._close_receiver(exc)
 
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
-        if self._closing or self._sendfd is None or self._queued > MAX_QUEUED_REPLY:
+        if (
+            self._closing
+            or self._sendfd is None
+            or self._queued > MAX_QUEUED_REPLY
+            or (fds and self._queued_fds + len(fds) > MAX_QUEUED_REPLY_FDS)
+        ):
             return self._refuse_send()
         if not self._sendqueue:
             # The fds of the call that nothing took are closed before its
@@ -907,7 +915,15 @@ class LuodTransport(VarlinkTransport):
                 # The fds went with the first byte; the rest follows alone.
                 data, fds = data[sent:], None
         self._queued += len(data)
-        return super().send_message(data, fds)
+        fut = super().send_message(data, fds)
+        if fds:
+            # luod holds them until the reply is sent (or the connection fails).
+            self._queued_fds += len(fds)
+            fut.add_done_callback(functools.partial(self._fds_sent, len(fds)))
+        return fut
+
+    def _fds_sent(self, count: int, _fut: asyncio.Future[None]) -> None:
+        self._queued_fds -= count
 
     def _refuse_send(self) -> asyncio.Future[None]:
         # asyncvarlink warns of each reply to a closed transport: no
@@ -920,7 +936,11 @@ class LuodTransport(VarlinkTransport):
                 "client-not-reading",
                 peer=protocol.peer.describe(),
                 queued=self._queued,
-                hint=f"more than {MAX_QUEUED_REPLY} bytes of replies waited; disconnected",
+                queued_fds=self._queued_fds,
+                hint=(
+                    f"more than {MAX_QUEUED_REPLY} bytes or {MAX_QUEUED_REPLY_FDS} fds "
+                    "of replies waited; disconnected"
+                ),
             )
             protocol.drop()
         fut = self._loop.create_future()
