@@ -61,7 +61,13 @@ from asyncvarlink import (
     varlinkmethod,
     varlinksignature,
 )
-from asyncvarlink.conversion import ConversionError, FileDescriptorVarlinkType
+from asyncvarlink.conversion import (
+    ConversionError,
+    FileDescriptorVarlinkType,
+    OOBTypeState,
+    SimpleVarlinkType,
+    VarlinkType,
+)
 from asyncvarlink.serviceerrors import InvalidParameter
 from asyncvarlink.types import JSONObject, validate_interface, validate_name
 
@@ -298,8 +304,31 @@ class _LazyMethod:
         signature = varlinksignature(built)
         if self._adjust is not None and signature is not None:
             self._adjust(signature)
+        if signature is not None:
+            refuse_bools_as_numbers(signature.parameter_type)
         setattr(self._owner, self._name, built)
         return built if instance is None else types.MethodType(built, instance)
+
+
+class _Number(SimpleVarlinkType):
+    """An int or float parameter that refuses true and false. asyncvarlink
+    takes them for 1 and 0 (a Python bool is an int): an fd index of true
+    named the call's second fd, an owner of true uid 1. varlink's bool is
+    no number (sd-json refuses one as an int)."""
+
+    def fromjson(self, obj: Any, oobstate: OOBTypeState = None) -> Any:
+        if type(obj) is bool:
+            raise ConversionError.expected(self.as_varlink, obj)
+        return super().fromjson(obj, oobstate)
+
+
+def refuse_bools_as_numbers(parameters: VarlinkType) -> None:
+    """Every int and float in a method's parameters, however deep (a list's
+    records), refuses true and false (_Number). asyncvarlink made each type
+    for this method alone: changing it in place changes no other."""
+    for vtype in parameters.traverse():
+        if type(vtype) is SimpleVarlinkType and vtype.as_varlink in ("int", "float"):
+            vtype.__class__ = _Number
 
 
 # --- plain calls: served without asyncvarlink's per-call steps ---------------

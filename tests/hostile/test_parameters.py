@@ -197,3 +197,61 @@ def test_a_refused_long_name_is_not_copied_into_the_log(
         c.status()
     os.close(fd)
     assert len(luod.log()) - before < 4096
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "parameter"),
+    [
+        (
+            f"{CUSTODY}.PreserveFd",
+            {"session": "s", "name": "f", "fileDescriptor": True, "createSession": True},
+            "fileDescriptor",
+        ),
+        (
+            f"{CUSTODY}.PreserveFds",
+            {
+                "session": "s",
+                "files": [{"name": "f", "fileDescriptor": True}],
+                "createSession": True,
+            },
+            "files",
+        ),
+        (f"{CUSTODY}.AdoptSession", {"fileDescriptor": True}, "fileDescriptor"),
+        (f"{CUSTODY}.ListSessions", {"owner": False}, "owner"),
+        (f"{CUSTODY}.RetrieveFd", {"session": "s", "name": "f", "owner": True}, "owner"),
+        (f"{CUSTODY}.DiscardSession", {"session": "s", "owner": True}, "owner"),
+        (
+            f"{MANAGER}.Acknowledge",
+            {"subscription": "x", "update": True, "phase": "prepare"},
+            "update",
+        ),
+    ],
+)
+def test_a_bool_is_no_number(
+    luod: LuodProcess, method: str, params: dict[str, Any], parameter: str
+) -> None:
+    """JSON's true was taken for 1 (a Python bool is an int): an fd index of
+    true named the call's second fd, and PreserveFd held it; owner true
+    was uid 1. varlink's bool is no int (sd-json refuses it as one)."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    memfd = make_memfd(b"the second fd")
+    with luod.client() as c:
+        e = _error(c, method, params, [write_end, memfd])
+        assert (e.error, e.parameters) == (
+            "org.varlink.service.InvalidParameter",
+            {"parameter": parameter},
+        )
+        assert c.list_sessions() == []
+    os.close(memfd)
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_a_bool_is_no_deadline(luod: LuodProcess) -> None:
+    """deadlineSec true was a deadline of 1 s."""
+    with luod.client() as c, pytest.raises(VarlinkError) as e:
+        next(c.call_more(f"{MANAGER}.Subscribe", {"name": "x", "deadlineSec": True}))
+    assert (e.value.error, e.value.parameters) == (
+        "org.varlink.service.InvalidParameter",
+        {"parameter": "deadlineSec"},
+    )
