@@ -125,3 +125,12 @@ def test_status_and_check(luod: LuodProcess) -> None:
     r = luoctl(luod, "check")
     assert r.returncode == 0
     assert b"ready" in r.stdout
+
+
+def test_an_fd_that_is_not_open_is_a_usage_error(luod: LuodProcess) -> None:
+    """--fd of an fd luoctl did not inherit was a Python traceback (EBADF
+    from sendmsg)."""
+    for args in (("push", "s", "f", "--fd", "99", "--create"), ("adopt", "--fd", "99")):
+        r = luoctl(luod, *args)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == b"luoctl: --fd 99: not an open file descriptor\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from typing import Any
 
@@ -30,6 +31,16 @@ def connect(args: argparse.Namespace) -> Client:
         return Client(args.socket)
     except OSError as e:
         raise CliError(3, f"cannot reach luod at {args.socket}: {e.strerror or e}") from None
+
+
+def inherited_fd(fd: int) -> int:
+    """`fd` (--fd N), or a usage error if luoctl did not inherit it open:
+    else sendmsg() fails with EBADF, and a traceback says so."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise CliError(2, f"--fd {fd}: not an open file descriptor") from None
+    return fd
 
 
 def format_time(usec: int | None) -> str:

@@ -11,7 +11,7 @@ import shutil
 import sys
 from typing import Any
 
-from luod.cli.common import CliError, connect, format_bytes, print_json, table
+from luod.cli.common import CliError, connect, format_bytes, inherited_fd, print_json, table
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -68,7 +68,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     if (args.file is None) == (args.fd is None):
         raise CliError(2, "push needs either FILE (copied into a new memfd) or --fd N")
     if args.fd is not None:
-        fd = args.fd
+        fd = inherited_fd(args.fd)
         owned = False
     else:
         try:
@@ -92,8 +92,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
+    fd = inherited_fd(args.fd)
     with connect(args) as c:
-        info = c.adopt_session(args.fd)
+        info = c.adopt_session(fd)
     if args.json:
         print_json(info)
     else:
