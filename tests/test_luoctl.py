@@ -134,3 +134,55 @@ def test_an_fd_that_is_not_open_is_a_usage_error(luod: LuodProcess) -> None:
         r = luoctl(luod, *args)
         assert r.returncode == 2, r.stderr
         assert r.stderr == b"luoctl: --fd 99: not an open file descriptor\n"
+
+
+def test_retrieve_to_a_file_it_cannot_write_asks_luod_nothing(
+    luod: LuodProcess, workdir: Path
+) -> None:
+    """-o FILE was opened only once luod had answered: a path that cannot
+    be written was a traceback, and with --take the fd was lost (luod had
+    let go of it, luoctl could not write it)."""
+    src = workdir / "in.bin"
+    src.write_bytes(b"keep me")
+    assert luoctl(luod, "push", "app", "state", str(src), "--create").returncode == 0
+    r = luoctl(luod, "retrieve", "app", "state", "--take", "-o", str(workdir / "absent" / "out"))
+    assert r.returncode == 1, r.stderr
+    assert (
+        r.stderr
+        == f"luoctl: cannot write {workdir}/absent/out: No such file or directory\n".encode()
+    )
+    # Still held; a file that exists is not touched when luod refuses.
+    out = workdir / "out.bin"
+    out.write_bytes(b"before")
+    r = luoctl(luod, "retrieve", "app", "nope", "-o", str(out))
+    assert r.returncode == 1 and b"holds no fd named 'nope'" in r.stderr, r.stderr
+    assert out.read_bytes() == b"before"
+    r = luoctl(luod, "retrieve", "app", "state", "--take", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == b"keep me"
+    # A file luoctl made for a refused call is not left behind.
+    made = workdir / "made.bin"
+    assert luoctl(luod, "retrieve", "app", "state", "-o", str(made)).returncode == 1
+    assert not made.exists()
+
+
+def test_retrieve_says_what_it_could_not_write(luod: LuodProcess, workdir: Path) -> None:
+    """A file of -o DIR that cannot be written was a traceback; with --take
+    luoctl says that what it did not write is lost."""
+    src = workdir / "in.bin"
+    src.write_bytes(b"data")
+    assert luoctl(luod, "push", "app", "a", str(src), "--create").returncode == 0
+    out = workdir / "out"
+    (out / "a").mkdir(parents=True)
+    r = luoctl(luod, "retrieve", "app", "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == f"luoctl: cannot write {out}/a: Is a directory\n".encode()
+    r = luoctl(luod, "retrieve", "app", "--take", "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    assert (
+        r.stderr
+        == (
+            f"luoctl: cannot write {out}/a: Is a directory; luod let go of the fds (--take): "
+            "what was not written is lost\n"
+        ).encode()
+    )

@@ -8,6 +8,7 @@ import argparse
 import fcntl
 import os
 import shutil
+import stat
 import sys
 from typing import Any
 
@@ -141,6 +142,22 @@ def _copy_out(fd: int, out: Any) -> None:
         offset += len(chunk)
 
 
+def _open_output(path: str) -> tuple[int, bool]:
+    """-o FILE for one fd, opened before luod is asked (a take cannot be
+    undone) and not yet emptied (luod may refuse); whether luoctl made it."""
+    made = not os.path.lexists(path)
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666), made
+    except OSError as e:
+        raise CliError(1, f"cannot write {path}: {e.strerror}") from None
+
+
+def _not_written(args: argparse.Namespace, what: str, e: OSError) -> CliError:
+    """luoctl could not write what luod gave it; with --take, luod let go."""
+    lost = "; luod let go of the fds (--take): what was not written is lost" if args.take else ""
+    return CliError(1, f"cannot write {what}: {e.strerror}{lost}")
+
+
 def cmd_retrieve(args: argparse.Namespace) -> int:
     # -o is a file for one NAME, else a folder with a file per fd; stdout
     # takes one NAME only. Decided before luod is asked: a take cannot be
@@ -157,26 +174,44 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
             raise CliError(
                 2, f"retrieve: {args.output} is not a folder (several fds: -o DIR, a file each)"
             )
-    with connect(args) as c:
-        fds = c.retrieve_fds(args.session, args.names or None, take=args.take, owner=args.owner)
+    output, made = None, False
+    if one and not args.exec and args.output not in (None, "-"):
+        output, made = _open_output(args.output)
+    try:
+        with connect(args) as c:
+            fds = c.retrieve_fds(args.session, args.names or None, take=args.take, owner=args.owner)
+    except BaseException:
+        if output is not None:
+            os.close(output)
+            if made:
+                os.unlink(args.output)
+        raise
     if args.exec:
         return _run_with_fds(fds, args.exec)
     try:
         if one:
             ((_name, fd),) = fds
-            out: Any = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115
+            if output is None:
+                _copy_out(fd, sys.stdout.buffer)
+                return 0
             try:
-                _copy_out(fd, out)
-            finally:
-                if out is not sys.stdout.buffer:
-                    out.close()
+                with open(output, "wb") as out:
+                    if stat.S_ISREG(os.fstat(output).st_mode):
+                        out.truncate(0)
+                    _copy_out(fd, out)
+            except OSError as e:
+                raise _not_written(args, args.output, e) from None
             return 0
         for name, _fd in fds:
             if name in (".", ".."):
                 raise CliError(1, f"retrieve: an fd named '{name}' cannot be a file: use --exec")
         for name, fd in fds:
-            with open(os.path.join(args.output, name), "wb") as f:
-                _copy_out(fd, f)
+            path = os.path.join(args.output, name)
+            try:
+                with open(path, "wb") as f:
+                    _copy_out(fd, f)
+            except OSError as e:
+                raise _not_written(args, path, e) from None
         print(f"{len(fds)} fds of session '{args.session}' written to {args.output}")
     finally:
         for _name, fd in fds:
