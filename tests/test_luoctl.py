@@ -186,3 +186,13 @@ def test_retrieve_says_what_it_could_not_write(luod: LuodProcess, workdir: Path)
             "what was not written is lost\n"
         ).encode()
     )
+
+
+def test_a_deadline_that_is_no_number_is_a_usage_error(luod: LuodProcess) -> None:
+    """NaN and infinity went out as JSON's NaN and Infinity, which no JSON
+    parser takes: luod closed the connection, and luoctl said so with the
+    exit status of luod not reachable."""
+    for value in ("nan", "inf", "-inf"):
+        r = luoctl(luod, "subscribe", "x", f"--deadline={value}")
+        assert r.returncode == 2, r.stderr
+        assert b"--deadline: not a finite number of seconds" in r.stderr, r.stderr

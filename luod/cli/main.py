@@ -8,6 +8,7 @@ A new command is a `cmd_NAME(args) -> int` in the module of its concern
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -105,6 +106,19 @@ def _owner_option(s: argparse.ArgumentParser) -> None:
         help="root: the session of this uid (session names are per user; "
         "without --owner, your own)",
     )
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds. NaN and infinity would go out as JSON's NaN and
+    Infinity, which luod (as any JSON parser) refuses by closing the
+    connection: luoctl would say luod closed it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("not a finite number of seconds")
+    return value
 
 
 def _force_option(s: argparse.ArgumentParser) -> None:
@@ -282,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Subscribe to live updates as NAME (names are per user) and print each event. With --ack, acknowledge prepare and freeze; with --refuse PHASE, refuse that phase: that stops the update only for root's subscribers and those of users luod's --update-veto names.",
     )
     s.add_argument("name")
-    s.add_argument("--deadline", type=float, help="seconds to acknowledge each phase (default 30)")
+    s.add_argument(
+        "--deadline", type=_seconds, help="seconds to acknowledge each phase (default 30)"
+    )
     s.add_argument("--ack", action="store_true", help="acknowledge prepare and freeze")
     s.add_argument("--refuse", choices=("prepare", "freeze"), help="refuse this phase")
     s.add_argument(
