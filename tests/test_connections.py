@@ -25,6 +25,7 @@ from testsupport.util import become, make_memfd, wait_until
 
 NOBODY = 65534
 GET_STATUS = b'{"method":"io.luod.Manager.GetStatus","parameters":{}}\0'
+GET_INFO = b'{"method":"org.varlink.service.GetInfo"}\0'
 
 
 @pytest.fixture
@@ -451,3 +452,41 @@ def test_root_is_answered_during_a_connection_flood(luod: LuodProcess, open_file
         f"GetStatus median {normal * 1e3:.2f} ms before, {flooded * 1e3:.2f} ms during"
     )
     assert (opened, refused) == (128, 32)
+
+
+NO_CALLS = {
+    "no method": {"parameters": {}},
+    "method not a string": {"method": None},
+    "parameters not an object": {"method": "io.luod.Manager.GetStatus", "parameters": []},
+    "more not a bool": {"method": "io.luod.Manager.GetStatus", "more": 1},
+    "oneway and more": {"method": "io.luod.Manager.GetStatus", "oneway": True, "more": True},
+    "a reply": {"parameters": {}, "continues": True},
+}
+
+
+@pytest.mark.parametrize("message", list(NO_CALLS.values()), ids=list(NO_CALLS))
+def test_a_message_that_is_no_call_closes_the_connection(
+    luod: LuodProcess, message: dict[str, object]
+) -> None:
+    """A JSON object that is no varlink call is garbage too (sd-varlink
+    closes the connection on it): it was answered with asyncvarlink's own
+    error, invalid.asyncvarlink.ProtocolViolation, and the next call on the
+    connection served. Now nothing more is read or answered, and the fds
+    that came with it are closed at once."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    s = connect(luod)
+    s.settimeout(5)
+    socket.send_fds(s, [json.dumps(message).encode() + b"\0" + GET_INFO], [write_end])
+    os.close(write_end)
+    answered = b""
+    try:
+        while chunk := s.recv(65536):
+            answered += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+    assert answered == b""
+    assert select.select([read_end], [], [], 5)[0] and os.read(read_end, 1) == b""
+    os.close(read_end)
+    assert "event=protocol-violation" in luod.log()

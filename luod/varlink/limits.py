@@ -9,7 +9,8 @@ bounded here, and luod.varlink.transport enforces it:
   reserve only root may use, and a cap per uid (sd-varlink has the same
   two); a connection over a cap is closed at once;
 - messages: at most MAX_MESSAGE bytes (sd-varlink's limit), nested at most
-  MAX_DEPTH deep, valid UTF-8 JSON objects; anything else is a protocol
+  MAX_DEPTH deep, valid UTF-8 JSON objects that are varlink calls
+  (luod.varlink.transport checks that); anything else is a protocol
   violation, which closes the connection and every fd that came with it;
 - time and memory: a connection that sent no message within the idle
   timeout of connecting is closed (one that did is bounded by the caps: a

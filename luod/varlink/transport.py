@@ -494,6 +494,11 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
                     self.serving_fds = None
                     close_left(fds)
                 return
+        reason = _not_a_call(obj)
+        if reason is not None:
+            lim.close_fds(fds)
+            self.violation(reason, len(data), len(fds))
+            return
         array = received_fds(fds) if fds else None
         try:
             self._enqueue(obj, array, dropped)
@@ -692,6 +697,18 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             # unseen. Not handing the future back keeps reading on.
             return None
         return fut
+
+
+def _not_a_call(obj: JSONObject) -> str | None:
+    """Why a JSON object is no varlink call (no method, flags that are no
+    bools or do not go together, parameters that are no object), or None.
+    sd-varlink closes the connection on such a message; asyncvarlink would
+    answer it with an error of its own and read on."""
+    try:
+        VarlinkMethodCall.fromjson(obj)
+    except (TypeError, ValueError) as e:
+        return f"no varlink call: {e}"
+    return None
 
 
 # --- server: accepting, within the connection caps ----------------------------
