@@ -311,6 +311,17 @@ class InvalidDeadline(LuodError, interface=MANAGER):
     maximum: int
 
 
+class SubscriberInvalidName(LuodError, interface=MANAGER, name="InvalidName"):
+    """A subscriber name breaks the naming rules (those of a session name:
+    it is logged, listed and carried over the kexec); reason says which."""
+
+    sentence = "invalid {parameter}: {reason}"
+    parameter: str
+    # The caller knows what it sent; the log says it.
+    value: str = local()
+    reason: str
+
+
 class SubscriptionExists(LuodError, interface=MANAGER):
     """The caller has a subscriber of that name connected already (names
     are per uid: another user's subscribers do not count)."""

@@ -32,28 +32,41 @@ _SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:+=-]*")
 _FD_NAME = re.compile(r"[A-Za-z0-9_.@+=,-]+")
 
 
-def check_session_name(
-    name: str, parameter: str = "session", limit: int = MAX_SESSION_NAME
-) -> None:
-    shown = shown_in_log(name)
+def _session_name_problem(name: str, limit: int) -> str | None:
+    """What is wrong with `name` as a session name, if anything (reserved
+    names aside)."""
     if not name:
-        raise errors.InvalidName(parameter, shown, "must not be empty")
+        return "must not be empty"
     # surrogatepass: a JSON escape of a lone surrogate (ud800) decodes to
     # a str that strict UTF-8 cannot encode; the pattern below refuses it.
     if len(name) > limit or len(name.encode(errors="surrogatepass")) > limit:
-        raise errors.InvalidName(parameter, shown, f"longer than {limit} bytes")
+        return f"longer than {limit} bytes"
     if not _SESSION_NAME.fullmatch(name):
-        raise errors.InvalidName(
-            parameter,
-            shown,
-            "must start with a letter or digit and use only letters, digits and _.@:+=-",
-        )
+        return "must start with a letter or digit and use only letters, digits and _.@:+=-"
+    return None
+
+
+def check_session_name(
+    name: str, parameter: str = "session", limit: int = MAX_SESSION_NAME
+) -> None:
+    problem = _session_name_problem(name, limit)
+    if problem is not None:
+        raise errors.InvalidName(parameter, shown_in_log(name), problem)
     if name in RESERVED_EXACT:
         raise errors.ReservedSessionName(
             name, "PID 1 uses it for the fd stores it carries over kexec"
         )
     if name.startswith(RESERVED_PREFIX):
         raise errors.ReservedSessionName(name, "names starting with 'luod' are luod's own")
+
+
+def check_subscriber_name(name: str, parameter: str = "name") -> None:
+    """A subscriber's name follows the rules of a session name (none is
+    reserved): it is logged, listed in GetStatus and carried in the
+    manifest over the kexec."""
+    problem = _session_name_problem(name, MAX_SESSION_NAME)
+    if problem is not None:
+        raise errors.SubscriberInvalidName(parameter, shown_in_log(name), problem)
 
 
 def check_fd_name(name: str, parameter: str = "name") -> None:

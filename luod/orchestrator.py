@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
-from luod import errors
+from luod import errors, names
 from luod.log import get_logger
 from luod.peer import Peer
 from luod.record import record
@@ -162,6 +162,7 @@ class Orchestrator:
         kexec_count: int,
         sessions: list[str],
     ) -> Subscriber:
+        names.check_subscriber_name(name)
         if deadline is not None and not 0 < deadline <= self.max_deadline:
             raise errors.InvalidDeadline("deadlineSec", int(self.max_deadline))
         # Names are the owner's: another uid's subscriber of the same name

@@ -255,3 +255,36 @@ def test_a_bool_is_no_deadline(luod: LuodProcess) -> None:
         "org.varlink.service.InvalidParameter",
         {"parameter": "deadlineSec"},
     )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "a\0b", "x" * (1 << 20), SURROGATE, "a\nb", "\x1b[31mred", "a b", "a/b"],
+    ids=["empty", "nul", "1 MiB", "surrogate", "newline", "escape", "space", "slash"],
+)
+def test_a_subscriber_name_follows_the_naming_rules(luod: LuodProcess, name: str) -> None:
+    """Subscribe took any string as its name: empty, with NUL or terminal
+    escapes, a megabyte long. Each was logged whole (twice: subscribed,
+    unsubscribed), listed in GetStatus and written into the manifest that
+    is carried over the kexec: one call of uid 65534 with a 1 MiB name grew
+    it from 64 KiB to 8 MiB."""
+    with luod.client() as c:
+        carrier = c.status()["carrier"]
+    before = len(luod.log())
+
+    def subscribe() -> list[Any]:
+        with Client(luod.socket) as c:
+            try:
+                next(c.call_more(f"{MANAGER}.Subscribe", {"name": name}))
+                return ["allowed"]
+            except VarlinkError as e:
+                return [e.error, e.parameters]
+
+    got = run_as(NOBODY, subscribe)
+    assert got[0] == f"{MANAGER}.InvalidName"
+    assert got[1]["parameter"] == "name"
+    with luod.client() as c:
+        status = c.status()
+    assert status["subscribers"] == []
+    assert status["carrier"] == carrier
+    assert len(luod.log()) - before < 4096
