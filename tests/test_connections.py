@@ -348,6 +348,37 @@ def test_a_connection_that_sends_nothing_is_closed(workdir: Path, fake_kernel: s
         assert "event=connection-idle" in luod.log()
 
 
+def test_a_message_left_unfinished_is_dropped_with_its_fds(workdir: Path, fake_kernel: str) -> None:
+    """A connection that had called could then begin a message, with 253
+    fds, and never finish it: luod held the fds (and up to 16 MiB of the
+    message) for as long as the connection lasted, 128 connections a uid.
+    A message begun must now be finished within the idle timeout; else the
+    connection is closed, and the fds with it."""
+    with running_luod(workdir, fake_kernel, "--idle-timeout=1s") as luod:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        caller = luod.client()
+        caller.status()
+        socket.send_fds(caller.sock, [b'{"method":"io.luod.Manager.GetSt'], [write_end])
+        os.close(write_end)
+        start = time.monotonic()
+        assert select.select([read_end], [], [], 10.0)[0], "luod still holds the fd"
+        assert os.read(read_end, 1) == b""
+        assert time.monotonic() - start >= 0.9
+        assert closed_by_luod(caller.sock, 5.0)
+        caller.close()
+        os.close(read_end)
+        # One that is finished in time is served, on the same connection.
+        slow = luod.client()
+        slow.status()
+        slow.sock.sendall(GET_STATUS[:10])
+        time.sleep(0.5)
+        slow.sock.sendall(GET_STATUS[10:])
+        reply, _fds = slow._recv()
+        assert "status" in reply["parameters"]
+        slow.close()
+        assert "Traceback" not in luod.log()
+
+
 def test_a_client_that_does_not_read_its_replies_is_cut_off(luod: LuodProcess) -> None:
     """Calls pipelined without reading a reply: luod stops reading the
     connection while calls wait, queues at most 1 MiB of replies, then

@@ -433,6 +433,8 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         self._plain = PlainMethods(registry) if plain is None else plain
         self._disconnect_hooks: list[Callable[[], None]] = []
         self._dropped = False
+        # Closes the connection unless a whole message comes within the idle
+        # timeout: armed when it opens and when a message is begun.
         self._silent: asyncio.TimerHandle | None = None
         # The fds of the message being served (its reply goes out at once).
         self.serving_fds: CallFds | None = None
@@ -663,18 +665,34 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def message_begun(self) -> None:
+        """Part of a message is read: the rest must come within the idle
+        timeout. A connection that had called could otherwise hold an
+        unfinished message, with its fds (253) and up to MAX_MESSAGE bytes,
+        for as long as it lasts."""
+        if self._silent is None and self.limits.idle_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._silent = loop.call_later(self.limits.idle_timeout, self._silent_too_long)
+
     def _silent_too_long(self) -> None:
-        """No message in the idle timeout since connecting: a connection
-        held only to take one of the connections luod serves."""
+        """No whole message in the idle timeout since connecting (a
+        connection held only to take one of the connections luod serves),
+        or since one was begun: closed, with the fds of what was read."""
         self._silent = None
-        if self._transport is not None and not self._transport.is_closing():
-            lim.idle_closed.log(
-                log.info,
-                "connection-idle",
-                peer=self.peer.describe(),
-                timeout=self.limits.idle_timeout,
-            )
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if isinstance(transport, LuodTransport) and transport.reading_paused:
+            # luod, not the client, holds the rest back (calls waiting).
+            self.message_begun()
+            return
+        lim.idle_closed.log(
+            log.info,
+            "connection-idle",
+            peer=self.peer.describe(),
+            timeout=self.limits.idle_timeout,
+        )
+        transport.close()
 
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
@@ -904,10 +922,16 @@ class LuodTransport(VarlinkTransport):
                 return
             if whole:
                 protocol.frame_received(*message.take())
+            else:
+                protocol.message_begun()
             if got == n < len(_peek_buffer):
                 # All the socket held is read: epoll says when there is
                 # more (a peek now would mostly be EAGAIN).
                 return
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._paused)
 
     def _end_of_input(self) -> None:
         # As asyncvarlink does at EOF; once only, even if reading resumes.
