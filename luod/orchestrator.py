@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from luod import errors, names
-from luod.log import get_logger
+from luod.log import get_logger, shown
 from luod.peer import Peer
 from luod.record import record
 
@@ -45,6 +45,10 @@ STOPPED_BY_ANOTHER_USER = "stopped by a subscriber of another user"
 # Subscriptions a uid may hold at once: any non-root uid, and root's own pool.
 MAX_SUBSCRIPTIONS = 16
 MAX_SUBSCRIPTIONS_ROOT = 256
+# A refusal's reason as luod keeps it (logged, told to whoever learns of
+# the refusal): its first characters and its length. A caller's string
+# can be as long as a message (16 MiB).
+REASON_SHOWN = 1024
 
 
 @record(frozen=True)
@@ -278,9 +282,10 @@ class Orchestrator:
         if self.running != update:
             raise unexpected("that update is over")
         sub.acked.add((update, phase))
+        said = None if reason is None else shown(reason, REASON_SHOWN)
         if refuse:
             sub.state = "refused"
-            sub.refusal = reason or "no reason given"
+            sub.refusal = said or "no reason given"
         else:
             sub.state = f"acked-{phase.value}"
         log.info(
@@ -289,7 +294,7 @@ class Orchestrator:
             update=update,
             phase=phase.value,
             refused=refuse,
-            reason=reason or "-",
+            reason=said or "-",
         )
         self._changed.set()
 

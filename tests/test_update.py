@@ -248,3 +248,35 @@ def test_delegated_session_survives_client_and_kexec(luod: LuodProcess, fake_ker
     assert os.pread(fd, 20_000, 0) == data
     assert os.pread(kernel.retrieve_fd(sfd, 6), 10, 0) == b"more"
     kernel.finish_session(sfd)
+
+
+def test_a_long_refusal_reason_does_not_flood_the_log(luod: LuodProcess) -> None:
+    """Acknowledge's reason was logged whole, as was the abort it caused,
+    and carried whole into the Update reply and lastUpdate: a subscriber
+    refusing with a reason of a megabyte wrote megabytes into luod's log.
+    It is kept to its first characters and its length, as every string a
+    caller sends is in the log."""
+    _load(luod)
+    reason = "r" * (1 << 20)
+    subscriber = Client(luod.socket)
+    events = subscriber.subscribe("long")
+    assert next(events)["phase"] == "subscribed"
+
+    def refuse() -> None:
+        with Client(luod.socket) as acks:
+            ev = next(events)
+            acks.acknowledge(ev["subscription"], ev["update"], ev["phase"], True, reason)
+
+    refuser = threading.Thread(target=refuse, daemon=True)
+    refuser.start()
+    before = len(luod.log())
+    with luod.client() as c, pytest.raises(VarlinkError) as e:
+        c.update()
+    refuser.join(10)
+    assert len(luod.log()) - before < 16384
+    said = e.value.parameters["reason"]
+    assert said.startswith("refused prepare: rrrr") and said.endswith(f"({len(reason)} characters)")
+    assert len(said) < 4096
+    with luod.client() as c:
+        assert len(c.status()["lastUpdate"]["reason"]) < 4096
+    subscriber.close()
