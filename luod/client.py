@@ -243,8 +243,18 @@ class Client:
         return self.call(f"{CUSTODY}.CreateDelegatedSession", {"session": session}).take_fd()
 
     def retrieve_session(self, session: str, owner: int | None = None) -> int:
+        return self.retrieve_session_info(session, owner)[0]
+
+    def retrieve_session_info(
+        self, session: str, owner: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """The session's fd, and the session as luod held it before the
+        call: its state says whether luod goes on holding it (outgoing:
+        before the kexec, a copy) or let go of it (incoming)."""
         params = _with_owner({"session": session}, owner)
-        return self.call(f"{CUSTODY}.RetrieveSession", params).take_fd()
+        r = self.call(f"{CUSTODY}.RetrieveSession", params)
+        info = dict(r.parameters["session"])
+        return r.take_fd(), info
 
     def discard_session(self, session: str, owner: int | None = None) -> None:
         self._call(f"{CUSTODY}.DiscardSession", _with_owner({"session": session}, owner))

@@ -196,3 +196,25 @@ def test_a_deadline_that_is_no_number_is_a_usage_error(luod: LuodProcess) -> Non
         r = luoctl(luod, "subscribe", "x", f"--deadline={value}")
         assert r.returncode == 2, r.stderr
         assert b"--deadline: not a finite number of seconds" in r.stderr, r.stderr
+
+
+def test_retrieve_session_says_whether_luod_still_holds_it(luod: LuodProcess) -> None:
+    """Before the kexec RetrieveSession gives a copy and luod goes on
+    holding the session; luoctl said it was released by luod and finished."""
+    with luod.client() as c:
+        os.close(c.create_delegated_session("d"))
+    r = luoctl(luod, "retrieve-session", "d")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (
+        b"session d: luod goes on holding it (carried over the kexec); "
+        b"without --exec this copy is closed now\n"
+    )
+    with luod.client() as c:
+        assert [s["name"] for s in c.list_sessions()] == ["d"]
+    luod.kexec()
+    r = luoctl(luod, "retrieve-session", "d")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (
+        b"session d released by luod; without --exec it is closed (and finished) now\n"
+    )
+    assert luoctl(luod, "list").stdout == b"no sessions\n"

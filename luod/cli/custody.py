@@ -221,13 +221,21 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 def cmd_retrieve_session(args: argparse.Namespace) -> int:
     with connect(args) as c:
-        fd = c.retrieve_session(args.session, owner=args.owner)
+        fd, session = c.retrieve_session_info(args.session, owner=args.owner)
     if args.exec:
         return _run_with_fd(fd, args.session, args.exec)
     os.close(fd)
-    print(
-        f"session {args.session} released by luod; without --exec it is closed (and finished) now"
-    )
+    if session["state"] == "outgoing":
+        # Before the kexec: a copy; luod still holds the session.
+        print(
+            f"session {args.session}: luod goes on holding it (carried over the kexec); "
+            "without --exec this copy is closed now"
+        )
+    else:
+        print(
+            f"session {args.session} released by luod; without --exec it is closed "
+            "(and finished) now"
+        )
     return 0
 
 
