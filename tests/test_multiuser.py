@@ -350,6 +350,28 @@ def test_kexec_carries_the_owner_scope(luod: LuodProcess) -> None:
         assert c.list_sessions() == []
 
 
+def test_reclaim_tells_nobody_its_own_share_only(luod: LuodProcess) -> None:
+    """Reclaim (what luod-reclaim.service calls) says what came over the
+    kexec: to anyone but root only its own share, as GetStatus's reclaim
+    does. It told nobody root's sessions and files too."""
+    as_nobody(luod, lambda c: c.preserve_fd("cache", "i", make_memfd(b"nobody"), True))
+    with luod.client() as c:
+        for name in ("secret", "other"):
+            fd = make_memfd(b"root")
+            c.preserve_fd(name, "i", fd, create_session=True)
+            os.close(fd)
+    luod.kexec()
+
+    def reclaimed(c: Client) -> list[Any]:
+        r = c.reclaim()
+        return [r["state"], r["sessions"], r["files"], r["lost"]]
+
+    (seen,) = as_nobody(luod, reclaimed)
+    assert seen == ["reclaimed", 1, 1, []]
+    with luod.client() as c:
+        assert reclaimed(c) == ["reclaimed", 3, 3, []]
+
+
 def test_luoctl_shows_owners_and_takes_owner(
     luod: LuodProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,7 +20,7 @@ from asyncvarlink import VarlinkInterface
 import luod
 from luod import errors
 from luod.crashcost import crash_cost
-from luod.custody import Custodian
+from luod.custody import Custodian, ReclaimReport
 from luod.interfaces import MANAGER
 from luod.lazyimport import lazy_module
 from luod.nextkernel import NextKernel
@@ -61,9 +61,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         # Another uid's holdings are not a non-root caller's business.
         whose = None if peer.is_root else peer.uid
         held = custodian.status(whose)
-        report = custodian.reclaim
-        if report is not None and whose is not None:
-            report = report.for_uid(whose)
+        report = self._reclaim_seen_by(peer)
         loaded = self.nextkernel.loaded
         return wire.StatusInfo(
             version=luod.__version__,
@@ -109,11 +107,21 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
     @translating
     def Reclaim(self) -> wire.ReclaimInfo:
         """Make sure everything the previous kernel carried was taken over.
-        luod does this when it starts; this returns what it found. The
-        boot-time luod-reclaim.service calls it to start luod early."""
-        if self.custodian.reclaim is None:
+        luod does this when it starts; this returns what it found (to
+        anyone but root: what of its own). The boot-time
+        luod-reclaim.service calls it to start luod early."""
+        report = self._reclaim_seen_by(current().peer)
+        if report is None:
             raise errors.NotReady("luod has not started its reclaim yet")
-        return wire.reclaim_info(self.custodian.reclaim)
+        return wire.reclaim_info(report)
+
+    def _reclaim_seen_by(self, peer: Peer) -> ReclaimReport | None:
+        """What luod's start took over, as `peer` may see it: root all of
+        it, anyone else its own sessions, files and losses."""
+        report = self.custodian.reclaim
+        if report is None or peer.is_root:
+            return report
+        return report.for_uid(peer.uid)
 
     def _root(self, method: str) -> Peer:
         peer = current().peer
