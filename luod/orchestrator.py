@@ -288,13 +288,19 @@ class Orchestrator:
             sub.refusal = said or "no reason given"
         else:
             sub.state = f"acked-{phase.value}"
+        # Root may answer for another uid's subscriber: the line says who
+        # answered, and (`for`) that it was not the subscriber's owner.
+        acting = {"for": sub.peer.uid} if peer.uid != sub.peer.uid else {}
         log.info(
             "acknowledged",
             subscriber=sub.name,
+            owner=sub.peer.describe(),
+            by=peer.describe(),
             update=update,
             phase=phase.value,
             refused=refuse,
             reason=said or "-",
+            **acting,
         )
         self._changed.set()
 

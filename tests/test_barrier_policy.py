@@ -309,6 +309,40 @@ def test_subscriptions_are_bounded_per_uid(luod: LuodProcess, subscribers: list[
     assert again.lines[0]["phase"] == "subscribed"
 
 
+def _told(sub: Forked, phase: str) -> Callable[[], bool]:
+    return lambda: sub.phases[-1] == phase
+
+
+def test_root_acknowledging_for_nobody_is_logged_as_such(
+    luod: LuodProcess, subscribers: list[Forked]
+) -> None:
+    """Root may answer for another uid's subscription; the log said
+    "acknowledged" (refused, with a reason) as if its owner had, with no
+    word of root. It says who answered, and for whom."""
+    nobody = Forked(luod, NOBODY, "vmm", ack=False)
+    subscribers.append(nobody)
+    nobody.wait_started()
+    _load(luod)
+    done: list[dict[str, Any]] = []
+    with luod.client() as c:
+        update = threading.Thread(target=lambda: done.append(c.update()), daemon=True)
+        update.start()
+        with luod.client() as root:
+            for phase in ("prepare", "freeze"):
+                wait_until(_told(nobody, phase), f"nobody told {phase}")
+                ev = nobody.last_event
+                root.acknowledge(ev["subscription"], ev["update"], phase, True, "root says no")
+        update.join(10)
+    assert done[0]["overridden"] == [
+        f"vmm (uid {NOBODY}): refused {phase}: root says no" for phase in ("prepare", "freeze")
+    ]
+    luod.wait_exit()
+    acked = [line for line in luod.log().splitlines() if "event=acknowledged" in line]
+    assert len(acked) == 2
+    for line in acked:
+        assert f"for={NOBODY}" in line and "(uid 0)" in line and f"(uid {NOBODY})" in line, line
+
+
 def test_non_root_sees_only_its_own_subscribers(
     luod: LuodProcess, subscribers: list[Forked]
 ) -> None:
