@@ -30,7 +30,8 @@ from luod.names import kernel_session_name
 
 log = get_logger()
 
-# How long to wait for the carrier to let go of a dropped session's fd.
+# How long to wait for the carrier to let go of a dropped session's fd
+# (Carrier.settle: the service manager, not a client, decides how long).
 REPRESERVE_PATIENCE = 3.0
 
 # (st_dev, st_ino) of a held file.
@@ -281,14 +282,8 @@ class Ledger:
         if dropped is not None:
             reached(dropped)
         kernel_name, sfd = self._create_kernel_session(s)
-        # A carrier that holds copies of session fds (PID 1's fd store) lets
-        # go of them asynchronously: until it has, the files are still
-        # preserved in the old session (or in one a crashed luod left) and
-        # preserving them is EBUSY.
-        patience = REPRESERVE_PATIENCE if self.carrier.holds_after_exit else 0.0
         try:
-            for f in files:
-                self._preserve_patiently(sfd, f, patience, s.name)
+            self._preserve_once_settled(sfd, files, s.name)
         except BaseException:
             os.close(sfd)
             raise
@@ -299,24 +294,31 @@ class Ledger:
             reached(represerved)
         return old_kernel
 
-    def _preserve_patiently(self, sfd: int, f: HeldFile, patience: float, session: str) -> None:
-        deadline = time.monotonic() + patience
-        delay = 0.005
-        while True:
+    def _preserve_once_settled(self, sfd: int, files: list[HeldFile], session: str) -> None:
+        """Preserve `files` into the new session `sfd`. A carrier that holds
+        copies of session fds (PID 1's fd store) lets go of them
+        asynchronously: until it has, files are still preserved in the old
+        session (or in one a crashed luod left) and preserving them is
+        EBUSY. Then luod waits, once, until the carrier has let go of every
+        session it was told to, and tries again. A file busy after that is
+        in a session of someone else's (a client can put its own copy of a
+        file into a session of its own the moment it is free): waiting on
+        would hold up every caller of luod, which serves from one thread,
+        for as long as that client liked."""
+        settled = not self.carrier.holds_after_exit
+        for f in files:
             try:
                 self.backend.preserve_fd(sfd, f.fd, f.token)
-                return
+                continue
             except LuoError as e:
-                if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                if e.errno != errno.EBUSY or settled:
                     raise
-                log.debug(
-                    "represerve-waits",
-                    session=session,
-                    name=f.name,
-                    reason="old session still held",
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+            log.debug(
+                "represerve-waits", session=session, name=f.name, reason="old session still held"
+            )
+            self.carrier.settle(REPRESERVE_PATIENCE)
+            settled = True
+            self.backend.preserve_fd(sfd, f.fd, f.token)
 
     # --- letting go ------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import select
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 SD_LISTEN_FDS_START = 3
@@ -46,14 +46,15 @@ def notify(message: str, fds: Sequence[int] = ()) -> bool:
     return True
 
 
-def barrier(timeout: float) -> bool:
+def barrier(timeout: float, via: Callable[[str, Sequence[int]], object] = send) -> bool:
     """sd_notify_barrier(3): True once the service manager has processed
     every message sent before (it closes its copy of a pipe's write end that
     came with BARRIER=1); False after `timeout` seconds. Raises OSError when
-    the message did not go out."""
+    the message did not go out. `via`: what sends it (the fd store
+    carrier's own sender)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        send("BARRIER=1", [w])
+        via("BARRIER=1", [w])
         os.close(w)
         w = -1
         poller = select.poll()

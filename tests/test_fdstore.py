@@ -6,8 +6,10 @@ and refusing what a service manager that drops the store would lose.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,11 @@ from luod import servicemanager
 from luod.carriers.fdstore import fdname_for
 from luod.carriers.slots import capacity_for, write_slot
 from luod.client import Client, VarlinkError
+from luod.kernel.backend import LuoError
+from testsupport.fakekernel import FakeBackend
 from testsupport.fakepid1 import FakePid1
 from testsupport.images import fake_bzimage
-from testsupport.util import make_memfd, memfd_facts
+from testsupport.util import make_memfd, memfd_facts, run_as
 
 # --- helpers ------------------------------------------------------------------
 
@@ -565,3 +569,81 @@ def test_fdstore_kexec_problem_without_socket(workdir: Path) -> None:
     found, reported = servicemanager.fdstore_kexec_problem(str(workdir / "none"))
     assert reported == "unknown"
     assert found is not None and f"{workdir / 'none'}: No such file or directory" in found
+
+
+# --- a file busy elsewhere ----------------------------------------------------------
+
+NOBODY = 65534
+
+
+def _take_with_the_file_stolen(socket_path: str, fake_kernel: str) -> dict[str, Any]:
+    """As nobody: a session of two files, a delegated session of its own,
+    and a thread putting one of the files into the delegated one the moment
+    the kernel lets it go, while nobody takes the other file (the session is
+    rebuilt without it: the old one goes first, then the file is preserved
+    again). What nobody was told and how long it took."""
+    out: dict[str, Any] = {}
+    kernel = FakeBackend(fake_kernel)
+    with Client(socket_path) as c:
+        a = make_memfd(b"a")
+        c.preserve_fds("s", [("a", os.dup(a)), ("b", make_memfd(b"b"))], create_session=True)
+        delegated = c.create_delegated_session("mine")
+        taken = threading.Event()
+
+        def steal() -> None:
+            while not taken.is_set():
+                try:
+                    kernel.preserve_fd(delegated, a, 1)
+                    out["stolen"] = True
+                    return
+                except LuoError as e:
+                    assert e.errno == errno.EBUSY, e
+
+        thief = threading.Thread(target=steal)
+        thief.start()
+        t0 = time.monotonic()
+        try:
+            os.close(c.retrieve_fd("s", "b", take=True))
+            out["take"] = "taken"
+        except VarlinkError as e:
+            out["take"] = e.short
+        out["seconds"] = time.monotonic() - t0
+        taken.set()
+        thief.join()
+    return out
+
+
+def test_a_file_busy_in_another_session_does_not_hold_luod_up(pid1: FakePid1) -> None:
+    """Rebuilding a session, luod waited (in its one thread) up to 3 s for
+    a file to be let go of by the session PID 1 still held a copy of. A
+    file nobody had put into a session of its own meanwhile never was: so
+    nobody's take held luod, root's calls with it, for 3 s, as often as
+    nobody liked. luod now waits for PID 1 to have let go of the old
+    session (a barrier) and tries once more: a file still busy is
+    somebody else's, and the take is refused at once."""
+    pid1.start()
+    os.chmod(pid1.luod.socket, 0o666)  # as luod.socket makes it
+    waits: list[float] = []
+    done = threading.Event()
+
+    def root_calls() -> None:
+        with pid1.client() as c:
+            while not done.is_set():
+                t0 = time.monotonic()
+                c.status()
+                waits.append(time.monotonic() - t0)
+                time.sleep(0.01)
+
+    root = threading.Thread(target=root_calls)
+    root.start()
+    try:
+        seen = run_as(
+            NOBODY, lambda: _take_with_the_file_stolen(pid1.luod.socket, pid1.fake_kernel)
+        )
+    finally:
+        done.set()
+        root.join()
+    # nobody's own session pays: taken, or (its file stolen) not carried.
+    assert seen["take"] == ("KernelRefused" if seen.get("stolen") else "taken"), seen
+    assert seen["seconds"] < 1.0, seen
+    assert max(waits) < 1.0, max(waits)

@@ -104,6 +104,12 @@ class Carrier(Protocol):
 
     def session_dropped(self, kernel_name: str) -> None: ...
 
+    def settle(self, timeout: float) -> None:
+        """Return once the sessions dropped so far are let go of by whoever
+        held copies of them (the service manager, which does so when it
+        gets to luod's message), or after `timeout` seconds."""
+        ...
+
     def keep_files(self, kernel_name: str, refs: Sequence[tuple[int, int]]) -> None:
         """Keep luod's own references to files of the kernel session
         `kernel_name` ((token, fd) pairs, added to those kept already)

@@ -400,6 +400,12 @@ class FdStoreCarrier:
         if fdname is not None:
             self._remove(fdname)
 
+    def settle(self, timeout: float) -> None:
+        # PID 1 closes its copy of a session fd when it reads FDSTOREREMOVE:
+        # once it answered a barrier sent after that, it has.
+        if not notify.barrier(timeout, via=self._send):
+            log.warning("fdstore-barrier-timeout", timeout=timeout)
+
     def keep_files(self, kernel_name: str, refs: Sequence[tuple[int, int]]) -> None:
         if not refs:
             return

@@ -160,6 +160,9 @@ class StateSessionCarrier:
     def session_dropped(self, kernel_name: str) -> None:
         pass
 
+    def settle(self, timeout: float) -> None:
+        pass  # no one but luod holds a session fd
+
     # luod's exit releases everything it holds (README "How custody
     # survives"): there is nothing to keep references or intents for.
 

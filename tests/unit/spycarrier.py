@@ -47,6 +47,9 @@ class SpyCarrier:
         self.calls.append(("dropped", kernel_name))
         self.inner.session_dropped(kernel_name)
 
+    def settle(self, timeout: float) -> None:
+        self.calls.append(("settle", ""))
+
     def keep_files(self, kernel_name: str, refs: Sequence[tuple[int, int]]) -> None:
         tokens = ",".join(str(token) for token, _fd in refs)
         self.calls.append(("keep", f"{kernel_name}:{tokens}"))
