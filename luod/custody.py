@@ -176,7 +176,10 @@ class Custodian:
             self.preserve_again(s.key)
         if s.claim_deadline is not None:
             s.claim_deadline = None
-            self.ledger.changed(s)  # recorded with the next commit
+            # Committed at once: a copy commits nothing else, and a luod
+            # restarted with the deadline still in the manifest would
+            # release the claimed session when the grace period ends.
+            self.ledger.commit(s)
             log.info(
                 "session-claimed",
                 session=s.name,

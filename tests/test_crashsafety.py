@@ -660,3 +660,31 @@ def test_call_in_flight_leaves_kernel_and_manifest_agreeing(pid1: FakePid1, into
         assert c.status()["reclaim"]["lost"] == []
         check_listing(c, world)
         retrieve_all(c, world)
+
+
+# --- found in review ------------------------------------------------------------------
+
+
+def test_claim_by_copy_survives_a_crash(pid1: FakePid1) -> None:
+    """After a kexec the owner claims a session by copying a file out of
+    it. That claim was kept in memory only: killed before anything else
+    was committed, the luod restarted in the same boot read the claim
+    deadline back from the manifest and released the claimed session when
+    the grace period ended (unclaimed-released), files and all."""
+    world = populate(pid1)
+    grace = "--grace=3s"
+    pid1.kexec()
+    pid1.start(grace)
+    with pid1.client() as c:
+        wait_preserved_again(c)  # everything committed before the claim
+        fd = c.retrieve_fd("app", "a")
+        os.close(fd)
+    pid1.kill9()
+    pid1.start(grace)
+    with pid1.client() as c:
+        # The sessions nobody claimed go at the deadline; the claimed one stays.
+        wait_until(lambda: "db" not in listed_shape(c.list_sessions()), "the grace period ended")
+        assert listed_shape(c.list_sessions()) == {
+            "app": ("managed", frozenset(world.managed["app"]))
+        }
+        retrieve_all(c, World(managed={"app": world.managed["app"]}))
