@@ -36,6 +36,10 @@ STEPS: tuple[str, ...] = (
     "adopt.held",
     # Letting go (DiscardSession, the grace period, a session handed back).
     "release.committed",  # the manifest no longer names it, not released yet
+    # At start: luod's references to a session's files taken back from the
+    # carrier (the fd store's parking); after a restart they may be all
+    # that holds the files of a session a change left half done.
+    "reclaim.refs",
     # After a kexec: taking over, then carrying custody on.
     "reclaim.retrieved",  # every file retrieved, luod not ready yet
     "again.kept",  # the retrieved files are kept (fd store), not finished

@@ -301,7 +301,9 @@ class Action:
     argument the fds the client holds until it knows the outcome; `done`
     is what it changes when it went through. `kexec`: the call is made
     after a (fake) kexec; without a call, luod is killed in its start, in
-    preserving again or by its grace timer. `args`: luod's arguments."""
+    preserving again or by its grace timer (after a kexec), or in its start
+    after a restart in the same boot (without one). `args`: luod's
+    arguments."""
 
     run: Callable[[FakePid1, Client, list[int]], None] | None = None
     done: Callable[[World], object] | None = None
@@ -379,6 +381,8 @@ ACTIONS: dict[str, Action] = {
     "discard": Action(_discard, lambda w: w.managed.pop("db")),
     "hand-back": Action(_hand_back, lambda w: w.adopted.pop("client-own"), kexec=True),
     "kexec": Action(kexec=True),
+    # Killed in its start after a restart in the same boot.
+    "restart": Action(),
     # Nobody claims what came over the kexec: the grace timer releases it all.
     "grace": Action(done=_release_all, kexec=True, args=("--grace=0.5s",)),
 }
@@ -396,6 +400,7 @@ CASES: list[tuple[str, str]] = [
     ("take.represerved", "take-after-kexec"),
     ("adopt.held", "adopt"),
     *[("release.committed", a) for a in ("discard", "take-last", "hand-back", "grace")],
+    ("reclaim.refs", "restart"),
     ("reclaim.retrieved", "kexec"),
     *[
         (s, "kexec")
@@ -479,6 +484,15 @@ def kill_after_kexec(pid1: FakePid1, where: str, *args: str, **how: Any) -> None
     expect_killed(pid1, where)
 
 
+def kill_in_restart(pid1: FakePid1, where: str) -> None:
+    """luod killed and started again in the same boot, dying in its start."""
+    pid1.kill9()
+    if pid1.launch(env={CRASH_ENV: where}):
+        pid1.kill9()
+        pytest.fail(f"luod got ready: it was not killed at {where}")
+    expect_killed(pid1, where)
+
+
 @dataclasses.dataclass
 class Restart:
     ready: float  # seconds from the start to READY=1
@@ -538,7 +552,9 @@ def test_kill_at_step(pid1: FakePid1, step: str, call: str) -> None:
     action = ACTIONS[call]
     world = populate(pid1)
     held: list[int] = []
-    if action.run is None:
+    if action.run is None and not action.kexec:
+        kill_in_restart(pid1, step)
+    elif action.run is None:
         kill_after_kexec(pid1, step, *action.args, env={CRASH_ENV: step})
     else:
         if action.kexec:
@@ -688,3 +704,38 @@ def test_claim_by_copy_survives_a_crash(pid1: FakePid1) -> None:
             "app": ("managed", frozenset(world.managed["app"]))
         }
         retrieve_all(c, World(managed={"app": world.managed["app"]}))
+
+
+@pytest.mark.parametrize("first", ["take.dropped", "again.finished"])
+def test_crash_in_recovery_loses_no_file(pid1: FakePid1, first: str) -> None:
+    """Killed at `first`, luod leaves a session whose files only its kept
+    references hold (the old kernel session is let go of, or the incoming
+    one finished). The next start took those references out of their
+    parking and only then parked them again: killed in between, the start
+    after that found neither a kernel session nor a reference, and lost
+    every file of the session (fd-lost, lost != [])."""
+    world = populate(pid1)
+    if first == "take.dropped":
+        pid1.kill9()
+        pid1.start(env={CRASH_ENV: first})
+        kill_in_call(pid1, ACTIONS["take"], first)
+    else:
+        kill_after_kexec(pid1, first, env={CRASH_ENV: first})
+    # The recovery itself is killed once it took back the first session's
+    # references: the one the first crash left half changed.
+    if pid1.launch(env={CRASH_ENV: "reclaim.refs"}):
+        pid1.kill9()
+        pytest.fail("luod got ready: it was not killed at reclaim.refs")
+    expect_killed(pid1, "reclaim.refs")
+    restart_and_retrieve(pid1, world, ACTIONS["take"])
+    with pid1.client() as c:
+        assert c.status()["reclaim"]["lost"] == []
+        wait_preserved_again(c)
+        check_kernel_agrees(pid1, c, world)
+        if first == "again.finished":
+            retrieve_adopted(pid1, c, world)
+    pid1.kexec()
+    restart_and_retrieve(pid1, world)
+    with pid1.client() as c:
+        assert c.status()["reclaim"]["lost"] == []
+    check_logs(pid1)

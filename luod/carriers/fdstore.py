@@ -59,6 +59,7 @@ from luod.carriers import (
 )
 from luod.carriers.parking import Parking
 from luod.carriers.slots import SlotWriter, newest, read_newest, slot_capacity, write_slot
+from luod.crashpoint import reached
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError
 from luod.log import get_logger
@@ -443,12 +444,21 @@ class FdStoreCarrier:
         if fds is None:
             return {}
         parking = Parking.of_fds(fds)
+        # Copied, not received: after a crash in a change they may be all
+        # that holds the session's files, and they must outlive this luod
+        # at every step.
+        refs = parking.copy_all() if len(parking.ends) == 2 else None
+        if refs is not None:
+            reached("reclaim.refs")
+            self._parked[kernel_name] = parking
+            return refs
+        # One end only (the store lost the other), or a kernel that cannot
+        # peek: received and parked again, in a new parking for one end.
         refs = parking.take_all()
-        # Parked again at once: they must outlive this luod too.
+        reached("reclaim.refs")
         if parking.park(sorted(refs.items())):
             self._parked[kernel_name] = parking
         else:
-            # One end only (the store lost the other): a new parking.
             parking.close()
             self._remove(parking_fdname(kernel_name))
             self.keep_files(kernel_name, sorted(refs.items()))

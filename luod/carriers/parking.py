@@ -5,7 +5,8 @@ An fd sent with SCM_RIGHTS and not received yet stays open for as long as
 the socket it waits in does. So a socket pair holds any number of files as
 two fds: luod sends its references into one end (each message: up to 253
 fds and their tokens), pushes both ends into its fd store, and a luod
-restarted in the same boot receives them back from whichever end has them.
+restarted in the same boot copies them back out of whichever end has them
+(peeking: they stay parked, also if that luod dies while it does).
 PID 1 then holds two entries per session, not one per file: systemd looks
 through a unit's whole store for each fd pushed (to refuse duplicates), so
 an entry per file would cost it time in proportion to everything luod
@@ -17,6 +18,7 @@ without it. A parking only serves a luod restarted within the boot.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import struct
@@ -25,6 +27,40 @@ from collections.abc import Iterable, Sequence
 # SCM_MAX_FD: the most fds one message carries.
 MAX_FDS = 253
 _TOKEN = struct.Struct("<Q")
+# asm-generic/socket.h; Python's socket module does not name it.
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
+_FD_SIZE = array.array("i").itemsize
+
+
+def _receive(end: socket.socket, flags: int = 0) -> tuple[bytes, list[int]] | None:
+    """One message of the queue at `end`: (tokens, fds), None when there
+    is none. recvmsg() itself: socket.recv_fds() drops its flags."""
+    try:
+        data, ancdata, _flags, _addr = end.recvmsg(
+            _TOKEN.size * MAX_FDS,
+            socket.CMSG_LEN(MAX_FDS * _FD_SIZE),
+            flags | socket.MSG_CMSG_CLOEXEC,
+        )
+    except (BlockingIOError, InterruptedError):
+        return None
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+    return data, list(fds)
+
+
+def _collect(out: dict[int, int], data: bytes, fds: Sequence[int]) -> None:
+    """Put a message's (token, fd) pairs into `out`, which owns them; a
+    token seen before keeps the later fd, fds without a token are closed."""
+    tokens = [t for (t,) in _TOKEN.iter_unpack(data[: len(fds) * _TOKEN.size])]
+    for token, fd in zip(tokens, fds, strict=False):
+        old = out.pop(token, -1)
+        if old >= 0:
+            os.close(old)
+        out[token] = fd
+    for fd in fds[len(tokens) :]:
+        os.close(fd)
 
 
 class Parking:
@@ -69,23 +105,38 @@ class Parking:
         no longer parked). A token parked twice comes back once."""
         out: dict[int, int] = {}
         for end in self.ends:
-            while True:
-                try:
-                    data, fds, _flags, _addr = socket.recv_fds(
-                        end, _TOKEN.size * MAX_FDS, MAX_FDS, socket.MSG_CMSG_CLOEXEC
-                    )
-                except (BlockingIOError, InterruptedError):
-                    break
+            while (message := _receive(end)) is not None:
+                data, fds = message
                 if not data and not fds:
                     break  # the other end is gone and nothing is left
-                tokens = [t for (t,) in _TOKEN.iter_unpack(data[: len(fds) * _TOKEN.size])]
-                for token, fd in zip(tokens, fds, strict=False):
-                    old = out.pop(token, -1)
-                    if old >= 0:
-                        os.close(old)
-                    out[token] = fd
-                for fd in fds[len(tokens) :]:
-                    os.close(fd)
+                _collect(out, data, fds)
+        return out
+
+    def copy_all(self) -> dict[int, int] | None:
+        """Every parked reference copied, the parking keeping its own:
+        token -> fd (owned by the caller). Each message is peeked at, never
+        received, so that no reference is ever held by this process alone:
+        a luod killed while taking references back leaves them all parked.
+        None when the socket cannot peek past its first message (no
+        SO_PEEK_OFF); nothing is copied then."""
+        out: dict[int, int] = {}
+        try:
+            for end in self.ends:
+                # From the start of the queue; each peek moves the offset
+                # past the message it returned.
+                end.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+                try:
+                    while (message := _receive(end, socket.MSG_PEEK)) is not None:
+                        data, fds = message
+                        _collect(out, data, fds)
+                        if not data:
+                            break  # the peer is gone; or a message luod never sends
+                finally:
+                    end.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
+        except OSError:
+            for fd in out.values():
+                os.close(fd)
+            return None
         return out
 
     def compact(self, also: Sequence[tuple[int, int]] = ()) -> bool:

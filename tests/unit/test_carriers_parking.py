@@ -34,6 +34,31 @@ def test_parked_files_outlive_every_other_reference() -> None:
     assert {t: _read(fd) for t, fd in back.items()} == {t: b"file %d" % (t - 1) for t in back}
 
 
+def test_copies_leave_every_reference_parked() -> None:
+    """copy_all() peeks: the queue still holds every reference after it
+    (a luod killed while taking references back loses none)."""
+    parking = Parking.create()
+    fds = [make_memfd(b"file %d" % i) for i in range(MAX_FDS + 5)]
+    try:
+        assert parking.park([(i + 1, fd) for i, fd in enumerate(fds[:3])])
+        assert parking.park([(i + 1, fd) for i, fd in enumerate(fds)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    want = {t: b"file %d" % (t - 1) for t in range(1, MAX_FDS + 6)}
+    copied = parking.copy_all()
+    assert copied is not None
+    assert {t: _read(fd) for t, fd in copied.items()} == want
+    # The copy peeked from the start each time, and the parking still works.
+    again = parking.copy_all()
+    assert again is not None and sorted(again) == sorted(want)
+    for fd in again.values():
+        os.close(fd)
+    back = parking.take_all()
+    parking.close()
+    assert {t: _read(fd) for t, fd in back.items()} == want
+
+
 def test_a_full_queue_is_compacted() -> None:
     """A message per hand-off fills the socket buffer after some hundreds;
     parked again in full messages, thousands fit."""
