@@ -119,6 +119,9 @@ def _preserve_fds(
         c.create_session(peer, session, commit=False)
         created = True
     s = ledger.sessions[key]
+    # The tokens first: the intent says the highest, so that none of them
+    # is given out again by a luod that cannot rebuild the session.
+    tokens = [s.next_token() for _ in files]
     # Write-ahead: a luod restarted before the commit below rebuilds the
     # session as the manifest has it (and releases one it does not name).
     ledger.intend(s)
@@ -127,9 +130,9 @@ def _preserve_fds(
     added: list[HeldFile] = []
     preserve, index = ledger.backend.preserve_fd, ledger.index
     try:
-        for h, facts in zip(files, checked, strict=True):
+        for h, facts, token in zip(files, checked, tokens, strict=True):
             # name, token, size, preserved_at, fd
-            f = HeldFile(h.name, s.next_token(), facts.size, now, h.fd)
+            f = HeldFile(h.name, token, facts.size, now, h.fd)
             preserve(s.fd, f.fd, f.token)
             h.fd = -1  # owned by `added` from here on, the session's below
             added.append(f)

@@ -39,6 +39,7 @@ import random
 import subprocess
 import time
 from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -739,3 +740,39 @@ def test_crash_in_recovery_loses_no_file(pid1: FakePid1, first: str) -> None:
     with pid1.client() as c:
         assert c.status()["reclaim"]["lost"] == []
     check_logs(pid1)
+
+
+def test_no_token_given_out_twice_after_a_crash(workdir: Path, fake_kernel: str) -> None:
+    """The write-ahead intent of a hand-off says the highest token the
+    change may give out, for a session a restarted luod cannot rebuild
+    (luod kept no reference to some of its files: the fd store was full).
+    It said the highest before the hand-off, so the kernel still held the
+    file of the hand-off killed in flight under the very token the next
+    hand-off was given: refused, 'File exists'."""
+    # The manifest, the session and the journal fill the store: luod keeps
+    # no reference to the files (their parking does not fit).
+    pid1 = FakePid1(workdir, fake_kernel, store_max=4)
+    try:
+        pid1.start()
+        world = World(managed={"app": {"a": data_for("app", "a", 100)}})
+        with pid1.client() as c:
+            hand_off(c, "app", world.managed["app"], create=True, batch=False)
+        pid1.kill9()
+        pid1.start(env={CRASH_ENV: "handoff.preserved"})
+        kill_in_call(pid1, ACTIONS["handoff"], "handoff.preserved")
+        pid1.start()
+        assert "event=session-not-rebuilt" in pid1.log()
+        with pid1.client() as c:
+            resolve(listed_shape(c.list_sessions()), world, ACTIONS["handoff"])
+            files = {"e": data_for("app", "e", 10)}
+            hand_off(c, "app", files, batch=False)
+            world.managed["app"].update(files)
+            check_listing(c, world)
+        pid1.kexec()
+        pid1.start()
+        with pid1.client() as c:
+            assert c.status()["reclaim"]["lost"] == []
+            check_listing(c, world)
+            retrieve_all(c, world)
+    finally:
+        pid1.close()
