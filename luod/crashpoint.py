@@ -40,6 +40,10 @@ STEPS: tuple[str, ...] = (
     # carrier (the fd store's parking); after a restart they may be all
     # that holds the files of a session a change left half done.
     "reclaim.refs",
+    # A restarted luod rebuilding a session a change left half done.
+    "rebuild.dropped",  # the half-changed kernel session is let go of
+    "rebuild.represerved",  # a new kernel session holds the manifest's files
+    "rebuild.committed",  # the manifest names it, the old references not released
     # After a kexec: taking over, then carrying custody on.
     "reclaim.retrieved",  # every file retrieved, luod not ready yet
     "again.kept",  # the retrieved files are kept (fd store), not finished

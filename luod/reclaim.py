@@ -280,7 +280,9 @@ class Reclaimer:
         replaced: list[str] = []
         for s in rebuild:
             try:
-                replaced.append(ledger.represerve(s, s.files.values()))
+                replaced.append(
+                    ledger.represerve(s, s.files.values(), "rebuild.dropped", "rebuild.represerved")
+                )
             except LuoError as e:
                 log.error("rebuild-failed", session=s.name, owner=s.owner.describe(), reason=str(e))
                 continue
@@ -296,6 +298,8 @@ class Reclaimer:
             report.preserved_again = None
         ledger.carrier.finish_incoming()
         ledger.save()
+        if replaced:
+            reached("rebuild.committed")
         for kernel_name in replaced:
             ledger.release_kept(kernel_name)
         return report

@@ -24,6 +24,10 @@ started after it must hold:
 How long after each restart every file was retrievable is printed (-s, or
 at the end of the module's run).
 
+test_kill_in_recovery kills luod a second time, in the recovery from the
+first kill (taking references back, rebuilding a half-changed session),
+and asks the same of the start after it: recovery is idempotent.
+
 The three regression tests at the end are named after the issue's three
 failures; they kill luod after a call into the fake kernel
 (testsupport.fakepid1 --kill-after), which needs no hook in luod, so they
@@ -545,7 +549,10 @@ def figures(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def test_every_step_has_a_case() -> None:
-    assert {spec.partition(":")[0] for spec, _ in CASES} == set(crashpoint.STEPS)
+    steps = {spec.partition(":")[0] for spec, _ in CASES}
+    # Steps of a recovery only: test_kill_in_recovery kills there.
+    steps |= {second for _first, _call, second in RECOVERY_CASES}
+    assert steps == set(crashpoint.STEPS)
 
 
 @pytest.mark.parametrize(("step", "call"), CASES, ids=[f"{s}-{a}" for s, a in CASES])
@@ -707,38 +714,68 @@ def test_claim_by_copy_survives_a_crash(pid1: FakePid1) -> None:
         retrieve_all(c, World(managed={"app": world.managed["app"]}))
 
 
-@pytest.mark.parametrize("first", ["take.dropped", "again.finished"])
-def test_crash_in_recovery_loses_no_file(pid1: FakePid1, first: str) -> None:
-    """Killed at `first`, luod leaves a session whose files only its kept
-    references hold (the old kernel session is let go of, or the incoming
-    one finished). The next start took those references out of their
-    parking and only then parked them again: killed in between, the start
-    after that found neither a kernel session nor a reference, and lost
-    every file of the session (fd-lost, lost != [])."""
+# (first kill, its call, second kill): luod killed in the recovery from a
+# kill in a change that left a session half done, then started again.
+RECOVERY_CASES: list[tuple[str, str, str]] = [
+    # Only luod's kept references hold the session's files (its old kernel
+    # session let go of, or the incoming one finished) while they are taken
+    # back.
+    ("take.dropped", "take", "reclaim.refs"),
+    ("again.finished", "kexec", "reclaim.refs"),
+    # Rebuilding the session.
+    *[
+        (first, call, second)
+        for first, call in (
+            ("take.dropped", "take"),
+            ("take.represerved", "take"),
+            ("handoff.preserved", "handoff"),
+            ("handoff.kept", "handoff-batch"),
+        )
+        for second in ("rebuild.dropped", "rebuild.represerved", "rebuild.committed")
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    ("first", "call", "second"),
+    RECOVERY_CASES,
+    ids=[f"{f}-{a}-{s}" for f, a, s in RECOVERY_CASES],
+)
+def test_kill_in_recovery(pid1: FakePid1, first: str, call: str, second: str) -> None:
+    """Recovery is idempotent: killed in it, the start after recovers as
+    well. Before, a start killed while it took back the references of a
+    session only they held (reclaim.refs) had taken them out of their
+    parking, and the start after that lost every file of the session
+    (fd-lost, lost != [])."""
+    action = ACTIONS[call]
     world = populate(pid1)
-    if first == "take.dropped":
+    if action.run is None:
+        kill_after_kexec(pid1, first, env={CRASH_ENV: first})
+    else:
         pid1.kill9()
         pid1.start(env={CRASH_ENV: first})
-        kill_in_call(pid1, ACTIONS["take"], first)
-    else:
-        kill_after_kexec(pid1, first, env={CRASH_ENV: first})
-    # The recovery itself is killed once it took back the first session's
-    # references: the one the first crash left half changed.
-    if pid1.launch(env={CRASH_ENV: "reclaim.refs"}):
+        kill_in_call(pid1, action, first)
+    if pid1.launch(env={CRASH_ENV: second}):
         pid1.kill9()
-        pytest.fail("luod got ready: it was not killed at reclaim.refs")
-    expect_killed(pid1, "reclaim.refs")
-    restart_and_retrieve(pid1, world, ACTIONS["take"])
+        pytest.fail(f"luod got ready: it was not killed at {second}")
+    expect_killed(pid1, second)
+    restart_and_retrieve(pid1, world, action)
     with pid1.client() as c:
         assert c.status()["reclaim"]["lost"] == []
         wait_preserved_again(c)
         check_kernel_agrees(pid1, c, world)
-        if first == "again.finished":
+        files = {"after": data_for("app", "after", 21)}
+        hand_off(c, "app", files, batch=False)
+        world.managed["app"].update(files)
+        check_kernel_agrees(pid1, c, world)
+        if action.kexec:
             retrieve_adopted(pid1, c, world)
     pid1.kexec()
     restart_and_retrieve(pid1, world)
     with pid1.client() as c:
         assert c.status()["reclaim"]["lost"] == []
+        wait_preserved_again(c)
+        check_kernel_agrees(pid1, c, world)
     check_logs(pid1)
 
 
