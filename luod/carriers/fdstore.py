@@ -454,6 +454,13 @@ class FdStoreCarrier:
             return refs
         # One end only (the store lost the other), or a kernel that cannot
         # peek: received and parked again, in a new parking for one end.
+        if len(parking.ends) == 2:
+            log.warning(
+                "fdstore-references-not-peeked",
+                kernel_name=kernel_name,
+                reason="the kernel cannot peek at a parking's messages (SO_PEEK_OFF)",
+                hint="received and parked again: a luod killed meanwhile loses them",
+            )
         refs = parking.take_all()
         reached("reclaim.refs")
         if parking.park(sorted(refs.items())):

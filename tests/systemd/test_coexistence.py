@@ -89,6 +89,11 @@ def test_kill_luod_before_kexec_loses_nothing(run: harness.GuestResult) -> None:
     before = s1.step("luod-before-kill").props()
     assert s1.step("kill").ok(), s1.step("kill")
     assert s1.step("wait-restart").ok(), f"luod not restarted\n{s1.step('journal-kill')}"
+    # The restarted luod copied its references out of their parkings
+    # (MSG_PEEK with SO_PEEK_OFF, on this kernel): they stayed parked.
+    assert "fdstore-references-not-peeked" not in s1.step("journal-kill").out, s1.step(
+        "journal-kill"
+    )
     after = s1.step("luod-after-kill").props()
     assert after["ActiveState"] == "active", after
     assert after["MainPID"] != before["MainPID"], (before, after)
