@@ -16,8 +16,8 @@ bounded here, and luod.varlink.transport enforces it:
   timeout of connecting is closed (one that did is bounded by the caps: a
   service may keep a connection open to call on it later), and so is one
   that does not finish a message it began within the idle timeout (its
-  fds are closed with it); one that does not read its replies is closed once MAX_QUEUED_REPLY bytes of them wait,
-  or MAX_QUEUED_REPLY_FDS fds;
+  fds are closed with it); one that does not read its replies is closed
+  once MAX_QUEUED_REPLY bytes or MAX_QUEUED_REPLY_FDS fds of them wait;
 - the log: what a client can cause at will is logged at a bounded rate.
 """
 
