@@ -686,7 +686,7 @@ def test_call_in_flight_leaves_kernel_and_manifest_agreeing(pid1: FakePid1, into
         retrieve_all(c, world)
 
 
-# --- found in review ------------------------------------------------------------------
+# --- a claim, a recovery killed in turn, tokens after a crash ------------------------
 
 
 def test_claim_by_copy_survives_a_crash(pid1: FakePid1) -> None:
