@@ -34,7 +34,7 @@ from luod.carriers import Carrier
 from luod.crashpoint import reached
 from luod.handoff import Handoff
 from luod.kernel import fdinfo
-from luod.kernel.backend import Backend, LuoError
+from luod.kernel.backend import Backend, LuoError, is_incoming_session
 from luod.ledger import Ledger
 from luod.log import get_logger
 from luod.model import (
@@ -243,7 +243,7 @@ class Custodian:
         return handoff.preserve_fds(self, peer, session, files, create)
 
     def adopt_session(self, peer: Peer, fd: int, parameter: str = "fileDescriptor") -> Session:
-        """Hold a session fd the client created itself, as it is."""
+        """Hold a session fd the client created itself in this boot, as it is."""
         ledger = self.ledger
         try:
             ledger.require_usable()
@@ -252,6 +252,21 @@ class Custodian:
                 facts = fdinfo.inspect_fd(fd)
                 raise errors.UnsupportedFd(
                     parameter, facts.kind.value, f"not a LUO session: {facts.describe()}"
+                )
+            # Held as it is, a session is carried only if it is outgoing:
+            # the kernel drops an incoming one at the kexec, whoever holds it.
+            try:
+                incoming = is_incoming_session(ledger.backend, fd)
+            except LuoError as e:
+                raise errors.KernelRefused("preserve_fd", e.errno, e.message, name) from None
+            if incoming:
+                raise errors.UnsupportedFd(
+                    parameter,
+                    "incoming-luo-session",
+                    f"session '{name}' came over the last kexec; the kernel carries only "
+                    "sessions created in this boot, so it would be lost at the next one. "
+                    "Retrieve its files, FINISH it, and hand them to luod (PreserveFds) or "
+                    "preserve them into a session created now (CreateDelegatedSession)",
                 )
             check_session_name(name, "session", limit=MAX_KERNEL_SESSION_NAME)
             if (peer.uid, name) in ledger.sessions:

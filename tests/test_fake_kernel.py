@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from luod.kernel import fdinfo, uapi
-from luod.kernel.backend import Backend, KernelBackend, LuoError
+from luod.kernel.backend import Backend, KernelBackend, LuoError, is_incoming_session
 from testsupport import fakekernel as fake
 from testsupport.fakekernel import FakeBackend, running_fake_kernel
 
@@ -446,6 +446,20 @@ def test_unfinished_incoming_sessions_are_discarded_at_next_kexec(
     assert (snap["incoming"], snap["outgoing"], snap["kexec_count"]) == ({}, {}, 2)
     fails("retrieve_session", errno.ENOENT, luo.retrieve_session, "waiting")
     fails("retrieve_fd", errno.EBADF, luo.retrieve_fd, old, 1)
+
+
+def test_incoming_is_told_apart_without_changing_anything(luo: FakeBackend, fds: Fds) -> None:
+    """luod.kernel.backend.is_incoming_session asks PRESERVE_FD with fd -1:
+    EINVAL on an incoming session, EEXIST or EBADF on an outgoing one."""
+    preserved_session(luo, fds, "old", {0: b"a", 1: b"b"})
+    incoming = kexec_and_retrieve(luo, fds, "old")
+    used, _ = preserved_session(luo, fds, "used", {0: b"c"})  # token 0 taken: EEXIST
+    empty = fds.add(luo.create_session("empty"))  # EBADF
+    before = luo.snapshot()
+    assert is_incoming_session(luo, incoming)
+    assert not is_incoming_session(luo, used) and not is_incoming_session(luo, empty)
+    after = luo.snapshot()
+    assert (after["incoming"], after["outgoing"]) == (before["incoming"], before["outgoing"])
 
 
 def test_session_fds_of_a_previous_boot_are_dead(luo: FakeBackend, fds: Fds) -> None:

@@ -228,5 +228,28 @@ class KernelBackend:
             return f.read().strip()
 
 
+def is_incoming_session(backend: Backend, session_fd: int) -> bool:
+    """Whether the session `session_fd` came over the last kexec (was
+    retrieved) rather than created in this boot. The kernel serializes only
+    its outgoing list at the kexec (luo_session_serialize()): an incoming
+    session is not carried, however long it is held open.
+
+    No ioctl or fdinfo says which list a session is in, so PRESERVE_FD is
+    asked with fd -1. The kernel checks the session's direction before
+    anything else (luo_session_ioctl(): EINVAL for an incoming session);
+    an outgoing one gets on to luo_preserve_file(), which answers EEXIST
+    (token used) or EBADF (no file at -1) and undoes what it began. Either
+    way nothing is preserved or changed."""
+    try:
+        backend.preserve_fd(session_fd, -1, 0)
+    except LuoError as e:
+        if e.errno == errno.EINVAL:
+            return True
+        if e.errno in (errno.EBADF, errno.EEXIST):
+            return False
+        raise
+    return False  # accepted, so outgoing (an incoming session accepts nothing)
+
+
 def _subject(e: OSError, default: str = "") -> str:
     return str(e.filename) if e.filename is not None else default

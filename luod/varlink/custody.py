@@ -156,8 +156,10 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
     @lazy_varlinkmethod(return_parameter="session")
     @translating
     def AdoptSession(self, fileDescriptor: int) -> wire.SessionInfo:
-        """Hand over a LUO session the caller created itself. luod holds it
-        as it is until the kexec and gives it back after."""
+        """Hand over a LUO session the caller created itself, in this boot.
+        luod holds it as it is until the kexec and gives it back after. A
+        session that came over the last kexec is refused (UnsupportedFd):
+        the kernel would not carry it over the next one."""
         fd = take_fd(fileDescriptor, "fileDescriptor")
         return wire.session_info(self.custodian.adopt_session(current().peer, fd))
 

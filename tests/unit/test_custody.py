@@ -505,6 +505,43 @@ def test_after_the_kexec_owners_take_back_what_is_theirs(kernel: FakeBackend) ->
         new.close()
 
 
+def test_an_incoming_session_is_not_adopted(kernel: FakeBackend) -> None:
+    """The kernel serializes only the sessions created in this boot: one that
+    came over the last kexec is dropped at the next, whoever holds it. luod
+    must not take it as if it would be carried (Check would say nothing
+    would be lost, and the next boot would find it gone)."""
+    old = Custodian(kernel, SpyCarrier(kernel), boot_id="boot-1", grace=60)
+    old.start()
+    sfd = kernel.create_session("vm-1")
+    kernel.preserve_fd(sfd, make_memfd(b"device"), 7)
+    old.adopt_session(ALICE, sfd)
+    mine = kernel.create_session("vm-2")
+    kernel.preserve_fd(mine, make_memfd(b"own"), 1)
+    kernel.reboot_kexec()
+    old.close()
+
+    new = Custodian(kernel, SpyCarrier(kernel), boot_id="boot-2", grace=60)
+    try:
+        new.start()
+        back, _ = new.retrieve_session(ALICE, "vm-1")  # custody ends: the session itself
+        own = kernel.retrieve_session("vm-2")  # retrieved by the client itself
+        for fd, name in ((back, "vm-1"), (own, "vm-2")):
+            with pytest.raises(errors.UnsupportedFd) as e:
+                new.adopt_session(ALICE, fd)
+            assert (e.value.parameter, e.value.kind) == ("fileDescriptor", "incoming-luo-session")
+            assert f"session '{name}' came over the last kexec" in e.value.reason
+            assert "FINISH it" in e.value.reason
+            assert not fd_is_open(fd)
+        assert new.sessions == {} and new.check() == []
+        # Nothing was changed in the kernel: closing the fds finished them.
+        assert kernel.snapshot()["incoming"] == {}
+        # A session created in this boot is still adopted.
+        fresh = kernel.create_session("vm-1")
+        assert new.adopt_session(ALICE, fresh).state is SessionState.OUTGOING
+    finally:
+        new.close()
+
+
 def test_manifest_names_every_held_file(custodian: Custodian) -> None:
     custodian.preserve_fds(ALICE, "app", _handoffs("a", "b"), create=True)
     m = from_json(to_json(custodian.ledger.manifest()))
