@@ -159,6 +159,14 @@ def main_stage2(out: dict[str, Any]) -> None:
             os.close(fd)
         out["app_gone"] = all(s["name"] != "app" for s in c.list_sessions())
         sfd = c.retrieve_session("client-own")
+        # Given back, the session is incoming: the kernel would not carry
+        # it again, so luod does not adopt it (its probe changes nothing:
+        # the file is retrieved out of it below).
+        try:
+            c.adopt_session(sfd)
+            out["readopt"] = "accepted"
+        except VarlinkError as e:
+            out["readopt"] = {"error": e.error, **e.parameters}
         fd = be.retrieve_fd(sfd, 42)
         out["own"] = facts(fd)
         be.finish_session(sfd)

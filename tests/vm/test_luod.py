@@ -73,6 +73,10 @@ def test_main_scenario(stock_kernel: Path, tmp_path: Path) -> None:
     )
     assert s2["app_gone"] is True
     assert s2["own"] == s1["own"]
+    # Handed back after the kexec, the session is incoming: not adopted
+    # again (the kernel would drop it at the next kexec).
+    assert s2["readopt"]["error"] == "io.luod.Custody.UnsupportedFd", s2["readopt"]
+    assert s2["readopt"]["kind"] == "incoming-luo-session", s2["readopt"]
     # The unclaimed session went at the end of the grace period, logged.
     assert s2["after_grace"] == ["keep"]
     assert "event=unclaimed-released session=orphan" in s2["log"]
