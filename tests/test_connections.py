@@ -379,6 +379,46 @@ def test_a_message_left_unfinished_is_dropped_with_its_fds(workdir: Path, fake_k
         assert "Traceback" not in luod.log()
 
 
+def leave_replies_and_a_message_unfinished(path: str, n: int, held: list[socket.socket]) -> str:
+    """`n` connections one after the other, each with replies it does not
+    read (more than the socket holds: they wait in luod) and a message it
+    never finishes; each waits for the next until luod is done with it."""
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.connect(path)
+        s.sendall(GET_STATUS * 600 + GET_STATUS[:10])
+        held.append(s)
+        time.sleep(2.0)  # the idle timeout (1s), and some
+    return "done"
+
+
+def test_a_connection_closed_as_idle_takes_its_replies_with_it(
+    workdir: Path, fake_kernel: str
+) -> None:
+    """A connection closed for a message left unfinished was closed
+    gracefully: its place among the connections was given back, but its
+    socket stayed open, with the replies waiting in it, for as long as the
+    client did not read them. Each uid could so hold any number of
+    connections (and 1 MiB of replies each, or 253 fds), past its cap.
+    Now such a connection is closed at once, with what waits in it."""
+    args = ["--idle-timeout=1s", "--max-connections-per-user=2"]
+    with running_luod(workdir, fake_kernel, *args) as luod:
+        with luod.client() as c:
+            c.status()
+            baseline = luod.fd_count() - 1
+        wait_until(lambda: luod.fd_count() == baseline, "the first connection gone")
+        held: list[socket.socket] = []
+        pid, ctl = as_uid(
+            NOBODY, lambda: leave_replies_and_a_message_unfinished(luod.socket, 4, held)
+        )
+        assert result_of(ctl) == "done"
+        wait_until(lambda: luod.log().count("event=connection-idle") == 4, "four idle closes")
+        held_by_luod = luod.fd_count() - baseline
+        release(pid, ctl)
+        print(f"\n4 closed as idle (cap 2), their client still there: luod +{held_by_luod} fds")
+        assert held_by_luod == 0
+
+
 def test_a_client_that_does_not_read_its_replies_is_cut_off(luod: LuodProcess) -> None:
     """Calls pipelined without reading a reply: luod stops reading the
     connection while calls wait, queues at most 1 MiB of replies, then

@@ -677,7 +677,8 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def _silent_too_long(self) -> None:
         """No whole message in the idle timeout since connecting (a
         connection held only to take one of the connections luod serves),
-        or since one was begun: closed, with the fds of what was read."""
+        or since one was begun: closed at once, with the fds of what was
+        read and the replies still waiting to be sent."""
         self._silent = None
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -692,7 +693,11 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             peer=self.peer.describe(),
             timeout=self.limits.idle_timeout,
         )
-        transport.close()
+        # Not close(): that gives the connection's place back at once but
+        # keeps its socket open until the replies waiting in it are sent,
+        # that is for as long as the client does not read them; a uid could
+        # hold any number of such connections past its cap.
+        self.drop()
 
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
