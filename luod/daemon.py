@@ -200,7 +200,7 @@ def update_policy(args: argparse.Namespace) -> Policy:
 
 def connection_limits(args: argparse.Namespace) -> limits.Limits:
     """The caps of luod.varlink.limits; after raise_nofile_limit(), since the
-    default cap is a share of the open-file limit."""
+    default caps are shares of the open-file limit."""
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     total = args.max_connections
     if total is None:
@@ -215,11 +215,14 @@ def connection_limits(args: argparse.Namespace) -> limits.Limits:
             f"luod: --connections-reserved-for-root={reserved} leaves no connection of "
             f"--max-connections={total} to anyone else; give it less"
         )
+    transit = limits.default_max_transit_fds(nofile)
     return limits.Limits(
         max_connections=total,
         reserved_for_root=reserved,
         max_per_user=args.max_connections_per_user,
         idle_timeout=args.idle_timeout,
+        max_transit_fds=transit,
+        transit_fds_reserved_for_root=limits.default_transit_fds_reserved_for_root(transit),
     )
 
 

@@ -145,6 +145,7 @@ class Service:
             backend=custodian.backend.name,
             pid=os.getpid(),
             max_connections=self.limits.max_connections,
+            max_transit_fds=self.limits.max_transit_fds,
         )
         await self.stopping.wait()
         self.orchestrator.end_all("luod is stopping")

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from luod.client import Client
-from luod.varlink.limits import MAX_MESSAGE
+from luod.varlink.limits import MAX_FDS_PER_MESSAGE, MAX_MESSAGE
 from testsupport.luodproc import LuodProcess, fake_backend_args, running_luod
-from testsupport.util import become, make_memfd, wait_until
+from testsupport.util import become, make_memfd, run_as, wait_until
 
 NOBODY = 65534
 GET_STATUS = b'{"method":"io.luod.Manager.GetStatus","parameters":{}}\0'
@@ -561,3 +561,146 @@ def test_a_message_that_is_no_call_closes_the_connection(
     assert select.select([read_end], [], [], 5)[0] and os.read(read_end, 1) == b""
     os.close(read_end)
     assert "event=protocol-violation" in luod.log()
+
+
+# --- fds in transit: of messages begun, of replies not read ---------------------
+
+# luod's open-file limit in these tests: 2,048 fds in transit (a quarter), of
+# which 256 are root's alone; each uid may hold 1,024 (four messages of 253).
+TRANSIT_NOFILE = 8192
+OVER_TRANSIT = "fds in transit would go over"
+
+
+def begin_messages_with_fds(path: str, n: int, closes: int, held: list[socket.socket]) -> str:
+    """`n` connections, each beginning a message with 253 fds (of one pipe)
+    and not finishing it; once luod closed `closes` of them (or after 30s),
+    how many are open and how many closed."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.connect(path)
+        socket.send_fds(s, [GET_STATUS[:10]], [write_end] * MAX_FDS_PER_MESSAGE)
+        held.append(s)
+    os.close(read_end)
+    os.close(write_end)
+    deadline = time.monotonic() + 30
+    while sum(not still_open(s) for s in held) < closes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    opened = sum(still_open(s) for s in held)
+    return f"{opened} open, {n - opened} closed"
+
+
+def root_hands_off_253_fds(luod: LuodProcess) -> None:
+    """A PreserveFds of 253 files, root's own (then discarded)."""
+    fds = [make_memfd(b"root") for _ in range(MAX_FDS_PER_MESSAGE)]
+    try:
+        with luod.client() as c:
+            files = [(f"f{i}", fd) for i, fd in enumerate(fds)]
+            assert len(c.preserve_fds("root-svc", files, create_session=True)) == len(fds)
+            c.discard_session("root-svc")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def quiet_fd_count(luod: LuodProcess) -> int:
+    """luod's fd count once a connection just closed is gone from it."""
+    with luod.client() as c:
+        c.status()
+        count = luod.fd_count() - 1
+    wait_until(lambda: luod.fd_count() == count, "the connection gone")
+    return count
+
+
+def test_fds_of_messages_begun_are_capped_per_uid_with_a_reserve_for_root(
+    workdir: Path, fake_kernel: str
+) -> None:
+    """Messages begun and not finished, 253 fds each: one uid's 128
+    connections held 32,384 of luod's fds, and a uid with 80 of them filled
+    an open-file limit of 20,000; root's own hand-off then failed (luod
+    died of it: a lazy import at EMFILE). Now each uid holds at most 1,024
+    of them, everyone but root at most 2,048 - 256; a connection whose
+    message would go over is closed with its fds, and root hands off."""
+    luod = LuodProcess(
+        workdir, fake_backend_args(fake_kernel), ["--idle-timeout=120s"], nofile=TRANSIT_NOFILE
+    )
+    luod.start()
+    try:
+        baseline = quiet_fd_count(luod)
+        held: list[socket.socket] = []
+        pid1, ctl1 = as_uid(NOBODY, lambda: begin_messages_with_fds(luod.socket, 5, 1, held))
+        # The uid's cap (1,024) takes 4 messages of 253.
+        first = result_of(ctl1)
+        print(f"\n5 messages of 253 fds begun: {first}, luod +{luod.fd_count() - baseline} fds")
+        assert first == "4 open, 1 closed"
+        assert luod.fd_count() == baseline + 4 * 254
+        pid2, ctl2 = as_uid(NOBODY - 1, lambda: begin_messages_with_fds(luod.socket, 16, 13, held))
+        # 7 x 253 = 1,771 of the 1,792 everyone but root may hold.
+        assert result_of(ctl2) == "3 open, 13 closed"
+        assert luod.fd_count() == baseline + 7 * 254
+        root_hands_off_253_fds(luod)
+        release(pid1, ctl1)
+        release(pid2, ctl2)
+        # What the connections held is given back: the uid's 4 again.
+        wait_until(lambda: luod.fd_count() == baseline, "every connection gone")
+        pid1, ctl1 = as_uid(NOBODY, lambda: begin_messages_with_fds(luod.socket, 5, 1, held))
+        assert result_of(ctl1) == "4 open, 1 closed"
+        release(pid1, ctl1)
+        log = luod.log()
+        assert f"{OVER_TRANSIT} max-transit-fds-per-user=1024" in log
+        assert f"{OVER_TRANSIT} max-transit-fds=2048 (of which 256 reserved for root)" in log
+        assert "Traceback" not in log
+    finally:
+        luod.stop()
+
+
+def preserve_253_files(path: str) -> int:
+    """A session "s" of 253 files."""
+    fds = [make_memfd(b"x") for _ in range(MAX_FDS_PER_MESSAGE)]
+    with Client(path) as c:
+        c.preserve_fds("s", [(f"f{i}", fd) for i, fd in enumerate(fds)], create_session=True)
+    for fd in fds:
+        os.close(fd)
+    return len(fds)
+
+
+def leave_replies_with_fds_unread(path: str, n: int, held: list[socket.socket]) -> str:
+    """`n` connections, each with replies it does not read (more than the
+    socket holds) and, last, a RetrieveFds of session "s": its reply waits
+    in luod with 253 fds."""
+    retrieve = b'{"method":"io.luod.Custody.RetrieveFds","parameters":{"session":"s"}}\0'
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.connect(path)
+        s.sendall(GET_STATUS * 600 + retrieve)
+        held.append(s)
+    return "sent"
+
+
+def test_fds_of_replies_not_read_are_capped_per_uid(workdir: Path, fake_kernel: str) -> None:
+    """Replies a client does not read, 253 fds of them per connection (each a
+    copy of a held file, luod's until sent): one uid's 77 connections filled
+    an open-file limit of 20,000. Now a reply that would take its uid over
+    1,024 is refused and its connection closed, with the fds."""
+    luod = LuodProcess(workdir, fake_backend_args(fake_kernel), [], nofile=TRANSIT_NOFILE)
+    luod.start()
+    try:
+        assert run_as(NOBODY, lambda: preserve_253_files(luod.socket)) == MAX_FDS_PER_MESSAGE
+        baseline = quiet_fd_count(luod)
+        held: list[socket.socket] = []
+        pid, ctl = as_uid(NOBODY, lambda: leave_replies_with_fds_unread(luod.socket, 8, held))
+        assert result_of(ctl) == "sent"
+        wait_until(
+            lambda: luod.log().count("event=fds-copied") == 8, "8 RetrieveFds served", timeout=60
+        )
+        # 4 connections, each with 253 fds waiting.
+        wait_until(lambda: luod.fd_count() == baseline + 4 * 254, "4 connections held")
+        print(f"\n8 connections with 253 fds of replies unread: luod +{luod.fd_count() - baseline}")
+        root_hands_off_253_fds(luod)
+        release(pid, ctl)
+        log = luod.log()
+        assert log.count("event=client-not-reading") == 4
+        assert "of its replies in transit would go over max-transit-fds-per-user=1024" in log
+        assert "Traceback" not in log
+    finally:
+        luod.stop()

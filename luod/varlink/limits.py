@@ -18,6 +18,11 @@ bounded here, and luod.varlink.transport enforces it:
   that does not finish a message it began within the idle timeout (its
   fds are closed with it); one that does not read its replies is closed
   once MAX_QUEUED_REPLY bytes or MAX_QUEUED_REPLY_FDS fds of them wait;
+- fds in transit (TransitFds): those of messages not yet whole and of
+  replies not yet sent, each an fd of luod's in no custody, have a global
+  cap below the open-file limit, of which a reserve only root may use, and
+  a cap per uid; a connection that would take its uid over one is closed,
+  and the fds with it;
 - the log: what a client can cause at will is logged at a bounded rate.
 """
 
@@ -59,17 +64,45 @@ DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_CONNECTIONS_PER_USER = 128
 DEFAULT_IDLE_TIMEOUT = 30.0
 
+# fds in transit (TransitFds). Bounded per connection only (253 of a
+# message begun, 253 of replies waiting), one uid's 128 connections held
+# 32,384 and many uids' more than luod's open-file limit: root's own
+# hand-off then failed with TooManyOpenFiles. Per uid: four whole messages
+# and some (a client handing off over four connections at once, or two
+# connections each with a message begun and a full reply queue), a quarter
+# of a uid's quota of held files (4096).
+DEFAULT_MAX_TRANSIT_FDS_PER_USER = 1024
+# In all: a quarter of luod.service's LimitNOFILE (262144), see
+# default_max_transit_fds.
+DEFAULT_MAX_TRANSIT_FDS = 262144 // 4
+
 
 def default_max_connections(nofile: int) -> int:
     """A quarter of the open-file limit, at most 4096: the rest is for the
-    files luod holds (LimitNOFILE=131072 in luod.service)."""
+    files luod holds (LimitNOFILE=262144 in luod.service)."""
     return max(8, min(DEFAULT_MAX_CONNECTIONS, nofile // 4))
+
+
+def default_max_transit_fds(nofile: int) -> int:
+    """A quarter of the open-file limit: the connections take at most
+    another quarter, and the half left is for the files luod holds (as
+    luod.service's fd store is half its LimitNOFILE). At least two whole
+    messages: root's and one of everyone else's."""
+    return max(2 * MAX_FDS_PER_MESSAGE, nofile // 4)
+
+
+def default_transit_fds_reserved_for_root(total: int) -> int:
+    """Of `total` fds in transit, how many only root may use: an eighth, as
+    of the connections, and at least one whole message, so that root hands
+    off while everyone else is at the cap."""
+    return max(MAX_FDS_PER_MESSAGE, total // 8)
 
 
 @record(frozen=True)
 class Limits:
-    """How many connections luod serves (in all, kept for root, per user) and how
-    long a new one may stay silent."""
+    """How many connections luod serves (in all, kept for root, per user), how
+    long a new one may stay silent, and how many fds it holds for them in
+    transit (in all, kept for root, per user)."""
 
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # Of max_connections, how many only root may use.
@@ -77,6 +110,12 @@ class Limits:
     max_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER
     # Seconds a new connection may stay silent; 0: for ever.
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_transit_fds: int = DEFAULT_MAX_TRANSIT_FDS
+    # Of max_transit_fds, how many only root may use.
+    transit_fds_reserved_for_root: int = default_transit_fds_reserved_for_root(
+        DEFAULT_MAX_TRANSIT_FDS
+    )
+    max_transit_fds_per_user: int = DEFAULT_MAX_TRANSIT_FDS_PER_USER
 
 
 class ConnectionCounts:
@@ -108,6 +147,47 @@ class ConnectionCounts:
     def release(self, uid: int) -> None:
         self.total -= 1
         self.by_uid[uid] -= 1
+        if self.by_uid[uid] <= 0:
+            del self.by_uid[uid]
+
+
+class TransitFds:
+    """fds luod holds for its connections that are in no custody: those of
+    a message not yet whole (luod.varlink.transport counts them from the
+    chunk that brings them until the message is served or dropped) and
+    those of replies not yet sent (from when one is queued until it is
+    sent or dropped). In all and per uid, against the caps of `limits`;
+    what one connection holds of them is bounded by the caps of a message
+    and of its reply queue, what they all hold only here."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_uid: collections.Counter[int] = collections.Counter()
+
+    def take(self, uid: int, count: int) -> str | None:
+        """Count `count` more fds of `uid` in, or say which cap they would
+        go over (and count nothing)."""
+        limits = self.limits
+        total = self.total + count
+        if uid == 0:
+            if total > limits.max_transit_fds:
+                return f"max-transit-fds={limits.max_transit_fds}"
+        else:
+            if total > limits.max_transit_fds - limits.transit_fds_reserved_for_root:
+                return (
+                    f"max-transit-fds={limits.max_transit_fds} "
+                    f"(of which {limits.transit_fds_reserved_for_root} reserved for root)"
+                )
+            if self.by_uid[uid] + count > limits.max_transit_fds_per_user:
+                return f"max-transit-fds-per-user={limits.max_transit_fds_per_user}"
+        self.total = total
+        self.by_uid[uid] += count
+        return None
+
+    def give_back(self, uid: int, count: int) -> None:
+        self.total -= count
+        self.by_uid[uid] -= count
         if self.by_uid[uid] <= 0:
             del self.by_uid[uid]
 

@@ -84,6 +84,7 @@ from luod.varlink.limits import (
     ConnectionCounts,
     Limits,
     ProtocolViolation,
+    TransitFds,
     decode_message,
 )
 from luod.varlink.replyconv import ReplyConverter, reply_converter
@@ -643,8 +644,15 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         """Calls read but not yet served."""
         return len(self._consumer_queue)
 
-    def violation(self, reason: str, size: int, fds: int) -> None:
-        """The peer sent what is no varlink message: close the connection."""
+    def violation(
+        self,
+        reason: str,
+        size: int,
+        fds: int,
+        hint: str = "the connection is closed; a varlink message is a JSON object and a NUL",
+    ) -> None:
+        """The peer sent what is no varlink message (or more than luod takes
+        of one): close the connection."""
         lim.violations.log(
             log.warning,
             "protocol-violation",
@@ -652,7 +660,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             reason=reason,
             bytes=size,
             fds=fds,
-            hint="the connection is closed; a varlink message is a JSON object and a NUL",
+            hint=hint,
         )
         self.drop()
 
@@ -750,6 +758,7 @@ class LuodServer(VarlinkUnixServer):
     ) -> None:
         self.limits = Limits() if limits is None else limits
         self.counts = ConnectionCounts(self.limits)
+        self.transit = TransitFds(self.limits)
         self._backoff = 0.0
         self._backoff_handle: asyncio.TimerHandle | None = None
         super().__init__(
@@ -833,7 +842,7 @@ class LuodServer(VarlinkUnixServer):
             )
             return
         try:
-            transport = serve_connection(self._loop, conn, self._protocol_factory)
+            transport = serve_connection(self._loop, conn, self._protocol_factory, self.transit)
         except OSError:
             self.counts.release(uid)
             conn.close()
@@ -872,16 +881,25 @@ class LuodTransport(VarlinkTransport):
 
     Sending: at most MAX_QUEUED_REPLY bytes and MAX_QUEUED_REPLY_FDS fds
     wait for a client that does not read; and no more than IOV_MAX buffers
-    go to one sendmsg()."""
+    go to one sendmsg().
+
+    The fds of a message not yet served and of replies not yet sent count
+    against the caps of `transit`, as its peer's uid's (limits.TransitFds):
+    a connection that would take its uid over one is closed."""
 
     RECV_BUFFER_SIZE = 256 * 1024
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, transit: TransitFds | None = None, **kwargs: Any) -> None:
         self._message = lim.MessageBuffer()
         self._eof = False
         self._queued = 0
         self._queued_fds = 0
+        # A connection served alone (unit tests) is counted alone.
+        self._transit = TransitFds(Limits()) if transit is None else transit
         super().__init__(*args, **kwargs)
+        peer = self.get_extra_info("luod.peer")
+        assert isinstance(peer, Peer)
+        self._uid = peer.uid
 
     def _handle_read_socket_peek(self) -> None:
         sock = self._recvfd
@@ -919,13 +937,31 @@ class LuodTransport(VarlinkTransport):
                 self._end_of_input()
                 return
             message = self._message
+            received = list(fds)
+            if received and (over := self._transit.take(self._uid, len(received))):
+                lim.close_fds(received)
+                protocol.violation(
+                    f"fds in transit would go over {over}",
+                    message.size + got,
+                    message.nfds + len(received),
+                    hint=(
+                        "the connection is closed, with its fds; luod holds few fds per uid "
+                        "that are in no custody (of messages begun, of replies not read)"
+                    ),
+                )
+                self._drop_message()
+                return
             try:
-                whole = message.add(_peek_view[:got], list(fds), bool(flags & _MSG_CTRUNC))
+                whole = message.add(_peek_view[:got], received, bool(flags & _MSG_CTRUNC))
             except ProtocolViolation as e:
                 protocol.violation(str(e), message.size, message.nfds)
-                message.drop()
+                self._drop_message()
                 return
             if whole:
+                # Served now: its fds are taken into custody or closed by
+                # the time frame_received() returns (an asynchronous call
+                # takes none; reading pauses while it runs).
+                self._transit.give_back(self._uid, message.nfds)
                 protocol.frame_received(*message.take())
             else:
                 protocol.message_begun()
@@ -938,16 +974,22 @@ class LuodTransport(VarlinkTransport):
     def reading_paused(self) -> bool:
         return bool(self._paused)
 
+    def _drop_message(self) -> None:
+        """Forget the message being read, closing its fds."""
+        if self._message.nfds:
+            self._transit.give_back(self._uid, self._message.nfds)
+        self._message.drop()
+
     def _end_of_input(self) -> None:
         # As asyncvarlink does at EOF; once only, even if reading resumes.
         self._eof = True
-        self._message.drop()
+        self._drop_message()
         assert self._recvfd is not None
         self._loop.remove_reader(self._recvfd)
         self._loop.call_soon(self._eof_received)
 
     def _close_receiver(self, exc: Exception | None = None) -> None:
-        self._message.drop()
+        self._drop_message()
         super()._close_receiver(exc)
 
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
@@ -989,6 +1031,8 @@ class LuodTransport(VarlinkTransport):
             if sent:
                 # The fds went with the first byte; the rest follows alone.
                 data, fds = data[sent:], None
+        if fds and (over := self._transit.take(self._uid, len(fds))):
+            return self._refuse_send(over)
         self._queued += len(data)
         fut = super().send_message(data, fds)
         if fds:
@@ -999,8 +1043,11 @@ class LuodTransport(VarlinkTransport):
 
     def _fds_sent(self, count: int, _fut: asyncio.Future[None]) -> None:
         self._queued_fds -= count
+        self._transit.give_back(self._uid, count)
 
-    def _refuse_send(self) -> asyncio.Future[None]:
+    def _refuse_send(self, over: str | None = None) -> asyncio.Future[None]:
+        """Refuse a reply (the connection goes): more than a connection may
+        leave waiting, or `over` the cap its uid's fds in transit would go."""
         # asyncvarlink warns of each reply to a closed transport: no
         # warning per reply of a client that went away or was cut off.
         if not self._closing and self._sendfd is not None:
@@ -1015,6 +1062,8 @@ class LuodTransport(VarlinkTransport):
                 hint=(
                     f"more than {MAX_QUEUED_REPLY} bytes or {MAX_QUEUED_REPLY_FDS} fds "
                     "of replies waited; disconnected"
+                    if over is None
+                    else f"the fds of its replies in transit would go over {over}; disconnected"
                 ),
             )
             protocol.drop()
@@ -1039,7 +1088,11 @@ def serve_connection(
     loop: asyncio.AbstractEventLoop,
     conn: socket.socket,
     factory: Callable[[], Any],
+    transit: TransitFds | None = None,
 ) -> LuodTransport:
-    """Serve one accepted connection with luod's transport."""
+    """Serve one accepted connection with luod's transport; its fds in
+    transit count in `transit` (None: alone)."""
     conn.setblocking(False)
-    return LuodTransport(loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)})
+    return LuodTransport(
+        loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)}, transit=transit
+    )

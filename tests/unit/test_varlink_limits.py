@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 from asyncvarlink import VarlinkInterfaceRegistry
@@ -19,6 +21,7 @@ from luod.varlink.limits import (
     Limits,
     ProtocolViolation,
     RateLimit,
+    TransitFds,
     decode_message,
 )
 from luod.varlink.transport import LuodProtocol, serve_connection
@@ -99,6 +102,42 @@ def test_connection_caps() -> None:
     assert counts.total == 4 and counts.by_uid == {1000: 2, 1001: 1, 1002: 1}
 
 
+def test_transit_fd_caps() -> None:
+    transit = TransitFds(
+        Limits(
+            max_transit_fds=1000, transit_fds_reserved_for_root=300, max_transit_fds_per_user=400
+        )
+    )
+    assert transit.take(1000, 253) is None
+    assert transit.take(1000, 253) == "max-transit-fds-per-user=400"
+    assert transit.take(1000, 147) is None  # up to the cap
+    assert transit.take(1001, 253) is None
+    # 653 in transit: 47 more of the 700 anyone but root may use.
+    assert transit.take(1002, 48) == "max-transit-fds=1000 (of which 300 reserved for root)"
+    assert transit.take(0, 253) is None
+    assert transit.take(0, 95) == "max-transit-fds=1000"
+    assert transit.take(0, 94) is None
+    transit.give_back(0, 347)
+    transit.give_back(1000, 400)
+    assert transit.total == 253 and transit.by_uid == {1001: 253}
+
+
+def test_default_transit_fd_caps_leave_a_reserve_for_root() -> None:
+    # A quarter of luod.service's LimitNOFILE, an eighth of it root's alone.
+    assert limits.default_max_transit_fds(262144) == 65536 == Limits().max_transit_fds
+    assert limits.default_transit_fds_reserved_for_root(65536) == 8192
+    assert Limits().transit_fds_reserved_for_root == 8192
+    assert Limits().max_transit_fds_per_user == 1024
+    # However low the open-file limit, a whole message for root and one
+    # for everyone else.
+    assert limits.default_max_transit_fds(200) == 506
+    assert limits.default_transit_fds_reserved_for_root(506) == 253
+    got = daemon.connection_limits(daemon.build_parser().parse_args([]))
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert got.max_transit_fds == max(506, nofile // 4)
+    assert got.transit_fds_reserved_for_root == max(253, got.max_transit_fds // 8)
+
+
 def test_rate_limit_reports_what_it_held_back() -> None:
     rate = RateLimit(burst=2, interval=10.0)
     assert [rate.allow(t) for t in (0.0, 1.0, 2.0, 3.0, 9.0)] == [0, 0, None, None, None]
@@ -177,3 +216,46 @@ def test_a_long_message_keeps_its_fds_and_is_read_in_linear_time() -> None:
     assert [(len(data), fds) for data, fds in frames] == [(len(body) + 6, 3), (2, 0)]
     assert frames[0][0].startswith(b'{"x":111') and frames[1][0] == b"{}"
     assert elapsed < 5.0, elapsed
+
+
+def test_fds_in_transit_are_counted_until_served_or_dropped() -> None:
+    """The fds of a message begun count for its uid until the message is
+    whole (served) or dropped; a connection whose chunk would go over the
+    cap is closed with its fds, and what it held is given back."""
+    memfd = os.memfd_create("t")
+    uid = os.getuid()
+    transit = TransitFds(
+        Limits(max_transit_fds=300, transit_fds_reserved_for_root=0, max_transit_fds_per_user=300)
+    )
+
+    async def until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        ours1, theirs1 = socket.socketpair()
+        ours2, theirs2 = socket.socketpair()
+        recorder1, recorder2 = Recorder(), Recorder()
+        serve_connection(loop, ours1, lambda: recorder1, transit)
+        serve_connection(loop, ours2, lambda: recorder2, transit)
+        socket.send_fds(theirs1, [b'{"x":'], [memfd] * 200)
+        await until(lambda: transit.total == 200)
+        assert transit.by_uid == {uid: 200}
+        socket.send_fds(theirs2, [b'{"x":'], [memfd] * 101)
+        theirs2.settimeout(10)
+        assert await asyncio.to_thread(theirs2.recv, 1) == b""  # closed
+        assert transit.by_uid == {uid: 200}
+        theirs1.sendall(b"1}\0")
+        await until(lambda: recorder1.frames == [(b'{"x":1}', 200)])
+        assert transit.total == 0 and not transit.by_uid
+        socket.send_fds(theirs1, [b'{"x":'], [memfd] * 100)
+        await until(lambda: transit.total == 100)
+        theirs1.close()  # the message is dropped with the connection
+        await until(lambda: transit.total == 0)
+        theirs2.close()
+
+    asyncio.run(run())
+    os.close(memfd)
