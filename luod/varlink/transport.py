@@ -961,7 +961,8 @@ class LuodTransport(VarlinkTransport):
                 # Served now: its fds are taken into custody or closed by
                 # the time frame_received() returns (an asynchronous call
                 # takes none; reading pauses while it runs).
-                self._transit.give_back(self._uid, message.nfds)
+                if message.nfds:
+                    self._transit.give_back(self._uid, message.nfds)
                 protocol.frame_received(*message.take())
             else:
                 protocol.message_begun()
