@@ -15,6 +15,22 @@ import sys
 from types import ModuleType
 
 
+class _LazyModule(ModuleType):
+    """A module not run yet: the first read of a name it lacks runs it.
+    Not importlib's LazyLoader: that one makes the module a plain one
+    before running it, so a run that fails (EMFILE: luod at its open-file
+    limit cannot open the module's file) leaves it empty for good, and
+    every later call that reads it fails. This one stays lazy until a run
+    succeeds, and the next read tries again."""
+
+    def __getattr__(self, attr: str) -> object:
+        spec = self.__spec__
+        assert spec is not None and spec.loader is not None
+        spec.loader.exec_module(self)
+        self.__class__ = ModuleType  # type: ignore[assignment]
+        return getattr(self, attr)
+
+
 def lazy_module(name: str) -> ModuleType:
     """The module `name`, run when an attribute of it is first read; the
     module itself if it is imported already. It is in sys.modules and its
@@ -24,10 +40,9 @@ def lazy_module(name: str) -> ModuleType:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"no module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
     module = importlib.util.module_from_spec(spec)
+    module.__class__ = _LazyModule
     sys.modules[name] = module
-    spec.loader.exec_module(module)
     parent, _, child = name.rpartition(".")
     if parent:
         setattr(sys.modules[parent], child, module)

@@ -38,7 +38,12 @@ class _LibraryHandler(logging.Handler):
         fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             fields["exc_info"] = record.exc_info
-        getattr(_LOGGER, method if method in _PRIORITY else "error")("library-log", **fields)
+        try:
+            getattr(_LOGGER, method if method in _PRIORITY else "error")("library-log", **fields)
+        except Exception:
+            # The stdlib's way (a line on stderr): a line that cannot be
+            # written must not raise into the caller, asyncio's event loop.
+            self.handleError(record)
 
 
 def shown(text: str, limit: int = 100) -> str:
@@ -145,7 +150,7 @@ class _Emitter:
         if "exc_info" in event:
             # A traceback, as the exception key: asked for by a few lines
             # only, so not a processor of every line.
-            event = _structlog().processors.format_exc_info(logger, method, event)
+            event = _format_exc_info(logger, method, event)
         priority = _PRIORITY.get(method, 6)
         line = logfmt(event)
         if self.journal is not None and self._send(priority, line, event):
@@ -174,6 +179,28 @@ class _Emitter:
         except OSError:
             return False  # too large or journald gone: the stderr line still tells
         return True
+
+
+def _format_exc_info(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    """structlog's format_exc_info; the standard library's traceback when
+    structlog cannot be imported: at luod's open-file limit its files
+    cannot be opened, and an error logged then (EMFILE, of all errors)
+    must still be logged, not raise out of the event loop and end luod."""
+    try:
+        structlog = _structlog()
+    except (ImportError, OSError):
+        # Imported already in luod (by asyncio): no file to open.
+        import traceback
+
+        exc_info = event.pop("exc_info")
+        if exc_info is True:
+            exc_info = sys.exc_info()
+        elif isinstance(exc_info, BaseException):
+            exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+        if isinstance(exc_info, tuple) and exc_info[0] is not None:
+            event["exception"] = "".join(traceback.format_exception(*exc_info)).rstrip("\n")
+        return event
+    return structlog.processors.format_exc_info(logger, method, event)
 
 
 # What setup() made; None before (events then go through structlog).

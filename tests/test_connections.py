@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from luod.client import Client
+from luod.client import Client, VarlinkError
 from luod.varlink.limits import MAX_FDS_PER_MESSAGE, MAX_MESSAGE
 from testsupport.luodproc import LuodProcess, fake_backend_args, running_luod
 from testsupport.util import become, make_memfd, run_as, wait_until
@@ -703,4 +703,51 @@ def test_fds_of_replies_not_read_are_capped_per_uid(workdir: Path, fake_kernel: 
         assert "of its replies in transit would go over max-transit-fds-per-user=1024" in log
         assert "Traceback" not in log
     finally:
+        luod.stop()
+
+
+def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
+    workdir: Path, fake_kernel: str, open_files: None
+) -> None:
+    """luod builds a method at its first call, importing what it needs;
+    at the open-file limit that import fails with EMFILE. luod died of it
+    (logging the error imported structlog, which failed the same way, out
+    of the event loop). Now the call is refused with NotReady (the fd of the
+    call came in: TooManyOpenFiles, "dropped on the way in", would not be
+    true), luod serves on, and the same call succeeds once fds are free."""
+    luod = LuodProcess(
+        workdir,
+        fake_backend_args(fake_kernel),
+        ["--max-connections=1000", "--idle-timeout=120s"],
+        nofile=64,
+    )
+    luod.start()
+    fillers: list[socket.socket] = []
+    memfd = make_memfd(b"x")
+    try:
+        with luod.client() as c:
+            # Connections fill luod's fd table to one below its limit: the
+            # memfd of the call takes the last place.
+            while (count := luod.fd_count()) < 63:
+                fillers.append(connect(luod))
+                wait_until(lambda n=count: luod.fd_count() > n, "the connection accepted")
+            with pytest.raises(VarlinkError) as refused:
+                c.preserve_fd("s", "f", memfd, create_session=True)
+            assert refused.value.error == "io.luod.Custody.NotReady"
+            for s in fillers:
+                s.close()
+            wait_until(lambda: luod.fd_count() < 60, "the connections gone")
+            assert c.preserve_fd("s", "f", memfd, create_session=True)["name"] == "f"
+        assert luod.proc is not None and luod.proc.poll() is None
+        log = luod.log()
+        assert (
+            "event=call-refused method=io.luod.Custody.PreserveFd error=io.luod.Custody.NotReady"
+            in log
+        )
+        assert "InternalServerError" not in log
+        assert "Traceback" not in log
+    finally:
+        for s in fillers:
+            s.close()
+        os.close(memfd)
         luod.stop()

@@ -5,6 +5,7 @@ import json
 import logging
 import socket
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,33 @@ def test_luods_logger_traceback_and_json() -> None:
     assert "RuntimeError: boom" in failed["exception"]
     theirs = structlog.processors.JSONRenderer()
     assert second[3:] == theirs(None, "info", {"session": "s", "token": 5, "event": "fd-preserved"})
+
+
+def test_traceback_logged_when_structlog_cannot_be_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At luod's open-file limit structlog's files cannot be opened: a line
+    with a traceback (an asyncio error, through the library handler) still
+    gets written, with the standard library's traceback, and nothing
+    raises into asyncio's event loop (which ended luod)."""
+    out = io.StringIO()
+    log.setup("info", stream=out)
+    monkeypatch.delitem(sys.modules, "structlog")
+    monkeypatch.setattr(log, "_structlog", _no_structlog)
+    try:
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError:
+            logging.getLogger("asyncio").exception("Exception in callback")
+            log.get_logger().exception("call-failed")
+        lines = out.getvalue().splitlines()
+        assert lines[0].startswith("<3>event=library-log logger=asyncio")
+        assert lines[1].startswith("<3>event=call-failed exception=")
+        for line in lines:
+            assert "OSError: [Errno 24] Too many open files" in line
+    finally:
+        log.setup("info", stream=io.StringIO())
+
+
+def _no_structlog() -> None:
+    raise OSError(24, "Too many open files", "structlog/__init__.py")

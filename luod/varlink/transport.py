@@ -296,7 +296,17 @@ class _LazyMethod:
         # (their wire types are imported when first needed: luod.lazyimport);
         # varlinkmethod reads the annotations as objects.
         unwrapped = inspect.unwrap(self._function)
-        unwrapped.__annotations__ = inspect.get_annotations(unwrapped, eval_str=True)
+        try:
+            unwrapped.__annotations__ = inspect.get_annotations(unwrapped, eval_str=True)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # Reading the annotations imports the wire types: at the
+            # open-file limit their file cannot be opened. The call is
+            # refused, the method stays unbuilt and its next call tries again.
+            raise errors.NotReady(
+                f"luod cannot build {self._name} now ({e.strerror}): try again"
+            ) from None
         built = varlinkmethod(
             self._function,
             return_parameter=self._return_parameter,
@@ -485,7 +495,12 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             self.violation(str(e), len(data), len(fds))
             return
         if not self._consumer_queue:
-            plain = self._plain_call(obj)
+            try:
+                plain = self._plain_call(obj)
+            except errors.NotReady as e:
+                lim.close_fds(fds)
+                self._refuse(obj, e)
+                return
             if plain is not None:
                 # Served now, with its fds as they came (CallFds); what the
                 # call did not take is closed when it is done.
@@ -546,12 +561,31 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         """A plain call (its method and parameters only: no oneway, more or
         upgrade) of a method that gives one reply is served by _call_plain;
         any other message as asyncvarlink serves it, errors and all."""
-        plain = self._plain_call(obj)
+        try:
+            plain = self._plain_call(obj)
+        except errors.NotReady as e:
+            self._refuse(obj, e)
+            return None
         if plain is None:
             fut: asyncio.Future[None] | None = super().request_received(obj, fds)
             return fut
         self._serve_plain(*plain, fds)
         return None
+
+    def _refuse(self, obj: JSONObject, e: errors.LuodError) -> None:
+        """Answer a call refused before its method ran (its method could
+        not be built: _LazyMethod)."""
+        # Imported already (by the interfaces): no file to open.
+        from luod.varlink.replies import reply
+
+        log.info(
+            "call-refused",
+            method=str(obj.get("method")),
+            error=e.error_name,
+            detail=str(e),
+            peer=self.peer.describe(),
+        )
+        self.send_error(reply(e))
 
     def _plain_call(self, obj: JSONObject) -> tuple[PlainMethod, JSONObject] | None:
         """The method and the parameters of a plain call; None for any
