@@ -26,7 +26,16 @@ class _LazyModule(ModuleType):
     def __getattr__(self, attr: str) -> object:
         spec = self.__spec__
         assert spec is not None and spec.loader is not None
-        spec.loader.exec_module(self)
+        before = set(self.__dict__)
+        try:
+            spec.loader.exec_module(self)
+        except BaseException:
+            # Forget what a run that failed half way defined: the next run
+            # makes its classes anew, and none of the failed run's may be
+            # handed out meanwhile (two classes of one name).
+            for name in set(self.__dict__) - before:
+                del self.__dict__[name]
+            raise
         self.__class__ = ModuleType  # type: ignore[assignment]
         return getattr(self, attr)
 
