@@ -706,6 +706,10 @@ def test_fds_of_replies_not_read_are_capped_per_uid(workdir: Path, fake_kernel: 
         luod.stop()
 
 
+def _fds_above(luod: LuodProcess, n: int) -> Callable[[], bool]:
+    return lambda: luod.fd_count() > n
+
+
 def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
     workdir: Path, fake_kernel: str, open_files: None
 ) -> None:
@@ -730,7 +734,7 @@ def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
             # memfd of the call takes the last place.
             while (count := luod.fd_count()) < 63:
                 fillers.append(connect(luod))
-                wait_until(lambda n=count: luod.fd_count() > n, "the connection accepted")
+                wait_until(_fds_above(luod, count), "the connection accepted")
             with pytest.raises(VarlinkError) as refused:
                 c.preserve_fd("s", "f", memfd, create_session=True)
             assert refused.value.error == "io.luod.Custody.NotReady"
