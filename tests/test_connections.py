@@ -734,7 +734,7 @@ def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
             # memfd of the call takes the last place.
             while (count := luod.fd_count()) < 63:
                 fillers.append(connect(luod))
-                wait_until(_fds_above(luod, count), "the connection accepted")
+                wait_until(_fds_above(luod, count), "the connection accepted", timeout=30)
             with pytest.raises(VarlinkError) as refused:
                 c.preserve_fd("s", "f", memfd, create_session=True)
             assert refused.value.error == "io.luod.Custody.NotReady"
