@@ -721,6 +721,20 @@ def _sockets_above(luod: LuodProcess, n: int) -> Callable[[], bool]:
     return lambda: _sockets(luod) > n
 
 
+def _fill(luod: LuodProcess, fillers: list[socket.socket], fds: int) -> None:
+    """Connect to luod until it has `fds` fds open."""
+    while luod.fd_count() < fds:
+        # Counted as sockets: luod's fd count also moves with whatever it
+        # opens and closes meanwhile.
+        sockets = _sockets(luod)
+        fillers.append(connect(luod))
+        wait_until(
+            _sockets_above(luod, sockets),
+            f"the connection accepted\n{luod.log()[-2000:]}",
+            timeout=30,
+        )
+
+
 def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
     workdir: Path, fake_kernel: str, open_files: None
 ) -> None:
@@ -743,16 +757,7 @@ def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
         with luod.client() as c:
             # Connections fill luod's fd table to one below its limit: the
             # memfd of the call takes the last place.
-            while luod.fd_count() < 63:
-                # Counted as sockets: luod's fd count also moves with
-                # whatever it opens and closes meanwhile.
-                sockets = _sockets(luod)
-                fillers.append(connect(luod))
-                wait_until(
-                    _sockets_above(luod, sockets),
-                    f"the connection accepted\n{luod.log()[-2000:]}",
-                    timeout=30,
-                )
+            _fill(luod, fillers, 63)
             with pytest.raises(VarlinkError) as refused:
                 c.preserve_fd("s", "f", memfd, create_session=True)
             assert refused.value.error == "io.luod.Custody.NotReady"
