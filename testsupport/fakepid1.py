@@ -201,6 +201,13 @@ class FakePid1:
         with self._cond:
             assert self._cond.wait_for(lambda: self._barriers >= want, 10)
 
+    @property
+    def barriers(self) -> int:
+        """BARRIER=1 messages handled so far (this class's own settle()'s
+        among them)."""
+        with self._cond:
+            return self._barriers
+
     def names(self) -> list[str]:
         self.settle()
         with self._cond:
