@@ -15,7 +15,6 @@ JSON by their index in the message.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import os
@@ -25,8 +24,11 @@ from typing import Any
 
 from luod.errors import describe
 from luod.interfaces import CUSTODY, DEFAULT_SOCKET, MANAGER
+from luod.scmrights import FD_SIZE, fds_in
 
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
+# Room for the fds of one reply.
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * FD_SIZE)
 
 
 class VarlinkError(Exception):
@@ -116,16 +118,8 @@ class Client:
         # One call at a time: everything up to the NUL, and every fd that came
         # with it, belongs to the reply of the call just sent.
         while b"\0" not in self._buf:
-            fds = array.array("i")
-            msg, ancdata, _flags, _addr = self.sock.recvmsg(
-                65536,
-                socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * fds.itemsize),
-                socket.MSG_CMSG_CLOEXEC,
-            )
-            for level, typ, cdata in ancdata:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
-            self._fds.extend(fds)
+            msg, ancdata, _flags, _addr = self.sock.recvmsg(65536, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            self._fds.extend(fds_in(ancdata))
             if not msg:
                 raise ConnectionError("luod closed the connection")
             self._buf += msg

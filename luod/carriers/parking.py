@@ -18,18 +18,18 @@ without it. A parking only serves a luod restarted within the boot.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
+
+from luod.scmrights import FD_SIZE, fds_in
 
 # SCM_MAX_FD: the most fds one message carries.
 MAX_FDS = 253
 _TOKEN = struct.Struct("<Q")
 # asm-generic/socket.h; Python's socket module does not name it.
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
-_FD_SIZE = array.array("i").itemsize
 
 
 def _receive(end: socket.socket, flags: int = 0) -> tuple[bytes, list[int]] | None:
@@ -38,16 +38,12 @@ def _receive(end: socket.socket, flags: int = 0) -> tuple[bytes, list[int]] | No
     try:
         data, ancdata, _flags, _addr = end.recvmsg(
             _TOKEN.size * MAX_FDS,
-            socket.CMSG_LEN(MAX_FDS * _FD_SIZE),
+            socket.CMSG_LEN(MAX_FDS * FD_SIZE),
             flags | socket.MSG_CMSG_CLOEXEC,
         )
     except (BlockingIOError, InterruptedError):
         return None
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-    return data, list(fds)
+    return data, fds_in(ancdata)
 
 
 def _collect(out: dict[int, int], data: bytes, fds: Sequence[int]) -> None:

@@ -28,7 +28,6 @@ the message.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import contextvars
@@ -75,6 +74,7 @@ from luod import errors
 from luod.log import get_logger
 from luod.peer import Peer, peer_of_socket
 from luod.record import record
+from luod.scmrights import FD_SIZE, fds_in
 from luod.varlink import limits as lim
 from luod.varlink.limits import (
     MAX_FDS_PER_MESSAGE,
@@ -897,7 +897,7 @@ _MESSAGES_PER_WAKEUP = 32
 # sendmsg() takes at most IOV_MAX buffers (EMSGSIZE beyond); asyncvarlink
 # hands it every queued reply at once.
 _IOV_MAX = 512
-_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * FD_SIZE)
 # socket's MSG_* are enum.IntFlag members: `flags & socket.MSG_CTRUNC` made
 # an IntFlag through enum's Python code on every message read (6 K
 # instructions of a call's 310 K).
@@ -962,16 +962,12 @@ class LuodTransport(VarlinkTransport):
             except OSError as err:
                 self._close_receiver(err)
                 return
-            fds = array.array("i")
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            received = fds_in(ancdata)
             if got == 0:
-                lim.close_fds(list(fds))
+                lim.close_fds(received)
                 self._end_of_input()
                 return
             message = self._message
-            received = list(fds)
             if received and (over := self._transit.take(self._uid, len(received))):
                 lim.close_fds(received)
                 protocol.violation(
