@@ -186,6 +186,17 @@ def retrieve_all(c: Client, world: World) -> None:
                 os.close(fd)
 
 
+def kexec_loses_nothing(pid1: FakePid1, world: World) -> None:
+    """A kexec and luod's start after it: nothing reported lost, (b) and
+    (a) as the world has them."""
+    pid1.kexec()
+    pid1.start()
+    with pid1.client() as c:
+        assert c.status()["reclaim"]["lost"] == []
+        check_listing(c, world)
+        retrieve_all(c, world)
+
+
 def retrieve_adopted(pid1: FakePid1, c: Client, world: World) -> None:
     """After a kexec: each adopted session handed back (custody ends), its
     file intact."""
@@ -628,12 +639,8 @@ def test_crash_in_preserve_again_loses_no_session(pid1: FakePid1) -> None:
         wait_preserved_again(c)
         check_kernel_agrees(pid1, c, world)
         retrieve_adopted(pid1, c, world)
-    pid1.kexec()
-    pid1.start()
+    kexec_loses_nothing(pid1, world)
     with pid1.client() as c:
-        assert c.status()["reclaim"]["lost"] == []
-        check_listing(c, world)
-        retrieve_all(c, world)
         retrieve_adopted(pid1, c, world)
     check_logs(pid1)
 
@@ -678,12 +685,7 @@ def test_call_in_flight_leaves_kernel_and_manifest_agreeing(pid1: FakePid1, into
         world.managed.setdefault(session, {}).update(files)
         check_kernel_agrees(pid1, c, world)
         retrieve_all(c, world)
-    pid1.kexec()
-    pid1.start()
-    with pid1.client() as c:
-        assert c.status()["reclaim"]["lost"] == []
-        check_listing(c, world)
-        retrieve_all(c, world)
+    kexec_loses_nothing(pid1, world)
 
 
 # --- a claim, a recovery killed in turn, tokens after a crash ------------------------
@@ -805,11 +807,6 @@ def test_no_token_given_out_twice_after_a_crash(workdir: Path, fake_kernel: str)
             hand_off(c, "app", files, batch=False)
             world.managed["app"].update(files)
             check_listing(c, world)
-        pid1.kexec()
-        pid1.start()
-        with pid1.client() as c:
-            assert c.status()["reclaim"]["lost"] == []
-            check_listing(c, world)
-            retrieve_all(c, world)
+        kexec_loses_nothing(pid1, world)
     finally:
         pid1.close()
