@@ -24,11 +24,9 @@ from typing import Any
 
 from luod.errors import describe
 from luod.interfaces import CUSTODY, DEFAULT_SOCKET, MANAGER
-from luod.scmrights import FD_SIZE, fds_in
+from luod.scmrights import ANCBUF_SIZE, SCM_MAX_FD, fds_in
 
-MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
-# Room for the fds of one reply.
-_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * FD_SIZE)
+MAX_FDS_PER_MESSAGE = SCM_MAX_FD
 
 
 class VarlinkError(Exception):
@@ -118,7 +116,9 @@ class Client:
         # One call at a time: everything up to the NUL, and every fd that came
         # with it, belongs to the reply of the call just sent.
         while b"\0" not in self._buf:
-            msg, ancdata, _flags, _addr = self.sock.recvmsg(65536, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            msg, ancdata, _flags, _addr = self.sock.recvmsg(
+                65536, ANCBUF_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
             self._fds.extend(fds_in(ancdata))
             if not msg:
                 raise ConnectionError("luod closed the connection")

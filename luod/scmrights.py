@@ -11,6 +11,11 @@ from collections.abc import Iterable
 
 # Bytes of one fd in SCM_RIGHTS data (an int).
 FD_SIZE = array.array("i").itemsize
+# SCM_MAX_FD (include/net/scm.h): the most fds one message carries; a
+# sendmsg() with more fails (EINVAL).
+SCM_MAX_FD = 253
+# recvmsg()'s ancillary buffer with room for the fds of one message.
+ANCBUF_SIZE = socket.CMSG_SPACE(SCM_MAX_FD * FD_SIZE)
 
 
 def fds_in(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:

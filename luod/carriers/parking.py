@@ -23,10 +23,8 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 
-from luod.scmrights import FD_SIZE, fds_in
+from luod.scmrights import ANCBUF_SIZE, SCM_MAX_FD, fds_in
 
-# SCM_MAX_FD: the most fds one message carries.
-MAX_FDS = 253
 _TOKEN = struct.Struct("<Q")
 # asm-generic/socket.h; Python's socket module does not name it.
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
@@ -37,8 +35,8 @@ def _receive(end: socket.socket, flags: int = 0) -> tuple[bytes, list[int]] | No
     is none. recvmsg() itself: socket.recv_fds() drops its flags."""
     try:
         data, ancdata, _flags, _addr = end.recvmsg(
-            _TOKEN.size * MAX_FDS,
-            socket.CMSG_LEN(MAX_FDS * FD_SIZE),
+            _TOKEN.size * SCM_MAX_FD,
+            ANCBUF_SIZE,
             flags | socket.MSG_CMSG_CLOEXEC,
         )
     except (BlockingIOError, InterruptedError):
@@ -87,8 +85,8 @@ class Parking:
         broken; what was sent before that stays parked."""
         if len(self.ends) != 2:
             return False
-        for i in range(0, len(refs), MAX_FDS):
-            chunk = refs[i : i + MAX_FDS]
+        for i in range(0, len(refs), SCM_MAX_FD):
+            chunk = refs[i : i + SCM_MAX_FD]
             payload = b"".join(_TOKEN.pack(token) for token, _fd in chunk)
             try:
                 socket.send_fds(self.ends[0], [payload], [fd for _token, fd in chunk])

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from luod.record import record
+from luod.scmrights import SCM_MAX_FD
 
 # sd-varlink's VARLINK_BUFFER_MAX.
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -47,9 +48,9 @@ MAX_DEPTH = 64
 # Replies waiting for a client that does not read; one reply of any size is
 # always queued, so a large ListSessions still goes out.
 MAX_QUEUED_REPLY = 1024 * 1024
-# SCM_MAX_FD: no single sendmsg carries more; a message spread over several
-# chunks may not carry more in all either.
-MAX_FDS_PER_MESSAGE = 253
+# No single sendmsg carries more; a message spread over several chunks may
+# not carry more in all either.
+MAX_FDS_PER_MESSAGE = SCM_MAX_FD
 # fds in replies waiting for a client that does not read: what one reply
 # carries at most. Each is an fd of luod's (RetrieveFd's copy of a held
 # file) until it is sent: bounded by bytes alone, a connection of small

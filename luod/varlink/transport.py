@@ -74,10 +74,9 @@ from luod import errors
 from luod.log import get_logger
 from luod.peer import Peer, peer_of_socket
 from luod.record import record
-from luod.scmrights import FD_SIZE, fds_in
+from luod.scmrights import ANCBUF_SIZE, fds_in
 from luod.varlink import limits as lim
 from luod.varlink.limits import (
-    MAX_FDS_PER_MESSAGE,
     MAX_PENDING_CALLS,
     MAX_QUEUED_REPLY,
     MAX_QUEUED_REPLY_FDS,
@@ -897,7 +896,6 @@ _MESSAGES_PER_WAKEUP = 32
 # sendmsg() takes at most IOV_MAX buffers (EMSGSIZE beyond); asyncvarlink
 # hands it every queued reply at once.
 _IOV_MAX = 512
-_ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * FD_SIZE)
 # socket's MSG_* are enum.IntFlag members: `flags & socket.MSG_CTRUNC` made
 # an IntFlag through enum's Python code on every message read (6 K
 # instructions of a call's 310 K).
@@ -955,7 +953,7 @@ class LuodTransport(VarlinkTransport):
                 end = _peek_buffer.find(0, 0, n)
                 want = n if end < 0 else end + 1
                 got, ancdata, flags, _ = sock.recvmsg_into(
-                    [_peek_view[:want]], _ANCBUF, _MSG_CMSG_CLOEXEC
+                    [_peek_view[:want]], ANCBUF_SIZE, _MSG_CMSG_CLOEXEC
                 )
             except (BlockingIOError, InterruptedError):
                 return

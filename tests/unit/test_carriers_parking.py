@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from luod.carriers.parking import MAX_FDS, Parking
+from luod.carriers.parking import Parking
+from luod.scmrights import SCM_MAX_FD
 from testsupport.util import make_memfd
 
 
@@ -17,7 +18,7 @@ def _read(fd: int) -> bytes:
 
 def test_parked_files_outlive_every_other_reference() -> None:
     parking = Parking.create()
-    fds = [make_memfd(b"file %d" % i) for i in range(MAX_FDS + 5)]
+    fds = [make_memfd(b"file %d" % i) for i in range(SCM_MAX_FD + 5)]
     try:
         assert parking.park([(i + 1, fd) for i, fd in enumerate(fds)])
     finally:
@@ -29,7 +30,7 @@ def test_parked_files_outlive_every_other_reference() -> None:
     os.close(again)
     back = parking.take_all()
     parking.close()
-    assert sorted(back) == list(range(1, MAX_FDS + 6))
+    assert sorted(back) == list(range(1, SCM_MAX_FD + 6))
     assert _read(back.pop(1)) == b"newer"
     assert {t: _read(fd) for t, fd in back.items()} == {t: b"file %d" % (t - 1) for t in back}
 
@@ -38,14 +39,14 @@ def test_copies_leave_every_reference_parked() -> None:
     """copy_all() peeks: the queue still holds every reference after it
     (a luod killed while taking references back loses none)."""
     parking = Parking.create()
-    fds = [make_memfd(b"file %d" % i) for i in range(MAX_FDS + 5)]
+    fds = [make_memfd(b"file %d" % i) for i in range(SCM_MAX_FD + 5)]
     try:
         assert parking.park([(i + 1, fd) for i, fd in enumerate(fds[:3])])
         assert parking.park([(i + 1, fd) for i, fd in enumerate(fds)])
     finally:
         for fd in fds:
             os.close(fd)
-    want = {t: b"file %d" % (t - 1) for t in range(1, MAX_FDS + 6)}
+    want = {t: b"file %d" % (t - 1) for t in range(1, SCM_MAX_FD + 6)}
     copied = parking.copy_all()
     assert copied is not None
     assert {t: _read(fd) for t, fd in copied.items()} == want
