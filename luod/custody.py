@@ -207,7 +207,7 @@ class Custodian:
         try:
             sfd = ledger.backend.create_session(kernel_name)
         except LuoError as e:
-            raise errors.KernelRefused("create_session", e.errno, e.message, name) from None
+            raise errors.kernel_refused("create_session", e.errno, e.message, name) from None
         reached("create.kernel")
         s = Session(
             name=name,
@@ -258,7 +258,7 @@ class Custodian:
             try:
                 incoming = is_incoming_session(ledger.backend, fd)
             except LuoError as e:
-                raise errors.KernelRefused("preserve_fd", e.errno, e.message, name) from None
+                raise errors.kernel_refused("preserve_fd", e.errno, e.message, name) from None
             if incoming:
                 raise errors.UnsupportedFd(
                     parameter,
@@ -297,7 +297,8 @@ class Custodian:
         reference, so the session survives the client's restart or crash and
         the shutdown; after the kexec the owner takes it back whole."""
         s = self._new_session(peer, name, SessionKind.DELEGATED)
-        return os.dup(s.fd), s
+        what = f"session '{name}' is made, no copy of it for this reply (RetrieveSession gets one)"
+        return _copy(s.fd, what), s
 
     def list_sessions(
         self, peer: Peer, session: str | None = None, owner: int | None = None
@@ -340,7 +341,7 @@ class Custodian:
             )
         # A dup shares the open file description, so the client sees the
         # file position the file has, as it would after the kexec.
-        out = os.dup(f.fd)
+        out = _copy(f.fd, f"no copy of '{session}/{name}' made")
         if not take:
             log.info(
                 "fd-copied",
@@ -418,7 +419,7 @@ class Custodian:
         out: list[int] = []
         try:
             for f in files:
-                out.append(os.dup(f.fd))
+                out.append(_copy(f.fd, f"no copies of the files of '{session}' made"))
             if take and files:
                 self._take_files(s, files)
         except BaseException:
@@ -466,7 +467,7 @@ class Custodian:
                 reached("take.intent")
                 old = ledger.represerve(s, remaining, "take.dropped", "take.represerved")
         except LuoError as e:
-            raise errors.KernelRefused("preserve_fd", e.errno, e.message, s.name) from None
+            raise errors.kernel_refused("preserve_fd", e.errno, e.message, s.name) from None
         for f in taken:
             ledger.unindex(f)
             del s.files[f.name]
@@ -509,7 +510,7 @@ class Custodian:
                 to=peer.describe(),
                 **_acting_for(peer, s),
             )
-            return os.dup(s.fd), seen
+            return _copy(s.fd, f"no copy of session '{session}' made"), seen
         fd, s.fd = s.fd, -1
         ledger.remove(s.key)
         ledger.commit()
@@ -557,6 +558,17 @@ class Custodian:
     def close(self) -> None:
         """luod is stopping without a kexec (tests, fallback): close all."""
         self.ledger.close()
+
+
+def _copy(fd: int, what: str) -> int:
+    """A copy of a held fd for a reply. With a full fd table NotReady, that
+    says `what` (no OSError: InternalServerError would tell nothing)."""
+    try:
+        return os.dup(fd)
+    except OSError as e:
+        if e.errno in errors.FD_TABLE_FULL:
+            raise errors.fd_table_full(e.errno, what) from None
+        raise
 
 
 def _acting_for(peer: Peer, s: Session) -> dict[str, int]:

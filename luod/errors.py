@@ -18,6 +18,8 @@ No varlink here: luod.client imports this, and services import the client.
 
 from __future__ import annotations
 
+import errno
+import resource
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -249,6 +251,30 @@ class NotReady(LuodError, interface=CUSTODY):
 
     sentence = "{reason}"
     reason: str
+
+
+# The errnos of a full fd table: luod's own (EMFILE, its LimitNOFILE=) or
+# the system's (ENFILE, fs.file-max).
+FD_TABLE_FULL = (errno.EMFILE, errno.ENFILE)
+
+
+def fd_table_full(err: int, what: str) -> NotReady:
+    """`what` was not done for want of an fd (`err` one of FD_TABLE_FULL):
+    a state of luod's that passes as fds are closed, not the kernel's no."""
+    if err == errno.ENFILE:
+        where = "the system is at its limit of open files (fs.file-max)"
+    else:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        where = f"luod is at its limit of {limit} open files (LimitNOFILE=)"
+    return NotReady(f"{where}: {what}; try again once it holds fewer")
+
+
+def kernel_refused(operation: str, err: int, message: str, session: str) -> LuodError:
+    """The kernel's refusal of `operation` as the caller is told it: with a
+    full fd table it had no fd to give luod (the device's, a session's)."""
+    if err in FD_TABLE_FULL:
+        return fd_table_full(err, f"{operation} for session '{session}' not done")
+    return KernelRefused(operation, err, message, session)
 
 
 class QuotaExceeded(LuodError, interface=CUSTODY):

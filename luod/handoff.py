@@ -139,7 +139,7 @@ def _preserve_fds(
             index(s, f, (facts.dev, facts.ino))
     except LuoError as e:
         _rollback(ledger, s, added, created)
-        raise errors.KernelRefused("preserve_fd", e.errno, e.message, session) from None
+        raise errors.kernel_refused("preserve_fd", e.errno, e.message, session) from None
     except BaseException:
         s.files.add(added)  # what is preserved is the session's, fds and all
         raise

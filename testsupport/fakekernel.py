@@ -100,6 +100,16 @@ class FakeKernelUnavailable(ConnectionError):
     """Nothing answers on the fake kernel's socket."""
 
 
+class FdTableFull(OSError):
+    """The caller's fd table is full (EMFILE, ENFILE): it had no place for
+    the socket to the fake kernel (`connecting`), or for the fds the fake
+    kernel sent."""
+
+    def __init__(self, err: int, connecting: bool) -> None:
+        super().__init__(err, os.strerror(err))
+        self.connecting = connecting
+
+
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         if fd >= 0:
@@ -119,6 +129,10 @@ def _recv(sock: socket.socket, flags: int = 0) -> tuple[Json | None, list[int]]:
     msg, fds, msg_flags, _ = socket.recv_fds(
         sock, _MAX_MESSAGE, _MAX_FDS, socket.MSG_CMSG_CLOEXEC | flags
     )
+    if msg_flags & socket.MSG_CTRUNC and not msg_flags & socket.MSG_TRUNC:
+        # The kernel had no place for the fds in the receiver's table.
+        _close_all(fds)
+        raise FdTableFull(errno.EMFILE, connecting=False)
     if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         _close_all(fds)
         raise ValueError("message or its fds were truncated")
@@ -136,7 +150,12 @@ def _recv(sock: socket.socket, flags: int = 0) -> tuple[Json | None, list[int]]:
 
 
 def _connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise FdTableFull(e.errno, connecting=True) from None
+        raise
     sock.settimeout(_REQUEST_TIMEOUT)
     try:
         sock.connect(path)
@@ -152,6 +171,8 @@ def _exchange(
     try:
         _send(sock, {"op": op, **args}, fds)
         body, received = _recv(sock)
+    except FdTableFull:
+        raise
     except (OSError, ValueError) as e:
         raise FakeKernelUnavailable(f"the fake LUO kernel did not answer {op}: {e}") from None
     if body is None:
@@ -817,6 +838,12 @@ class FakeBackend:
     ) -> tuple[Json, list[int]]:
         try:
             body, received = call(self.socket_path, op, args, fds)
+        except FdTableFull as e:
+            # As the kernel: no place for the device's fd when opening it,
+            # nor for the fd an ioctl returns. (The fake's other operations
+            # need an fd for their socket, which the kernel's do not.)
+            opening = e.connecting and op in _DEVICE_OPS
+            raise LuoError("open" if opening else op, e.errno or errno.EMFILE, subject) from None
         except FakeKernelUnavailable:
             if op in _DEVICE_OPS:  # as if /dev/liveupdate did not exist
                 raise LuoError("open", errno.ENOENT, self.socket_path) from None

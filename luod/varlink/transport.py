@@ -298,14 +298,12 @@ class _LazyMethod:
         try:
             unwrapped.__annotations__ = inspect.get_annotations(unwrapped, eval_str=True)
         except OSError as e:
-            if e.errno not in (errno.EMFILE, errno.ENFILE):
+            if e.errno not in errors.FD_TABLE_FULL:
                 raise
             # Reading the annotations imports the wire types: at the
             # open-file limit their file cannot be opened. The call is
             # refused, the method stays unbuilt and its next call tries again.
-            raise errors.NotReady(
-                f"luod cannot build {self._name} now ({e.strerror}): try again"
-            ) from None
+            raise errors.fd_table_full(e.errno, f"{self._name} is not built yet") from None
         built = varlinkmethod(
             self._function,
             return_parameter=self._return_parameter,
