@@ -289,6 +289,19 @@ class QuotaExceeded(LuodError, interface=CUSTODY):
     limit: int
 
 
+class CustodyFull(LuodError, interface=CUSTODY):
+    """luod holds as many sessions and files, of every uid together, as it
+    may (limit: for the caller; a share of luod's open-file limit, a part of
+    which only root may use); nothing was changed."""
+
+    sentence = (
+        "luod holds as many sessions and files as it may for all users together "
+        "({limit}); nothing was changed: release some (DiscardSession, RetrieveFd take), "
+        "or ask for luod's --max-held to be raised"
+    )
+    limit: int
+
+
 class TooManyFds(LuodError, interface=CUSTODY):
     """The call would return count fds, more than one reply carries (limit,
     SCM_MAX_FD); nothing was handed out. Name the files, at most limit per

@@ -5,8 +5,11 @@ is held by luod: a session and every file is an fd of luod's, every byte is
 memory the kernel pins until the kexec. So each uid other than root has a
 pool of its own (sessions, files, bytes pinned) that no other uid's use
 touches, and root has a pool of its own, unlimited unless luod's options
-say otherwise. What came over a kexec is carried whatever the quotas say;
-only new custody is refused (`QuotaExceeded`, which changes nothing).
+say otherwise. Every uid together, root included, holds at most a share of
+luod's open-file limit, of which a reserve only root may use, so that many
+uids at their quotas cannot fill luod's fd table (`CustodyFull`). What came
+over a kexec is carried whatever the quotas say; only new custody is
+refused (`QuotaExceeded`, `CustodyFull`, which change nothing).
 
 Counted are what luod holds for the uid: its sessions of every kind, and
 the files and bytes of its managed sessions. What a client preserves
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 from collections.abc import Callable
 
 from luod import errors
@@ -39,17 +43,29 @@ class Limits:
 
 # Enough for a normal service (a VMM with a few dozen guests' memory, a
 # cache of thousands of files), small enough that one uid cannot take luod's
-# fds (LimitNOFILE=131072) or the host's memory from the others.
+# fds (LimitNOFILE=262144) or the host's memory from the others.
 USER_DEFAULTS = Limits(sessions=64, files=4096, bytes=1 << 30)
 ROOT_DEFAULTS = Limits()
 
 
+def default_max_held(nofile: int) -> int:
+    """Half of the open-file limit: connections take at most a quarter of
+    it, fds in transit another (luod.varlink.limits)."""
+    return nofile // 2
+
+
 @record(frozen=True)
 class Quotas:
-    """What each unprivileged uid may hold, and what root may."""
+    """What each unprivileged uid may hold, and what root may; and what
+    all of them together may (sessions and files: each is an fd of luod's)."""
 
     user: Limits = USER_DEFAULTS
     root: Limits = ROOT_DEFAULTS
+    # Sessions and files luod holds for every uid together; 0: no cap.
+    # Without it 64 uids at their files quota would fill LimitNOFILE=.
+    max_held: int = 0
+    # Of max_held, how many only root may hold: an eighth.
+    held_reserved_for_root: int = 0
 
     def of(self, uid: int) -> Limits:
         return self.root if uid == 0 else self.user
@@ -57,24 +73,29 @@ class Quotas:
     def check(
         self,
         uid: int,
-        holdings: Callable[[int], Holdings],
+        holdings: Callable[[int | None], Holdings],
         sessions: int = 0,
         files: int = 0,
         size: int = 0,
     ) -> None:
-        """Refuse (QuotaExceeded) if `uid`, holding `holdings(uid)`, may not
-        take on that much more. Without limits nothing is counted."""
+        """Refuse (QuotaExceeded, CustodyFull) if `uid`, holding
+        `holdings(uid)` while luod holds `holdings(None)`, may not take on
+        that much more. Without limits nothing is counted."""
         limits = self.of(uid)
-        if not (limits.sessions or limits.files or limits.bytes):
-            return
-        held = holdings(uid)
-        for resource, limit, now, more in (
-            ("sessions", limits.sessions, held.sessions, sessions),
-            ("files", limits.files, held.files, files),
-            ("bytes", limits.bytes, held.bytes_pinned, size),
-        ):
-            if more and limit and now + more > limit:
-                raise errors.QuotaExceeded(resource, limit)
+        if limits.sessions or limits.files or limits.bytes:
+            held = holdings(uid)
+            for what, limit, now, more in (
+                ("sessions", limits.sessions, held.sessions, sessions),
+                ("files", limits.files, held.files, files),
+                ("bytes", limits.bytes, held.bytes_pinned, size),
+            ):
+                if more and limit and now + more > limit:
+                    raise errors.QuotaExceeded(what, limit)
+        if self.max_held and (sessions or files):
+            cap = self.max_held - (0 if uid == 0 else self.held_reserved_for_root)
+            total = holdings(None)
+            if total.sessions + total.files + sessions + files > cap:
+                raise errors.CustodyFull(cap)
 
 
 def parse_size(text: str) -> int:
@@ -125,6 +146,16 @@ def add_options(p: argparse.ArgumentParser) -> None:
             metavar="N",
             help=f"{text} for root (default: {_said(what, root)})",
         )
+    g.add_argument(
+        "--max-held",
+        type=count,
+        default=None,
+        metavar="N",
+        help=(
+            "sessions and files held for all uids together, an eighth of them for root "
+            "alone; each is an fd of luod's (default: half the open-file limit)"
+        ),
+    )
 
 
 def _said(what: str, n: int) -> str:
@@ -136,7 +167,14 @@ def _said(what: str, n: int) -> str:
 
 
 def from_options(args: argparse.Namespace) -> Quotas:
+    """The quotas luod's options give; after luod raised its open-file
+    limit, of which the cap on everything held is a share by default."""
+    max_held = args.max_held
+    if max_held is None:
+        max_held = default_max_held(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     return Quotas(
         user=Limits(args.max_sessions_per_user, args.max_files_per_user, args.max_bytes_per_user),
         root=Limits(args.max_sessions_root, args.max_files_root, args.max_bytes_root),
+        max_held=max_held,
+        held_reserved_for_root=max_held // 8,
     )

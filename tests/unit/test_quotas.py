@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 from typing import Any
 
 import pytest
@@ -110,10 +111,51 @@ def test_files_and_bytes_per_uid(custodian: Custodian) -> None:
     custodian.preserve_fds(NOBODY, "s", _files(10))
 
 
+ALL_HELD = Quotas(max_held=10, held_reserved_for_root=2)
+
+
+def _full(c: Custodian, limit: int, call: object) -> None:
+    """`call` is refused with CustodyFull(limit) and changes nothing."""
+    before = {k: (s.kernel_name, sorted(s.files)) for k, s in c.sessions.items()}
+    with pytest.raises(errors.CustodyFull) as e:
+        call()  # type: ignore[operator]
+    assert e.value.limit == limit
+    assert {k: (s.kernel_name, sorted(s.files)) for k, s in c.sessions.items()} == before
+
+
+@pytest.mark.parametrize("custodian_options", [{"quotas": ALL_HELD}])
+def test_what_all_uids_hold_together_is_bounded_with_a_reserve_for_root(
+    custodian: Custodian, kernel: FakeBackend
+) -> None:
+    """Each uid within its own quota, many uids together could fill luod's
+    fd table (64 at their files quota fill LimitNOFILE=): sessions and files
+    of all uids are bounded together, and the last of it is root's alone."""
+    custodian.preserve_fds(NOBODY, "s", _files(1, 1, 1), create=True)
+    custodian.preserve_fds(ALICE, "s", _files(1, 1, 1), create=True)  # 8 held: 2 + 6
+    batch = _files(1)
+    _full(custodian, 8, lambda: custodian.preserve_fds(ALICE, "s", batch))
+    assert not fd_is_open(batch[0].fd)
+    _full(custodian, 8, lambda: custodian.create_session(NOBODY, "t"))
+    _full(custodian, 8, lambda: custodian.create_delegated(ALICE, "t"))
+    sfd = kernel.create_session("vm-1")
+    _full(custodian, 8, lambda: custodian.adopt_session(NOBODY, sfd))
+    assert not fd_is_open(sfd)
+    # Root's reserve: a session and a file.
+    custodian.preserve_fds(ROOT, "s", _files(1), create=True)
+    _full(custodian, 10, lambda: custodian.preserve_fds(ROOT, "s", _files(1)))
+    # Taking a file back makes room, for root only while the others are
+    # over their share.
+    taken = next(iter(custodian.sessions[(NOBODY.uid, "s")].files))
+    fd, _ = custodian.retrieve_fd(NOBODY, "s", taken, take=True)
+    os.close(fd)
+    _full(custodian, 8, lambda: custodian.preserve_fds(NOBODY, "s", _files(1)))
+    custodian.preserve_fds(ROOT, "s", _files(1))
+
+
 def test_no_limits_count_nothing() -> None:
     q = Quotas(user=Limits(), root=Limits())
 
-    def holdings(uid: int) -> Holdings:
+    def holdings(uid: int | None) -> Holdings:
         raise AssertionError("counted without a limit")
 
     q.check(1000, holdings, sessions=10**6, files=10**6, size=10**12)
@@ -123,7 +165,8 @@ def test_defaults_and_options() -> None:
     assert Limits(sessions=64, files=4096, bytes=1 << 30) == quotas.USER_DEFAULTS
     assert Limits() == quotas.ROOT_DEFAULTS
     args = daemon.build_parser().parse_args([])
-    assert quotas.from_options(args) == Quotas()
+    half = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
+    assert quotas.from_options(args) == Quotas(max_held=half, held_reserved_for_root=half // 8)
     args = daemon.build_parser().parse_args(
         [
             "--max-sessions-per-user=8",
@@ -132,10 +175,14 @@ def test_defaults_and_options() -> None:
             "--max-sessions-root=1000",
             "--max-files-root=0",
             "--max-bytes-root=2GiB",
+            "--max-held=80",
         ]
     )
     assert quotas.from_options(args) == Quotas(
-        user=Limits(8, 100, 512 << 20), root=Limits(1000, 0, 2 << 30)
+        user=Limits(8, 100, 512 << 20),
+        root=Limits(1000, 0, 2 << 30),
+        max_held=80,
+        held_reserved_for_root=10,
     )
     assert [quotas.parse_size(s) for s in ("0", "4096", "1k", "1K", "3MiB", "1G", "2T")] == [
         0,
@@ -153,7 +200,7 @@ def test_defaults_and_options() -> None:
         with pytest.raises(argparse.ArgumentTypeError):
             quotas.count(bad)
     help_text = daemon.build_parser().format_help()
-    for option in ("--max-sessions-per-user", "--max-bytes-root", "QuotaExceeded"):
+    for option in ("--max-sessions-per-user", "--max-bytes-root", "--max-held", "QuotaExceeded"):
         assert option in help_text
 
 
