@@ -735,6 +735,28 @@ def _fill(luod: LuodProcess, fillers: list[socket.socket], fds: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def _luod_of_64_fds(
+    workdir: Path, fake_kernel: str
+) -> Iterator[tuple[LuodProcess, list[socket.socket]]]:
+    """luod with an open-file limit of 64, and the connections a test fills
+    its fd table with (_fill), closed with it."""
+    luod = LuodProcess(
+        workdir,
+        fake_backend_args(fake_kernel),
+        ["--max-connections=1000", "--idle-timeout=120s"],
+        nofile=64,
+    )
+    luod.start()
+    fillers: list[socket.socket] = []
+    try:
+        yield luod, fillers
+    finally:
+        for s in fillers:
+            s.close()
+        luod.stop()
+
+
 def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
     workdir: Path, fake_kernel: str, open_files: None
 ) -> None:
@@ -744,40 +766,30 @@ def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(
     of the event loop). Now the call is refused with NotReady (the fd of the
     call came in: TooManyOpenFiles, "dropped on the way in", would not be
     true), luod serves on, and the same call succeeds once fds are free."""
-    luod = LuodProcess(
-        workdir,
-        fake_backend_args(fake_kernel),
-        ["--max-connections=1000", "--idle-timeout=120s"],
-        nofile=64,
-    )
-    luod.start()
-    fillers: list[socket.socket] = []
     memfd = make_memfd(b"x")
     try:
-        with luod.client() as c:
-            # Connections fill luod's fd table to one below its limit: the
-            # memfd of the call takes the last place.
-            _fill(luod, fillers, 63)
-            with pytest.raises(VarlinkError) as refused:
-                c.preserve_fd("s", "f", memfd, create_session=True)
-            assert refused.value.error == "io.luod.Custody.NotReady"
-            for s in fillers:
-                s.close()
-            wait_until(lambda: luod.fd_count() < 60, "the connections gone")
-            assert c.preserve_fd("s", "f", memfd, create_session=True)["name"] == "f"
-        assert luod.proc is not None and luod.proc.poll() is None
-        log = luod.log()
-        assert (
-            "event=call-refused method=io.luod.Custody.PreserveFd error=io.luod.Custody.NotReady"
-            in log
-        )
-        assert "InternalServerError" not in log
-        assert "Traceback" not in log
+        with _luod_of_64_fds(workdir, fake_kernel) as (luod, fillers):
+            with luod.client() as c:
+                # Connections fill luod's fd table to one below its limit: the
+                # memfd of the call takes the last place.
+                _fill(luod, fillers, 63)
+                with pytest.raises(VarlinkError) as refused:
+                    c.preserve_fd("s", "f", memfd, create_session=True)
+                assert refused.value.error == "io.luod.Custody.NotReady"
+                for s in fillers:
+                    s.close()
+                wait_until(lambda: luod.fd_count() < 60, "the connections gone")
+                assert c.preserve_fd("s", "f", memfd, create_session=True)["name"] == "f"
+            assert luod.proc is not None and luod.proc.poll() is None
+            log = luod.log()
+            assert (
+                "event=call-refused method=io.luod.Custody.PreserveFd "
+                "error=io.luod.Custody.NotReady" in log
+            )
+            assert "InternalServerError" not in log
+            assert "Traceback" not in log
     finally:
-        for s in fillers:
-            s.close()
         os.close(memfd)
-        luod.stop()
 
 
 def test_what_needs_an_fd_at_the_open_file_limit_is_refused_by_name(
@@ -788,49 +800,39 @@ def test_what_needs_an_fd_at_the_open_file_limit_is_refused_by_name(
     call is refused with NotReady saying so, not put on the kernel
     (KernelRefused) nor answered InternalServerError; nothing changes and
     the same calls succeed once fds are free."""
-    luod = LuodProcess(
-        workdir,
-        fake_backend_args(fake_kernel),
-        ["--max-connections=1000", "--idle-timeout=120s"],
-        nofile=64,
-    )
-    luod.start()
-    fillers: list[socket.socket] = []
     held, offered = make_memfd(b"held"), make_memfd(b"offered")
     try:
-        with luod.client() as c:
-            # Every method built, one file held.
-            c.preserve_fd("a", "f", held, create_session=True)
-            os.close(c.retrieve_fd("a", "f"))
-            for _name, fd in c.retrieve_fds("a"):
-                os.close(fd)
-            _fill(luod, fillers, 63)
-            # The offered memfd takes the last place.
-            with pytest.raises(VarlinkError) as refused:
-                c.preserve_fd("b", "g", offered, create_session=True)
-            assert refused.value.error == "io.luod.Custody.NotReady", luod.log()[-3000:]
-            assert "limit of 64 open files" in str(refused.value)
-            _fill(luod, fillers, 64)
-            for call in (lambda: c.retrieve_fd("a", "f"), lambda: c.retrieve_fds("a")):
+        with _luod_of_64_fds(workdir, fake_kernel) as (luod, fillers):
+            with luod.client() as c:
+                # Every method built, one file held.
+                c.preserve_fd("a", "f", held, create_session=True)
+                os.close(c.retrieve_fd("a", "f"))
+                for _name, fd in c.retrieve_fds("a"):
+                    os.close(fd)
+                _fill(luod, fillers, 63)
+                # The offered memfd takes the last place.
                 with pytest.raises(VarlinkError) as refused:
-                    call()
+                    c.preserve_fd("b", "g", offered, create_session=True)
                 assert refused.value.error == "io.luod.Custody.NotReady", refused.value
                 assert "limit of 64 open files" in str(refused.value)
-            for s in fillers:
-                s.close()
-            wait_until(lambda: luod.fd_count() < 60, "the connections gone")
-            assert [s["name"] for s in c.list_sessions()] == ["a"]
-            c.preserve_fd("b", "g", offered, create_session=True)
-            copy = c.retrieve_fd("a", "f")
-            assert os.pread(copy, 4, 0) == b"held"
-            os.close(copy)
-        assert luod.proc is not None and luod.proc.poll() is None
-        log = luod.log()
-        assert "InternalServerError" not in log
-        assert "Traceback" not in log
+                _fill(luod, fillers, 64)
+                for call in (lambda: c.retrieve_fd("a", "f"), lambda: c.retrieve_fds("a")):
+                    with pytest.raises(VarlinkError) as refused:
+                        call()
+                    assert refused.value.error == "io.luod.Custody.NotReady", refused.value
+                    assert "limit of 64 open files" in str(refused.value)
+                for s in fillers:
+                    s.close()
+                wait_until(lambda: luod.fd_count() < 60, "the connections gone")
+                assert [s["name"] for s in c.list_sessions()] == ["a"]
+                c.preserve_fd("b", "g", offered, create_session=True)
+                copy = c.retrieve_fd("a", "f")
+                assert os.pread(copy, 4, 0) == b"held"
+                os.close(copy)
+            assert luod.proc is not None and luod.proc.poll() is None
+            log = luod.log()
+            assert "InternalServerError" not in log
+            assert "Traceback" not in log
     finally:
-        for s in fillers:
-            s.close()
         os.close(held)
         os.close(offered)
-        luod.stop()
