@@ -19,7 +19,6 @@ No varlink here: luod.client imports this, and services import the client.
 from __future__ import annotations
 
 import errno
-import resource
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -261,6 +260,9 @@ FD_TABLE_FULL = (errno.EMFILE, errno.ENFILE)
 def fd_table_full(err: int, what: str) -> NotReady:
     """`what` was not done for want of an fd (`err` one of FD_TABLE_FULL):
     a state of luod's that passes as fds are closed, not the kernel's no."""
+    # Here, not at the top: luoctl imports this module, and never this.
+    import resource
+
     if err == errno.ENFILE:
         where = "the system is at its limit of open files (fs.file-max)"
     else:
