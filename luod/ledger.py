@@ -313,12 +313,19 @@ class Ledger:
             except LuoError as e:
                 if e.errno != errno.EBUSY or settled:
                     raise
-            log.debug(
-                "represerve-waits", session=session, name=f.name, reason="old session still held"
-            )
+            started = time.monotonic()
             self.carrier.settle(REPRESERVE_PATIENCE)
             settled = True
             self.backend.preserve_fd(sfd, f.fd, f.token)
+            # Once a change at most; says how long the carrier kept a change
+            # of luod's waiting (PID 1, busy with others' messages).
+            log.info(
+                "represerve-waited",
+                session=session,
+                name=f.name,
+                carrier=self.carrier.name,
+                seconds=round(time.monotonic() - started, 4),
+            )
 
     # --- letting go ------------------------------------------------------------
 

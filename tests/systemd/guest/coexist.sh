@@ -44,6 +44,17 @@ finally:
 print("adopted")
 '
 
+	# settle: a take under PID 1's fd store. luod preserves the session's
+	# other file into a new session and tells PID 1 to drop the old one,
+	# which PID 1 does when it gets to it: until then the file is busy
+	# (EBUSY), and luod waits for PID 1 by a notify barrier (Carrier.settle).
+	step preserve-settle-a push settle a 65536 "$OUT/settle-a.json"
+	step preserve-settle-b push settle b 65536 "$OUT/settle-b.json"
+	step take-settle-a varlinkctl --exec call "$SOCK" io.luod.Custody.RetrieveFd \
+		'{"session":"settle","name":"a","take":true}' -- \
+		python3 "$G/memfd.py" describe --fd 3 --info "$OUT/settle-a-taken.json"
+	step journal-settle journalctl -b --no-pager -o short-monotonic -u luod.service
+
 	# kill: SIGKILL luod, wait for systemd to restart it (Restart=on-failure).
 	step luod-before-kill systemctl show -p "$svc" luod.service
 	step list-before-kill luoctl --json list
@@ -106,6 +117,9 @@ step fdstore-luod systemd-analyze fdstore luod.service
 step retrieve-keep varlinkctl --exec call "$SOCK" io.luod.Custody.RetrieveFd \
 	'{"session":"keep","name":"blob"}' -- \
 	python3 "$G/memfd.py" describe --fd 3 --info "$OUT/keep-after.json"
+step retrieve-settle varlinkctl --exec call "$SOCK" io.luod.Custody.RetrieveFd \
+	'{"session":"settle","name":"b"}' -- \
+	python3 "$G/memfd.py" describe --fd 3 --info "$OUT/settle-b-after.json"
 step fdstore-own systemd-analyze fdstore luod-test-fdstore.service
 step fdstore-luosession systemd-analyze fdstore luod-test-luosession.service
 step fdstore-start systemctl start luod-test-fdstore.service
