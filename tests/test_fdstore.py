@@ -634,3 +634,22 @@ def test_a_file_busy_in_another_session_does_not_hold_luod_up(pid1: FakePid1) ->
         assert asked <= 1, (asked, seen)
     with pid1.client() as c:
         assert c.status()["files"] >= 0  # luod serves on
+
+
+def _carrier_as_nobody(socket_path: str) -> str:
+    with Client(socket_path) as c:
+        return str(c.status()["carrier"])
+
+
+def test_what_the_carrier_holds_in_all_is_roots_to_know(pid1: FakePid1) -> None:
+    """GetStatus's carrier said to anyone how many sessions luod holds in
+    PID 1's fd store, and the manifest's size (which grows with what all
+    uids hold); the rest of GetStatus tells a non-root caller only of its
+    own. Now it says to such a caller how luod's state is carried, and
+    whether it is over a kexec; root is told the counts as before."""
+    pid1.start()
+    os.chmod(pid1.luod.socket, 0o666)  # as luod.socket makes it
+    with pid1.client() as c:
+        c.preserve_fd("s", "f", make_memfd(b"x"), create_session=True)
+        assert "1 session fds" in c.status()["carrier"], c.status()["carrier"]
+    assert run_as(NOBODY, lambda: _carrier_as_nobody(pid1.luod.socket)) == "fd store"

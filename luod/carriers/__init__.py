@@ -145,7 +145,11 @@ class Carrier(Protocol):
         """What the carrier failed to keep; the preflight check reports it."""
         ...
 
-    def describe(self) -> str: ...
+    def describe(self, counts: bool = True) -> str:
+        """How luod's state is carried, for GetStatus. `counts`: with what
+        it holds in all (sessions, references, sizes), which is root's to
+        know, not every uid's."""
+        ...
 
     def close(self) -> None:
         """Close luod's own fds of the carrier (tests, shutdown)."""

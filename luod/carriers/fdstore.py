@@ -255,7 +255,12 @@ class FdStoreCarrier:
 
     # --- Carrier --------------------------------------------------------------
 
-    def describe(self) -> str:
+    def describe(self, counts: bool = True) -> str:
+        if not counts:
+            text = "fd store"
+            if self.kexec_problem is not None:
+                text += "; NOT carried over a kexec by the service manager"
+            return text
         out = self._manifest.current
         manifest = "no manifest yet" if out is None else f"manifest '{out.name}' ({out.size} bytes)"
         limit = f" of at most {self.store_max}" if self.store_max is not None else ""

@@ -59,11 +59,12 @@ class StateSessionCarrier:
         self._manifest = SlotWriter((MANIFEST_MEMFD_NAME,))
         self._incoming: list[tuple[str, int, int]] = []  # (name, session fd, memfd)
 
-    def describe(self) -> str:
+    def describe(self, counts: bool = True) -> str:
         out = self._manifest.current
         if self._out_name is None or out is None:
             return "state session not created yet"
-        return f"manifest in LUO session '{self._out_name}' ({out.size} bytes)"
+        size = f" ({out.size} bytes)" if counts else ""
+        return f"manifest in LUO session '{self._out_name}'{size}"
 
     def load(self) -> IncomingState | None:
         candidates: list[tuple[str, int | ManifestError]] = []

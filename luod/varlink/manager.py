@@ -66,7 +66,7 @@ class ManagerInterface(VarlinkInterface, name=MANAGER):
         return wire.StatusInfo(
             version=luod.__version__,
             backend=custodian.backend.name,
-            carrier=custodian.carrier.describe(),
+            carrier=custodian.carrier.describe(counts=peer.is_root),
             kexecCount=custodian.kexec_count,
             sessions=held.sessions,
             files=held.files,

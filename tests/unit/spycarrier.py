@@ -69,8 +69,8 @@ class SpyCarrier:
     def problems(self) -> list[CarrierProblem]:
         return self.inner.problems() + self.extra_problems
 
-    def describe(self) -> str:
-        return "spy on " + self.inner.describe()
+    def describe(self, counts: bool = True) -> str:
+        return "spy on " + self.inner.describe(counts)
 
     def close(self) -> None:
         self.inner.close()
