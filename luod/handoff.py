@@ -110,6 +110,7 @@ def _preserve_fds(
     c.quotas.check(
         peer.uid,
         ledger.holdings,
+        ledger.held_fds,
         sessions=0 if key in ledger.sessions else 1,
         files=len(files),
         size=sum(f.size for f in checked),

@@ -25,7 +25,7 @@ from luod.crashpoint import reached
 from luod.kernel.backend import Backend, LuoError
 from luod.log import get_logger
 from luod.manifest import Manifest, ManifestError, change_json, to_json
-from luod.model import HeldFile, Holdings, Session, SessionKey, SessionState
+from luod.model import HeldFile, Holdings, Session, SessionKey, SessionState, Tally
 from luod.names import kernel_session_name
 
 log = get_logger()
@@ -76,6 +76,8 @@ class Ledger:
         # incoming one, to be finished and preserved again (luod.reclaim).
         self.awaiting_preservation: dict[SessionKey, int] = {}  # -> incoming session fd
         self._by_inode: dict[InodeKey, tuple[SessionKey, str]] = {}
+        # The files of every session held: HeldFiles count into it.
+        self._tally = Tally()
 
     # --- what is held ----------------------------------------------------------
 
@@ -88,15 +90,26 @@ class Ledger:
 
     def add(self, s: Session) -> None:
         """Hold `s` (recorded with the next commit)."""
+        old = self._sessions.get(s.key)
+        if old is not s:
+            if old is not None:
+                self._untally(old)
+            s.files.tally = self._tally
+            self._tally.files += len(s.files)
         self._sessions[s.key] = s
         self._by_uid.setdefault(s.owner.uid, {})[s.name] = s
         self._changed[s.key] = s
+
+    def _untally(self, s: Session) -> None:
+        self._tally.files -= len(s.files)
+        s.files.tally = None
 
     def remove(self, key: SessionKey) -> Session | None:
         """Stop holding the session `key` (recorded with the next commit);
         its fds are the caller's to close."""
         s = self._sessions.pop(key, None)
         if s is not None:
+            self._untally(s)
             own = self._by_uid[key[0]]
             del own[key[1]]
             if not own:
@@ -117,6 +130,10 @@ class Ledger:
             files=sum(len(s.files) for s in held),
             bytes_pinned=sum(s.bytes_pinned for s in held),
         )
+
+    def held_fds(self) -> int:
+        """Sessions and files held, of every uid: each an fd of luod's."""
+        return len(self._sessions) + self._tally.files
 
     def require_usable(self) -> None:
         if self.manifest_error is not None:

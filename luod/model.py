@@ -72,37 +72,60 @@ class HeldFile:
             self.fd = -1
 
 
+class Tally:
+    """How many files luod holds in all its sessions, counted as they come
+    and go (luod.ledger): the cap on what all uids hold together is checked
+    on every hand-off, which must not cost more with what others hold."""
+
+    __slots__ = ("files",)
+
+    def __init__(self) -> None:
+        self.files = 0
+
+
 class HeldFiles(dict[str, HeldFile]):
     """A session's files by name, with their bytes counted as they come and
     go: a non-root uid's quota check counts what it holds on every hand-off,
     and summing every file's size cost about 210 us of host CPU at 4,000
     files, more than the rest of luod's work for the call. A file's size
-    never changes once it is held. Only the mutations luod uses are
+    never changes once it is held. Their number is counted into `tally`
+    while the session is in the ledger. Only the mutations luod uses are
     allowed; the others raise rather than miscount."""
 
     def __init__(self, files: Mapping[str, HeldFile] | None = None) -> None:
         super().__init__(files or ())
         self.size = sum(f.size for f in self.values())
+        self.tally: Tally | None = None
 
     # dict's own methods are called unbound: cheaper than super().
     def __setitem__(self, name: str, f: HeldFile) -> None:
         old = dict.get(self, name)
-        self.size += f.size if old is None else f.size - old.size
+        if old is None:
+            self.size += f.size
+            if self.tally is not None:
+                self.tally.files += 1
+        else:
+            self.size += f.size - old.size
         dict.__setitem__(self, name, f)
 
     def __delitem__(self, name: str) -> None:
         self.size -= dict.__getitem__(self, name).size
         dict.__delitem__(self, name)
+        if self.tally is not None:
+            self.tally.files -= 1
 
     def add(self, files: Sequence[HeldFile]) -> None:
         """`files`, of names not held yet, at once: [name] = file costs a
         call into Python per file (3 K instructions; a hand-off's is 115 K)."""
-        expected, size, put = len(self) + len(files), self.size, dict.__setitem__
+        before = len(self)
+        expected, size, put = before + len(files), self.size, dict.__setitem__
         for f in files:
             put(self, f.name, f)
             size += f.size
         # A name held already was replaced: count again rather than guess.
         self.size = size if len(self) == expected else sum(f.size for f in self.values())
+        if self.tally is not None:
+            self.tally.files += len(self) - before
 
     def _not_counted(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("HeldFiles counts bytes through [name] = file, add() and del only")

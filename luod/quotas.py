@@ -73,14 +73,16 @@ class Quotas:
     def check(
         self,
         uid: int,
-        holdings: Callable[[int | None], Holdings],
+        holdings: Callable[[int], Holdings],
+        held_fds: Callable[[], int],
         sessions: int = 0,
         files: int = 0,
         size: int = 0,
     ) -> None:
         """Refuse (QuotaExceeded, CustodyFull) if `uid`, holding
-        `holdings(uid)` while luod holds `holdings(None)`, may not take on
-        that much more. Without limits nothing is counted."""
+        `holdings(uid)` while luod holds `held_fds()` sessions and files in
+        all, may not take on that much more. Without limits nothing is
+        counted."""
         limits = self.of(uid)
         if limits.sessions or limits.files or limits.bytes:
             held = holdings(uid)
@@ -93,8 +95,7 @@ class Quotas:
                     raise errors.QuotaExceeded(what, limit)
         if self.max_held and (sessions or files):
             cap = self.max_held - (0 if uid == 0 else self.held_reserved_for_root)
-            total = holdings(None)
-            if total.sessions + total.files + sessions + files > cap:
+            if held_fds() + sessions + files > cap:
                 raise errors.CustodyFull(cap)
 
 

@@ -37,4 +37,8 @@ def custodian(
     # (luod.model.HeldFiles, what quotas count) are what the files hold.
     for s in c.sessions.values():
         assert s.bytes_pinned == sum(f.size for f in s.files.values()), s.key
+    # ... and that the files counted as held in all (luod.model.Tally, what
+    # the cap on all uids together counts) are the sessions' files.
+    held = len(c.sessions) + sum(len(s.files) for s in c.sessions.values())
+    assert c.ledger.held_fds() == held
     c.close()

@@ -155,10 +155,13 @@ def test_what_all_uids_hold_together_is_bounded_with_a_reserve_for_root(
 def test_no_limits_count_nothing() -> None:
     q = Quotas(user=Limits(), root=Limits())
 
-    def holdings(uid: int | None) -> Holdings:
+    def holdings(uid: int) -> Holdings:
         raise AssertionError("counted without a limit")
 
-    q.check(1000, holdings, sessions=10**6, files=10**6, size=10**12)
+    def held_fds() -> int:
+        raise AssertionError("counted without a limit")
+
+    q.check(1000, holdings, held_fds, sessions=10**6, files=10**6, size=10**12)
 
 
 def test_defaults_and_options() -> None:
