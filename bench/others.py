@@ -35,7 +35,10 @@ from testsupport.util import make_memfd, run_as
 from .report import GOALS_HEADER, OTHERS_TARGET, goal_row
 
 NOBODY = 65534
-UNLIMITED = [f"--max-{what}-per-user=0" for what in ("sessions", "files", "bytes")]
+UNLIMITED = [
+    *(f"--max-{what}-per-user=0" for what in ("sessions", "files", "bytes")),
+    "--max-held=0",
+]
 
 
 def _cpu_ns(pid: int) -> int:
