@@ -56,6 +56,24 @@ def _file(stage: harness.Stage, name: str) -> Any:
     return json.loads((stage.path / name).read_text())
 
 
+def _same_bytes(was: dict[str, Any], now: dict[str, Any]) -> None:
+    """Two of memfd.py's descriptions are of the same bytes."""
+    assert (now["sha256"], now["size"]) == (was["sha256"], was["size"]), (was, now)
+
+
+def _back_after_kexec(
+    run: harness.GuestResult, step: str, before: str, after: str
+) -> harness.Stage:
+    """Stage 2 ran: its `step` retrieved the file stage 1 described in
+    `before`, with the same bytes (`after`)."""
+    run.check(final_stage=2)
+    s2 = _stage(run, 2)
+    retrieve = s2.step(step)
+    assert retrieve.ok(), f"{retrieve}\n{s2.step('journal-luod').out}"
+    _same_bytes(_file(_stage(run, 1), before), _file(s2, after))
+    return s2
+
+
 def _fdstore(step: harness.Step) -> list[tuple[str, str]]:
     """`systemd-analyze fdstore` -> [(FDNAME, PATH)], sorted; PATH is what
     identifies an entry (inode numbers differ between boots)."""
@@ -118,12 +136,7 @@ def test_kill_luod_before_kexec_loses_nothing(run: harness.GuestResult) -> None:
     assert before["NFileDescriptorStore"] == after["NFileDescriptorStore"], (before, after)
 
     # ... and after the kexec the bytes are the same.
-    run.check(final_stage=2)
-    s2 = _stage(run, 2)
-    retrieve = s2.step("retrieve-keep")
-    assert retrieve.ok(), f"{retrieve}\n{s2.step('journal-luod').out}"
-    was, now = _file(s1, "keep.json"), _file(s2, "keep-after.json")
-    assert (now["sha256"], now["size"]) == (was["sha256"], was["size"]), (was, now)
+    s2 = _back_after_kexec(run, "retrieve-keep", "keep.json", "keep-after.json")
     names2 = {name for name, _ in _fdstore(s2.step("fdstore-luod"))}
     assert _luod_sessions(names2) >= {"keep", "ordering", "busy"}, names2
 
@@ -256,16 +269,10 @@ def test_a_take_under_pid1s_fd_store_goes_through(run: harness.GuestResult) -> N
     take = s1.step("take-settle-a")
     journal = s1.step("journal-settle").out
     assert take.ok(), f"{take}\n{journal}"
-    was, taken = _file(s1, "settle-a.json"), _file(s1, "settle-a-taken.json")
-    assert (taken["sha256"], taken["size"]) == (was["sha256"], was["size"]), (was, taken)
+    _same_bytes(_file(s1, "settle-a.json"), _file(s1, "settle-a-taken.json"))
     assert "fdstore-barrier-timeout" not in journal, journal
     waited = [line for line in journal.splitlines() if "event=represerve-waited" in line]
     # Whether PID 1 had closed its copy before luod preserved again is a
     # race luod cannot lose either way: shown, not asserted.
     print(f"the take waited for PID 1 {len(waited)} time(s):", *waited, sep="\n  ")
-    run.check(final_stage=2)
-    s2 = _stage(run, 2)
-    retrieve = s2.step("retrieve-settle")
-    assert retrieve.ok(), f"{retrieve}\n{s2.step('journal-luod').out}"
-    was, now = _file(s1, "settle-b.json"), _file(s2, "settle-b-after.json")
-    assert (now["sha256"], now["size"]) == (was["sha256"], was["size"]), (was, now)
+    _back_after_kexec(run, "retrieve-settle", "settle-b.json", "settle-b-after.json")
