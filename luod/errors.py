@@ -275,6 +275,8 @@ def kernel_refused(operation: str, err: int, message: str, session: str) -> Luod
     """The kernel's refusal of `operation` as the caller is told it: with a
     full fd table it had no fd to give luod (the device's, a session's)."""
     if err in FD_TABLE_FULL:
+        if operation == "create_session":
+            return fd_table_full(err, f"session '{session}' not created")
         return fd_table_full(err, f"{operation} for session '{session}' not done")
     return KernelRefused(operation, err, message, session)
 

@@ -814,7 +814,9 @@ def test_what_needs_an_fd_at_the_open_file_limit_is_refused_by_name(
                 with pytest.raises(VarlinkError) as refused:
                     c.preserve_fd("b", "g", offered, create_session=True)
                 assert refused.value.error == "io.luod.Custody.NotReady", refused.value
-                assert "limit of 64 open files" in str(refused.value)
+                assert "limit of 64 open files (LimitNOFILE=): session 'b' not created" in str(
+                    refused.value
+                )
                 _fill(luod, fillers, 64)
                 for call in (lambda: c.retrieve_fd("a", "f"), lambda: c.retrieve_fds("a")):
                     with pytest.raises(VarlinkError) as refused:
