@@ -119,40 +119,63 @@ class Limits:
     max_transit_fds_per_user: int = DEFAULT_MAX_TRANSIT_FDS_PER_USER
 
 
-class ConnectionCounts:
-    """Connections open, in all and per uid, against the caps of `limits`."""
+class _Shares:
+    """A count in all and per uid against three caps: one in all, the last
+    `reserved` of which only root may use, and one per uid but root. What
+    would go over a cap is not counted; the cap is said by its option."""
 
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
+    def __init__(
+        self, option: str, cap: int, reserved: int, per_user_option: str, per_user: int
+    ) -> None:
+        self._option, self._cap, self._reserved = option, cap, reserved
+        self._per_user_option, self._per_user = per_user_option, per_user
         self.total = 0
         self.by_uid: collections.Counter[int] = collections.Counter()
 
-    def admit(self, uid: int) -> str | None:
-        """Count a new connection of `uid` in, or say which cap it is over."""
-        limits = self.limits
+    def take(self, uid: int, count: int = 1) -> str | None:
+        """Count `count` more of `uid`'s in, or say which cap they would go
+        over (and count nothing)."""
+        total = self.total + count
         if uid == 0:
-            if self.total >= limits.max_connections:
-                return f"max-connections={limits.max_connections}"
+            if total > self._cap:
+                return f"{self._option}={self._cap}"
         else:
-            if self.total >= limits.max_connections - limits.reserved_for_root:
-                return (
-                    f"max-connections={limits.max_connections} "
-                    f"(of which {limits.reserved_for_root} reserved for root)"
-                )
-            if self.by_uid[uid] >= limits.max_per_user:
-                return f"max-connections-per-user={limits.max_per_user}"
-        self.total += 1
-        self.by_uid[uid] += 1
+            if total > self._cap - self._reserved:
+                return f"{self._option}={self._cap} (of which {self._reserved} reserved for root)"
+            if self.by_uid[uid] + count > self._per_user:
+                return f"{self._per_user_option}={self._per_user}"
+        self.total = total
+        self.by_uid[uid] += count
         return None
 
-    def release(self, uid: int) -> None:
-        self.total -= 1
-        self.by_uid[uid] -= 1
+    def give_back(self, uid: int, count: int = 1) -> None:
+        self.total -= count
+        self.by_uid[uid] -= count
         if self.by_uid[uid] <= 0:
             del self.by_uid[uid]
 
 
-class TransitFds:
+class ConnectionCounts(_Shares):
+    """Connections open, in all and per uid, against the caps of `limits`."""
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(
+            "max-connections",
+            limits.max_connections,
+            limits.reserved_for_root,
+            "max-connections-per-user",
+            limits.max_per_user,
+        )
+
+    def admit(self, uid: int) -> str | None:
+        """Count a new connection of `uid` in, or say which cap it is over."""
+        return self.take(uid)
+
+    def release(self, uid: int) -> None:
+        self.give_back(uid)
+
+
+class TransitFds(_Shares):
     """fds luod holds for its connections that are in no custody: those of
     a message not yet whole (luod.varlink.transport counts them from the
     chunk that brings them until the message is served or dropped) and
@@ -162,35 +185,13 @@ class TransitFds:
     and of its reply queue, what they all hold only here."""
 
     def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.total = 0
-        self.by_uid: collections.Counter[int] = collections.Counter()
-
-    def take(self, uid: int, count: int) -> str | None:
-        """Count `count` more fds of `uid` in, or say which cap they would
-        go over (and count nothing)."""
-        limits = self.limits
-        total = self.total + count
-        if uid == 0:
-            if total > limits.max_transit_fds:
-                return f"max-transit-fds={limits.max_transit_fds}"
-        else:
-            if total > limits.max_transit_fds - limits.transit_fds_reserved_for_root:
-                return (
-                    f"max-transit-fds={limits.max_transit_fds} "
-                    f"(of which {limits.transit_fds_reserved_for_root} reserved for root)"
-                )
-            if self.by_uid[uid] + count > limits.max_transit_fds_per_user:
-                return f"max-transit-fds-per-user={limits.max_transit_fds_per_user}"
-        self.total = total
-        self.by_uid[uid] += count
-        return None
-
-    def give_back(self, uid: int, count: int) -> None:
-        self.total -= count
-        self.by_uid[uid] -= count
-        if self.by_uid[uid] <= 0:
-            del self.by_uid[uid]
+        super().__init__(
+            "max-transit-fds",
+            limits.max_transit_fds,
+            limits.transit_fds_reserved_for_root,
+            "max-transit-fds-per-user",
+            limits.max_transit_fds_per_user,
+        )
 
 
 class RateLimit:
