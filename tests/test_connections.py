@@ -380,6 +380,15 @@ def test_a_message_left_unfinished_is_dropped_with_its_fds(workdir: Path, fake_k
         assert "Traceback" not in luod.log()
 
 
+def quiet_fd_count(luod: LuodProcess) -> int:
+    """luod's fd count once a connection just closed is gone from it."""
+    with luod.client() as c:
+        c.status()
+        count = luod.fd_count() - 1
+    wait_until(lambda: luod.fd_count() == count, "the connection gone")
+    return count
+
+
 def leave_replies_and_a_message_unfinished(path: str, n: int, held: list[socket.socket]) -> str:
     """`n` connections one after the other, each with replies it does not
     read (more than the socket holds: they wait in luod) and a message it
@@ -404,10 +413,7 @@ def test_a_connection_closed_as_idle_takes_its_replies_with_it(
     Now such a connection is closed at once, with what waits in it."""
     args = ["--idle-timeout=1s", "--max-connections-per-user=2"]
     with running_luod(workdir, fake_kernel, *args) as luod:
-        with luod.client() as c:
-            c.status()
-            baseline = luod.fd_count() - 1
-        wait_until(lambda: luod.fd_count() == baseline, "the first connection gone")
+        baseline = quiet_fd_count(luod)
         held: list[socket.socket] = []
         pid, ctl = as_uid(
             NOBODY, lambda: leave_replies_and_a_message_unfinished(luod.socket, 4, held)
@@ -604,15 +610,6 @@ def root_hands_off_253_fds(luod: LuodProcess) -> None:
             os.close(fd)
 
 
-def quiet_fd_count(luod: LuodProcess) -> int:
-    """luod's fd count once a connection just closed is gone from it."""
-    with luod.client() as c:
-        c.status()
-        count = luod.fd_count() - 1
-    wait_until(lambda: luod.fd_count() == count, "the connection gone")
-    return count
-
-
 def test_fds_of_messages_begun_are_capped_per_uid_with_a_reserve_for_root(
     workdir: Path, fake_kernel: str
 ) -> None:
@@ -622,11 +619,7 @@ def test_fds_of_messages_begun_are_capped_per_uid_with_a_reserve_for_root(
     died of it: a lazy import at EMFILE). Now each uid holds at most 1,024
     of them, everyone but root at most 2,048 - 256; a connection whose
     message would go over is closed with its fds, and root hands off."""
-    luod = LuodProcess(
-        workdir, fake_backend_args(fake_kernel), ["--idle-timeout=120s"], nofile=TRANSIT_NOFILE
-    )
-    luod.start()
-    try:
+    with running_luod(workdir, fake_kernel, "--idle-timeout=120s", nofile=TRANSIT_NOFILE) as luod:
         baseline = quiet_fd_count(luod)
         held: list[socket.socket] = []
         pid1, ctl1 = as_uid(NOBODY, lambda: begin_messages_with_fds(luod.socket, 5, 1, held))
@@ -651,8 +644,6 @@ def test_fds_of_messages_begun_are_capped_per_uid_with_a_reserve_for_root(
         assert f"{OVER_TRANSIT} max-transit-fds-per-user=1024" in log
         assert f"{OVER_TRANSIT} max-transit-fds=2048 (of which 256 reserved for root)" in log
         assert "Traceback" not in log
-    finally:
-        luod.stop()
 
 
 def preserve_253_files(path: str) -> int:
@@ -683,9 +674,7 @@ def test_fds_of_replies_not_read_are_capped_per_uid(workdir: Path, fake_kernel: 
     copy of a held file, luod's until sent): one uid's 77 connections filled
     an open-file limit of 20,000. Now a reply that would take its uid over
     1,024 is refused and its connection closed, with the fds."""
-    luod = LuodProcess(workdir, fake_backend_args(fake_kernel), [], nofile=TRANSIT_NOFILE)
-    luod.start()
-    try:
+    with running_luod(workdir, fake_kernel, nofile=TRANSIT_NOFILE) as luod:
         assert run_as(NOBODY, lambda: preserve_253_files(luod.socket)) == MAX_FDS_PER_MESSAGE
         baseline = quiet_fd_count(luod)
         held: list[socket.socket] = []
@@ -703,18 +692,11 @@ def test_fds_of_replies_not_read_are_capped_per_uid(workdir: Path, fake_kernel: 
         assert log.count("event=client-not-reading") == 4
         assert "of its replies in transit would go over max-transit-fds-per-user=1024" in log
         assert "Traceback" not in log
-    finally:
-        luod.stop()
 
 
 def _sockets(luod: LuodProcess) -> int:
     """luod's open sockets (its connections among them)."""
-    d = f"/proc/{luod.pid}/fd"
-    n = 0
-    for fd in os.listdir(d):
-        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-            n += os.readlink(f"{d}/{fd}").startswith("socket:")
-    return n
+    return sum(target.startswith("socket:") for target in luod.fd_targets())
 
 
 def _sockets_above(luod: LuodProcess, n: int) -> Callable[[], bool]:
@@ -741,20 +723,14 @@ def _luod_of_64_fds(
 ) -> Iterator[tuple[LuodProcess, list[socket.socket]]]:
     """luod with an open-file limit of 64, and the connections a test fills
     its fd table with (_fill), closed with it."""
-    luod = LuodProcess(
-        workdir,
-        fake_backend_args(fake_kernel),
-        ["--max-connections=1000", "--idle-timeout=120s"],
-        nofile=64,
-    )
-    luod.start()
     fillers: list[socket.socket] = []
+    args = ["--max-connections=1000", "--idle-timeout=120s"]
     try:
-        yield luod, fillers
+        with running_luod(workdir, fake_kernel, *args, nofile=64) as luod:
+            yield luod, fillers
     finally:
         for s in fillers:
             s.close()
-        luod.stop()
 
 
 def test_a_method_first_called_at_the_open_file_limit_is_refused_not_fatal(

@@ -138,10 +138,21 @@ class LuodProcess:
         counted once a wait for it to go is over."""
         deadline = time.monotonic() + 2.0
         while True:
-            count, passing = _fds(self.pid)
+            targets = self.fd_targets()
+            passing = any(_passing(t) for t in targets)
             if not passing or time.monotonic() >= deadline:
-                return count + passing
+                return len(targets)
             time.sleep(0.005)
+
+    def fd_targets(self) -> list[str]:
+        """What luod's open fds are (their /proc/PID/fd links); one closed
+        while they are read is left out."""
+        d = f"/proc/{self.pid}/fd"
+        targets = []
+        for fd in os.listdir(d):
+            with contextlib.suppress(FileNotFoundError):
+                targets.append(os.readlink(f"{d}/{fd}"))
+        return targets
 
     def kexec(self) -> None:
         """A simulated kexec: luod jumps (the fake kernel serializes); the
@@ -175,10 +186,13 @@ def fake_backend_args(fake_kernel: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_luod(workdir: Path, fake_kernel: str | None, *args: str) -> Iterator[LuodProcess]:
-    """luod on the fake kernel at `fake_kernel`, or on the real one if None."""
+def running_luod(
+    workdir: Path, fake_kernel: str | None, *args: str, nofile: int | None = None
+) -> Iterator[LuodProcess]:
+    """luod on the fake kernel at `fake_kernel`, or on the real one if None;
+    `nofile`: its open-file limit."""
     backend = [] if fake_kernel is None else fake_backend_args(fake_kernel)
-    p = LuodProcess(workdir, backend, list(args))
+    p = LuodProcess(workdir, backend, list(args), nofile=nofile)
     p.start()
     try:
         yield p
@@ -188,18 +202,7 @@ def running_luod(workdir: Path, fake_kernel: str | None, *args: str) -> Iterator
         print(f"--- luod logs ({workdir}) ---\n{p.all_logs()}")
 
 
-def _fds(pid: int) -> tuple[int, int]:
-    """The fds of process `pid`: how many are open, and of those how many
-    are of the kinds luod opens for a moment (pidfds, files in /proc)."""
-    d = f"/proc/{pid}/fd"
-    count = passing = 0
-    for fd in os.listdir(d):
-        try:
-            target = os.readlink(f"{d}/{fd}")
-        except FileNotFoundError:  # closed meanwhile
-            continue
-        if target == "anon_inode:[pidfd]" or target.startswith("/proc/"):
-            passing += 1
-        else:
-            count += 1
-    return count, passing
+def _passing(target: str) -> bool:
+    """Whether an fd is of a kind luod opens for a moment (pidfds, files
+    in /proc)."""
+    return target == "anon_inode:[pidfd]" or target.startswith("/proc/")
