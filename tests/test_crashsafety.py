@@ -503,6 +503,11 @@ def kill_after_kexec(pid1: FakePid1, where: str, *args: str, **how: Any) -> None
 def kill_in_restart(pid1: FakePid1, where: str) -> None:
     """luod killed and started again in the same boot, dying in its start."""
     pid1.kill9()
+    start_killed_at(pid1, where)
+
+
+def start_killed_at(pid1: FakePid1, where: str) -> None:
+    """luod started, and killed at `where` before it got ready."""
     if pid1.launch(env={CRASH_ENV: where}):
         pid1.kill9()
         pytest.fail(f"luod got ready: it was not killed at {where}")
@@ -757,10 +762,7 @@ def test_kill_in_recovery(pid1: FakePid1, first: str, call: str, second: str) ->
         pid1.kill9()
         pid1.start(env={CRASH_ENV: first})
         kill_in_call(pid1, action, first)
-    if pid1.launch(env={CRASH_ENV: second}):
-        pid1.kill9()
-        pytest.fail(f"luod got ready: it was not killed at {second}")
-    expect_killed(pid1, second)
+    start_killed_at(pid1, second)
     restart_and_retrieve(pid1, world, action)
     with pid1.client() as c:
         assert c.status()["reclaim"]["lost"] == []
