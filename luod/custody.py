@@ -202,7 +202,7 @@ class Custodian:
         check_session_name(name)
         if (peer.uid, name) in ledger.sessions:
             raise errors.SessionExists(name)
-        self.quotas.check(peer.uid, ledger.holdings, ledger.held_fds, sessions=1)
+        self.quotas.check(peer.uid, ledger, sessions=1)
         kernel_name = ledger.new_kernel_name(peer.uid, name)
         try:
             sfd = ledger.backend.create_session(kernel_name)
@@ -271,7 +271,7 @@ class Custodian:
             check_session_name(name, "session", limit=MAX_KERNEL_SESSION_NAME)
             if (peer.uid, name) in ledger.sessions:
                 raise errors.SessionExists(name)
-            self.quotas.check(peer.uid, ledger.holdings, ledger.held_fds, sessions=1)
+            self.quotas.check(peer.uid, ledger, sessions=1)
         except BaseException:
             os.close(fd)
             raise

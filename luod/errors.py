@@ -294,16 +294,19 @@ class QuotaExceeded(LuodError, interface=CUSTODY):
 
 
 class CustodyFull(LuodError, interface=CUSTODY):
-    """luod holds as many sessions and files, of every uid together, as it
-    may (limit: for the caller; a share of luod's open-file limit, a part of
-    which only root may use); nothing was changed."""
+    """luod holds as much of resource, for many uids together, as it may
+    (limit: for the caller; option: luod's option that sets it): all uids'
+    sessions and files (a share of luod's open-file limit, a part of which
+    only root may use), or the bytes pinned by every uid but root. Nothing
+    was changed."""
 
     sentence = (
-        "luod holds as many sessions and files as it may for all users together "
-        "({limit}); nothing was changed: release some (DiscardSession, RetrieveFd take), "
-        "or ask for luod's --max-held to be raised"
+        "luod holds as many {resource} as it may ({limit}); nothing was changed: "
+        "release some (DiscardSession, RetrieveFd take), or ask for a larger {option}"
     )
+    resource: str
     limit: int
+    option: str
 
 
 class TooManyFds(LuodError, interface=CUSTODY):

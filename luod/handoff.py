@@ -109,8 +109,7 @@ def _preserve_fds(
         checked.append(facts)
     c.quotas.check(
         peer.uid,
-        ledger.holdings,
-        ledger.held_fds,
+        ledger,
         sessions=0 if key in ledger.sessions else 1,
         files=len(files),
         size=sum(f.size for f in checked),

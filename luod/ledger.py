@@ -76,8 +76,10 @@ class Ledger:
         # incoming one, to be finished and preserved again (luod.reclaim).
         self.awaiting_preservation: dict[SessionKey, int] = {}  # -> incoming session fd
         self._by_inode: dict[InodeKey, tuple[SessionKey, str]] = {}
-        # The files of every session held: HeldFiles count into it.
-        self._tally = Tally()
+        # The files of every session held, and their bytes, root's and every
+        # other uid's apart: HeldFiles count into them.
+        self._root_tally = Tally()
+        self._user_tally = Tally()
 
     # --- what is held ----------------------------------------------------------
 
@@ -94,14 +96,19 @@ class Ledger:
         if old is not s:
             if old is not None:
                 self._untally(old)
-            s.files.tally = self._tally
-            self._tally.files += len(s.files)
+            tally = self._root_tally if s.owner.uid == 0 else self._user_tally
+            s.files.tally = tally
+            tally.files += len(s.files)
+            tally.bytes += s.files.size
         self._sessions[s.key] = s
         self._by_uid.setdefault(s.owner.uid, {})[s.name] = s
         self._changed[s.key] = s
 
     def _untally(self, s: Session) -> None:
-        self._tally.files -= len(s.files)
+        tally = s.files.tally
+        assert tally is not None, s.key
+        tally.files -= len(s.files)
+        tally.bytes -= s.files.size
         s.files.tally = None
 
     def remove(self, key: SessionKey) -> Session | None:
@@ -133,7 +140,11 @@ class Ledger:
 
     def held_fds(self) -> int:
         """Sessions and files held, of every uid: each an fd of luod's."""
-        return len(self._sessions) + self._tally.files
+        return len(self._sessions) + self._root_tally.files + self._user_tally.files
+
+    def users_bytes(self) -> int:
+        """Bytes pinned in the files of every uid but root together."""
+        return self._user_tally.bytes
 
     def require_usable(self) -> None:
         if self.manifest_error is not None:

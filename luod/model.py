@@ -73,14 +73,16 @@ class HeldFile:
 
 
 class Tally:
-    """How many files luod holds in all its sessions, counted as they come
-    and go (luod.ledger): the cap on what all uids hold together is checked
+    """How many files luod holds, and their bytes, in the sessions of one
+    pool (root's, or every other uid's together), counted as they come and
+    go (luod.ledger): the caps on what all uids hold together are checked
     on every hand-off, which must not cost more with what others hold."""
 
-    __slots__ = ("files",)
+    __slots__ = ("bytes", "files")
 
     def __init__(self) -> None:
         self.files = 0
+        self.bytes = 0
 
 
 class HeldFiles(dict[str, HeldFile]):
@@ -88,8 +90,8 @@ class HeldFiles(dict[str, HeldFile]):
     go: a non-root uid's quota check counts what it holds on every hand-off,
     and summing every file's size cost about 210 us of host CPU at 4,000
     files, more than the rest of luod's work for the call. A file's size
-    never changes once it is held. Their number is counted into `tally`
-    while the session is in the ledger. Only the mutations luod uses are
+    never changes once it is held. Their number and bytes are counted into
+    `tally` while the session is in the ledger. Only the mutations luod uses are
     allowed; the others raise rather than miscount."""
 
     def __init__(self, files: Mapping[str, HeldFile] | None = None) -> None:
@@ -100,25 +102,27 @@ class HeldFiles(dict[str, HeldFile]):
     # dict's own methods are called unbound: cheaper than super().
     def __setitem__(self, name: str, f: HeldFile) -> None:
         old = dict.get(self, name)
-        if old is None:
-            self.size += f.size
-            if self.tally is not None:
+        more = f.size if old is None else f.size - old.size
+        self.size += more
+        if self.tally is not None:
+            if old is None:
                 self.tally.files += 1
-        else:
-            self.size += f.size - old.size
+            self.tally.bytes += more
         dict.__setitem__(self, name, f)
 
     def __delitem__(self, name: str) -> None:
-        self.size -= dict.__getitem__(self, name).size
+        size = dict.__getitem__(self, name).size
+        self.size -= size
         dict.__delitem__(self, name)
         if self.tally is not None:
             self.tally.files -= 1
+            self.tally.bytes -= size
 
     def add(self, files: Sequence[HeldFile]) -> None:
         """`files`, of names not held yet, at once: [name] = file costs a
         call into Python per file (3 K instructions; a hand-off's is 115 K)."""
-        before = len(self)
-        expected, size, put = before + len(files), self.size, dict.__setitem__
+        before, before_size = len(self), self.size
+        expected, size, put = before + len(files), before_size, dict.__setitem__
         for f in files:
             put(self, f.name, f)
             size += f.size
@@ -126,6 +130,7 @@ class HeldFiles(dict[str, HeldFile]):
         self.size = size if len(self) == expected else sum(f.size for f in self.values())
         if self.tally is not None:
             self.tally.files += len(self) - before
+            self.tally.bytes += self.size - before_size
 
     def _not_counted(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("HeldFiles counts bytes through [name] = file, add() and del only")

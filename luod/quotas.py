@@ -7,9 +7,13 @@ pool of its own (sessions, files, bytes pinned) that no other uid's use
 touches, and root has a pool of its own, unlimited unless luod's options
 say otherwise. Every uid together, root included, holds at most a share of
 luod's open-file limit, of which a reserve only root may use, so that many
-uids at their quotas cannot fill luod's fd table (`CustodyFull`). What came
-over a kexec is carried whatever the quotas say; only new custody is
-refused (`QuotaExceeded`, `CustodyFull`, which change nothing).
+uids at their quotas cannot fill luod's fd table (`CustodyFull`); and every
+uid but root together pins at most a share of the machine's memory (the
+kernel allocates every page of a memfd luod preserves, holes included, and
+charges them to luod), so that many uids at their bytes quota cannot take
+the memory root's hand-off needs. What came over a kexec is carried
+whatever the quotas say; only new custody is refused (`QuotaExceeded`,
+`CustodyFull`, which change nothing).
 
 Counted are what luod holds for the uid: its sessions of every kind, and
 the files and bytes of its managed sessions. What a client preserves
@@ -20,9 +24,10 @@ the client's own behalf and not seen by luod (nor counted).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import resource
-from collections.abc import Callable
+from typing import Protocol
 
 from luod import errors
 from luod.model import Holdings
@@ -54,6 +59,23 @@ def default_max_held(nofile: int) -> int:
     return nofile // 2
 
 
+def default_max_bytes_all_users() -> int:
+    """A quarter of the machine's memory: the rest is root's, for guest
+    RAM it hands off, and for the next kernel to boot in beside everything
+    preserved."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+class Held(Protocol):
+    """What the quotas count: what luod holds (luod.ledger.Ledger)."""
+
+    def holdings(self, uid: int | None = None) -> Holdings: ...
+
+    def held_fds(self) -> int: ...
+
+    def users_bytes(self) -> int: ...
+
+
 @record(frozen=True)
 class Quotas:
     """What each unprivileged uid may hold, and what root may; and what
@@ -66,37 +88,36 @@ class Quotas:
     max_held: int = 0
     # Of max_held, how many only root may hold: an eighth.
     held_reserved_for_root: int = 0
+    # Bytes pinned by every uid but root together; 0: no cap. Root's are
+    # not counted: they are bounded by root's own quota only.
+    max_bytes_all_users: int = 0
 
     def of(self, uid: int) -> Limits:
         return self.root if uid == 0 else self.user
 
-    def check(
-        self,
-        uid: int,
-        holdings: Callable[[int], Holdings],
-        held_fds: Callable[[], int],
-        sessions: int = 0,
-        files: int = 0,
-        size: int = 0,
-    ) -> None:
-        """Refuse (QuotaExceeded, CustodyFull) if `uid`, holding
-        `holdings(uid)` while luod holds `held_fds()` sessions and files in
-        all, may not take on that much more. Without limits nothing is
+    def check(self, uid: int, held: Held, sessions: int = 0, files: int = 0, size: int = 0) -> None:
+        """Refuse (QuotaExceeded, CustodyFull) if `uid` may not take on that
+        much more, given what luod `held`. Without limits nothing is
         counted."""
         limits = self.of(uid)
         if limits.sessions or limits.files or limits.bytes:
-            held = holdings(uid)
+            own = held.holdings(uid)
             for what, limit, now, more in (
-                ("sessions", limits.sessions, held.sessions, sessions),
-                ("files", limits.files, held.files, files),
-                ("bytes", limits.bytes, held.bytes_pinned, size),
+                ("sessions", limits.sessions, own.sessions, sessions),
+                ("files", limits.files, own.files, files),
+                ("bytes", limits.bytes, own.bytes_pinned, size),
             ):
                 if more and limit and now + more > limit:
                     raise errors.QuotaExceeded(what, limit)
         if self.max_held and (sessions or files):
             cap = self.max_held - (0 if uid == 0 else self.held_reserved_for_root)
-            if held_fds() + sessions + files > cap:
-                raise errors.CustodyFull(cap)
+            if held.held_fds() + sessions + files > cap:
+                raise errors.CustodyFull("sessions and files of all users", cap, "--max-held")
+        cap = self.max_bytes_all_users
+        if cap and size and uid != 0 and held.users_bytes() + size > cap:
+            raise errors.CustodyFull(
+                "bytes pinned for all users but root", cap, "--max-bytes-all-users"
+            )
 
 
 def parse_size(text: str) -> int:
@@ -157,6 +178,17 @@ def add_options(p: argparse.ArgumentParser) -> None:
             "alone; each is an fd of luod's (default: half the open-file limit)"
         ),
     )
+    g.add_argument(
+        "--max-bytes-all-users",
+        type=parse_size,
+        default=None,
+        metavar="N",
+        help=(
+            "bytes pinned by every uid but root together; the kernel allocates every page "
+            "of a memfd luod preserves, charged to luod (default: a quarter of the "
+            "machine's memory)"
+        ),
+    )
 
 
 def _said(what: str, n: int) -> str:
@@ -173,9 +205,13 @@ def from_options(args: argparse.Namespace) -> Quotas:
     max_held = args.max_held
     if max_held is None:
         max_held = default_max_held(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    max_bytes = args.max_bytes_all_users
+    if max_bytes is None:
+        max_bytes = default_max_bytes_all_users()
     return Quotas(
         user=Limits(args.max_sessions_per_user, args.max_files_per_user, args.max_bytes_per_user),
         root=Limits(args.max_sessions_root, args.max_files_root, args.max_bytes_root),
         max_held=max_held,
         held_reserved_for_root=max_held // 8,
+        max_bytes_all_users=max_bytes,
     )

@@ -41,4 +41,8 @@ def custodian(
     # the cap on all uids together counts) are the sessions' files.
     held = len(c.sessions) + sum(len(s.files) for s in c.sessions.values())
     assert c.ledger.held_fds() == held
+    # ... and the bytes counted for every uid but root (what the cap on
+    # them together counts) are their sessions' files'.
+    users = sum(s.bytes_pinned for s in c.sessions.values() if s.owner.uid != 0)
+    assert c.ledger.users_bytes() == users
     c.close()

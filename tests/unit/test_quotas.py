@@ -114,12 +114,12 @@ def test_files_and_bytes_per_uid(custodian: Custodian) -> None:
 ALL_HELD = Quotas(max_held=10, held_reserved_for_root=2)
 
 
-def _full(c: Custodian, limit: int, call: object) -> None:
-    """`call` is refused with CustodyFull(limit) and changes nothing."""
+def _full(c: Custodian, limit: int, call: object, option: str = "--max-held") -> None:
+    """`call` is refused with CustodyFull(limit, option) and changes nothing."""
     before = {k: (s.kernel_name, sorted(s.files)) for k, s in c.sessions.items()}
     with pytest.raises(errors.CustodyFull) as e:
         call()  # type: ignore[operator]
-    assert e.value.limit == limit
+    assert (e.value.limit, e.value.option) == (limit, option)
     assert {k: (s.kernel_name, sorted(s.files)) for k, s in c.sessions.items()} == before
 
 
@@ -152,16 +152,70 @@ def test_what_all_uids_hold_together_is_bounded_with_a_reserve_for_root(
     custodian.preserve_fds(ROOT, "s", _files(1))
 
 
+ALL_USERS_BYTES = Quotas(max_bytes_all_users=100)
+
+
+@pytest.mark.parametrize("custodian_options", [{"quotas": ALL_USERS_BYTES}])
+def test_what_all_users_pin_together_is_bounded_root_apart(custodian: Custodian) -> None:
+    """The kernel allocates every page of a memfd luod preserves, holes
+    included, and charges them to luod: a uid's sparse memfds at its bytes
+    quota cost it nothing, and many uids at theirs would take the memory
+    root's hand-off needs. Every uid but root together pins at most
+    --max-bytes-all-users; root's bytes are its own pool."""
+    custodian.preserve_fds(NOBODY, "s", _files(30, 30), create=True)
+    custodian.preserve_fds(ALICE, "s", _files(30), create=True)  # 90 pinned
+    batch = _files(5, 6)
+    _full(
+        custodian, 100, lambda: custodian.preserve_fds(ALICE, "s", batch), "--max-bytes-all-users"
+    )
+    assert not any(fd_is_open(h.fd) for h in batch)
+    # Nor into a new session: it is not even created.
+    big = _files(11)
+    _full(
+        custodian,
+        100,
+        lambda: custodian.preserve_fds(NOBODY, "t", big, create=True),
+        "--max-bytes-all-users",
+    )
+    # Root's bytes are not counted, nor limited by the others'.
+    custodian.preserve_fds(ROOT, "s", _files(1000), create=True)
+    custodian.preserve_fds(ALICE, "s", _files(10))  # 100: at the cap, not over
+    _full(
+        custodian,
+        100,
+        lambda: custodian.preserve_fds(NOBODY, "s", _files(1)),
+        "--max-bytes-all-users",
+    )
+    # Empty files pin nothing; a session needs no bytes.
+    custodian.preserve_fds(NOBODY, "s", _files(0))
+    custodian.create_session(NOBODY, "u")
+    # Taking a file back, or discarding a session, makes room.
+    taken = next(iter(custodian.sessions[(NOBODY.uid, "s")].files))
+    fd, _ = custodian.retrieve_fd(NOBODY, "s", taken, take=True)
+    os.close(fd)
+    custodian.preserve_fds(ALICE, "s", _files(30))
+    custodian.discard_session(ALICE, "s")
+    custodian.preserve_fds(NOBODY, "s", _files(60))
+
+
+class _Uncounted:
+    """What luod holds, for quotas that must not count it."""
+
+    def holdings(self, uid: int | None = None) -> Holdings:
+        raise AssertionError("counted without a limit")
+
+    def held_fds(self) -> int:
+        raise AssertionError("counted without a limit")
+
+    def users_bytes(self) -> int:
+        raise AssertionError("counted without a limit")
+
+
 def test_no_limits_count_nothing() -> None:
     q = Quotas(user=Limits(), root=Limits())
-
-    def holdings(uid: int) -> Holdings:
-        raise AssertionError("counted without a limit")
-
-    def held_fds() -> int:
-        raise AssertionError("counted without a limit")
-
-    q.check(1000, holdings, held_fds, sessions=10**6, files=10**6, size=10**12)
+    q.check(1000, _Uncounted(), sessions=10**6, files=10**6, size=10**12)
+    # Root's bytes are no one else's business.
+    Quotas(root=Limits(), max_bytes_all_users=1).check(0, _Uncounted(), size=10**12)
 
 
 def test_defaults_and_options() -> None:
@@ -169,7 +223,10 @@ def test_defaults_and_options() -> None:
     assert Limits() == quotas.ROOT_DEFAULTS
     args = daemon.build_parser().parse_args([])
     half = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
-    assert quotas.from_options(args) == Quotas(max_held=half, held_reserved_for_root=half // 8)
+    quarter = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    assert quotas.from_options(args) == Quotas(
+        max_held=half, held_reserved_for_root=half // 8, max_bytes_all_users=quarter
+    )
     args = daemon.build_parser().parse_args(
         [
             "--max-sessions-per-user=8",
@@ -179,6 +236,7 @@ def test_defaults_and_options() -> None:
             "--max-files-root=0",
             "--max-bytes-root=2GiB",
             "--max-held=80",
+            "--max-bytes-all-users=8G",
         ]
     )
     assert quotas.from_options(args) == Quotas(
@@ -186,6 +244,7 @@ def test_defaults_and_options() -> None:
         root=Limits(1000, 0, 2 << 30),
         max_held=80,
         held_reserved_for_root=10,
+        max_bytes_all_users=8 << 30,
     )
     assert [quotas.parse_size(s) for s in ("0", "4096", "1k", "1K", "3MiB", "1G", "2T")] == [
         0,
@@ -203,7 +262,13 @@ def test_defaults_and_options() -> None:
         with pytest.raises(argparse.ArgumentTypeError):
             quotas.count(bad)
     help_text = daemon.build_parser().format_help()
-    for option in ("--max-sessions-per-user", "--max-bytes-root", "--max-held", "QuotaExceeded"):
+    for option in (
+        "--max-sessions-per-user",
+        "--max-bytes-root",
+        "--max-held",
+        "--max-bytes-all-users",
+        "QuotaExceeded",
+    ):
         assert option in help_text
 
 
@@ -212,3 +277,9 @@ def test_the_refusal_says_what_and_how_much() -> None:
     assert e.parameters == {"resource": "sessions", "limit": 64}
     assert str(e).startswith("quota exceeded: at most 64 sessions per user")
     assert errors.CATALOGUE["io.luod.Custody.QuotaExceeded"] is errors.QuotaExceeded
+    full = errors.CustodyFull("bytes pinned for all users but root", 4096, "--max-bytes-all-users")
+    assert str(full) == (
+        "luod holds as many bytes pinned for all users but root as it may (4096); nothing was "
+        "changed: release some (DiscardSession, RetrieveFd take), or ask for a larger "
+        "--max-bytes-all-users"
+    )

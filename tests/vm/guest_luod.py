@@ -18,7 +18,9 @@ LUOD_VM_SCENARIO:
   then both acknowledging (kexec); after it both are told "resumed".
 - takeover: issue 10's session-name takeover, on the real kernel: uid 65534
   creates "cache" first, root hands off into "cache" with createSession,
-  uid 65534 tries to take root's file, before and after the kexec.
+  uid 65534 tries to take root's file, before and after the kexec; and
+  uid 65534's sparse memfds against luod's cap on what all users but root
+  pin together.
 """
 
 from __future__ import annotations
@@ -457,8 +459,45 @@ def _owners(c: Client) -> list[dict[str, Any]]:
     )
 
 
+def _sparse(size: int) -> int:
+    """A memfd of `size` bytes with no page in it."""
+    fd = os.memfd_create("sparse", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _shmem_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1])
+    raise RuntimeError("no Shmem in /proc/meminfo")
+
+
+def _sparse_handoffs(luod: LuodProcess) -> dict[str, Any]:
+    """uid 65534 hands off a sparse memfd of 32 MiB, then one of 16 MiB:
+    the kernel fills the first with pages at its preserve (luod's, once
+    nobody has let go of its fd); the second would take all users but root
+    over luod's --max-bytes-all-users (40M) and is refused before the
+    kernel sees it."""
+    before = _shmem_kib()
+    pinned, refused = as_nobody(
+        luod,
+        lambda c: c.preserve_fd("sparse", "a", _sparse(32 << 20), create_session=True)["size"],
+        lambda c: c.preserve_fd("sparse", "b", _sparse(16 << 20)),
+    )
+    held = _shmem_kib()
+    as_nobody(luod, lambda c: c.discard_session("sparse"))
+    return {
+        "pinned": pinned,
+        "refused": refused,
+        "grew_kib": held - before,
+        "freed_kib": held - _shmem_kib(),
+    }
+
+
 def takeover_stage1(out: dict[str, Any]) -> None:
-    luod = start_luod(LONG_GRACE)
+    luod = start_luod(LONG_GRACE, "--max-bytes-all-users=40M")
+    out["sparse"] = _sparse_handoffs(luod)
     (created,) = as_nobody(luod, lambda c: c.create_session("cache")["owner"]["uid"])
     out["nobody_created"] = created
     index = memfd(random.Random(10).randbytes(1 << 20), position=77)

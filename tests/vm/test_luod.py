@@ -151,6 +151,14 @@ def test_takeover_takes_nothing(tmp_path: Path, stock_kernel: Path) -> None:
         assert (nobody["uid"], nobody["name"], nobody["files"]) == (65534, "cache", ["mine"])
         assert ".u0.cache" in root["kernelName"] and ".u65534.cache" in nobody["kernelName"]
     assert s2["status"]["reclaim"]["lost"] == []
+    # luod pays for what a uid hands off by its size, not by what it had
+    # written: the kernel filled nobody's sparse 32 MiB at the preserve.
+    # So all users but root together are held to --max-bytes-all-users.
+    sparse = s1["sparse"]
+    assert sparse["pinned"] == 32 << 20
+    assert sparse["refused"] == {"error": "CustodyFull"}, sparse
+    assert sparse["grew_kib"] >= 31 << 10, sparse
+    assert sparse["freed_kib"] >= 31 << 10, sparse
     assert s2["nobody_status"] == {"sessions": 1, "files": 1, "lost": []}
     assert s2["nobody_mine"] == "nobody's own bytes"
     assert s2["index"] == s1["index"]
