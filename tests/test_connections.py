@@ -694,6 +694,57 @@ def test_fds_of_replies_not_read_are_capped_per_uid(workdir: Path, fake_kernel: 
         assert "Traceback" not in log
 
 
+# --- bytes in transit: of messages begun ------------------------------------
+
+
+def begin_largest_messages(path: str, n: int, held: list[socket.socket]) -> str:
+    """`n` connections, each sending a message of MAX_MESSAGE bytes but for
+    its NUL (so not whole); how many are open and how many luod closed."""
+    body = b'{"method":"io.luod.Manager.GetStatus","parameters":{"x":"' + b"a" * (1 << 20)
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.connect(path)
+        held.append(s)
+        left = MAX_MESSAGE
+        with contextlib.suppress(OSError):  # luod closed it
+            while left:
+                left -= s.send(body[:left])
+    deadline = time.monotonic() + 30
+    while sum(still_open(s) for s in held) > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    opened = sum(still_open(s) for s in held)
+    return f"{opened} open, {n - opened} closed"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_bytes_of_messages_begun_are_capped_per_uid(workdir: Path, fake_kernel: str) -> None:
+    """Messages begun and not finished, each as long as a message may be:
+    one uid's 128 connections took luod's memory from 26 MiB to 2.1 GiB
+    (every uid's 4,096 connections would take 64 GiB). Now each uid keeps
+    at most two of them in luod (32 MiB); a connection whose message would
+    go over is closed, and root is served."""
+    with running_luod(workdir, fake_kernel, "--idle-timeout=120s") as luod:
+        before = rss_mib(luod.pid)
+        held: list[socket.socket] = []
+        pid, ctl = as_uid(NOBODY, lambda: begin_largest_messages(luod.socket, 6, held))
+        assert result_of(ctl) == "2 open, 4 closed"
+        grew = rss_mib(luod.pid) - before
+        print(f"\n6 messages of 16 MiB begun: luod's memory +{grew:.1f} MiB")
+        assert grew < 3 * MAX_MESSAGE / (1 << 20), grew
+        with luod.client() as c:
+            assert c.status()["sessions"] == 0
+        release(pid, ctl)
+        log = luod.log()
+        assert "bytes in transit would go over max-transit-bytes-per-user=33554432" in log
+        assert "Traceback" not in log
+
+
 def _sockets(luod: LuodProcess) -> int:
     """luod's open sockets (its connections among them)."""
     return sum(target.startswith("socket:") for target in luod.fd_targets())

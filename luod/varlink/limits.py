@@ -23,6 +23,10 @@ bounded here, and luod.varlink.transport enforces it:
   cap below the open-file limit, of which a reserve only root may use, and
   a cap per uid; a connection that would take its uid over one is closed,
   and the fds with it;
+- bytes in transit (TransitBytes): those of messages not yet whole, which
+  luod keeps until the rest comes, have the same three caps (one uid's 128
+  connections each with a message of 16 MiB begun took luod's memory to
+  2 GiB);
 - the log: what a client can cause at will is logged at a bounded rate.
 """
 
@@ -77,6 +81,16 @@ DEFAULT_MAX_TRANSIT_FDS_PER_USER = 1024
 # default_max_transit_fds.
 DEFAULT_MAX_TRANSIT_FDS = 262144 // 4
 
+# Bytes of messages begun (TransitBytes). Bounded per message only
+# (MAX_MESSAGE), one uid's 128 connections held 2 GiB of luod's memory and
+# every uid's 4,096 connections 64 GiB. A message a client sends in one
+# go is read whole and never counted: what counts is a message sent in
+# pieces, or left unfinished. Per uid two of the largest messages; in all
+# 512 MiB, of which 64 MiB (four of them) only root may use.
+DEFAULT_MAX_TRANSIT_BYTES_PER_USER = 2 * MAX_MESSAGE
+DEFAULT_MAX_TRANSIT_BYTES = 32 * MAX_MESSAGE
+DEFAULT_TRANSIT_BYTES_RESERVED_FOR_ROOT = 4 * MAX_MESSAGE
+
 
 def default_max_connections(nofile: int) -> int:
     """A quarter of the open-file limit, at most 4096: the rest is for the
@@ -102,8 +116,8 @@ def default_transit_fds_reserved_for_root(total: int) -> int:
 @record(frozen=True)
 class Limits:
     """How many connections luod serves (in all, kept for root, per user), how
-    long a new one may stay silent, and how many fds it holds for them in
-    transit (in all, kept for root, per user)."""
+    long a new one may stay silent, and how many fds and bytes it holds for
+    them in transit (in all, kept for root, per user)."""
 
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # Of max_connections, how many only root may use.
@@ -117,6 +131,10 @@ class Limits:
         DEFAULT_MAX_TRANSIT_FDS
     )
     max_transit_fds_per_user: int = DEFAULT_MAX_TRANSIT_FDS_PER_USER
+    max_transit_bytes: int = DEFAULT_MAX_TRANSIT_BYTES
+    # Of max_transit_bytes, how many only root may use.
+    transit_bytes_reserved_for_root: int = DEFAULT_TRANSIT_BYTES_RESERVED_FOR_ROOT
+    max_transit_bytes_per_user: int = DEFAULT_MAX_TRANSIT_BYTES_PER_USER
 
 
 class _Shares:
@@ -192,6 +210,33 @@ class TransitFds(_Shares):
             "max-transit-fds-per-user",
             limits.max_transit_fds_per_user,
         )
+
+
+class TransitBytes(_Shares):
+    """Bytes luod keeps of messages not yet whole (luod.varlink.transport
+    counts each chunk of one until the message is served or dropped). In
+    all and per uid, against the caps of `limits`; what one connection
+    keeps is bounded by MAX_MESSAGE, what they all keep only here."""
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(
+            "max-transit-bytes",
+            limits.max_transit_bytes,
+            limits.transit_bytes_reserved_for_root,
+            "max-transit-bytes-per-user",
+            limits.max_transit_bytes_per_user,
+        )
+
+
+class Transit:
+    """What luod holds for every connection together that is in no
+    custody: fds (TransitFds) and bytes of messages begun (TransitBytes)."""
+
+    __slots__ = ("bytes", "fds")
+
+    def __init__(self, limits: Limits) -> None:
+        self.fds = TransitFds(limits)
+        self.bytes = TransitBytes(limits)
 
 
 class RateLimit:

@@ -83,7 +83,7 @@ from luod.varlink.limits import (
     ConnectionCounts,
     Limits,
     ProtocolViolation,
-    TransitFds,
+    Transit,
     decode_message,
 )
 from luod.varlink.replyconv import ReplyConverter, reply_converter
@@ -789,7 +789,7 @@ class LuodServer(VarlinkUnixServer):
     ) -> None:
         self.limits = Limits() if limits is None else limits
         self.counts = ConnectionCounts(self.limits)
-        self.transit = TransitFds(self.limits)
+        self.transit = Transit(self.limits)
         self._backoff = 0.0
         self._backoff_handle: asyncio.TimerHandle | None = None
         super().__init__(
@@ -913,19 +913,23 @@ class LuodTransport(VarlinkTransport):
     wait for a client that does not read; and no more than IOV_MAX buffers
     go to one sendmsg().
 
-    The fds of a message not yet served and of replies not yet sent count
-    against the caps of `transit`, as its peer's uid's (limits.TransitFds):
-    a connection that would take its uid over one is closed."""
+    The fds of a message not yet served and of replies not yet sent, and
+    the bytes of a message not yet whole, count against the caps of
+    `transit`, as its peer's uid's (limits.Transit): a connection that would
+    take its uid over one is closed."""
 
     RECV_BUFFER_SIZE = 256 * 1024
 
-    def __init__(self, *args: Any, transit: TransitFds | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, transit: Transit | None = None, **kwargs: Any) -> None:
         self._message = lim.MessageBuffer()
+        # Bytes of the message begun counted in transit.bytes.
+        self._begun_bytes = 0
         self._eof = False
         self._queued = 0
         self._queued_fds = 0
         # A connection served alone (unit tests) is counted alone.
-        self._transit = TransitFds(Limits()) if transit is None else transit
+        transit = Transit(Limits()) if transit is None else transit
+        self._transit, self._transit_bytes = transit.fds, transit.bytes
         super().__init__(*args, **kwargs)
         peer = self.get_extra_info("luod.peer")
         assert isinstance(peer, Peer)
@@ -964,6 +968,23 @@ class LuodTransport(VarlinkTransport):
                 self._end_of_input()
                 return
             message = self._message
+            whole = _peek_buffer[got - 1] == 0
+            if not whole:
+                # Kept until the rest comes: counted as its uid's.
+                if over := self._transit_bytes.take(self._uid, got):
+                    lim.close_fds(received)
+                    protocol.violation(
+                        f"bytes in transit would go over {over}",
+                        message.size + got,
+                        message.nfds + len(received),
+                        hint=(
+                            "the connection is closed, with its fds; luod keeps little of "
+                            "the messages a uid has begun and not finished"
+                        ),
+                    )
+                    self._drop_message()
+                    return
+                self._begun_bytes += got
             if received and (over := self._transit.take(self._uid, len(received))):
                 lim.close_fds(received)
                 protocol.violation(
@@ -978,7 +999,7 @@ class LuodTransport(VarlinkTransport):
                 self._drop_message()
                 return
             try:
-                whole = message.add(_peek_view[:got], received, bool(flags & _MSG_CTRUNC))
+                message.add(_peek_view[:got], received, bool(flags & _MSG_CTRUNC))
             except ProtocolViolation as e:
                 protocol.violation(str(e), message.size, message.nfds)
                 self._drop_message()
@@ -989,6 +1010,7 @@ class LuodTransport(VarlinkTransport):
                 # takes none; reading pauses while it runs).
                 if message.nfds:
                     self._transit.give_back(self._uid, message.nfds)
+                self._give_back_bytes()
                 protocol.frame_received(*message.take())
             else:
                 protocol.message_begun()
@@ -1005,7 +1027,13 @@ class LuodTransport(VarlinkTransport):
         """Forget the message being read, closing its fds."""
         if self._message.nfds:
             self._transit.give_back(self._uid, self._message.nfds)
+        self._give_back_bytes()
         self._message.drop()
+
+    def _give_back_bytes(self) -> None:
+        if self._begun_bytes:
+            self._transit_bytes.give_back(self._uid, self._begun_bytes)
+            self._begun_bytes = 0
 
     def _end_of_input(self) -> None:
         # As asyncvarlink does at EOF; once only, even if reading resumes.
@@ -1115,10 +1143,10 @@ def serve_connection(
     loop: asyncio.AbstractEventLoop,
     conn: socket.socket,
     factory: Callable[[], Any],
-    transit: TransitFds | None = None,
+    transit: Transit | None = None,
 ) -> LuodTransport:
-    """Serve one accepted connection with luod's transport; its fds in
-    transit count in `transit` (None: alone)."""
+    """Serve one accepted connection with luod's transport; its fds and
+    bytes in transit count in `transit` (None: alone)."""
     conn.setblocking(False)
     return LuodTransport(
         loop, conn, conn, factory(), {"luod.peer": peer_of_socket(conn)}, transit=transit

@@ -21,6 +21,8 @@ from luod.varlink.limits import (
     Limits,
     ProtocolViolation,
     RateLimit,
+    Transit,
+    TransitBytes,
     TransitFds,
     decode_message,
 )
@@ -122,6 +124,79 @@ def test_transit_fd_caps() -> None:
     assert transit.total == 253 and transit.by_uid == {1001: 253}
 
 
+def test_transit_byte_caps() -> None:
+    transit = TransitBytes(
+        Limits(
+            max_transit_bytes=100, transit_bytes_reserved_for_root=30, max_transit_bytes_per_user=40
+        )
+    )
+    assert transit.take(1000, 40) is None
+    assert transit.take(1000, 1) == "max-transit-bytes-per-user=40"
+    assert transit.take(1001, 30) is None
+    assert transit.take(1002, 1) == "max-transit-bytes=100 (of which 30 reserved for root)"
+    assert transit.take(0, 30) is None
+    assert transit.take(0, 1) == "max-transit-bytes=100"
+    transit.give_back(1000, 40)
+    assert transit.take(1002, 10) is None
+
+
+def test_default_transit_byte_caps() -> None:
+    """Two of the largest messages per uid; 512 MiB in all, four of the
+    largest messages of it root's alone."""
+    assert Limits().max_transit_bytes_per_user == 32 << 20
+    assert Limits().max_transit_bytes == 512 << 20
+    assert Limits().transit_bytes_reserved_for_root == 64 << 20
+
+
+def test_bytes_of_messages_begun_are_counted_until_served_or_dropped() -> None:
+    """One uid's 128 connections each with a message of 16 MiB begun took
+    luod's memory to 2 GiB: the bytes of a message not yet whole count for
+    its uid until it is served or dropped; a connection whose chunk would
+    go over the cap is closed, and what it kept is given back. A message
+    read whole at once is never counted."""
+    uid = os.getuid()
+    both = Transit(
+        Limits(
+            max_transit_bytes=1000,
+            transit_bytes_reserved_for_root=0,
+            max_transit_bytes_per_user=1000,
+        )
+    )
+    transit = both.bytes
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        ours1, theirs1 = socket.socketpair()
+        ours2, theirs2 = socket.socketpair()
+        recorder1, recorder2 = Recorder(), Recorder()
+        serve_connection(loop, ours1, lambda: recorder1, both)
+        serve_connection(loop, ours2, lambda: recorder2, both)
+        theirs1.sendall(b'{"x":"' + b"a" * 594)  # 600 bytes, no NUL
+        await until(lambda: transit.total == 600)
+        assert transit.by_uid == {uid: 600}
+        theirs2.sendall(b'{"y":"' + b"b" * 394)  # 400 more: at the cap, not over
+        await until(lambda: transit.total == 1000)
+        theirs2.sendall(b"b")
+        theirs2.settimeout(10)
+        assert await asyncio.to_thread(theirs2.recv, 1) == b""  # closed
+        assert transit.by_uid == {uid: 600}
+        theirs1.sendall(b'"}\0')
+        await until(lambda: len(recorder1.frames) == 1)
+        assert recorder1.frames[0][0] == b'{"x":"' + b"a" * 594 + b'"}'
+        assert transit.total == 0 and not transit.by_uid
+        # Whole at once, larger than the cap: never counted.
+        theirs1.sendall(b'{"z":"' + b"c" * 2000 + b'"}\0')
+        await until(lambda: len(recorder1.frames) == 2)
+        assert transit.total == 0
+        theirs1.sendall(b'{"x":')
+        await until(lambda: transit.total == 5)
+        theirs1.close()  # the message is dropped with the connection
+        await until(lambda: transit.total == 0)
+        theirs2.close()
+
+    asyncio.run(run())
+
+
 def test_default_transit_fd_caps_leave_a_reserve_for_root() -> None:
     # A quarter of luod.service's LimitNOFILE, an eighth of it root's alone.
     assert limits.default_max_transit_fds(262144) == 65536 == Limits().max_transit_fds
@@ -218,29 +293,31 @@ def test_a_long_message_keeps_its_fds_and_is_read_in_linear_time() -> None:
     assert elapsed < 5.0, elapsed
 
 
+async def until(done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not done():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
 def test_fds_in_transit_are_counted_until_served_or_dropped() -> None:
     """The fds of a message begun count for its uid until the message is
     whole (served) or dropped; a connection whose chunk would go over the
     cap is closed with its fds, and what it held is given back."""
     memfd = os.memfd_create("t")
     uid = os.getuid()
-    transit = TransitFds(
+    both = Transit(
         Limits(max_transit_fds=300, transit_fds_reserved_for_root=0, max_transit_fds_per_user=300)
     )
-
-    async def until(done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 10
-        while not done():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+    transit = both.fds
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         ours1, theirs1 = socket.socketpair()
         ours2, theirs2 = socket.socketpair()
         recorder1, recorder2 = Recorder(), Recorder()
-        serve_connection(loop, ours1, lambda: recorder1, transit)
-        serve_connection(loop, ours2, lambda: recorder2, transit)
+        serve_connection(loop, ours1, lambda: recorder1, both)
+        serve_connection(loop, ours2, lambda: recorder2, both)
         socket.send_fds(theirs1, [b'{"x":'], [memfd] * 200)
         await until(lambda: transit.total == 200)
         assert transit.by_uid == {uid: 200}
