@@ -24,9 +24,9 @@ bounded here, and luod.varlink.transport enforces it:
   a cap per uid; a connection that would take its uid over one is closed,
   and the fds with it;
 - bytes in transit (TransitBytes): those of messages not yet whole, which
-  luod keeps until the rest comes, have the same three caps (one uid's 128
-  connections each with a message of 16 MiB begun took luod's memory to
-  2 GiB);
+  luod keeps until the rest comes, and of replies not yet sent have the
+  same three caps (one uid's 128 connections each with a message of 16 MiB
+  begun took luod's memory to 2 GiB);
 - the log: what a client can cause at will is logged at a bounded rate.
 """
 
@@ -81,12 +81,14 @@ DEFAULT_MAX_TRANSIT_FDS_PER_USER = 1024
 # default_max_transit_fds.
 DEFAULT_MAX_TRANSIT_FDS = 262144 // 4
 
-# Bytes of messages begun (TransitBytes). Bounded per message only
-# (MAX_MESSAGE), one uid's 128 connections held 2 GiB of luod's memory and
-# every uid's 4,096 connections 64 GiB. A message a client sends in one
-# go is read whole and never counted: what counts is a message sent in
-# pieces, or left unfinished. Per uid two of the largest messages; in all
-# 512 MiB, of which 64 MiB (four of them) only root may use.
+# Bytes in transit (TransitBytes): of messages begun, of replies not sent.
+# Bounded per connection only (MAX_MESSAGE, MAX_QUEUED_REPLY), one uid's
+# 128 connections held 2 GiB of luod's memory and every uid's 4,096
+# connections 64 GiB. A message a client sends in one go is read whole and
+# never counted, a reply the socket takes at once neither: what counts is
+# a message sent in pieces or left unfinished, and replies a client does
+# not read. Per uid two of the largest messages; in all 512 MiB, of which
+# 64 MiB (four of the largest messages) only root may use.
 DEFAULT_MAX_TRANSIT_BYTES_PER_USER = 2 * MAX_MESSAGE
 DEFAULT_MAX_TRANSIT_BYTES = 32 * MAX_MESSAGE
 DEFAULT_TRANSIT_BYTES_RESERVED_FOR_ROOT = 4 * MAX_MESSAGE
@@ -213,10 +215,12 @@ class TransitFds(_Shares):
 
 
 class TransitBytes(_Shares):
-    """Bytes luod keeps of messages not yet whole (luod.varlink.transport
-    counts each chunk of one until the message is served or dropped). In
-    all and per uid, against the caps of `limits`; what one connection
-    keeps is bounded by MAX_MESSAGE, what they all keep only here."""
+    """Bytes luod keeps for its connections: of messages not yet whole
+    (luod.varlink.transport counts each chunk of one until the message is
+    served or dropped) and of replies not yet sent (from when one is queued
+    until it is sent or dropped). In all and per uid, against the caps of
+    `limits`; what one connection keeps is bounded by MAX_MESSAGE and
+    MAX_QUEUED_REPLY, what they all keep only here."""
 
     def __init__(self, limits: Limits) -> None:
         super().__init__(
@@ -230,7 +234,8 @@ class TransitBytes(_Shares):
 
 class Transit:
     """What luod holds for every connection together that is in no
-    custody: fds (TransitFds) and bytes of messages begun (TransitBytes)."""
+    custody: fds (TransitFds) and bytes (TransitBytes) of messages begun
+    and of replies not sent."""
 
     __slots__ = ("bytes", "fds")
 

@@ -1087,7 +1087,13 @@ class LuodTransport(VarlinkTransport):
                 # The fds went with the first byte; the rest follows alone.
                 data, fds = data[sent:], None
         if fds and (over := self._transit.take(self._uid, len(fds))):
-            return self._refuse_send(over)
+            return self._refuse_send(f"the fds of its replies in transit would go over {over}")
+        if over := self._transit_bytes.take(self._uid, len(data)):
+            if fds:
+                self._transit.give_back(self._uid, len(fds))
+            return self._refuse_send(f"the bytes of its replies in transit would go over {over}")
+        # Counted in transit until sent (_do_write_socket) or dropped
+        # (_fail_sendqueue).
         self._queued += len(data)
         fut = super().send_message(data, fds)
         if fds:
@@ -1102,7 +1108,8 @@ class LuodTransport(VarlinkTransport):
 
     def _refuse_send(self, over: str | None = None) -> asyncio.Future[None]:
         """Refuse a reply (the connection goes): more than a connection may
-        leave waiting, or `over` the cap its uid's fds in transit would go."""
+        leave waiting, or `over`: which cap of its uid's in transit it would
+        go over."""
         # asyncvarlink warns of each reply to a closed transport: no
         # warning per reply of a client that went away or was cut off.
         if not self._closing and self._sendfd is not None:
@@ -1118,7 +1125,7 @@ class LuodTransport(VarlinkTransport):
                     f"more than {MAX_QUEUED_REPLY} bytes or {MAX_QUEUED_REPLY_FDS} fds "
                     "of replies waited; disconnected"
                     if over is None
-                    else f"the fds of its replies in transit would go over {over}; disconnected"
+                    else f"{over}; disconnected"
                 ),
             )
             protocol.drop()
@@ -1129,7 +1136,15 @@ class LuodTransport(VarlinkTransport):
     def _do_write_socket(self, data: list[bytes], fds: list[int]) -> int:
         sent = super()._do_write_socket(data[:_IOV_MAX], fds)
         self._queued -= sent
+        self._transit_bytes.give_back(self._uid, sent)
         return sent
+
+    def _fail_sendqueue(self) -> None:
+        super()._fail_sendqueue()
+        # The replies not sent are dropped with the connection.
+        if self._queued:
+            self._transit_bytes.give_back(self._uid, self._queued)
+            self._queued = 0
 
 
 # One buffer for every read of every connection (luod serves from one thread):

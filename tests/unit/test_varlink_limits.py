@@ -197,6 +197,61 @@ def test_bytes_of_messages_begun_are_counted_until_served_or_dropped() -> None:
     asyncio.run(run())
 
 
+def test_bytes_of_replies_not_read_are_counted_until_sent_or_dropped() -> None:
+    """A reply the client does not read waits in luod: counted for its uid
+    from when it is queued until it is sent or dropped with the connection;
+    a connection whose reply would go over is cut off."""
+    uid = os.getuid()
+    both = Transit(
+        Limits(
+            max_transit_bytes=200_000,
+            transit_bytes_reserved_for_root=0,
+            max_transit_bytes_per_user=200_000,
+        )
+    )
+    transit = both.bytes
+    reply = b"r" * 100_000
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(3)]
+        transports = []
+        for ours, theirs in pairs:
+            # The socket takes little: most of a reply waits in luod.
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            transports.append(serve_connection(loop, ours, Recorder, both))
+        await asyncio.sleep(0)  # connection_made
+        transports[0].send_message(reply)
+        transports[1].send_message(reply)
+        waiting = transit.total
+        assert 2 * 100_000 - 50_000 < waiting <= 2 * 100_000
+        assert transit.by_uid == {uid: waiting}
+        # A third would take it over 200,000 (the tests' uid may be root's:
+        # the cap in all): cut off.
+        refused = transports[2].send_message(reply)
+        with pytest.raises(BrokenPipeError):
+            await asyncio.wait_for(refused, 10)
+        await until(transports[2].is_closing)
+        assert transit.total == waiting
+        # Read, the first reply is given back as it goes.
+        theirs = pairs[0][1]
+        got = 0
+        while got < len(reply):
+            got += len(await asyncio.to_thread(theirs.recv, 65536))
+        await until(lambda: transit.total < waiting - 50_000)
+        # Dropped with its connection, the second is given back whole.
+        transports[1].abort()
+        await until(lambda: transit.total == 0)
+        assert not transit.by_uid
+        transports[0].close()
+        for _ours, theirs in pairs:
+            theirs.close()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+
+
 def test_default_transit_fd_caps_leave_a_reserve_for_root() -> None:
     # A quarter of luod.service's LimitNOFILE, an eighth of it root's alone.
     assert limits.default_max_transit_fds(262144) == 65536 == Limits().max_transit_fds
