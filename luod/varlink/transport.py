@@ -972,31 +972,22 @@ class LuodTransport(VarlinkTransport):
             if not whole:
                 # Kept until the rest comes: counted as its uid's.
                 if over := self._transit_bytes.take(self._uid, got):
-                    lim.close_fds(received)
-                    protocol.violation(
+                    self._refuse_chunk(
                         f"bytes in transit would go over {over}",
-                        message.size + got,
-                        message.nfds + len(received),
-                        hint=(
-                            "the connection is closed, with its fds; luod keeps little of "
-                            "the messages a uid has begun and not finished"
-                        ),
+                        "luod keeps little of the messages a uid has begun and not finished",
+                        got,
+                        received,
                     )
-                    self._drop_message()
                     return
                 self._begun_bytes += got
             if received and (over := self._transit.take(self._uid, len(received))):
-                lim.close_fds(received)
-                protocol.violation(
+                self._refuse_chunk(
                     f"fds in transit would go over {over}",
-                    message.size + got,
-                    message.nfds + len(received),
-                    hint=(
-                        "the connection is closed, with its fds; luod holds few fds per uid "
-                        "that are in no custody (of messages begun, of replies not read)"
-                    ),
+                    "luod holds few fds per uid that are in no custody "
+                    "(of messages begun, of replies not read)",
+                    got,
+                    received,
                 )
-                self._drop_message()
                 return
             try:
                 message.add(_peek_view[:got], received, bool(flags & _MSG_CTRUNC))
@@ -1018,6 +1009,21 @@ class LuodTransport(VarlinkTransport):
                 # All the socket held is read: epoll says when there is
                 # more (a peek now would mostly be EAGAIN).
                 return
+
+    def _refuse_chunk(self, reason: str, why: str, got: int, received: list[int]) -> None:
+        """Close the connection over the chunk just read (`got` bytes, the
+        fds `received` with it): it would take its uid over a cap in transit."""
+        lim.close_fds(received)
+        message = self._message
+        protocol = self._protocol
+        assert isinstance(protocol, LuodProtocol)
+        protocol.violation(
+            reason,
+            message.size + got,
+            message.nfds + len(received),
+            hint=f"the connection is closed, with its fds; {why}",
+        )
+        self._drop_message()
 
     @property
     def reading_paused(self) -> bool:

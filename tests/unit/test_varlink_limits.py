@@ -104,40 +104,30 @@ def test_connection_caps() -> None:
     assert counts.total == 4 and counts.by_uid == {1000: 2, 1001: 1, 1002: 1}
 
 
-def test_transit_fd_caps() -> None:
-    transit = TransitFds(
+@pytest.mark.parametrize("kind", [TransitFds, TransitBytes])
+def test_transit_caps(kind: type[TransitFds | TransitBytes]) -> None:
+    what = "fds" if kind is TransitFds else "bytes"
+    transit = kind(
         Limits(
-            max_transit_fds=1000, transit_fds_reserved_for_root=300, max_transit_fds_per_user=400
+            **{
+                f"max_transit_{what}": 1000,
+                f"transit_{what}_reserved_for_root": 300,
+                f"max_transit_{what}_per_user": 400,
+            }
         )
     )
     assert transit.take(1000, 253) is None
-    assert transit.take(1000, 253) == "max-transit-fds-per-user=400"
+    assert transit.take(1000, 253) == f"max-transit-{what}-per-user=400"
     assert transit.take(1000, 147) is None  # up to the cap
     assert transit.take(1001, 253) is None
     # 653 in transit: 47 more of the 700 anyone but root may use.
-    assert transit.take(1002, 48) == "max-transit-fds=1000 (of which 300 reserved for root)"
+    assert transit.take(1002, 48) == f"max-transit-{what}=1000 (of which 300 reserved for root)"
     assert transit.take(0, 253) is None
-    assert transit.take(0, 95) == "max-transit-fds=1000"
+    assert transit.take(0, 95) == f"max-transit-{what}=1000"
     assert transit.take(0, 94) is None
     transit.give_back(0, 347)
     transit.give_back(1000, 400)
     assert transit.total == 253 and transit.by_uid == {1001: 253}
-
-
-def test_transit_byte_caps() -> None:
-    transit = TransitBytes(
-        Limits(
-            max_transit_bytes=100, transit_bytes_reserved_for_root=30, max_transit_bytes_per_user=40
-        )
-    )
-    assert transit.take(1000, 40) is None
-    assert transit.take(1000, 1) == "max-transit-bytes-per-user=40"
-    assert transit.take(1001, 30) is None
-    assert transit.take(1002, 1) == "max-transit-bytes=100 (of which 30 reserved for root)"
-    assert transit.take(0, 30) is None
-    assert transit.take(0, 1) == "max-transit-bytes=100"
-    transit.give_back(1000, 40)
-    assert transit.take(1002, 10) is None
 
 
 def test_default_transit_byte_caps() -> None:
@@ -148,6 +138,14 @@ def test_default_transit_byte_caps() -> None:
     assert Limits().transit_bytes_reserved_for_root == 64 << 20
 
 
+def bytes_capped_at(n: int) -> Transit:
+    """What is in transit, `n` bytes of it for anyone (the tests' uid may be
+    root's), fds as by default."""
+    return Transit(
+        Limits(max_transit_bytes=n, transit_bytes_reserved_for_root=0, max_transit_bytes_per_user=n)
+    )
+
+
 def test_bytes_of_messages_begun_are_counted_until_served_or_dropped() -> None:
     """One uid's 128 connections each with a message of 16 MiB begun took
     luod's memory to 2 GiB: the bytes of a message not yet whole count for
@@ -155,22 +153,11 @@ def test_bytes_of_messages_begun_are_counted_until_served_or_dropped() -> None:
     go over the cap is closed, and what it kept is given back. A message
     read whole at once is never counted."""
     uid = os.getuid()
-    both = Transit(
-        Limits(
-            max_transit_bytes=1000,
-            transit_bytes_reserved_for_root=0,
-            max_transit_bytes_per_user=1000,
-        )
-    )
+    both = bytes_capped_at(1000)
     transit = both.bytes
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
-        ours1, theirs1 = socket.socketpair()
-        ours2, theirs2 = socket.socketpair()
-        recorder1, recorder2 = Recorder(), Recorder()
-        serve_connection(loop, ours1, lambda: recorder1, both)
-        serve_connection(loop, ours2, lambda: recorder2, both)
+        (theirs1, recorder1), (theirs2, _) = served(both), served(both)
         theirs1.sendall(b'{"x":"' + b"a" * 594)  # 600 bytes, no NUL
         await until(lambda: transit.total == 600)
         assert transit.by_uid == {uid: 600}
@@ -202,13 +189,7 @@ def test_bytes_of_replies_not_read_are_counted_until_sent_or_dropped() -> None:
     from when it is queued until it is sent or dropped with the connection;
     a connection whose reply would go over is cut off."""
     uid = os.getuid()
-    both = Transit(
-        Limits(
-            max_transit_bytes=200_000,
-            transit_bytes_reserved_for_root=0,
-            max_transit_bytes_per_user=200_000,
-        )
-    )
+    both = bytes_capped_at(200_000)
     transit = both.bytes
     reply = b"r" * 100_000
 
@@ -348,6 +329,15 @@ def test_a_long_message_keeps_its_fds_and_is_read_in_linear_time() -> None:
     assert elapsed < 5.0, elapsed
 
 
+def served(transit: Transit) -> tuple[socket.socket, Recorder]:
+    """A connection luod's transport serves, counting in `transit`: the
+    client's end and what the transport frames."""
+    ours, theirs = socket.socketpair()
+    recorder = Recorder()
+    serve_connection(asyncio.get_running_loop(), ours, lambda: recorder, transit)
+    return theirs, recorder
+
+
 async def until(done: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 10
     while not done():
@@ -367,12 +357,7 @@ def test_fds_in_transit_are_counted_until_served_or_dropped() -> None:
     transit = both.fds
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
-        ours1, theirs1 = socket.socketpair()
-        ours2, theirs2 = socket.socketpair()
-        recorder1, recorder2 = Recorder(), Recorder()
-        serve_connection(loop, ours1, lambda: recorder1, both)
-        serve_connection(loop, ours2, lambda: recorder2, both)
+        (theirs1, recorder1), (theirs2, _) = served(both), served(both)
         socket.send_fds(theirs1, [b'{"x":'], [memfd] * 200)
         await until(lambda: transit.total == 200)
         assert transit.by_uid == {uid: 200}
