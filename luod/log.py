@@ -6,6 +6,12 @@ priority prefix journald understands (SyslogLevelPrefix=yes). Under journald
 every key of the event is a field of its own (LUOD_SESSION=, LUOD_NAME=,
 LUOD_OWNER=, ... in `journalctl -o verbose`) and MESSAGE is the logfmt line.
 
+Lines a caller other than root causes (while luod serves its call) are
+held to a budget per uid and for all of them together (CallerBudget):
+journald drops every line of a unit past its rate limit (10,000 per 30 s by
+default), and one uid's hand-offs and discards wrote 2,000 lines a second.
+Root's lines, luod's own and every error are always written.
+
 luod's modules log with `get_logger()`. The lines are structlog's (logfmt,
 JSONRenderer, format_exc_info; tests/test_log.py holds them to it), but
 luod writes its own lines itself and imports structlog only for what it
@@ -15,13 +21,15 @@ configured structlog otherwise (tests' capture_logs).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
 import socket
 import struct
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
@@ -258,6 +266,13 @@ class Logger:
     __slots__ = ()
 
     def _log(self, method: str, level: int, event: str, args: tuple[Any, ...], kw: Any) -> None:
+        uid = serving_uid.get()
+        if uid and level < logging.ERROR:
+            held = caller_budget.allow(uid)
+            if held is None:
+                return
+            if held:
+                kw["suppressed"] = held
         emitter = _direct()
         if emitter is None or args:
             getattr(_structlog().get_logger("luod"), method)(event, *args, **kw)
@@ -288,6 +303,53 @@ class Logger:
 
 
 _LOGGER = Logger()
+
+
+# The uid of the caller whose call luod is serving (luod.varlink.transport
+# sets it); None: luod's own work.
+serving_uid: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "luod_serving_uid", default=None
+)
+
+
+class CallerBudget:
+    """How many lines (errors aside) callers other than root may cause in
+    a window of `window` seconds: `per_uid` each, `total` all of them
+    together; the rest of journald's rate limit is root's and luod's own. A
+    line over the budget is not written but counted, and the caller's next
+    line that is written says how many were not (`suppressed=N`)."""
+
+    def __init__(
+        self,
+        per_uid: int = 100,
+        total: int = 1000,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_uid, self.total, self.window = per_uid, total, window
+        self._clock = clock
+        self._start = self._clock()
+        self._lines: dict[int, int] = {}
+        self._all = 0
+        self._held: dict[int, int] = {}
+
+    def allow(self, uid: int) -> int | None:
+        """None: `uid`'s line is over the budget (and counted); else how
+        many of its lines were not written since its last one that was."""
+        now = self._clock()
+        if now - self._start >= self.window:
+            self._start, self._all = now, 0
+            self._lines.clear()
+        n = self._lines.get(uid, 0)
+        if n >= self.per_uid or self._all >= self.total:
+            self._held[uid] = self._held.get(uid, 0) + 1
+            return None
+        self._lines[uid] = n + 1
+        self._all += 1
+        return self._held.pop(uid, 0)
+
+
+caller_budget = CallerBudget()
 
 
 def get_logger() -> Logger:

@@ -190,3 +190,44 @@ def test_traceback_logged_when_structlog_cannot_be_imported(
 
 def _no_structlog() -> None:
     raise OSError(24, "Too many open files", "structlog/__init__.py")
+
+
+def test_lines_callers_cause_are_held_to_a_budget_per_uid_and_in_all() -> None:
+    """journald drops every line of a unit past its rate limit: a caller
+    other than root may cause `per_uid` lines a window, all of them
+    together `total`; root's lines, luod's own and errors are written. A
+    caller's next line written says how many of its lines were not."""
+    now = [0.0]
+    budget = log.CallerBudget(per_uid=3, total=5, window=10.0, clock=lambda: now[0])
+    assert [budget.allow(1000) for _ in range(4)] == [0, 0, 0, None]
+    assert [budget.allow(1001) for _ in range(3)] == [0, 0, None]  # 5 in all
+    now[0] = 10.0
+    assert budget.allow(1000) == 1  # the one line over its budget
+    assert budget.allow(1001) == 1
+    assert budget.allow(1002) == 0
+
+    out = io.StringIO()
+    previous = log.caller_budget
+    log.caller_budget = log.CallerBudget(per_uid=2, total=2, window=60.0)
+    log.setup("info", stream=out)
+    logger = log.get_logger()
+    try:
+        token = log.serving_uid.set(65534)
+        for n in range(4):
+            logger.info("fd-preserved", n=n)
+        logger.error("manifest-write-failed")  # errors always
+        log.serving_uid.reset(token)
+        logger.info("luods-own")
+        token = log.serving_uid.set(0)
+        logger.info("roots")
+        log.serving_uid.reset(token)
+    finally:
+        log.caller_budget = previous
+        log.setup("info", stream=io.StringIO())
+    assert out.getvalue().splitlines() == [
+        "<6>event=fd-preserved n=0",
+        "<6>event=fd-preserved n=1",
+        "<3>event=manifest-write-failed",
+        "<6>event=luods-own",
+        "<6>event=roots",
+    ]

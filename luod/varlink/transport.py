@@ -71,7 +71,7 @@ from asyncvarlink.serviceerrors import InvalidParameter
 from asyncvarlink.types import JSONObject, validate_interface, validate_name
 
 from luod import errors
-from luod.log import get_logger
+from luod.log import get_logger, serving_uid
 from luod.peer import Peer, peer_of_socket
 from luod.record import record
 from luod.scmrights import ANCBUF_SIZE, fds_in
@@ -621,6 +621,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         method, signature, say = entry
         ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
+        caller = serving_uid.set(self.peer.uid)
         oob = _ReplyFds()
         try:
             try:
@@ -645,6 +646,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             raise
         finally:
             _current.reset(token)
+            serving_uid.reset(caller)
             sent = oob.get(FileDescriptorVarlinkType)
             if sent is not None:
                 sent.release(_REPLY_FDS)
@@ -743,10 +745,13 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     ) -> asyncio.Future[None] | None:
         ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
+        # An asynchronous method's task takes both along (a copy of the context).
+        caller = serving_uid.set(self.peer.uid)
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
         finally:
             _current.reset(token)
+            serving_uid.reset(caller)
             # luod's methods take their fds (take_fd) while they are called,
             # before this returns: an asynchronous one (Subscribe, Update)
             # takes none. The rest are closed now: asyncvarlink would keep
