@@ -211,17 +211,18 @@ def test_lines_callers_cause_are_held_to_a_budget_per_uid_and_in_all() -> None:
     log.caller_budget = log.CallerBudget(per_uid=2, total=2, window=60.0)
     log.setup("info", stream=out)
     logger = log.get_logger()
+    serving: list[int | None] = [65534]
+    source = log.serving_uid_from(lambda: serving[0])
     try:
-        token = log.serving_uid.set(65534)
         for n in range(4):
             logger.info("fd-preserved", n=n)
         logger.error("manifest-write-failed")  # errors always
-        log.serving_uid.reset(token)
+        serving[0] = None
         logger.info("luods-own")
-        token = log.serving_uid.set(0)
+        serving[0] = 0
         logger.info("roots")
-        log.serving_uid.reset(token)
     finally:
+        log.serving_uid_from(source)
         log.caller_budget = previous
         log.setup("info", stream=io.StringIO())
     assert out.getvalue().splitlines() == [

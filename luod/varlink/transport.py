@@ -71,7 +71,7 @@ from asyncvarlink.serviceerrors import InvalidParameter
 from asyncvarlink.types import JSONObject, validate_interface, validate_name
 
 from luod import errors
-from luod.log import get_logger, serving_uid
+from luod.log import get_logger, serving_uid_from
 from luod.peer import Peer, peer_of_socket
 from luod.record import record
 from luod.scmrights import ANCBUF_SIZE, fds_in
@@ -150,6 +150,17 @@ _current: contextvars.ContextVar[CallContext] = contextvars.ContextVar("luod_cal
 def current() -> CallContext:
     """The call being served (inside an interface method only)."""
     return _current.get()
+
+
+def _serving_uid() -> int | None:
+    """The uid of the caller whose call is being served (an asynchronous
+    method's task has the call's context too); None outside a call."""
+    ctx = _current.get(None)
+    return None if ctx is None else ctx.peer.uid
+
+
+# luod's lines say whose call caused them (luod.log.CallerBudget).
+serving_uid_from(_serving_uid)
 
 
 def take_fd(index: int, parameter: str) -> int:
@@ -621,7 +632,6 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         method, signature, say = entry
         ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
-        caller = serving_uid.set(self.peer.uid)
         oob = _ReplyFds()
         try:
             try:
@@ -646,7 +656,6 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             raise
         finally:
             _current.reset(token)
-            serving_uid.reset(caller)
             sent = oob.get(FileDescriptorVarlinkType)
             if sent is not None:
                 sent.release(_REPLY_FDS)
@@ -745,13 +754,10 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     ) -> asyncio.Future[None] | None:
         ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
-        # An asynchronous method's task takes both along (a copy of the context).
-        caller = serving_uid.set(self.peer.uid)
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
         finally:
             _current.reset(token)
-            serving_uid.reset(caller)
             # luod's methods take their fds (take_fd) while they are called,
             # before this returns: an asynchronous one (Subscribe, Update)
             # takes none. The rest are closed now: asyncvarlink would keep
@@ -1006,7 +1012,8 @@ class LuodTransport(VarlinkTransport):
                 # takes none; reading pauses while it runs).
                 if message.nfds:
                     self._transit.give_back(self._uid, message.nfds)
-                self._give_back_bytes()
+                if self._begun_bytes:
+                    self._give_back_bytes()
                 protocol.frame_received(*message.take())
             else:
                 protocol.message_begun()
