@@ -924,10 +924,10 @@ class LuodTransport(VarlinkTransport):
     wait for a client that does not read; and no more than IOV_MAX buffers
     go to one sendmsg().
 
-    The fds of a message not yet served and of replies not yet sent, and
-    the bytes of a message not yet whole, count against the caps of
-    `transit`, as its peer's uid's (limits.Transit): a connection that would
-    take its uid over one is closed."""
+    The fds and bytes of a message not yet served and of replies not yet
+    sent count against the caps of `transit`, as its peer's uid's
+    (limits.Transit): a connection that would take its uid over one is
+    closed."""
 
     RECV_BUFFER_SIZE = 256 * 1024
 
