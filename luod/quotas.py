@@ -146,7 +146,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "quotas",
         "What each uid may hold in luod's custody (0: no limit). Every uid but root has "
         "a pool of its own; root has another. A call that would go over is refused with "
-        "QuotaExceeded and changes nothing.",
+        "QuotaExceeded (CustodyFull for the caps on many uids together) and changes nothing.",
     )
     u, r = USER_DEFAULTS, ROOT_DEFAULTS
     for what, conv, user, root, text in (
