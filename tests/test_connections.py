@@ -590,11 +590,17 @@ def begin_messages_with_fds(path: str, n: int, closes: int, held: list[socket.so
         held.append(s)
     os.close(read_end)
     os.close(write_end)
+    return open_and_closed(held, closes)
+
+
+def open_and_closed(held: list[socket.socket], closes: int) -> str:
+    """Once luod closed `closes` of the connections `held` (or after 30s),
+    how many are open and how many closed."""
     deadline = time.monotonic() + 30
     while sum(not still_open(s) for s in held) < closes and time.monotonic() < deadline:
         time.sleep(0.05)
     opened = sum(still_open(s) for s in held)
-    return f"{opened} open, {n - opened} closed"
+    return f"{opened} open, {len(held) - opened} closed"
 
 
 def root_hands_off_253_fds(luod: LuodProcess) -> None:
@@ -697,9 +703,10 @@ def test_fds_of_replies_not_read_are_capped_per_uid(workdir: Path, fake_kernel: 
 # --- bytes in transit: of messages begun ------------------------------------
 
 
-def begin_largest_messages(path: str, n: int, held: list[socket.socket]) -> str:
+def begin_largest_messages(path: str, n: int, closes: int, held: list[socket.socket]) -> str:
     """`n` connections, each sending a message of MAX_MESSAGE bytes but for
-    its NUL (so not whole); how many are open and how many luod closed."""
+    its NUL (so not whole); once luod closed `closes` of them (or after
+    30s), how many are open and how many closed."""
     body = b'{"method":"io.luod.Manager.GetStatus","parameters":{"x":"' + b"a" * (1 << 20)
     for _ in range(n):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -709,11 +716,7 @@ def begin_largest_messages(path: str, n: int, held: list[socket.socket]) -> str:
         with contextlib.suppress(OSError):  # luod closed it
             while left:
                 left -= s.send(body[:left])
-    deadline = time.monotonic() + 30
-    while sum(still_open(s) for s in held) > 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    opened = sum(still_open(s) for s in held)
-    return f"{opened} open, {n - opened} closed"
+    return open_and_closed(held, closes)
 
 
 def rss_mib(pid: int) -> float:
@@ -732,7 +735,7 @@ def test_bytes_of_messages_begun_are_capped_per_uid(workdir: Path, fake_kernel: 
     with running_luod(workdir, fake_kernel, "--idle-timeout=120s") as luod:
         before = rss_mib(luod.pid)
         held: list[socket.socket] = []
-        pid, ctl = as_uid(NOBODY, lambda: begin_largest_messages(luod.socket, 6, held))
+        pid, ctl = as_uid(NOBODY, lambda: begin_largest_messages(luod.socket, 6, 4, held))
         assert result_of(ctl) == "2 open, 4 closed"
         grew = rss_mib(luod.pid) - before
         print(f"\n6 messages of 16 MiB begun: luod's memory +{grew:.1f} MiB")

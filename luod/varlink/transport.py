@@ -1010,10 +1010,8 @@ class LuodTransport(VarlinkTransport):
                 # Served now: its fds are taken into custody or closed by
                 # the time frame_received() returns (an asynchronous call
                 # takes none; reading pauses while it runs).
-                if message.nfds:
-                    self._transit.give_back(self._uid, message.nfds)
-                if self._begun_bytes:
-                    self._give_back_bytes()
+                if message.nfds or self._begun_bytes:
+                    self._out_of_transit()
                 protocol.frame_received(*message.take())
             else:
                 protocol.message_begun()
@@ -1043,12 +1041,14 @@ class LuodTransport(VarlinkTransport):
 
     def _drop_message(self) -> None:
         """Forget the message being read, closing its fds."""
-        if self._message.nfds:
-            self._transit.give_back(self._uid, self._message.nfds)
-        self._give_back_bytes()
+        self._out_of_transit()
         self._message.drop()
 
-    def _give_back_bytes(self) -> None:
+    def _out_of_transit(self) -> None:
+        """Give back what the message being read counted in transit (its
+        fds, the bytes kept of it): it is served or dropped."""
+        if self._message.nfds:
+            self._transit.give_back(self._uid, self._message.nfds)
         if self._begun_bytes:
             self._transit_bytes.give_back(self._uid, self._begun_bytes)
             self._begun_bytes = 0
