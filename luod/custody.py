@@ -481,6 +481,62 @@ class Custodian:
         for f in taken:
             f.close()
 
+    def give_back(
+        self, peer: Peer, owner: Owner, session: str, files: Sequence[tuple[str, int]]
+    ) -> None:
+        """Hold again files `peer` took (RetrieveFd, RetrieveFds with take)
+        whose reply never reached it: the connection went before luod could
+        send it, so custody of them did not end after all. `files`: (name,
+        fd) each, the fds luod's (-1: closed already, lost). They go back
+        into `owner`'s session under their names, as a hand-off of the owner
+        (its session made again if taking them let go of it): write-ahead,
+        all or nothing, within the owner's quotas. What cannot be held again
+        is logged as lost, with the reason; this never raises (it runs once
+        the reply is known to be lost, outside any call)."""
+        why = NOT_DELIVERED
+        # A reply's fds are closed together: all of them or none.
+        lost = [name for name, fd in files if fd < 0]
+        back = [Handoff(name, fd) for name, fd in files if fd >= 0]
+        if back:
+            as_owner = Peer(peer.pid, owner.uid, peer.gid, owner.unit, owner.comm)
+            try:
+                handoff.preserve_fds(self, as_owner, session, back, create=True)
+            except Exception as e:  # in a callback: logged, never raised
+                lost += [h.name for h in back]
+                back = []
+                said = str(e) if isinstance(e, errors.LuodError) else repr(e)
+                why = f"{why}; they could not be held again: {said}"
+        if back:
+            names = ",".join(h.name for h in back)
+            _given_back("fds-given-back", session, owner, peer, why, names=names)
+        if lost:
+            _given_back("fds-lost", session, owner, peer, why, names=",".join(lost))
+
+    def give_back_session(self, peer: Peer, seen: Session, fd: int) -> None:
+        """Hold again a session that came over the kexec and that `peer` took
+        (RetrieveSession) but whose reply never reached it: as it was before
+        the call, claimed. `seen`: the session as retrieve_session() said
+        it; `fd` luod's (-1: closed already, lost). Never raises."""
+        ledger = self.ledger
+        why = NOT_DELIVERED
+        if fd >= 0 and seen.key in ledger.sessions:
+            os.close(fd)
+            fd = -1
+            why = f"{why}; another session of its owner's has its name now"
+        event = "session-lost"
+        if fd >= 0:
+            s = dataclasses.replace(seen, claim_deadline=None, fd=fd)
+            ledger.add(s)
+            ledger.carrier.session_held(s.kernel_name, fd)
+            ledger.commit()
+            event = "session-given-back"
+        _given_back(event, seen.name, seen.owner, peer, why, kernel_name=seen.kernel_name)
+
+    def session_of(self, peer: Peer, session: str, owner: int | None = None) -> Session:
+        """The caller's session `session` (or `owner`'s, root only); refused
+        as every call that names it would be."""
+        return self._lookup(peer, session, owner)
+
     def retrieve_session(
         self, peer: Peer, session: str, owner: int | None = None
     ) -> tuple[int, Session]:
@@ -558,6 +614,31 @@ class Custodian:
     def close(self) -> None:
         """luod is stopping without a kexec (tests, fallback): close all."""
         self.ledger.close()
+
+
+# Why a take is undone (Custodian.give_back, give_back_session).
+NOT_DELIVERED = "the reply that carried it was not delivered: the connection closed first"
+
+
+def _given_back(
+    event: str, session: str, owner: Owner, peer: Peer, why: str, **fields: str
+) -> None:
+    """Log what a take not delivered left held (a warning: the client did
+    not get what it asked for) or lost (an error)."""
+    if event.endswith("-lost"):
+        log.error(
+            event, session=session, **fields, owner=owner.describe(), by=peer.describe(), reason=why
+        )
+        return
+    log.warning(
+        event,
+        session=session,
+        **fields,
+        owner=owner.describe(),
+        by=peer.describe(),
+        reason=why,
+        hint="held as before the call; ask again and read the reply",
+    )
 
 
 def _copy(fd: int, what: str) -> int:

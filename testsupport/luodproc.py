@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import resource
 import socket
@@ -15,9 +16,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from luod.client import Client
 from testsupport.images import GOOD_CMDLINE, fake_bzimage
+from testsupport.util import wait_until
 
 READY_TIMEOUT = 60.0
 REPO = str(Path(__file__).resolve().parents[1])
@@ -129,6 +132,22 @@ class LuodProcess:
 
     def client(self) -> Client:
         return Client(self.socket)
+
+    def call_unheard(
+        self, method: str, parameters: dict[str, Any], event: str, timeout: float = 30.0
+    ) -> None:
+        """Call `method` on a connection whose client reads nothing any more
+        (shut down for reading before the call): luod serves the call, and
+        sending its reply fails. Returns once luod logged one more `event`."""
+        before = self.log().count(f"event={event} ")
+        call = json.dumps({"method": method, "parameters": parameters}).encode() + b"\0"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(self.socket)
+            sock.shutdown(socket.SHUT_RD)
+            sock.sendall(call)
+            wait_until(
+                lambda: self.log().count(f"event={event} ") > before, f"luod logs {event}", timeout
+            )
 
     def fd_count(self) -> int:
         """luod's open fds, counted when it holds none of those it opens for

@@ -22,6 +22,7 @@ from luod import errors
 from luod.custody import Custodian, Handoff
 from luod.interfaces import CUSTODY
 from luod.lazyimport import lazy_module
+from luod.model import SessionState
 from luod.varlink.fastconv import (
     FdRecordList,
     FlatObject,
@@ -34,6 +35,7 @@ from luod.varlink.replies import replies_of, translating
 from luod.varlink.transport import (
     current,
     declaring_errors,
+    if_undelivered,
     lazy_varlinkmethod,
     reply_fd,
     take_fd,
@@ -198,10 +200,20 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         owner: typing.Optional[int] = None,  # noqa: UP045
     ) -> wire.RetrievedFd:
         """Get a held fd back. Without take, a copy: luod keeps it in
-        custody. With take, luod lets go of it. owner (root only): the uid
-        whose session it is."""
-        fd, f = self.custodian.retrieve_fd(current().peer, session, name, bool(take), owner)
-        return {"fileDescriptor": reply_fd(fd), "file": wire.file_info(f)}
+        custody. With take, luod lets go of it once the reply is sent (a
+        reply that cannot be sent leaves it held). owner (root only): the
+        uid whose session it is."""
+        peer = current().peer
+        if not take:
+            fd, f = self.custodian.retrieve_fd(peer, session, name, False, owner)
+            return {"fileDescriptor": reply_fd(fd), "file": wire.file_info(f)}
+        whose = self.custodian.session_of(peer, session, owner).owner
+        fd, f = self.custodian.retrieve_fd(peer, session, name, True, owner)
+        out = reply_fd(fd)
+        if_undelivered(
+            [out], lambda fds: self.custodian.give_back(peer, whose, session, [(name, fds[0])])
+        )
+        return {"fileDescriptor": out, "file": wire.file_info(f)}
 
     @lazy_varlinkmethod(return_parameter="files", adjust=_quicker_retrieve_fds)
     @translating
@@ -216,12 +228,26 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         every fd of the session; at most 253 (SCM_MAX_FD) per call. All or
         nothing. Without take, copies: luod keeps them in custody. With
         take, luod lets go of them (the session is preserved again once,
-        without them). owner (root only): the uid whose session it is."""
+        without them; a reply that cannot be sent leaves them held). owner
+        (root only): the uid whose session it is."""
+        peer = current().peer
+        # Whose the files are, should they come back (if_undelivered).
+        whose = self.custodian.session_of(peer, session, owner).owner if take else None
         got = self.custodian.retrieve_fds(
-            current().peer, session, names, bool(take), owner, limit=MAX_FDS_PER_MESSAGE
+            peer, session, names, bool(take), owner, limit=MAX_FDS_PER_MESSAGE
         )
+        out = [reply_fd(fd) for fd, _f in got]
+        if whose is not None and got:
+            taken = [f.name for _fd, f in got]
+            if_undelivered(
+                out,
+                lambda fds: self.custodian.give_back(
+                    peer, whose, session, list(zip(taken, fds, strict=True))
+                ),
+            )
         return [
-            wire.RetrievedFile(fileDescriptor=reply_fd(fd), file=wire.file_info(f)) for fd, f in got
+            wire.RetrievedFile(fileDescriptor=fd, file=wire.file_info(f))
+            for fd, (_fd, f) in zip(out, got, strict=True)
         ]
 
     @lazy_varlinkmethod()
@@ -233,13 +259,15 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
     ) -> wire.RetrievedSession:
         """An adopted or delegated session's fd, for its owner. Before the
         kexec a copy (luod goes on holding it, so that it is carried); after
-        the kexec the session itself, and luod lets go of it. owner (root
-        only): the uid whose session it is."""
-        fd, s = self.custodian.retrieve_session(current().peer, session, owner)
-        return {
-            "fileDescriptor": FileDescriptor(fd, should_close=True),
-            "session": wire.session_info(s),
-        }
+        the kexec the session itself, and luod lets go of it once the reply
+        is sent. owner (root only): the uid whose session it is."""
+        peer = current().peer
+        fd, s = self.custodian.retrieve_session(peer, session, owner)
+        out = reply_fd(fd)
+        if s.state is not SessionState.OUTGOING:
+            # The session itself, not a copy: luod holds it no more.
+            if_undelivered([out], lambda fds: self.custodian.give_back_session(peer, s, fds[0]))
+        return {"fileDescriptor": out, "session": wire.session_info(s)}
 
     @lazy_varlinkmethod()
     @translating

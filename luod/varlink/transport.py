@@ -128,6 +128,8 @@ class CallContext:
     # The kernel dropped fds of this call: luod was at its open-file limit.
     fds_dropped: bool = False
     taken: set[int] = dataclasses.field(default_factory=set)
+    # Called if the call's reply is not delivered (if_undelivered).
+    undelivered: Callable[[], None] | None = None
 
     def close_untaken(self) -> None:
         """Close the fds of the call that nothing took, before its reply goes
@@ -219,13 +221,51 @@ class _Owned:
         return self.fd
 
     def close(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def take(self) -> int:
+        """The fd, no longer the reply's to close; -1 once closed."""
+        fd, self.fd = self.fd, -1
+        return fd
 
 
 def reply_fd(fd: int) -> FileDescriptor:
     """`fd` (owned by the caller until now) for a reply: asyncvarlink
     closes it once the reply is sent."""
     return FileDescriptor(_Owned(fd), should_close=True)
+
+
+def if_undelivered(fds: Sequence[FileDescriptor], give_back: Callable[[list[int]], None]) -> None:
+    """Should the current call's reply not be delivered (the connection
+    closed, or was closed for its caps, before the reply went out), call
+    `give_back` with `fds` (made by reply_fd, in the reply), the fds then
+    its own to keep or close instead of the reply's (-1 for one closed
+    already). A reply the socket took is delivered: whether the client
+    then reads it, luod cannot know."""
+    owned: list[_Owned] = []
+    for fd in fds:
+        assert type(fd.fd) is _Owned, "made by reply_fd()"
+        owned.append(fd.fd)
+
+    def undelivered() -> None:
+        give_back([o.take() for o in owned])
+
+    current().undelivered = undelivered
+
+
+def _watch_delivery(fut: asyncio.Future[None], undelivered: Callable[[], None]) -> None:
+    """Call `undelivered` if the reply `fut` sends fails. Registered before
+    the reply's fds are released (asyncio runs a future's callbacks in the
+    order they were added), so that they are still open for it."""
+
+    def done(fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            undelivered()
+
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
+        fut.add_done_callback(done)
 
 
 def is_reply_fd(fd: Any) -> bool:
@@ -649,6 +689,8 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
                 self._send_json(reply, None, False)
             else:
                 fut = self._send_json(reply, [fd.fileno() for fd in sent], False)
+                if ctx.undelivered is not None:
+                    _watch_delivery(fut, ctx.undelivered)
                 sent.reference_until_done(fut)
         except BaseException:
             # Its error reply goes out (at once) after this returns.
@@ -669,7 +711,13 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         """asyncvarlink's send_reply, without tracking a reply that went out
         at once (LuodTransport sends when nothing waits): its future is done
         already, and each callback on it costs an iteration of the loop."""
-        return self._send_json(reply.tojson(), fds, autoclose)
+        fut = self._send_json(reply.tojson(), fds, autoclose)
+        # A call asyncvarlink serves (with more, say) is still current here:
+        # its reply is sent before its fds are released, as _call_plain's.
+        ctx = _current.get(None)
+        if fds and ctx is not None and ctx.undelivered is not None:
+            _watch_delivery(fut, ctx.undelivered)
+        return fut
 
     def _send_json(
         self, obj: JSONObject, fds: list[int] | None, autoclose: bool
@@ -752,6 +800,19 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def call_received(
         self, call: VarlinkMethodCall, fds: FileDescriptorArray | None
     ) -> asyncio.Future[None] | None:
+        if call.oneway and _reply_carries_fds(self._registry, call):
+            # A oneway call gets no reply: the fds the method hands out
+            # (a file taken out of custody, say) would be closed unsent.
+            if fds is not None:
+                close_left(fds)
+            self.violation(
+                f"a oneway call of {call.method}, whose reply carries fds",
+                0,
+                0 if fds is None else len(fds),
+                hint="nothing was done and the connection is closed: the fds would be lost "
+                "with the reply a oneway call does not get",
+            )
+            return None
         ctx = CallContext(self.peer, fds, self, self._dropped)
         token = _current.set(ctx)
         try:
@@ -770,6 +831,16 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             # unseen. Not handing the future back keeps reading on.
             return None
         return fut
+
+
+def _reply_carries_fds(registry: VarlinkInterfaceRegistry, call: VarlinkMethodCall) -> bool:
+    """Whether the reply of the method `call` names carries fds (an unknown
+    method: no, asyncvarlink refuses it as it would)."""
+    try:
+        _method, signature = registry.lookup_method(call)
+    except VarlinkErrorReply:
+        return False
+    return any(isinstance(t, FileDescriptorVarlinkType) for t in signature.return_type.traverse())
 
 
 def _not_a_call(obj: JSONObject) -> str | None:

@@ -40,6 +40,9 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
 
     def __init__(self) -> None:
         self.taken: list[int] = []
+        self.given = 0
+        # What came back of replies not delivered (GiveBack), open or not.
+        self.back: list[tuple[int, bool]] = []
 
     @varlinkmethod(return_parameter="text")
     def Echo(self, text: str, times: typing.Optional[int] = None) -> str:  # noqa: UP045
@@ -78,9 +81,25 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
 
     @varlinkmethod(return_parameter="fileDescriptor")
     def Give(self, size: int) -> FileDescriptor:
+        return self._give(size)
+
+    def _give(self, size: int) -> FileDescriptor:
+        self.given += 1
         fd = os.memfd_create("given")
         os.ftruncate(fd, size)
         return transport.reply_fd(fd)
+
+    @varlinkmethod(return_parameter="fileDescriptor")
+    def GiveBack(self, size: int) -> FileDescriptor:
+        out = self._give(size)
+
+        def back(fds: list[int]) -> None:
+            for fd in fds:
+                self.back.append((fd, _is_open(fd)))
+                os.close(fd)
+
+        transport.if_undelivered([out], back)
+        return out
 
     @varlinkmethod(return_parameter="count")
     def Count(self, upto: int) -> collections.abc.Iterator[int]:
@@ -88,13 +107,18 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
 
 
 def _served(
-    loop: asyncio.AbstractEventLoop, plain: bool
+    loop: asyncio.AbstractEventLoop, plain: bool, buffers: int | None = None
 ) -> tuple[socket.socket, ProbeInterface, transport.LuodTransport]:
+    """A connection served, and its client's end; `buffers`: the bytes the
+    socket holds each way (so that replies wait in luod)."""
     interface = ProbeInterface()
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(interface)
     methods = transport.PlainMethods(registry if plain else VarlinkInterfaceRegistry())
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if buffers is not None:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
     served = transport.serve_connection(
         loop, ours, functools.partial(transport.LuodProtocol, registry, Limits(), methods)
     )
@@ -285,6 +309,7 @@ def test_plain_methods_are_the_single_reply_ones() -> None:
         "io.luod.Test.Crash",
         "io.luod.Test.Echo",
         "io.luod.Test.Give",
+        "io.luod.Test.GiveBack",
         "io.luod.Test.Nothing",
         "io.luod.Test.Refuse",
         "io.luod.Test.Take",
@@ -305,3 +330,87 @@ def test_plain_methods_are_found_when_first_called_and_keep_no_made_up_name() ->
     # Only names of served methods are kept: made-up ones would grow it.
     assert plain._found.keys() == {"io.luod.Test.Echo"}
     assert plain._not_plain == {"io.luod.Test.Count"}
+
+
+# A call served by luod's own path, and one with an extension key (which
+# asyncvarlink serves).
+GIVE_BACK = [
+    {"method": "io.luod.Test.GiveBack", "parameters": {"size": 4096}},
+    {"method": "io.luod.Test.GiveBack", "parameters": {"size": 4096}, "x": 1},
+]
+
+
+@pytest.mark.parametrize("call", GIVE_BACK, ids=["plain", "asyncvarlink"])
+def test_the_fds_of_a_reply_not_delivered_are_given_back(call: dict[str, object]) -> None:
+    """A file taken out of custody goes out in a reply: should the reply not
+    be delivered, the method has its fds back, still open, instead of their
+    being closed with it. Delivered, nothing comes back."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        sock, interface, served = _served(loop, True)
+        with contextlib.closing(sock):
+            replies, fds = _exchange(loop, sock, call, [])
+            assert len(replies) == 1 and len(fds) == 1
+            os.close(fds[0])
+            loop.run_until_complete(asyncio.sleep(0.01))
+            assert interface.back == []
+            # The client reads no more: luod's send fails (EPIPE).
+            sock.shutdown(socket.SHUT_RD)
+            sock.sendall(json.dumps(call).encode() + b"\0")
+            deadline = loop.time() + 10
+            while not interface.back:
+                assert loop.time() < deadline
+                loop.run_until_complete(asyncio.sleep(0.01))
+            assert [is_open for _fd, is_open in interface.back] == [True]
+        served.close()
+        loop.run_until_complete(asyncio.sleep(0))
+
+        # A reply waiting in luod (the client reads nothing) when the
+        # connection is dropped.
+        sock, interface, served = _served(loop, True, buffers=4096)
+        with contextlib.closing(sock):
+            big = {"method": "io.luod.Test.Echo", "parameters": {"text": "a", "times": 200_000}}
+            sock.sendall(json.dumps(big).encode() + b"\0" + json.dumps(call).encode() + b"\0")
+            deadline = loop.time() + 10
+            while interface.given < 1:
+                assert loop.time() < deadline
+                loop.run_until_complete(asyncio.sleep(0.01))
+            loop.run_until_complete(asyncio.sleep(0.01))
+            assert interface.back == []  # waiting to be sent
+            served.abort()
+            while not interface.back:
+                assert loop.time() < deadline
+                loop.run_until_complete(asyncio.sleep(0.01))
+            assert [is_open for _fd, is_open in interface.back] == [True]
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def test_a_oneway_call_whose_reply_carries_fds_is_refused() -> None:
+    """A oneway call gets no reply: a method that hands out fds is not
+    called (a taken file would be lost), and the connection is closed."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        sock, interface, served = _served(loop, True)
+        with contextlib.closing(sock):
+            sent = _memfd(4096)
+            oneway = {"method": "io.luod.Test.Give", "parameters": {"size": 1}, "oneway": True}
+            message = json.dumps(oneway).encode() + b"\0"
+            cmsg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sent]))]
+            before = len(os.listdir("/proc/self/fd"))
+            sock.sendmsg([message], cmsg)
+            os.close(sent)
+            assert loop.run_until_complete(loop.run_in_executor(None, sock.recv, 1)) == b""
+            assert interface.given == 0
+            # The fd luod received closed too: what is gone is the one sent
+            # (closed here) and luod's end of the connection.
+            assert len(os.listdir("/proc/self/fd")) == before - 2
+        served.close()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)

@@ -9,7 +9,8 @@ LUOD_VM_SCENARIO:
   session the client created itself, handed over whole; unsupported fds
   refused; an unclaimed session; `luoctl kexec` (kexec_file_load, then luod
   reboots); after it the reclaim, the retrieves, the grace release; one more
-  kexec proves custody goes on.
+  kexec proves custody goes on. Takes whose replies are not read (a file, a
+  session handed back) leave them held.
 - scale: 20 sessions x 10 memfds of random sizes up to 4 MiB.
 - manifest: luod's state session prepared corrupt, then of an unknown
   version: luod reports it, releases nothing, stays up.
@@ -40,6 +41,7 @@ from typing import Any
 
 from luod.carriers.slots import capacity_for, write_slot
 from luod.client import Client, VarlinkError
+from luod.interfaces import CUSTODY
 from luod.kernel.backend import KernelBackend, LuoError
 from testsupport.luodproc import LuodProcess
 from testsupport.util import make_memfd, memfd_facts, run_as
@@ -82,6 +84,10 @@ def luoctl_kexec(luod: LuodProcess, out: dict[str, Any], name: str) -> None:
     out["luoctl_kexec"] = {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
     guestlib.write_json(name, out)
     raise RuntimeError(f"still here after luoctl kexec: {r.stderr}")
+
+
+def _names(c: Client, session: str) -> list[str]:
+    return sorted(f["name"] for f in c.list_sessions(session)[0]["files"])
 
 
 def _refusals(c: Client) -> dict[str, Any]:
@@ -153,6 +159,14 @@ def main_stage2(out: dict[str, Any]) -> None:
     with luod.client() as c:
         out["status"] = c.status()
         out["sessions"] = c.list_sessions()
+        # Taken, and the reply not read (the client shut its socket for
+        # reading): held again, preserved into the session anew.
+        luod.call_unheard(
+            f"{CUSTODY}.RetrieveFd",
+            {"session": "app", "name": "big", "take": True},
+            "fds-given-back",
+        )
+        out["app_after_unheard"] = _names(c, "app")
         out["app"] = {}
         for name in ("small", "big", "sealed"):
             t0 = time.monotonic()
@@ -160,6 +174,9 @@ def main_stage2(out: dict[str, Any]) -> None:
             out["app"][name] = {**facts(fd), "retrieve_seconds": time.monotonic() - t0}
             os.close(fd)
         out["app_gone"] = all(s["name"] != "app" for s in c.list_sessions())
+        luod.call_unheard(
+            f"{CUSTODY}.RetrieveSession", {"session": "client-own"}, "session-given-back"
+        )
         sfd = c.retrieve_session("client-own")
         # Given back, the session is incoming: the kernel would not carry
         # it again, so luod does not adopt it (its probe changes nothing:
@@ -175,6 +192,13 @@ def main_stage2(out: dict[str, Any]) -> None:
         os.close(fd)
         os.close(sfd)
         os.close(c.retrieve_fd("keep", "blob"))  # a copy: claims it, custody goes on
+        # Its only file taken, the reply not read: the session is let go of
+        # and made again with it, to be carried over the next kexec.
+        luod.call_unheard(
+            f"{CUSTODY}.RetrieveFd",
+            {"session": "keep", "name": "blob", "take": True},
+            "fds-given-back",
+        )
     # The grace timer started at the reclaim, before the claims above: wait
     # for luod to have nothing left to release (bounded, for a loaded host)
     # rather than sleep for the grace period and hope its timer has run.

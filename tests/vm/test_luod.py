@@ -72,6 +72,16 @@ def test_main_scenario(stock_kernel: Path, tmp_path: Path) -> None:
         == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
     )
     assert s2["app_gone"] is True
+    # Taken with replies nobody read: held again, on the real kernel; the
+    # takes after them got the same bytes (above, and s2["own"], s3["keep"]).
+    assert s2["app_after_unheard"] == ["big", "sealed", "small"]
+    for given_back in (
+        "fds-given-back session=app names=big",
+        "session-given-back session=client-own",
+        "fds-given-back session=keep names=blob",
+    ):
+        assert f"event={given_back} " in s2["log"], given_back
+    assert "event=fds-lost" not in s2["log"] and "event=session-lost" not in s2["log"]
     assert s2["own"] == s1["own"]
     # Handed back after the kexec, the session is incoming: not adopted
     # again (the kernel would drop it at the next kexec).

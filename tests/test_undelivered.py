@@ -1,0 +1,133 @@
+"""A file taken out of custody travels in a reply: if that reply is never
+delivered (the client's connection closed first), luod holds the file
+again instead of closing it with the reply. luod as its own process on the
+fake kernel, real memfds over the real socket, simulated kexecs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from typing import Any
+
+from luod.client import Client
+from luod.interfaces import CUSTODY
+from testsupport.luodproc import LuodProcess
+from testsupport.util import MemfdFacts, make_memfd, memfd_facts, run_as
+
+NOBODY = 65534
+
+
+def _hand_off(c: Client, session: str, names: list[str]) -> dict[str, MemfdFacts]:
+    fds = [make_memfd(f"{session}/{name} ".encode() * 100, position=3) for name in names]
+    try:
+        c.preserve_fds(session, list(zip(names, fds, strict=True)), create_session=True)
+        return {name: memfd_facts(fd) for name, fd in zip(names, fds, strict=True)}
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _files(c: Client, session: str, owner: int | None = None) -> list[str]:
+    return sorted(f["name"] for f in c.list_sessions(session, owner=owner)[0]["files"])
+
+
+def _same(c: Client, session: str, facts: dict[str, MemfdFacts]) -> None:
+    for name, fd in c.retrieve_fds(session, list(facts)):
+        try:
+            assert memfd_facts(fd) == facts[name], name
+        finally:
+            os.close(fd)
+
+
+def test_a_take_whose_reply_is_not_delivered_is_held_again(luod: LuodProcess) -> None:
+    with luod.client() as c:
+        facts = _hand_off(c, "app", ["a", "b", "c", "d"])
+    luod.kexec()  # taking out of a session that came over the kexec
+    luod.call_unheard(
+        f"{CUSTODY}.RetrieveFd",
+        {"session": "app", "name": "a", "take": True},
+        "fds-given-back",
+    )
+    with luod.client() as c:
+        assert _files(c, "app") == ["a", "b", "c", "d"]
+    luod.call_unheard(
+        f"{CUSTODY}.RetrieveFds",
+        {"session": "app", "names": ["b", "d"], "take": True},
+        "fds-given-back",
+    )
+    # Every file of the session: luod let go of the session, and makes it
+    # again.
+    luod.call_unheard(f"{CUSTODY}.RetrieveFds", {"session": "app", "take": True}, "fds-given-back")
+    log = luod.log()
+    assert log.count("event=fds-given-back") == 3, log
+    assert "fds-lost" not in log
+    assert 'names=b,d owner="python (uid 0)"' in log
+    with luod.client() as c:
+        assert _files(c, "app") == ["a", "b", "c", "d"]
+        _same(c, "app", facts)
+    # Held, so carried.
+    luod.kexec()
+    with luod.client() as c:
+        _same(c, "app", facts)
+        # A reply read: taken, as always.
+        os.close(c.retrieve_fd("app", "c", take=True))
+        assert _files(c, "app") == ["a", "b", "d"]
+
+
+def test_what_root_takes_for_another_uid_goes_back_to_that_uid(luod: LuodProcess) -> None:
+    def hand_off() -> dict[str, Any]:
+        with Client(luod.socket) as c:
+            return {k: dataclasses.asdict(v) for k, v in _hand_off(c, "theirs", ["x"]).items()}
+
+    facts = {k: MemfdFacts(**v) for k, v in run_as(NOBODY, hand_off).items()}
+    luod.call_unheard(
+        f"{CUSTODY}.RetrieveFd",
+        {"session": "theirs", "name": "x", "take": True, "owner": NOBODY},
+        "fds-given-back",
+    )
+    with luod.client() as c:
+        [session] = c.list_sessions("theirs", owner=NOBODY)
+        assert session["owner"]["uid"] == NOBODY
+        assert [f["name"] for f in session["files"]] == ["x"]
+        assert c.list_sessions("theirs")[0]["owner"]["uid"] == NOBODY  # none of root's
+        for name, fd in c.retrieve_fds("theirs", ["x"], owner=NOBODY):
+            assert memfd_facts(fd) == facts[name]
+            os.close(fd)
+    assert 'event=fds-given-back session=theirs names=x owner="python (uid 65534)"' in luod.log()
+
+
+def test_a_session_handed_back_whose_reply_is_not_delivered_is_held_again(
+    luod: LuodProcess,
+) -> None:
+    with luod.client() as c:
+        os.close(c.create_delegated_session("own"))
+        kernel_name = c.list_sessions("own")[0]["kernelName"]
+    luod.kexec()
+    # After the kexec the session itself goes out, not a copy.
+    luod.call_unheard(f"{CUSTODY}.RetrieveSession", {"session": "own"}, "session-given-back")
+    with luod.client() as c:
+        [session] = c.list_sessions("own")
+        assert (session["kernelName"], session["state"]) == (kernel_name, "incoming")
+        os.close(c.retrieve_session("own"))
+        assert c.list_sessions() == []
+
+
+def test_a_oneway_take_is_refused(luod: LuodProcess) -> None:
+    """A oneway call gets no reply: the file it took would be lost."""
+    with luod.client() as c:
+        _hand_off(c, "app", ["a"])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(luod.socket)
+        call = {
+            "method": f"{CUSTODY}.RetrieveFd",
+            "parameters": {"session": "app", "name": "a", "take": True},
+            "oneway": True,
+        }
+        sock.sendall(json.dumps(call).encode() + b"\0")
+        sock.settimeout(10)
+        assert sock.recv(1) == b""
+    assert "a oneway call of io.luod.Custody.RetrieveFd, whose reply carries fds" in luod.log()
+    with luod.client() as c:
+        assert _files(c, "app") == ["a"]
