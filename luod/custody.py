@@ -516,20 +516,28 @@ class Custodian:
         """Hold again a session that came over the kexec and that `peer` took
         (RetrieveSession) but whose reply never reached it: as it was before
         the call, claimed. `seen`: the session as retrieve_session() said
-        it; `fd` luod's (-1: closed already, lost). Never raises."""
+        it; `fd` luod's (-1: closed already, lost). Within the owner's
+        quotas, as adopting it would be."""
         ledger = self.ledger
         why = NOT_DELIVERED
-        if fd >= 0 and seen.key in ledger.sessions:
-            os.close(fd)
-            fd = -1
-            why = f"{why}; another session of its owner's has its name now"
         event = "session-lost"
         if fd >= 0:
-            s = dataclasses.replace(seen, claim_deadline=None, fd=fd)
-            ledger.add(s)
-            ledger.carrier.session_held(s.kernel_name, fd)
-            ledger.commit()
-            event = "session-given-back"
+            try:
+                if seen.key in ledger.sessions:
+                    raise errors.SessionExists(seen.name)
+                # While the reply waited the session counted no more: the
+                # owner may have taken its place.
+                self.quotas.check(seen.owner.uid, ledger, sessions=1)
+            except errors.LuodError as e:
+                os.close(fd)
+                why = f"{why}; it could not be held again: {e}"
+            else:
+                # As adopt_session holds a session.
+                s = dataclasses.replace(seen, claim_deadline=None, fd=fd)
+                ledger.add(s)
+                ledger.carrier.session_held(s.kernel_name, fd)
+                ledger.commit()
+                event = "session-given-back"
         _given_back(event, seen.name, seen.owner, peer, why, kernel_name=seen.kernel_name)
 
     def session_of(self, peer: Peer, session: str, owner: int | None = None) -> Session:

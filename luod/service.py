@@ -154,6 +154,11 @@ class Service:
         again.cancel()
         server.close()
         if not self.nextkernel.kexeced:
+            # Replies still waiting go with their connections: what a take
+            # would have handed over comes back (if_undelivered) while custody
+            # can still hold it, before it is handed to the service manager.
+            server.abort_clients()
+            await asyncio.sleep(0)
             self._stop_custody()
         return 0
 

@@ -9,12 +9,14 @@ import dataclasses
 import json
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 from luod.client import Client
 from luod.interfaces import CUSTODY
-from testsupport.luodproc import LuodProcess
-from testsupport.util import MemfdFacts, make_memfd, memfd_facts, run_as
+from testsupport.fakepid1 import FakePid1
+from testsupport.luodproc import LuodProcess, running_luod
+from testsupport.util import MemfdFacts, make_memfd, memfd_facts, run_as, wait_until
 
 NOBODY = 65534
 
@@ -131,3 +133,65 @@ def test_a_oneway_take_is_refused(luod: LuodProcess) -> None:
     assert "a oneway call of io.luod.Custody.RetrieveFd, whose reply carries fds" in luod.log()
     with luod.client() as c:
         assert _files(c, "app") == ["a"]
+
+
+def test_a_session_given_back_stays_within_its_owners_quota(
+    workdir: Path, fake_kernel: str
+) -> None:
+    """While the reply of a RetrieveSession waits in luod the session
+    counts no more: its owner may take its place, and the session does not
+    come back over the quota."""
+    with running_luod(workdir, fake_kernel, "--max-sessions-root=2") as luod:
+        with luod.client() as c:
+            os.close(c.create_delegated_session("d1"))
+            os.close(c.create_delegated_session("d2"))
+        luod.kexec()
+        describe = {
+            "method": "org.varlink.service.GetInterfaceDescription",
+            "parameters": {"interface": CUSTODY},
+        }
+        hand_back = {"method": f"{CUSTODY}.RetrieveSession", "parameters": {"session": "d1"}}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unread, luod.client() as c:
+            unread.connect(luod.socket)
+            # 60 replies of 6 KB nobody reads: d1's waits behind them.
+            calls = [describe] * 60 + [hand_back]
+            unread.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in calls))
+            wait_until(lambda: _sessions(c) == ["d2"], "d1 handed back")
+            c.create_session("n1")
+        wait_until(lambda: "event=session-lost " in luod.log(), "luod logs session-lost")
+        with luod.client() as c:
+            assert _sessions(c) == ["d2", "n1"]
+        assert "it could not be held again: quota exceeded" in luod.log()
+
+
+def _sessions(c: Client) -> list[str]:
+    return sorted(s["name"] for s in c.list_sessions())
+
+
+def test_a_take_waiting_when_luod_stops_stays_in_the_fd_store(pid1: FakePid1) -> None:
+    """luod stopped (not a kexec) while a take's reply waits for a client
+    that reads nothing: the file comes back into custody before luod hands
+    custody to the service manager, so the next luod has it."""
+    pid1.start()
+    with pid1.client() as c:
+        facts = _hand_off(c, "app", ["a", "b"])
+    describe = {
+        "method": "org.varlink.service.GetInterfaceDescription",
+        "parameters": {"interface": CUSTODY},
+    }
+    take = {
+        "method": f"{CUSTODY}.RetrieveFd",
+        "parameters": {"session": "app", "name": "a", "take": True},
+    }
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unread, pid1.client() as c:
+        unread.connect(pid1.luod.socket)
+        unread.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in [describe] * 60 + [take]))
+        wait_until(lambda: _files(c, "app") == ["b"], "a taken")
+        pid1.stop()
+    log = pid1.log()
+    assert "event=fds-given-back session=app names=a " in log, log
+    assert "event=stopping-custody-stays sessions=1" in log
+    pid1.start()
+    with pid1.client() as c:
+        assert _files(c, "app") == ["a", "b"]
+        _same(c, "app", facts)

@@ -239,11 +239,12 @@ def reply_fd(fd: int) -> FileDescriptor:
 
 def if_undelivered(fds: Sequence[FileDescriptor], give_back: Callable[[list[int]], None]) -> None:
     """Should the current call's reply not be delivered (the connection
-    closed, or was closed for its caps, before the reply went out), call
+    closed, or was closed for its caps, before its fds went out), call
     `give_back` with `fds` (made by reply_fd, in the reply), the fds then
     its own to keep or close instead of the reply's (-1 for one closed
-    already). A reply the socket took is delivered: whether the client
-    then reads it, luod cannot know."""
+    already). The fds go with the first bytes of the reply the socket
+    takes: from then on the reply is delivered (LuodTransport.expect_delivery),
+    whether or not the client reads it, which luod cannot know."""
     owned: list[_Owned] = []
     for fd in fds:
         assert type(fd.fd) is _Owned, "made by reply_fd()"
@@ -253,19 +254,6 @@ def if_undelivered(fds: Sequence[FileDescriptor], give_back: Callable[[list[int]
         give_back([o.take() for o in owned])
 
     current().undelivered = undelivered
-
-
-def _watch_delivery(fut: asyncio.Future[None], undelivered: Callable[[], None]) -> None:
-    """Call `undelivered` if the reply `fut` sends fails. Registered before
-    the reply's fds are released (asyncio runs a future's callbacks in the
-    order they were added), so that they are still open for it."""
-
-    def done(fut: asyncio.Future[None]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            undelivered()
-
-    if not fut.done() or fut.cancelled() or fut.exception() is not None:
-        fut.add_done_callback(done)
 
 
 def is_reply_fd(fd: Any) -> bool:
@@ -688,9 +676,8 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             if sent is None:
                 self._send_json(reply, None, False)
             else:
-                fut = self._send_json(reply, [fd.fileno() for fd in sent], False)
-                if ctx.undelivered is not None:
-                    _watch_delivery(fut, ctx.undelivered)
+                fds = [fd.fileno() for fd in sent]
+                fut = self._send_json(reply, fds, False, ctx.undelivered)
                 sent.reference_until_done(fut)
         except BaseException:
             # Its error reply goes out (at once) after this returns.
@@ -711,18 +698,34 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         """asyncvarlink's send_reply, without tracking a reply that went out
         at once (LuodTransport sends when nothing waits): its future is done
         already, and each callback on it costs an iteration of the loop."""
-        fut = self._send_json(reply.tojson(), fds, autoclose)
         # A call asyncvarlink serves (with more, say) is still current here:
         # its reply is sent before its fds are released, as _call_plain's.
-        ctx = _current.get(None)
-        if fds and ctx is not None and ctx.undelivered is not None:
-            _watch_delivery(fut, ctx.undelivered)
-        return fut
+        ctx = _current.get(None) if fds else None
+        return self._send_json(
+            reply.tojson(), fds, autoclose, None if ctx is None else ctx.undelivered
+        )
 
     def _send_json(
-        self, obj: JSONObject, fds: list[int] | None, autoclose: bool
+        self,
+        obj: JSONObject,
+        fds: list[int] | None,
+        autoclose: bool,
+        undelivered: Callable[[], None] | None = None,
     ) -> asyncio.Future[None]:
-        fut = self.send_message(obj, fds, autoclose)
+        """Send `obj` with `fds`; `undelivered`: called should the fds not go
+        out (if_undelivered), before the reply's future's other callbacks."""
+        transport = self._transport
+        if undelivered is not None and fds and isinstance(transport, LuodTransport):
+            transport.expect_delivery(fds, undelivered)
+            try:
+                fut = self.send_message(obj, fds, autoclose)
+            finally:
+                transport.expect_delivery(None, None)
+        else:
+            fut = self.send_message(obj, fds, autoclose)
+            if undelivered is not None and fds:
+                # No transport: nothing went out.
+                fut.add_done_callback(lambda _fut: undelivered())
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             return fut
         fut.add_done_callback(self._on_message_sent)
@@ -1009,6 +1012,11 @@ class LuodTransport(VarlinkTransport):
         self._eof = False
         self._queued = 0
         self._queued_fds = 0
+        # The fds of the message being sent that hand something over, and
+        # what to call should they not go out (expect_delivery); and those
+        # of such messages waiting in the queue, by the id of their list.
+        self._expecting: tuple[list[int], Callable[[], None]] | None = None
+        self._awaiting: dict[int, tuple[list[int], Callable[[], None]]] = {}
         # A connection served alone (unit tests) is counted alone.
         transit = Transit(Limits()) if transit is None else transit
         self._transit, self._transit_bytes = transit.fds, transit.bytes
@@ -1136,14 +1144,29 @@ class LuodTransport(VarlinkTransport):
         self._drop_message()
         super()._close_receiver(exc)
 
+    def expect_delivery(
+        self, fds: list[int] | None, undelivered: Callable[[], None] | None
+    ) -> None:
+        """The next message sent with `fds` (this very list) hands them over
+        (a file taken out of custody): should they not go out with it, call
+        `undelivered`, before the other callbacks of the message's future
+        (its fds still open then). They go out with the first bytes of the
+        message the socket takes. (None, None): expect nothing."""
+        self._expecting = None if fds is None or undelivered is None else (fds, undelivered)
+
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
+        undelivered = None
+        if self._expecting is not None:
+            expecting, self._expecting = self._expecting, None
+            if fds and expecting[0] is fds:
+                undelivered = expecting[1]
         if (
             self._closing
             or self._sendfd is None
             or self._queued > MAX_QUEUED_REPLY
             or (fds and self._queued_fds + len(fds) > MAX_QUEUED_REPLY_FDS)
         ):
-            return self._refuse_send()
+            return _not_delivered(self._refuse_send(), undelivered)
         if not self._sendqueue:
             # The fds of the call that nothing took are closed before its
             # reply goes out (asyncvarlink closed them before its writer ran).
@@ -1167,29 +1190,44 @@ class LuodTransport(VarlinkTransport):
                 self._close_sender()
                 fut = self._loop.create_future()
                 fut.set_exception(err)
-                return fut
+                return _not_delivered(fut, undelivered)
             if sent >= len(data):
                 fut = self._loop.create_future()
                 fut.set_result(None)
                 return fut
             if sent:
-                # The fds went with the first byte; the rest follows alone.
-                data, fds = data[sent:], None
+                # The fds went with the first byte (delivered); the rest
+                # follows alone.
+                data, fds, undelivered = data[sent:], None, None
         if fds and (over := self._transit.take(self._uid, len(fds))):
-            return self._refuse_send(f"the fds of its replies in transit would go over {over}")
+            refused = self._refuse_send(f"the fds of its replies in transit would go over {over}")
+            return _not_delivered(refused, undelivered)
         if over := self._transit_bytes.take(self._uid, len(data)):
             if fds:
                 self._transit.give_back(self._uid, len(fds))
-            return self._refuse_send(f"the bytes of its replies in transit would go over {over}")
+            refused = self._refuse_send(f"the bytes of its replies in transit would go over {over}")
+            return _not_delivered(refused, undelivered)
         # Counted in transit until sent (_do_write_socket) or dropped
         # (_fail_sendqueue).
         self._queued += len(data)
         fut = super().send_message(data, fds)
         if fds:
+            if undelivered is not None:
+                # Delivered once a sendmsg() takes its first bytes
+                # (_do_write_socket); else given back when its future fails.
+                self._awaiting[id(fds)] = (fds, undelivered)
+                fut.add_done_callback(functools.partial(self._settle, fds))
             # luod holds them until the reply is sent (or the connection fails).
             self._queued_fds += len(fds)
             fut.add_done_callback(functools.partial(self._fds_sent, len(fds)))
         return fut
+
+    def _settle(self, fds: list[int], fut: asyncio.Future[None]) -> None:
+        """A message whose fds hand something over is done: if they did not
+        go out (its future failed before), say so."""
+        entry = self._awaiting.pop(id(fds), None)
+        if entry is not None and entry[0] is fds and (fut.cancelled() or fut.exception()):
+            entry[1]()
 
     def _fds_sent(self, count: int, _fut: asyncio.Future[None]) -> None:
         self._queued_fds -= count
@@ -1224,6 +1262,11 @@ class LuodTransport(VarlinkTransport):
 
     def _do_write_socket(self, data: list[bytes], fds: list[int]) -> int:
         sent = super()._do_write_socket(data[:_IOV_MAX], fds)
+        if fds and sent and self._awaiting:
+            # Its fds went out with these bytes: delivered, whatever follows.
+            entry = self._awaiting.get(id(fds))
+            if entry is not None and entry[0] is fds:
+                del self._awaiting[id(fds)]
         self._queued -= sent
         self._transit_bytes.give_back(self._uid, sent)
         return sent
@@ -1234,6 +1277,16 @@ class LuodTransport(VarlinkTransport):
         if self._queued:
             self._transit_bytes.give_back(self._uid, self._queued)
             self._queued = 0
+
+
+def _not_delivered(
+    fut: asyncio.Future[None], undelivered: Callable[[], None] | None
+) -> asyncio.Future[None]:
+    """`fut`, failed without its fds going out: call `undelivered` (if
+    any) first among its callbacks."""
+    if undelivered is not None:
+        fut.add_done_callback(lambda _fut: undelivered())
+    return fut
 
 
 # One buffer for every read of every connection (luod serves from one thread):

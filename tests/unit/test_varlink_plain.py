@@ -35,6 +35,11 @@ class Refused(TypedVarlinkErrorReply, interface="io.luod.Test"):
         reason: str
 
 
+class Padded(typing.TypedDict):
+    fileDescriptor: FileDescriptor
+    pad: str
+
+
 class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
     errors = (Refused,)
 
@@ -91,6 +96,13 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
 
     @varlinkmethod(return_parameter="fileDescriptor")
     def GiveBack(self, size: int) -> FileDescriptor:
+        return self._give_back(size)
+
+    @varlinkmethod
+    def GiveBackPadded(self, size: int, pad: int) -> Padded:
+        return {"fileDescriptor": self._give_back(size), "pad": "p" * pad}
+
+    def _give_back(self, size: int) -> FileDescriptor:
         out = self._give(size)
 
         def back(fds: list[int]) -> None:
@@ -310,6 +322,7 @@ def test_plain_methods_are_the_single_reply_ones() -> None:
         "io.luod.Test.Echo",
         "io.luod.Test.Give",
         "io.luod.Test.GiveBack",
+        "io.luod.Test.GiveBackPadded",
         "io.luod.Test.Nothing",
         "io.luod.Test.Refuse",
         "io.luod.Test.Take",
@@ -384,6 +397,53 @@ def test_the_fds_of_a_reply_not_delivered_are_given_back(call: dict[str, object]
                 loop.run_until_complete(asyncio.sleep(0.01))
             assert [is_open for _fd, is_open in interface.back] == [True]
         loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+@pytest.mark.parametrize("extension", [{}, {"x": 1}], ids=["plain", "asyncvarlink"])
+def test_a_reply_is_delivered_once_its_fds_went_out(extension: dict[str, object]) -> None:
+    """The fds of a reply go with its first bytes the socket takes: from
+    then on it is delivered, though its rest, and replies after it, wait in
+    luod and are lost with the connection. Nothing is given back then: the
+    client has the file."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        sock, interface, served = _served(loop, True, buffers=4096)
+        with contextlib.closing(sock):
+            # 20 KB: sent in part at once (its fds with it), the rest queued;
+            # the next reply joins the rest in asyncvarlink's queue.
+            take = {
+                "method": "io.luod.Test.GiveBackPadded",
+                "parameters": {"size": 8192, "pad": 20_000},
+                **extension,
+            }
+            big = {"method": "io.luod.Test.Echo", "parameters": {"text": "a", "times": 300_000}}
+            sock.sendall(json.dumps(take).encode() + b"\0" + json.dumps(big).encode() + b"\0")
+            sock.setblocking(False)
+            data, got = b"", array.array("i")
+            deadline = loop.time() + 10
+            while b"\0" not in data:  # the take's reply, read whole
+                assert loop.time() < deadline
+                try:
+                    chunk, ancdata, _flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
+                except BlockingIOError:
+                    loop.run_until_complete(asyncio.sleep(0.005))
+                    continue
+                data += chunk
+                for _level, _kind, raw in ancdata:
+                    got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
+            assert len(got) == 1 and os.fstat(got[0]).st_size == 8192
+            os.close(got[0])
+        # The client went, the Echo's reply unread.
+        deadline = loop.time() + 10
+        while not served.is_closing():
+            assert loop.time() < deadline
+            loop.run_until_complete(asyncio.sleep(0.01))
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert interface.back == []
     finally:
         loop.close()
         asyncio.set_event_loop(None)
