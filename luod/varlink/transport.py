@@ -714,18 +714,17 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     ) -> asyncio.Future[None]:
         """Send `obj` with `fds`; `undelivered`: called should the fds not go
         out (if_undelivered), before the reply's future's other callbacks."""
-        transport = self._transport
-        if undelivered is not None and fds and isinstance(transport, LuodTransport):
+        if undelivered is None or not fds:
+            fut = self.send_message(obj, fds, autoclose)
+        elif isinstance(transport := self._transport, LuodTransport):
             transport.expect_delivery(fds, undelivered)
             try:
                 fut = self.send_message(obj, fds, autoclose)
             finally:
                 transport.expect_delivery(None, None)
         else:
-            fut = self.send_message(obj, fds, autoclose)
-            if undelivered is not None and fds:
-                # No transport: nothing went out.
-                fut.add_done_callback(lambda _fut: undelivered())
+            # No transport: nothing goes out.
+            fut = _not_delivered(self.send_message(obj, fds, autoclose), undelivered)
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             return fut
         fut.add_done_callback(self._on_message_sent)
