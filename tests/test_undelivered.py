@@ -43,6 +43,19 @@ def _same(c: Client, session: str, facts: dict[str, MemfdFacts]) -> None:
             os.close(fd)
 
 
+def _waiting(path: str, call: dict[str, Any]) -> socket.socket:
+    """A connection to luod whose client reads nothing: 60 replies of 6 KB
+    fill the socket, and `call`'s reply waits in luod behind them."""
+    describe = {
+        "method": "org.varlink.service.GetInterfaceDescription",
+        "parameters": {"interface": CUSTODY},
+    }
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in [describe] * 60 + [call]))
+    return sock
+
+
 def test_a_take_whose_reply_is_not_delivered_is_held_again(luod: LuodProcess) -> None:
     with luod.client() as c:
         facts = _hand_off(c, "app", ["a", "b", "c", "d"])
@@ -146,16 +159,8 @@ def test_a_session_given_back_stays_within_its_owners_quota(
             os.close(c.create_delegated_session("d1"))
             os.close(c.create_delegated_session("d2"))
         luod.kexec()
-        describe = {
-            "method": "org.varlink.service.GetInterfaceDescription",
-            "parameters": {"interface": CUSTODY},
-        }
         hand_back = {"method": f"{CUSTODY}.RetrieveSession", "parameters": {"session": "d1"}}
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unread, luod.client() as c:
-            unread.connect(luod.socket)
-            # 60 replies of 6 KB nobody reads: d1's waits behind them.
-            calls = [describe] * 60 + [hand_back]
-            unread.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in calls))
+        with _waiting(luod.socket, hand_back), luod.client() as c:
             wait_until(lambda: _sessions(c) == ["d2"], "d1 handed back")
             c.create_session("n1")
         wait_until(lambda: "event=session-lost " in luod.log(), "luod logs session-lost")
@@ -175,17 +180,11 @@ def test_a_take_waiting_when_luod_stops_stays_in_the_fd_store(pid1: FakePid1) ->
     pid1.start()
     with pid1.client() as c:
         facts = _hand_off(c, "app", ["a", "b"])
-    describe = {
-        "method": "org.varlink.service.GetInterfaceDescription",
-        "parameters": {"interface": CUSTODY},
-    }
     take = {
         "method": f"{CUSTODY}.RetrieveFd",
         "parameters": {"session": "app", "name": "a", "take": True},
     }
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unread, pid1.client() as c:
-        unread.connect(pid1.luod.socket)
-        unread.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in [describe] * 60 + [take]))
+    with _waiting(pid1.luod.socket, take), pid1.client() as c:
         wait_until(lambda: _files(c, "app") == ["b"], "a taken")
         pid1.stop()
     log = pid1.log()

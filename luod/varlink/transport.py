@@ -739,18 +739,20 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
     def violation(
         self,
         reason: str,
-        size: int,
+        size: int | None,
         fds: int,
         hint: str = "the connection is closed; a varlink message is a JSON object and a NUL",
     ) -> None:
         """The peer sent what is no varlink message (or more than luod takes
-        of one): close the connection."""
+        of one, or a call luod cannot serve as asked): close the connection.
+        `size`: the message's bytes, if known."""
+        said = {} if size is None else {"bytes": size}
         lim.violations.log(
             log.warning,
             "protocol-violation",
             peer=self.peer.describe(),
             reason=reason,
-            bytes=size,
+            **said,
             fds=fds,
             hint=hint,
         )
@@ -809,7 +811,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
                 close_left(fds)
             self.violation(
                 f"a oneway call of {call.method}, whose reply carries fds",
-                0,
+                None,
                 0 if fds is None else len(fds),
                 hint="nothing was done and the connection is closed: the fds would be lost "
                 "with the reply a oneway call does not get",
