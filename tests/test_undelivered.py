@@ -194,3 +194,20 @@ def test_a_take_waiting_when_luod_stops_stays_in_the_fd_store(pid1: FakePid1) ->
     with pid1.client() as c:
         assert _files(c, "app") == ["a", "b"]
         _same(c, "app", facts)
+
+
+def test_a_session_given_back_is_in_the_fd_store_again(pid1: FakePid1) -> None:
+    """The fd store carrier: a session handed back after the kexec leaves
+    the store; given back, it is pushed again, so a restarted luod has it."""
+    pid1.start()
+    with pid1.client() as c:
+        os.close(c.create_delegated_session("own"))
+    pid1.kexec()
+    pid1.start()
+    pid1.luod.call_unheard(f"{CUSTODY}.RetrieveSession", {"session": "own"}, "session-given-back")
+    pid1.stop()
+    pid1.start()
+    with pid1.client() as c:
+        assert _sessions(c) == ["own"]
+        os.close(c.retrieve_session("own"))
+        assert _sessions(c) == []
