@@ -128,8 +128,22 @@ class CallContext:
     # The kernel dropped fds of this call: luod was at its open-file limit.
     fds_dropped: bool = False
     taken: set[int] = dataclasses.field(default_factory=set)
-    # Called if the call's reply is not delivered (if_undelivered).
+    # Called if the call's reply is not delivered (if_undelivered); the
+    # transport's to call once the reply is handed to it (handed_over).
     undelivered: Callable[[], None] | None = None
+
+    def handed_over(self) -> Callable[[], None] | None:
+        """What to call should the reply not be delivered, for the transport
+        the reply is now handed to."""
+        undelivered, self.undelivered = self.undelivered, None
+        return undelivered
+
+    def not_replied(self) -> None:
+        """The call failed before its reply was handed to the transport
+        (its error goes out instead): what it handed over comes back."""
+        undelivered, self.undelivered = self.undelivered, None
+        if undelivered is not None:
+            undelivered()
 
     def close_untaken(self) -> None:
         """Close the fds of the call that nothing took, before its reply goes
@@ -677,11 +691,12 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
                 self._send_json(reply, None, False)
             else:
                 fds = [fd.fileno() for fd in sent]
-                fut = self._send_json(reply, fds, False, ctx.undelivered)
+                fut = self._send_json(reply, fds, False, ctx.handed_over())
                 sent.reference_until_done(fut)
         except BaseException:
             # Its error reply goes out (at once) after this returns.
             ctx.close_untaken()
+            ctx.not_replied()
             raise
         finally:
             _current.reset(token)
@@ -702,7 +717,7 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         # its reply is sent before its fds are released, as _call_plain's.
         ctx = _current.get(None) if fds else None
         return self._send_json(
-            reply.tojson(), fds, autoclose, None if ctx is None else ctx.undelivered
+            reply.tojson(), fds, autoclose, None if ctx is None else ctx.handed_over()
         )
 
     def _send_json(
@@ -821,6 +836,9 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         token = _current.set(ctx)
         try:
             fut: asyncio.Future[None] | None = super().call_received(call, fds)
+        except BaseException:
+            ctx.not_replied()
+            raise
         finally:
             _current.reset(token)
             # luod's methods take their fds (take_fd) while they are called,

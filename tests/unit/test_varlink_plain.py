@@ -102,13 +102,19 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
     def GiveBackPadded(self, size: int, pad: int) -> Padded:
         return {"fileDescriptor": self._give_back(size), "pad": "p" * pad}
 
+    @varlinkmethod
+    def GiveBackBroken(self, size: int) -> Padded:
+        # Its reply cannot be said: the fd is converted, then `pad` fails.
+        return typing.cast(Padded, {"fileDescriptor": self._give_back(size), "pad": 5})
+
     def _give_back(self, size: int) -> FileDescriptor:
         out = self._give(size)
 
         def back(fds: list[int]) -> None:
             for fd in fds:
-                self.back.append((fd, _is_open(fd)))
-                os.close(fd)
+                self.back.append((fd, fd >= 0 and _is_open(fd)))
+                if fd >= 0:
+                    os.close(fd)
 
         transport.if_undelivered([out], back)
         return out
@@ -322,6 +328,7 @@ def test_plain_methods_are_the_single_reply_ones() -> None:
         "io.luod.Test.Echo",
         "io.luod.Test.Give",
         "io.luod.Test.GiveBack",
+        "io.luod.Test.GiveBackBroken",
         "io.luod.Test.GiveBackPadded",
         "io.luod.Test.Nothing",
         "io.luod.Test.Refuse",
@@ -444,6 +451,34 @@ def test_a_reply_is_delivered_once_its_fds_went_out(extension: dict[str, object]
             loop.run_until_complete(asyncio.sleep(0.01))
         loop.run_until_complete(asyncio.sleep(0.05))
         assert interface.back == []
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+@pytest.mark.parametrize(
+    ("extension", "still_open"), [({}, True), ({"x": 1}, False)], ids=["plain", "asyncvarlink"]
+)
+def test_what_a_call_handed_over_comes_back_if_its_reply_cannot_be_made(
+    extension: dict[str, object], still_open: bool
+) -> None:
+    """A reply that cannot be said (a bug) goes out as an error: what the
+    method handed over comes back, still open on luod's own path (on
+    asyncvarlink's the conversion closed it first: reported, -1)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        sock, interface, served = _served(loop, True)
+        with contextlib.closing(sock):
+            call = {"method": "io.luod.Test.GiveBackBroken", "parameters": {"size": 1}, **extension}
+            replies, fds = _exchange(loop, sock, call, [])
+            assert [json.loads(r)["error"] for r in replies] == [
+                "invalid.asyncvarlink.InternalServerError"
+            ]
+            assert fds == []
+            assert [is_open for _fd, is_open in interface.back] == [still_open]
+        served.close()
+        loop.run_until_complete(asyncio.sleep(0))
     finally:
         loop.close()
         asyncio.set_event_loop(None)
