@@ -738,8 +738,11 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
             finally:
                 transport.expect_delivery(None, None)
         else:
-            # No transport: nothing goes out.
-            fut = _not_delivered(self.send_message(obj, fds, autoclose), undelivered)
+            # No transport (the connection is gone; luod serves every
+            # connection with LuodTransport): nothing goes out.
+            fut = self.send_message(obj, fds, autoclose)
+            if fut.done() and (fut.cancelled() or fut.exception() is not None):
+                _not_delivered(fut, undelivered)
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             return fut
         fut.add_done_callback(self._on_message_sent)

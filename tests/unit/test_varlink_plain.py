@@ -509,3 +509,20 @@ def test_a_oneway_call_whose_reply_carries_fds_is_refused() -> None:
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def test_a_reply_with_no_connection_left_gives_back_what_it_hands_over() -> None:
+    """Served after its connection went (no transport): nothing goes out."""
+
+    async def run() -> list[bool]:
+        protocol = transport.LuodProtocol(VarlinkInterfaceRegistry(), Limits())
+        fd = _memfd(4096)
+        back: list[bool] = []
+        fut = protocol._send_json({}, [fd], False, lambda: back.append(_is_open(fd)))
+        with pytest.raises(BrokenPipeError):
+            await fut
+        await asyncio.sleep(0)
+        os.close(fd)
+        return back
+
+    assert asyncio.run(run()) == [True]
