@@ -168,6 +168,19 @@ def _exchange(
     return loop.run_until_complete(loop.run_in_executor(None, receive))
 
 
+def _run_until(
+    loop: asyncio.AbstractEventLoop,
+    done: collections.abc.Callable[[], bool],
+    deadline: float | None = None,
+) -> None:
+    """Run `loop` until `done()`: at most 10 s, or until `deadline` (the loop's time)."""
+    if deadline is None:
+        deadline = loop.time() + 10
+    while not done():
+        assert loop.time() < deadline
+        loop.run_until_complete(asyncio.sleep(0.01))
+
+
 def _memfd(size: int) -> int:
     fd = os.memfd_create("sent")
     os.ftruncate(fd, size)
@@ -180,6 +193,18 @@ def _is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.fixture
+def loop() -> collections.abc.Iterator[asyncio.AbstractEventLoop]:
+    """An event loop of the test's own, run step by step."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield loop
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 # An fd left to the garbage collector is closed there with a ResourceWarning:
@@ -213,36 +238,30 @@ CALLS: list[tuple[str, dict[str, object], int]] = [
 
 @pytest.mark.parametrize(("method", "parameters", "nfds"), CALLS)
 def test_plain_calls_are_answered_as_asyncvarlink_answers(
-    method: str, parameters: dict[str, object], nfds: int
+    method: str, parameters: dict[str, object], nfds: int, loop: asyncio.AbstractEventLoop
 ) -> None:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
     answers = []
-    try:
-        for plain in (True, False):
-            sock, interface, served = _served(loop, plain)
-            before = len(os.listdir("/proc/self/fd"))
-            sent = [_memfd(4096 * (i + 1)) for i in range(nfds)]
-            with contextlib.closing(sock):
-                message = {"method": method, "parameters": parameters}
-                replies, fds = _exchange(loop, sock, message, sent)
-                for fd in sent:
-                    os.close(fd)
-                given = [os.fstat(fd).st_size for fd in fds]
-                for fd in fds:
-                    os.close(fd)
-                # What the method took is its own; everything else that came
-                # with the call, and what the reply carried, is closed.
-                taken = [fd for fd in interface.taken if _is_open(fd)]
-                for fd in taken:
-                    os.close(fd)
-                leaked = len(os.listdir("/proc/self/fd")) - before
-                answers.append((replies, given, len(taken), leaked))
-            served.close()
-            loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+    for plain in (True, False):
+        sock, interface, served = _served(loop, plain)
+        before = len(os.listdir("/proc/self/fd"))
+        sent = [_memfd(4096 * (i + 1)) for i in range(nfds)]
+        with contextlib.closing(sock):
+            message = {"method": method, "parameters": parameters}
+            replies, fds = _exchange(loop, sock, message, sent)
+            for fd in sent:
+                os.close(fd)
+            given = [os.fstat(fd).st_size for fd in fds]
+            for fd in fds:
+                os.close(fd)
+            # What the method took is its own; everything else that came
+            # with the call, and what the reply carried, is closed.
+            taken = [fd for fd in interface.taken if _is_open(fd)]
+            for fd in taken:
+                os.close(fd)
+            leaked = len(os.listdir("/proc/self/fd")) - before
+            answers.append((replies, given, len(taken), leaked))
+        served.close()
+        loop.run_until_complete(asyncio.sleep(0))
     assert answers[0] == answers[1]
     (replies, given, n_taken, leaked) = answers[0]
     assert len(replies) == 1 and leaked == 0
@@ -277,47 +296,41 @@ EXPECTED = {
 }
 
 
-def test_oneway_more_and_extensions_go_to_asyncvarlink() -> None:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        sock, _interface, served = _served(loop, True)
-        with contextlib.closing(sock):
-            replies, _ = _exchange(
-                loop,
-                sock,
-                {"method": "io.luod.Test.Count", "parameters": {"upto": 2}, "more": True},
-                [],
-            )
-            assert [json.loads(r) for r in replies] == [
-                {"continues": True, "parameters": {"count": 0}},
-                {"parameters": {"count": 1}},
-            ]
-            # A key of its own (an extension): asyncvarlink's path, served.
-            replies, _ = _exchange(
-                loop, sock, {"method": "io.luod.Test.Echo", "parameters": {"text": "e"}, "x": 1}, []
-            )
-            assert [json.loads(r) for r in replies] == [{"parameters": {"text": "e"}}]
-            # oneway: no reply; the next call's reply is the first to come.
-            sock.sendall(
-                json.dumps(
-                    {"method": "io.luod.Test.Echo", "parameters": {"text": "x"}, "oneway": True}
-                ).encode()
-                + b"\0"
-            )
-            replies, _ = _exchange(
-                loop, sock, {"method": "io.luod.Test.Echo", "parameters": {"text": "y"}}, []
-            )
-            assert [json.loads(r) for r in replies] == [{"parameters": {"text": "y"}}]
-            # parameters not an object: no varlink call; the connection is
-            # closed (asyncvarlink answered invalid.asyncvarlink.ProtocolViolation).
-            sock.sendall(b'{"method": "io.luod.Test.Nothing", "parameters": []}\0')
-            assert loop.run_until_complete(loop.run_in_executor(None, sock.recv, 1)) == b""
-        served.close()
-        loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+def test_oneway_more_and_extensions_go_to_asyncvarlink(loop: asyncio.AbstractEventLoop) -> None:
+    sock, _interface, served = _served(loop, True)
+    with contextlib.closing(sock):
+        replies, _ = _exchange(
+            loop,
+            sock,
+            {"method": "io.luod.Test.Count", "parameters": {"upto": 2}, "more": True},
+            [],
+        )
+        assert [json.loads(r) for r in replies] == [
+            {"continues": True, "parameters": {"count": 0}},
+            {"parameters": {"count": 1}},
+        ]
+        # A key of its own (an extension): asyncvarlink's path, served.
+        replies, _ = _exchange(
+            loop, sock, {"method": "io.luod.Test.Echo", "parameters": {"text": "e"}, "x": 1}, []
+        )
+        assert [json.loads(r) for r in replies] == [{"parameters": {"text": "e"}}]
+        # oneway: no reply; the next call's reply is the first to come.
+        sock.sendall(
+            json.dumps(
+                {"method": "io.luod.Test.Echo", "parameters": {"text": "x"}, "oneway": True}
+            ).encode()
+            + b"\0"
+        )
+        replies, _ = _exchange(
+            loop, sock, {"method": "io.luod.Test.Echo", "parameters": {"text": "y"}}, []
+        )
+        assert [json.loads(r) for r in replies] == [{"parameters": {"text": "y"}}]
+        # parameters not an object: no varlink call; the connection is
+        # closed (asyncvarlink answered invalid.asyncvarlink.ProtocolViolation).
+        sock.sendall(b'{"method": "io.luod.Test.Nothing", "parameters": []}\0')
+        assert loop.run_until_complete(loop.run_in_executor(None, sock.recv, 1)) == b""
+    served.close()
+    loop.run_until_complete(asyncio.sleep(0))
 
 
 def test_plain_methods_are_the_single_reply_ones() -> None:
@@ -361,154 +374,124 @@ GIVE_BACK = [
 
 
 @pytest.mark.parametrize("call", GIVE_BACK, ids=["plain", "asyncvarlink"])
-def test_the_fds_of_a_reply_not_delivered_are_given_back(call: dict[str, object]) -> None:
+def test_the_fds_of_a_reply_not_delivered_are_given_back(
+    call: dict[str, object], loop: asyncio.AbstractEventLoop
+) -> None:
     """A file taken out of custody goes out in a reply: should the reply not
     be delivered, the method has its fds back, still open, instead of their
     being closed with it. Delivered, nothing comes back."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        sock, interface, served = _served(loop, True)
-        with contextlib.closing(sock):
-            replies, fds = _exchange(loop, sock, call, [])
-            assert len(replies) == 1 and len(fds) == 1
-            os.close(fds[0])
-            loop.run_until_complete(asyncio.sleep(0.01))
-            assert interface.back == []
-            # The client reads no more: luod's send fails (EPIPE).
-            sock.shutdown(socket.SHUT_RD)
-            sock.sendall(json.dumps(call).encode() + b"\0")
-            deadline = loop.time() + 10
-            while not interface.back:
-                assert loop.time() < deadline
-                loop.run_until_complete(asyncio.sleep(0.01))
-            assert [is_open for _fd, is_open in interface.back] == [True]
-        served.close()
-        loop.run_until_complete(asyncio.sleep(0))
+    sock, interface, served = _served(loop, True)
+    with contextlib.closing(sock):
+        replies, fds = _exchange(loop, sock, call, [])
+        assert len(replies) == 1 and len(fds) == 1
+        os.close(fds[0])
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert interface.back == []
+        # The client reads no more: luod's send fails (EPIPE).
+        sock.shutdown(socket.SHUT_RD)
+        sock.sendall(json.dumps(call).encode() + b"\0")
+        _run_until(loop, lambda: bool(interface.back))
+        assert [is_open for _fd, is_open in interface.back] == [True]
+    served.close()
+    loop.run_until_complete(asyncio.sleep(0))
 
-        # A reply waiting in luod (the client reads nothing) when the
-        # connection is dropped.
-        sock, interface, served = _served(loop, True, buffers=4096)
-        with contextlib.closing(sock):
-            big = {"method": "io.luod.Test.Echo", "parameters": {"text": "a", "times": 200_000}}
-            sock.sendall(json.dumps(big).encode() + b"\0" + json.dumps(call).encode() + b"\0")
-            deadline = loop.time() + 10
-            while interface.given < 1:
-                assert loop.time() < deadline
-                loop.run_until_complete(asyncio.sleep(0.01))
-            loop.run_until_complete(asyncio.sleep(0.01))
-            assert interface.back == []  # waiting to be sent
-            served.abort()
-            while not interface.back:
-                assert loop.time() < deadline
-                loop.run_until_complete(asyncio.sleep(0.01))
-            assert [is_open for _fd, is_open in interface.back] == [True]
-        loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+    # A reply waiting in luod (the client reads nothing) when the
+    # connection is dropped.
+    sock, interface, served = _served(loop, True, buffers=4096)
+    with contextlib.closing(sock):
+        big = {"method": "io.luod.Test.Echo", "parameters": {"text": "a", "times": 200_000}}
+        sock.sendall(json.dumps(big).encode() + b"\0" + json.dumps(call).encode() + b"\0")
+        deadline = loop.time() + 10  # for both waits
+        _run_until(loop, lambda: interface.given >= 1, deadline)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert interface.back == []  # waiting to be sent
+        served.abort()
+        _run_until(loop, lambda: bool(interface.back), deadline)
+        assert [is_open for _fd, is_open in interface.back] == [True]
+    loop.run_until_complete(asyncio.sleep(0))
 
 
 @pytest.mark.parametrize("extension", [{}, {"x": 1}], ids=["plain", "asyncvarlink"])
-def test_a_reply_is_delivered_once_its_fds_went_out(extension: dict[str, object]) -> None:
+def test_a_reply_is_delivered_once_its_fds_went_out(
+    extension: dict[str, object], loop: asyncio.AbstractEventLoop
+) -> None:
     """The fds of a reply go with its first bytes the socket takes: from
     then on it is delivered, though its rest, and replies after it, wait in
     luod and are lost with the connection. Nothing is given back then: the
     client has the file."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        sock, interface, served = _served(loop, True, buffers=4096)
-        with contextlib.closing(sock):
-            # 20 KB: sent in part at once (its fds with it), the rest queued;
-            # the next reply joins the rest in asyncvarlink's queue.
-            take = {
-                "method": "io.luod.Test.GiveBackPadded",
-                "parameters": {"size": 8192, "pad": 20_000},
-                **extension,
-            }
-            big = {"method": "io.luod.Test.Echo", "parameters": {"text": "a", "times": 300_000}}
-            sock.sendall(json.dumps(take).encode() + b"\0" + json.dumps(big).encode() + b"\0")
-            sock.setblocking(False)
-            data, got = b"", array.array("i")
-            deadline = loop.time() + 10
-            while b"\0" not in data:  # the take's reply, read whole
-                assert loop.time() < deadline
-                try:
-                    chunk, ancdata, _flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
-                except BlockingIOError:
-                    loop.run_until_complete(asyncio.sleep(0.005))
-                    continue
-                data += chunk
-                for _level, _kind, raw in ancdata:
-                    got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
-            assert len(got) == 1 and os.fstat(got[0]).st_size == 8192
-            os.close(got[0])
-        # The client went, the Echo's reply unread.
+    sock, interface, served = _served(loop, True, buffers=4096)
+    with contextlib.closing(sock):
+        # 20 KB: sent in part at once (its fds with it), the rest queued;
+        # the next reply joins the rest in asyncvarlink's queue.
+        take = {
+            "method": "io.luod.Test.GiveBackPadded",
+            "parameters": {"size": 8192, "pad": 20_000},
+            **extension,
+        }
+        big = {"method": "io.luod.Test.Echo", "parameters": {"text": "a", "times": 300_000}}
+        sock.sendall(json.dumps(take).encode() + b"\0" + json.dumps(big).encode() + b"\0")
+        sock.setblocking(False)
+        data, got = b"", array.array("i")
         deadline = loop.time() + 10
-        while not served.is_closing():
+        while b"\0" not in data:  # the take's reply, read whole
             assert loop.time() < deadline
-            loop.run_until_complete(asyncio.sleep(0.01))
-        loop.run_until_complete(asyncio.sleep(0.05))
-        assert interface.back == []
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+            try:
+                chunk, ancdata, _flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
+            except BlockingIOError:
+                loop.run_until_complete(asyncio.sleep(0.005))
+                continue
+            data += chunk
+            for _level, _kind, raw in ancdata:
+                got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
+        assert len(got) == 1 and os.fstat(got[0]).st_size == 8192
+        os.close(got[0])
+    # The client went, the Echo's reply unread.
+    _run_until(loop, served.is_closing)
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert interface.back == []
 
 
 @pytest.mark.parametrize(
     ("extension", "still_open"), [({}, True), ({"x": 1}, False)], ids=["plain", "asyncvarlink"]
 )
 def test_what_a_call_handed_over_comes_back_if_its_reply_cannot_be_made(
-    extension: dict[str, object], still_open: bool
+    extension: dict[str, object], still_open: bool, loop: asyncio.AbstractEventLoop
 ) -> None:
     """A reply that cannot be said (a bug) goes out as an error: what the
     method handed over comes back, still open on luod's own path (on
     asyncvarlink's the conversion closed it first: reported, -1)."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        sock, interface, served = _served(loop, True)
-        with contextlib.closing(sock):
-            call = {"method": "io.luod.Test.GiveBackBroken", "parameters": {"size": 1}, **extension}
-            replies, fds = _exchange(loop, sock, call, [])
-            assert [json.loads(r)["error"] for r in replies] == [
-                "invalid.asyncvarlink.InternalServerError"
-            ]
-            assert fds == []
-            assert [is_open for _fd, is_open in interface.back] == [still_open]
-        served.close()
-        loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+    sock, interface, served = _served(loop, True)
+    with contextlib.closing(sock):
+        call = {"method": "io.luod.Test.GiveBackBroken", "parameters": {"size": 1}, **extension}
+        replies, fds = _exchange(loop, sock, call, [])
+        assert [json.loads(r)["error"] for r in replies] == [
+            "invalid.asyncvarlink.InternalServerError"
+        ]
+        assert fds == []
+        assert [is_open for _fd, is_open in interface.back] == [still_open]
+    served.close()
+    loop.run_until_complete(asyncio.sleep(0))
 
 
-def test_a_oneway_call_whose_reply_carries_fds_is_refused() -> None:
+def test_a_oneway_call_whose_reply_carries_fds_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     """A oneway call gets no reply: a method that hands out fds is not
     called (a taken file would be lost), and the connection is closed."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        sock, interface, served = _served(loop, True)
-        with contextlib.closing(sock):
-            sent = _memfd(4096)
-            oneway = {"method": "io.luod.Test.Give", "parameters": {"size": 1}, "oneway": True}
-            message = json.dumps(oneway).encode() + b"\0"
-            cmsg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sent]))]
-            before = len(os.listdir("/proc/self/fd"))
-            sock.sendmsg([message], cmsg)
-            os.close(sent)
-            assert loop.run_until_complete(loop.run_in_executor(None, sock.recv, 1)) == b""
-            assert interface.given == 0
-            # The fd luod received closed too: what is gone is the one sent
-            # (closed here) and luod's end of the connection.
-            assert len(os.listdir("/proc/self/fd")) == before - 2
-        served.close()
-        loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+    sock, interface, served = _served(loop, True)
+    with contextlib.closing(sock):
+        sent = _memfd(4096)
+        oneway = {"method": "io.luod.Test.Give", "parameters": {"size": 1}, "oneway": True}
+        message = json.dumps(oneway).encode() + b"\0"
+        cmsg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sent]))]
+        before = len(os.listdir("/proc/self/fd"))
+        sock.sendmsg([message], cmsg)
+        os.close(sent)
+        assert loop.run_until_complete(loop.run_in_executor(None, sock.recv, 1)) == b""
+        assert interface.given == 0
+        # The fd luod received closed too: what is gone is the one sent
+        # (closed here) and luod's end of the connection.
+        assert len(os.listdir("/proc/self/fd")) == before - 2
+    served.close()
+    loop.run_until_complete(asyncio.sleep(0))
 
 
 def test_a_reply_with_no_connection_left_gives_back_what_it_hands_over() -> None:
