@@ -633,20 +633,11 @@ def _given_back(
 ) -> None:
     """Log what a take not delivered left held (a warning: the client did
     not get what it asked for) or lost (an error)."""
-    if event.endswith("-lost"):
-        log.error(
-            event, session=session, **fields, owner=owner.describe(), by=peer.describe(), reason=why
-        )
-        return
-    log.warning(
-        event,
-        session=session,
-        **fields,
-        owner=owner.describe(),
-        by=peer.describe(),
-        reason=why,
-        hint="held as before the call; ask again and read the reply",
-    )
+    lost = event.endswith("-lost")
+    said = {**fields, "owner": owner.describe(), "by": peer.describe(), "reason": why}
+    if not lost:
+        said["hint"] = "held as before the call; ask again and read the reply"
+    (log.error if lost else log.warning)(event, session=session, **said)
 
 
 def _copy(fd: int, what: str) -> int:

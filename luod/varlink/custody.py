@@ -204,15 +204,14 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         reply that cannot be sent leaves it held). owner (root only): the
         uid whose session it is."""
         peer = current().peer
-        if not take:
-            fd, f = self.custodian.retrieve_fd(peer, session, name, False, owner)
-            return {"fileDescriptor": reply_fd(fd), "file": wire.file_info(f)}
-        whose = self.custodian.session_of(peer, session, owner).owner
-        fd, f = self.custodian.retrieve_fd(peer, session, name, True, owner)
+        # Whose the file is, should it come back (if_undelivered).
+        whose = self.custodian.session_of(peer, session, owner).owner if take else None
+        fd, f = self.custodian.retrieve_fd(peer, session, name, bool(take), owner)
         out = reply_fd(fd)
-        if_undelivered(
-            [out], lambda fds: self.custodian.give_back(peer, whose, session, [(name, fds[0])])
-        )
+        if whose is not None:
+            if_undelivered(
+                [out], lambda fds: self.custodian.give_back(peer, whose, session, [(name, fds[0])])
+            )
         return {"fileDescriptor": out, "file": wire.file_info(f)}
 
     @lazy_varlinkmethod(return_parameter="files", adjust=_quicker_retrieve_fds)

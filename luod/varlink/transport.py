@@ -141,7 +141,7 @@ class CallContext:
     def not_replied(self) -> None:
         """The call failed before its reply was handed to the transport
         (its error goes out instead): what it handed over comes back."""
-        undelivered, self.undelivered = self.undelivered, None
+        undelivered = self.handed_over()
         if undelivered is not None:
             undelivered()
 
@@ -444,14 +444,7 @@ class PlainMethods:
         signature = None if method is None else varlinksignature(method)
         if signature is None:
             return None
-        if (
-            signature.asynchronous
-            or signature.more
-            or any(
-                isinstance(t, FileDescriptorVarlinkType)
-                for t in signature.parameter_type.traverse()
-            )
-        ):
+        if signature.asynchronous or signature.more or _names_fds(signature.parameter_type):
             # asyncvarlink serves it: a subscription, or parameters that
             # need the call's FileDescriptorArray (luod's methods take fds
             # as indexes: take_fd).
@@ -865,7 +858,12 @@ def _reply_carries_fds(registry: VarlinkInterfaceRegistry, call: VarlinkMethodCa
         _method, signature = registry.lookup_method(call)
     except VarlinkErrorReply:
         return False
-    return any(isinstance(t, FileDescriptorVarlinkType) for t in signature.return_type.traverse())
+    return _names_fds(signature.return_type)
+
+
+def _names_fds(vtype: VarlinkType) -> bool:
+    """Whether values of `vtype` name fds (asyncvarlink's FileDescriptor type)."""
+    return any(isinstance(t, FileDescriptorVarlinkType) for t in vtype.traverse())
 
 
 def _not_a_call(obj: JSONObject) -> str | None:
