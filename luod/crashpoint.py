@@ -31,7 +31,8 @@ STEPS: tuple[str, ...] = (
     "take.intent",
     "take.dropped",  # the old kernel session is let go of
     "take.represerved",  # the new kernel session holds the others
-    "take.committed",  # the manifest no longer names the file
+    "take.committed",  # the manifest no longer names the file, no reply sent yet
+    "take.delivered",  # the reply went out, the end of the take not committed
     # Adopting a client's own session.
     "adopt.held",
     # Letting go (DiscardSession, the grace period, a session handed back).

@@ -35,10 +35,11 @@ from luod.crashpoint import reached
 from luod.handoff import Handoff
 from luod.kernel import fdinfo
 from luod.kernel.backend import Backend, LuoError, is_incoming_session
-from luod.ledger import Ledger
+from luod.ledger import REPRESERVE_PATIENCE, Ledger
 from luod.log import get_logger
 from luod.model import (
     HeldFile,
+    HeldFiles,
     Holdings,
     Owner,
     Session,
@@ -134,8 +135,17 @@ class Custodian:
     # --- reclaim ---------------------------------------------------------------
 
     def start(self) -> ReclaimReport:
-        """Take over what the previous kernel carried, if anything."""
-        return self._reclaimer.start()
+        """Take over what the previous kernel carried, if anything; after a
+        restart in the same boot, hold again what takes whose reply had not
+        gone out took (the previous luod died first)."""
+        report = self._reclaimer.start()
+        by = f"luod (pid {os.getpid()}, restarted)"
+        for take, s in list(self.ledger.taking.items()):
+            if s.kind is SessionKind.MANAGED:
+                self._hold_again(take, [(f.name, f.fd) for f in s.files.values()], RESTARTED, by)
+            else:
+                self._hold_session_again(take, s.fd, RESTARTED, by)
+        return report
 
     def preserve_again(self, key: SessionKey | None = None) -> bool:
         """Preserve one session that came over the kexec again (`key`, or
@@ -317,9 +327,18 @@ class Custodian:
         return found
 
     def retrieve_fd(
-        self, peer: Peer, session: str, name: str, take: bool, owner: int | None = None
+        self,
+        peer: Peer,
+        session: str,
+        name: str,
+        take: bool,
+        owner: int | None = None,
+        pending: list[int] | None = None,
     ) -> tuple[int, HeldFile]:
-        """A copy of a held file (custody goes on), or the file itself (custody ends)."""
+        """A copy of a held file (custody goes on), or the file itself
+        (custody ends). `pending`: where to add the take's number, for a
+        take whose reply is still to go out; the caller then settles it
+        (delivered(), give_back()). Without it custody ends now."""
         s = self.use_session(peer, session, preserve_again=take, owner=owner)
         f = s.files.get(name)
         if f is None:
@@ -353,7 +372,7 @@ class Custodian:
             )
             return out, f
         try:
-            self._take_files(s, [f])
+            self._take_files(s, [f], pending)
         except BaseException:
             os.close(out)
             raise
@@ -375,12 +394,13 @@ class Custodian:
         take: bool,
         owner: int | None = None,
         limit: int | None = None,
+        pending: list[int] | None = None,
     ) -> list[tuple[int, HeldFile]]:
         """Copies of held files (custody goes on), or the files themselves
         (custody ends): those `names`, or every file of the session. All or
         nothing: every name is checked before an fd is handed out, and taking
         rebuilds the session once, without all of them. `limit`: at most
-        that many fds (what one reply carries)."""
+        that many fds (what one reply carries). `pending`: as retrieve_fd()'s."""
         s = self.use_session(peer, session, preserve_again=take, owner=owner)
         if s.kind is not SessionKind.MANAGED:
             raise errors.WrongSessionKind(
@@ -421,7 +441,7 @@ class Custodian:
             for f in files:
                 out.append(_copy(f.fd, f"no copies of the files of '{session}' made"))
             if take and files:
-                self._take_files(s, files)
+                self._take_files(s, files, pending)
         except BaseException:
             for fd in out:
                 os.close(fd)
@@ -450,11 +470,12 @@ class Custodian:
             )
         return list(zip(out, files, strict=True))
 
-    def _take_files(self, s: Session, taken: Sequence[HeldFile]) -> None:
+    def _take_files(self, s: Session, taken: Sequence[HeldFile], pending: list[int] | None) -> None:
         """End custody of `taken`, files of `s` whose fds the caller has
         (dups): the session is rebuilt once without them, or let go of when
         nothing remains. Write-ahead intent, the kernel steps, the commit,
-        then luod's references are released."""
+        then luod's references are released; for a take added to `pending`
+        they are kept until it is settled."""
         ledger = self.ledger
         gone = {f.name for f in taken}
         remaining = [x for x in s.files.values() if x.name not in gone]
@@ -471,55 +492,124 @@ class Custodian:
         for f in taken:
             ledger.unindex(f)
             del s.files[f.name]
+        if pending is not None:
+            # Recorded with the commit below, until its reply has gone out;
+            # luod's references to the files stay kept under the old kernel
+            # name till then: a luod restarted before holds them again.
+            pending.append(self._record_take(_taken_part(s, taken, old)))
         if remaining:
             ledger.commit(s)
             reached("take.committed")
-            # The old references, the taken files' among them.
-            ledger.release_kept(old)
+            if pending is None:
+                # The old references, the taken files' among them.
+                ledger.release_kept(old)
         else:
-            ledger.drop(s, "its last fd was taken")
+            ledger.drop(s, "its last fd was taken", keep_refs=pending is not None)
         for f in taken:
             f.close()
 
-    def give_back(
-        self, peer: Peer, owner: Owner, session: str, files: Sequence[tuple[str, int]]
-    ) -> None:
-        """Hold again files `peer` took (RetrieveFd, RetrieveFds with take)
-        whose reply never reached it: the connection went before luod could
-        send it, so custody of them did not end after all. `files`: (name,
-        fd) each, the fds luod's (-1: closed already, lost). They go back
-        into `owner`'s session under their names, as a hand-off of the owner
-        (its session made again if taking them let go of it): write-ahead,
-        all or nothing, within the owner's quotas. What cannot be held again
-        is logged as lost, with the reason; this never raises (it runs once
-        the reply is known to be lost, outside any call)."""
-        why = NOT_DELIVERED
+    def _record_take(self, taken: Session) -> int:
+        """Record a take whose reply is still to go out, in the manifest
+        with the change that takes: `taken`, what it took. Its number."""
+        ledger = self.ledger
+        ledger.takes += 1
+        ledger.taking[ledger.takes] = taken
+        return ledger.takes
+
+    def delivered(self, take: int) -> None:
+        """The reply of `take` went out: custody of what it took ends (its
+        record and luod's references go). Never raises: the transport calls
+        it as the reply is sent."""
+        ledger = self.ledger
+        s = ledger.taking.pop(take, None)
+        if s is None:
+            return
+        try:
+            reached("take.delivered")
+            if ledger.carrier.holds_after_exit:
+                ledger.commit()
+            self._let_go_taken(s)
+        except Exception as e:  # outside any call: logged, never raised
+            log.error(
+                "take-not-settled",
+                session=s.name,
+                owner=s.owner.describe(),
+                reason=repr(e),
+                hint="a luod restarted in this boot holds what it took again",
+            )
+
+    def _let_go_taken(self, s: Session) -> None:
+        """Release what was kept for the take `s` (its record gone)."""
+        if s.kind is SessionKind.MANAGED:
+            self.ledger.release_kept(s.kernel_name)
+        else:
+            self.ledger.carrier.session_dropped(s.kernel_name)
+
+    def give_back(self, peer: Peer, take: int, fds: Sequence[int]) -> None:
+        """Hold again what `take` (RetrieveFd, RetrieveFds with take) took:
+        its reply never reached `peer` (the connection went before luod
+        could send it), so custody did not end after all. `fds`: the
+        reply's, one per file taken, in order, luod's now (-1: closed
+        already, lost). Never raises (it runs once the reply is known to
+        be lost, outside any call)."""
+        s = self.ledger.taking.get(take)
+        files = [] if s is None else list(zip(s.files, fds, strict=True))
+        self._hold_again(take, files, NOT_DELIVERED, peer.describe())
+
+    def _hold_again(self, take: int, files: list[tuple[str, int]], why: str, by: str) -> None:
+        """The files of `take` ((name, fd) each, the fds luod's, -1 where
+        none is left) back into their owner's session under their names, as
+        a hand-off of the owner (the session made again if taking them let
+        go of it): write-ahead, all or nothing, within the owner's quotas,
+        committed together with the end of the take's record. What cannot
+        be held again is logged as lost, with the reason."""
+        ledger = self.ledger
+        s = ledger.taking.pop(take, None)
+        if s is None:
+            for _name, fd in files:
+                if fd >= 0:
+                    os.close(fd)
+            return
         # A reply's fds are closed together: all of them or none.
         lost = [name for name, fd in files if fd < 0]
         back = [Handoff(name, fd) for name, fd in files if fd >= 0]
         if back:
-            as_owner = Peer(peer.pid, owner.uid, peer.gid, owner.unit, owner.comm)
+            as_owner = Peer(os.getpid(), s.owner.uid, 0, s.owner.unit, s.owner.comm)
+            if ledger.carrier.holds_after_exit:
+                # The files stay preserved in the session they were taken
+                # from until whoever holds a copy of it lets go (EBUSY).
+                ledger.carrier.settle(REPRESERVE_PATIENCE)
             try:
-                handoff.preserve_fds(self, as_owner, session, back, create=True)
+                handoff.preserve_fds(self, as_owner, s.name, back, create=True)
             except Exception as e:  # in a callback: logged, never raised
                 lost += [h.name for h in back]
                 back = []
                 said = str(e) if isinstance(e, errors.LuodError) else repr(e)
                 why = f"{why}; they could not be held again: {said}"
+        if not back:
+            # Nothing committed the end of the take's record.
+            ledger.commit()
+        self._let_go_taken(s)
         if back:
             names = ",".join(h.name for h in back)
-            _given_back("fds-given-back", session, owner, peer, why, names=names)
+            _given_back("fds-given-back", s.name, s.owner, by, why, names=names)
         if lost:
-            _given_back("fds-lost", session, owner, peer, why, names=",".join(lost))
+            _given_back("fds-lost", s.name, s.owner, by, why, names=",".join(lost))
 
-    def give_back_session(self, peer: Peer, seen: Session, fd: int) -> None:
-        """Hold again a session that came over the kexec and that `peer` took
-        (RetrieveSession) but whose reply never reached it: as it was before
-        the call, claimed. `seen`: the session as retrieve_session() said
-        it; `fd` luod's (-1: closed already, lost). Within the owner's
-        quotas, as adopting it would be."""
+    def give_back_session(self, peer: Peer, take: int, fd: int) -> None:
+        """Hold again the session that came over the kexec and that `take`
+        (RetrieveSession) took, its reply never having reached `peer`:
+        as it was before the call, claimed. `fd`: luod's (-1: closed
+        already, lost). Within the owner's quotas, as adopting it would be."""
+        self._hold_session_again(take, fd, NOT_DELIVERED, peer.describe())
+
+    def _hold_session_again(self, take: int, fd: int, why: str, by: str) -> None:
         ledger = self.ledger
-        why = NOT_DELIVERED
+        seen = ledger.taking.pop(take, None)
+        if seen is None:
+            if fd >= 0:
+                os.close(fd)
+            return
         event = "session-lost"
         if fd >= 0:
             try:
@@ -536,23 +626,26 @@ class Custodian:
                 s = dataclasses.replace(seen, claim_deadline=None, fd=fd)
                 ledger.add(s)
                 ledger.carrier.session_held(s.kernel_name, fd)
-                ledger.commit()
                 event = "session-given-back"
-        _given_back(event, seen.name, seen.owner, peer, why, kernel_name=seen.kernel_name)
-
-    def session_of(self, peer: Peer, session: str, owner: int | None = None) -> Session:
-        """The caller's session `session` (or `owner`'s, root only); refused
-        as every call that names it would be."""
-        return self._lookup(peer, session, owner)
+        ledger.commit()
+        if event == "session-lost":
+            self._let_go_taken(seen)
+        _given_back(event, seen.name, seen.owner, by, why, kernel_name=seen.kernel_name)
 
     def retrieve_session(
-        self, peer: Peer, session: str, owner: int | None = None
+        self,
+        peer: Peer,
+        session: str,
+        owner: int | None = None,
+        pending: list[int] | None = None,
     ) -> tuple[int, Session]:
         """An adopted or delegated session's fd for its owner, and the
         session as the owner found it (before this call claimed it). Before
         the kexec a copy: luod must go on holding it for it to be carried (a
         client that restarted gets its session back this way). After the
-        kexec the session itself: custody ends."""
+        kexec the session itself: custody ends. `pending`: as
+        retrieve_fd()'s; until the take is settled the carrier keeps its
+        copy of the session."""
         ledger = self.ledger
         found = ledger.sessions.get((self.scope(peer, owner, session), session))
         deadline = None if found is None else found.claim_deadline
@@ -577,9 +670,12 @@ class Custodian:
             return _copy(s.fd, f"no copy of session '{session}' made"), seen
         fd, s.fd = s.fd, -1
         ledger.remove(s.key)
+        if pending is not None:
+            pending.append(self._record_take(dataclasses.replace(seen, fd=-1)))
         ledger.commit()
         reached("release.committed")
-        ledger.carrier.session_dropped(s.kernel_name)
+        if pending is None:
+            ledger.carrier.session_dropped(s.kernel_name)
         log.info(
             "session-returned",
             session=session,
@@ -624,20 +720,37 @@ class Custodian:
         self.ledger.close()
 
 
-# Why a take is undone (Custodian.give_back, give_back_session).
+# Why a take is undone (Custodian.give_back, give_back_session, start).
 NOT_DELIVERED = "the reply that carried it was not delivered: the connection closed first"
+RESTARTED = (
+    "luod died before the reply that carried it went out (or before it recorded that it had)"
+)
 
 
-def _given_back(
-    event: str, session: str, owner: Owner, peer: Peer, why: str, **fields: str
-) -> None:
+def _given_back(event: str, session: str, owner: Owner, by: str, why: str, **fields: str) -> None:
     """Log what a take not delivered left held (a warning: the client did
     not get what it asked for) or lost (an error)."""
     lost = event.endswith("-lost")
-    said = {**fields, "owner": owner.describe(), "by": peer.describe(), "reason": why}
+    said = {**fields, "owner": owner.describe(), "by": by, "reason": why}
     if not lost:
-        said["hint"] = "held as before the call; ask again and read the reply"
+        said["hint"] = (
+            "held as before the call; ask again and read the reply"
+            if why.startswith(NOT_DELIVERED)
+            else "held as before the call, whether or not its client got the reply; "
+            "take it again, or discard it if the client has it"
+        )
     (log.error if lost else log.warning)(event, session=session, **said)
+
+
+def _taken_part(s: Session, taken: Sequence[HeldFile], kernel_name: str) -> Session:
+    """What a take of the files `taken` of `s` took, as the manifest records
+    it until its reply went out: `s` with those files only, under the
+    kernel name whose references luod keeps for them."""
+    files = {
+        f.name: HeldFile(f.name, f.token, f.size, f.preserved_at, manifest_entry=f.manifest_entry)
+        for f in taken
+    }
+    return dataclasses.replace(s, kernel_name=kernel_name, fd=-1, files=HeldFiles(files))
 
 
 def _copy(fd: int, what: str) -> int:

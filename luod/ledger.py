@@ -76,6 +76,12 @@ class Ledger:
         # incoming one, to be finished and preserved again (luod.reclaim).
         self.awaiting_preservation: dict[SessionKey, int] = {}  # -> incoming session fd
         self._by_inode: dict[InodeKey, tuple[SessionKey, str]] = {}
+        # Takes whose reply has not gone out yet (luod.custody), by a number
+        # of their own: the session as taken from, with the files taken
+        # only, under the kernel name whose references the carrier keeps
+        # for them until the take is settled. Written with every record.
+        self.taking: dict[int, Session] = {}
+        self.takes = 0  # numbers given to takes so far
         # The files of every session held, and their bytes, root's and every
         # other uid's apart: HeldFiles count into them.
         self._root_tally = Tally()
@@ -179,6 +185,7 @@ class Ledger:
             written_at=self.clock(),
             boot_id=self.boot_id,
             subscribers=self.known_subscribers,
+            taking=list(self.taking.values()),
         )
 
     def save(self) -> None:
@@ -357,11 +364,13 @@ class Ledger:
 
     # --- letting go ------------------------------------------------------------
 
-    def drop(self, s: Session, why: str) -> None:
-        """Let go of `s` and everything in it."""
-        self.drop_all([s], why)
+    def drop(self, s: Session, why: str, keep_refs: bool = False) -> None:
+        """Let go of `s` and everything in it; `keep_refs`: but not of
+        luod's references the carrier keeps for it (a take not settled
+        yet needs them, luod.custody)."""
+        self.drop_all([s], why, keep_refs)
 
-    def drop_all(self, gone: Iterable[Session], why: str) -> None:
+    def drop_all(self, gone: Iterable[Session], why: str, keep_refs: bool = False) -> None:
         """Let go of sessions and everything in them. The manifest stops
         naming them first (the commit), then they are released: a luod
         restarted in between releases what the manifest does not name."""
@@ -373,7 +382,8 @@ class Ledger:
         for s in gone:
             for f in s.files.values():
                 self.unindex(f)
-            self.release_kept(s.kernel_name)
+            if not keep_refs:
+                self.release_kept(s.kernel_name)
             s.close()
             incoming_fd = self.awaiting_preservation.pop(s.key, -1)
             if incoming_fd >= 0:

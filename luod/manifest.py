@@ -51,6 +51,11 @@ class Manifest:
     # told "resumed" when they subscribe again after the kexec. Names are
     # per uid: one name may come with several uids.
     subscribers: set[tuple[str, int]] = dataclasses.field(default_factory=set)
+    # Takes whose reply had not gone out (luod.custody): each the session
+    # as it was taken from, with the files taken only, under the kernel
+    # name whose references luod kept for them. A luod restarted in the
+    # same boot holds them again; after a kexec they are lost.
+    taking: list[Session] = dataclasses.field(default_factory=list)
 
 
 def _owner_to_json(o: Owner) -> dict[str, Any]:
@@ -135,7 +140,8 @@ def _number(x: float) -> str:
 
 
 def _meta_json(m: Manifest) -> str:
-    """_encode(_meta(m)), put together by hand: every record says it."""
+    """_encode(_meta(m)) and the takes waiting, put together by hand: every
+    record says it."""
     subscribers = (
         _encode([{"name": n, "uid": u} for n, u in sorted(m.subscribers)])
         if m.subscribers
@@ -144,8 +150,16 @@ def _meta_json(m: Manifest) -> str:
     return (
         f'{{"bootId":{_quote(m.boot_id)},"kexecCount":{_number(m.kexec_count)},'
         f'"nameCounter":{_number(m.name_counter)},"written":{_time(m.written_at)},'
-        f'"subscribers":{subscribers}}}'
+        f'"subscribers":{subscribers}{_taking_json(m)}}}'
     )
+
+
+def _taking_json(m: Manifest) -> str:
+    """The takes not delivered, as a member after others ("" when none: a
+    manifest without them reads as luod before them wrote it)."""
+    if not m.taking:
+        return ""
+    return ',"taking":[' + ",".join([_session_json(s) for s in m.taking]) + "]"
 
 
 def _session_head(s: Session) -> dict[str, Any]:
@@ -179,7 +193,8 @@ def _session_json(s: Session) -> str:
 
 def to_json(m: Manifest) -> bytes:
     doc = {"version": m.version, "generator": "luod", **_meta(m)}
-    return _with_array(doc, "sessions", [_session_json(s) for s in m.sessions]).encode()
+    text = _with_array(doc, "sessions", [_session_json(s) for s in m.sessions])
+    return (text[:-1] + _taking_json(m) + "}").encode()
 
 
 def change_json(
@@ -316,6 +331,7 @@ def from_json(raw: bytes, records: Sequence[bytes] = ()) -> Manifest:
         written_at=float(_get(meta, "written", (int, float), "manifest")),
         boot_id=str(meta.get("bootId", "")),
         subscribers=_subscribers(meta.get("subscribers", [])),
+        taking=_taking(meta.get("taking", [])),
     )
 
 
@@ -382,6 +398,13 @@ def _add_files(sessions: dict[tuple[int, str], Session], add: Any, where: str) -
         tokens.add(f.token)
         files[f.name] = f
     s.files.add(list(files.values()))
+
+
+def _taking(raw: Any) -> list[Session]:
+    """Optional (luod before it, and a manifest with no take waiting)."""
+    if not isinstance(raw, list):
+        raise ManifestError("corrupt", "manifest: taking is not a list")
+    return [_session(sd, f"taking[{i}]") for i, sd in enumerate(raw)]
 
 
 def _subscribers(raw: Any) -> set[tuple[str, int]]:

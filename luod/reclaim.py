@@ -18,6 +18,7 @@ nobody claimed in time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -163,6 +164,19 @@ class Reclaimer:
                     kind=old.kind.value,
                     owner=old.owner.describe(),
                 )
+        for t in manifest.taking:
+            # Taken out of their session before the kexec, and luod's own
+            # references did not come over it.
+            what = "it" if t.kind is not SessionKind.MANAGED else "them"
+            reason = (
+                f"taken, but luod had not seen the reply that carried {what} go out "
+                "before the kexec (luod died first, or the kexec came while the reply waited)"
+            )
+            if t.kind is SessionKind.MANAGED:
+                for f in list(t.files.values()):
+                    _lose_file(t, f, report, reason)
+            else:
+                _lose_session(t, report, reason)
         # What a luod that died while preserving again left and the
         # manifest does not name (a new session not committed yet) goes
         # before anything is preserved again: its files are in it.
@@ -274,6 +288,8 @@ class Reclaimer:
                 files=len(s.files),
                 held=sum(1 for f in s.files.values() if f.fd >= 0),
             )
+        for t in manifest.taking:
+            self._take_back(t)
         # Released first: a session the previous luod created and did not
         # commit may hold the very files rebuilt below.
         ledger.carrier.release_unclaimed()
@@ -303,6 +319,21 @@ class Reclaimer:
         for kernel_name in replaced:
             ledger.release_kept(kernel_name)
         return report
+
+    def _take_back(self, t: Session) -> None:
+        """A take the previous luod did not settle (its reply may not have
+        gone out): what the carrier kept for it is taken back and recorded
+        as a take of this luod's, which holds it again once started
+        (Custodian.start). Before release_unclaimed(): it keeps nothing the
+        manifest does not name."""
+        ledger = self.ledger
+        if t.kind is SessionKind.MANAGED:
+            self._attach_kept(t)
+        else:
+            with contextlib.suppress(LuoError):
+                t.fd = ledger.carrier.retrieve_session(t.kernel_name)
+        ledger.takes += 1
+        ledger.taking[ledger.takes] = t
 
     def _any_kept(self, s: Session) -> bool:
         """Whether the carrier kept a reference to any file of `s` (then a

@@ -155,7 +155,7 @@ class Service:
         server.close()
         if not self.nextkernel.kexeced:
             # Replies still waiting go with their connections: what a take
-            # would have handed over comes back (if_undelivered) while custody
+            # would have handed over comes back (on_delivery) while custody
             # can still hold it, before it is handed to the service manager.
             server.abort_clients()
             await asyncio.sleep(0)

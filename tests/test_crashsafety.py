@@ -403,6 +403,9 @@ ACTIONS: dict[str, Action] = {
     "grace": Action(done=_release_all, kexec=True, args=("--grace=0.5s",)),
 }
 
+# The calls that end custody of what their reply carries.
+TAKES = ("take", "take-after-kexec", "take-last", "hand-back")
+
 # (LUOD_TEST_CRASH_AT, action): every step at least once.
 CASES: list[tuple[str, str]] = [
     *[(s, a) for s in ("create.kernel", "create.held") for a in ("create", "handoff-create")],
@@ -568,6 +571,8 @@ def test_every_step_has_a_case() -> None:
     steps = {spec.partition(":")[0] for spec, _ in CASES}
     # Steps of a recovery only: test_kill_in_recovery kills there.
     steps |= {second for _first, _call, second in RECOVERY_CASES}
+    # After the reply went out: test_kill_after_a_take_went_out.
+    steps.add("take.delivered")
     assert steps == set(crashpoint.STEPS)
 
 
@@ -593,6 +598,9 @@ def test_kill_at_step(pid1: FakePid1, step: str, call: str) -> None:
     outcome, restart = timed_restart(pid1, world, action)
     for fd in held:  # the client knows the outcome: its own copy goes
         os.close(fd)
+    if call in TAKES:
+        # Killed before its reply went out: what it took is held again.
+        assert outcome == "absent"
     with pid1.client() as c:
         wait_preserved_again(c)
         check_kernel_agrees(pid1, c, world)  # (c)
@@ -625,6 +633,39 @@ def test_kill_at_step(pid1: FakePid1, step: str, call: str) -> None:
         retrieve_adopted(pid1, c, world)
     check_logs(pid1)
     FIGURES.append((step, call, outcome, restart, after_kexec))
+
+
+@pytest.mark.parametrize("call", ["take", "take-last"])
+def test_kill_after_a_take_went_out(pid1: FakePid1, call: str) -> None:
+    """Killed after the reply of a take went out, before luod recorded
+    that it had: the client has the file, and the luod started next holds
+    it again all the same (it cannot know whether the reply went out). A
+    copy too many, and nothing lost: the client takes it again."""
+    action = ACTIONS[call]
+    assert action.run is not None
+    world = populate(pid1)
+    pid1.kill9()
+    pid1.start(env={CRASH_ENV: "take.delivered"})
+    session, name = ("app", "a") if call == "take" else ("db", "x")
+    with pid1.client() as c:
+        c.sock.settimeout(CALL_TIMEOUT)
+        fd = c.retrieve_fd(session, name, take=True)
+    try:
+        expect_killed(pid1, "take.delivered")
+        restart_and_retrieve(pid1, world)  # held again: as before the take
+        assert contents(fd) == world.managed[session][name]
+    finally:
+        os.close(fd)
+    assert f"event=fds-given-back session={session} names={name} " in pid1.log()
+    with pid1.client() as c:
+        wait_preserved_again(c)
+        check_kernel_agrees(pid1, c, world)
+        os.close(c.retrieve_fd(session, name, take=True))
+        action.done(world) if action.done else None
+        check_listing(c, world)
+        check_kernel_agrees(pid1, c, world)
+    kexec_loses_nothing(pid1, world)
+    check_logs(pid1)
 
 
 # --- the issue's three failures -------------------------------------------------------

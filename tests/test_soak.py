@@ -73,6 +73,9 @@ class Tally:
     acknowledged: int = 0  # calls answered (a refusal is not counted)
     in_flight_done: int = 0  # calls cut off by a kill, found done after it
     in_flight_absent: int = 0  # ... found not done
+    # Takes answered whose file luod held again after a kill: killed after
+    # the reply went out, before it recorded that it had (at least once).
+    held_again: list[str] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -134,6 +137,8 @@ class Worker(threading.Thread):
         self.tally = tally
         self.pause = pause
         self.world = World()  # what luod acknowledged to this client
+        # (session, name) -> bytes of the files this client took.
+        self.took: dict[tuple[str, str], bytes] = {}
         self.counter = 0
         self.client: Client | None = None
         self.failed = False
@@ -217,6 +222,8 @@ class Worker(threading.Thread):
                     self.tally.error(
                         f"{self.name}: {op} {session}/{name}: not the bytes handed off"
                     )
+                if take:
+                    self.took[(session, name)] = want
 
             def taken(w: World) -> None:
                 del w.managed[session][name]
@@ -276,6 +283,7 @@ class Worker(threading.Thread):
                 self.reconnect()
                 time.sleep(0.01)
         shape = {s: v for s, v in listed_shape(listed).items() if s.startswith(self.prefix)}
+        self.held_again(shape)
         after = self.world.copy()
         done(after)
         if shape == self.world.shape():
@@ -294,6 +302,19 @@ class Worker(threading.Thread):
             f"\n  after  {sorted(after.shape().items())}"
         )
         raise RuntimeError("the model is lost")
+
+    def held_again(self, shape: dict[str, tuple[str, frozenset[str]]]) -> None:
+        """Files this client took (the reply came) that luod lists again:
+        luod was killed after the reply went out and before it recorded
+        that it had, and the luod after it holds them again. They are this
+        client's again, as luod says (fds-given-back, checked at the end)."""
+        for (session, name), data in list(self.took.items()):
+            if name in shape.get(session, ("", frozenset()))[1]:
+                if name not in self.world.managed.get(session, {}):
+                    self.world.managed.setdefault(session, {})[name] = data
+                    with self.tally.lock:
+                        self.tally.held_again.append(f"{session}/{name}")
+                del self.took[(session, name)]
 
     def run(self) -> None:
         try:
@@ -424,9 +445,12 @@ def test_kill9_soak(pid1: FakePid1, request: pytest.FixtureRequest) -> None:
     with pause.clients_idle(alive):
         soak_seconds = time.monotonic() - t0
         # The end: what luod lists is what it acknowledged.
-        world = merged(workers)
         try:
             with pid1.client() as c:
+                shape = listed_shape(c.list_sessions())
+                for w in workers:
+                    w.held_again({s: v for s, v in shape.items() if s.startswith(w.prefix)})
+                world = merged(workers)
                 check_listing(c, world)
                 retrieve_all(c, world)
                 orphans_before = disagreements(pid1, c, world.adopted)
@@ -454,6 +478,8 @@ def test_kill9_soak(pid1: FakePid1, request: pytest.FixtureRequest) -> None:
         f"  kills                {kills}",
         f"  cut off by a kill    {tally.in_flight_done} found done, "
         f"{tally.in_flight_absent} found absent",
+        f"  takes held again     {len(tally.held_again)} (answered, luod killed before "
+        "it recorded that)",
         f"  files at the end     {world.files()} in {len(world.managed)} sessions "
         f"(+{len(world.adopted)} adopted)",
         f"  files lost           {len(lost)}",
@@ -468,6 +494,10 @@ def test_kill9_soak(pid1: FakePid1, request: pytest.FixtureRequest) -> None:
         print("\n".join(figures))
     assert tally.errors == []
     assert not [w.name for w in workers if w.failed]
+    logs = pid1.all_logs()
+    for held in tally.held_again:
+        session, name = held.split("/")
+        assert f"event=fds-given-back session={session} names={name} " in logs, held
     assert kills >= 50
     assert lost == []
     assert orphans == []

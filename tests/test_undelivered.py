@@ -211,3 +211,87 @@ def test_a_session_given_back_is_in_the_fd_store_again(pid1: FakePid1) -> None:
         assert _sessions(c) == ["own"]
         os.close(c.retrieve_session("own"))
         assert _sessions(c) == []
+
+
+def test_a_take_waiting_when_luod_is_killed_is_held_again(pid1: FakePid1) -> None:
+    """luod killed (SIGKILL) while a take's reply waits for a client that
+    reads nothing: the take had ended custody in the manifest, and the file
+    then existed only in the reply. The take is recorded until its reply
+    has gone out, and luod's references to the files stay in the fd store
+    till then: the luod started next holds them again. Before, the file was
+    gone."""
+    pid1.start()
+    with pid1.client() as c:
+        facts = _hand_off(c, "app", ["a", "b"])
+        facts |= _hand_off(c, "db", ["x"])
+    takes = [
+        {
+            "method": f"{CUSTODY}.RetrieveFd",
+            "parameters": {"session": "app", "name": "a", "take": True},
+        },
+        # The last file of its session: luod lets go of the session.
+        {"method": f"{CUSTODY}.RetrieveFds", "parameters": {"session": "db", "take": True}},
+    ]
+    with _waiting(pid1.luod.socket, takes[0]), _waiting(pid1.luod.socket, takes[1]):
+        with pid1.client() as c:
+            wait_until(lambda: _sessions(c) == ["app"] and _files(c, "app") == ["b"], "taken")
+        pid1.kill9()
+    pid1.start()
+    with pid1.client() as c:
+        assert (_files(c, "app"), _files(c, "db")) == (["a", "b"], ["x"])
+        _same(c, "app", {n: facts[n] for n in ("a", "b")})
+        _same(c, "db", {"x": facts["x"]})
+    log = pid1.log()
+    for held in ("session=app names=a ", "session=db names=x "):
+        assert f"event=fds-given-back {held}" in log, log
+    assert "fds-lost" not in log
+    # Nothing of the takes is left in the store: a kexec carries the two
+    # sessions and nothing else.
+    pid1.kexec()
+    pid1.start()
+    with pid1.client() as c:
+        assert c.status()["reclaim"]["lost"] == []
+        assert (_files(c, "app"), _files(c, "db")) == (["a", "b"], ["x"])
+        _same(c, "app", {n: facts[n] for n in ("a", "b")})
+
+
+def test_a_session_handed_back_when_luod_is_killed_is_held_again(pid1: FakePid1) -> None:
+    """The same for a session handed back whole after the kexec
+    (RetrieveSession): the fd store keeps its copy until the reply went out."""
+    pid1.start()
+    with pid1.client() as c:
+        os.close(c.create_delegated_session("own"))
+    pid1.kexec()
+    pid1.start()
+    hand_back = {"method": f"{CUSTODY}.RetrieveSession", "parameters": {"session": "own"}}
+    with _waiting(pid1.luod.socket, hand_back):
+        with pid1.client() as c:
+            wait_until(lambda: _sessions(c) == [], "own handed back")
+        pid1.kill9()
+    pid1.start()
+    assert "event=session-given-back session=own " in pid1.log()
+    with pid1.client() as c:
+        assert _sessions(c) == ["own"]
+        os.close(c.retrieve_session("own"))
+        assert _sessions(c) == []
+
+
+def test_a_take_whose_reply_went_out_is_let_go_of(pid1: FakePid1) -> None:
+    """Once the reply of a take went out, its record and luod's references
+    go: a luod killed after that does not hold the file again."""
+    pid1.start()
+
+    def parked() -> int:
+        return sum(n.startswith("refs.") for n in pid1.names())
+
+    with pid1.client() as c:
+        _hand_off(c, "app", ["a", "b"])
+        os.close(c.retrieve_fd("app", "a", take=True))
+    # One parking (two store entries) for the session left, as before the
+    # take: the old one went once the reply was out.
+    wait_until(lambda: parked() == 2, "the references kept for the take let go of")
+    pid1.kill9()
+    pid1.start()
+    with pid1.client() as c:
+        assert _files(c, "app") == ["b"]
+    assert "fds-given-back" not in pid1.log()

@@ -22,7 +22,6 @@ from luod import errors
 from luod.custody import Custodian, Handoff
 from luod.interfaces import CUSTODY
 from luod.lazyimport import lazy_module
-from luod.model import SessionState
 from luod.varlink.fastconv import (
     FdRecordList,
     FlatObject,
@@ -35,8 +34,8 @@ from luod.varlink.replies import replies_of, translating
 from luod.varlink.transport import (
     current,
     declaring_errors,
-    if_undelivered,
     lazy_varlinkmethod,
+    on_delivery,
     reply_fd,
     take_fd,
 )
@@ -204,14 +203,11 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         reply that cannot be sent leaves it held). owner (root only): the
         uid whose session it is."""
         peer = current().peer
-        # Whose the file is, should it come back (if_undelivered).
-        whose = self.custodian.session_of(peer, session, owner).owner if take else None
-        fd, f = self.custodian.retrieve_fd(peer, session, name, bool(take), owner)
+        pending: list[int] = []
+        c = self.custodian
+        fd, f = c.retrieve_fd(peer, session, name, bool(take), owner, pending)
         out = reply_fd(fd)
-        if whose is not None:
-            if_undelivered(
-                [out], lambda fds: self.custodian.give_back(peer, whose, session, [(name, fds[0])])
-            )
+        self._settle_take(pending, [out], lambda take, fds: c.give_back(peer, take, fds))
         return {"fileDescriptor": out, "file": wire.file_info(f)}
 
     @lazy_varlinkmethod(return_parameter="files", adjust=_quicker_retrieve_fds)
@@ -230,20 +226,13 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         without them; a reply that cannot be sent leaves them held). owner
         (root only): the uid whose session it is."""
         peer = current().peer
-        # Whose the files are, should they come back (if_undelivered).
-        whose = self.custodian.session_of(peer, session, owner).owner if take else None
-        got = self.custodian.retrieve_fds(
-            peer, session, names, bool(take), owner, limit=MAX_FDS_PER_MESSAGE
+        pending: list[int] = []
+        c = self.custodian
+        got = c.retrieve_fds(
+            peer, session, names, bool(take), owner, limit=MAX_FDS_PER_MESSAGE, pending=pending
         )
         out = [reply_fd(fd) for fd, _f in got]
-        if whose is not None and got:
-            taken = [f.name for _fd, f in got]
-            if_undelivered(
-                out,
-                lambda fds: self.custodian.give_back(
-                    peer, whose, session, list(zip(taken, fds, strict=True))
-                ),
-            )
+        self._settle_take(pending, out, lambda take, fds: c.give_back(peer, take, fds))
         return [
             wire.RetrievedFile(fileDescriptor=fd, file=wire.file_info(f))
             for fd, (_fd, f) in zip(out, got, strict=True)
@@ -261,11 +250,12 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         the kexec the session itself, and luod lets go of it once the reply
         is sent. owner (root only): the uid whose session it is."""
         peer = current().peer
-        fd, s = self.custodian.retrieve_session(peer, session, owner)
+        pending: list[int] = []
+        c = self.custodian
+        fd, s = c.retrieve_session(peer, session, owner, pending)
         out = reply_fd(fd)
-        if s.state is not SessionState.OUTGOING:
-            # The session itself, not a copy: luod holds it no more.
-            if_undelivered([out], lambda fds: self.custodian.give_back_session(peer, s, fds[0]))
+        # After the kexec the session itself, not a copy.
+        self._settle_take(pending, [out], lambda take, fds: c.give_back_session(peer, take, fds[0]))
         return {"fileDescriptor": out, "session": wire.session_info(s)}
 
     @lazy_varlinkmethod()
@@ -279,6 +269,20 @@ class CustodyInterface(VarlinkInterface, name=CUSTODY):
         means it will not be carried; after it, that it is dropped. owner
         (root only): the uid whose session it is."""
         self.custodian.discard_session(current().peer, session, owner)
+
+    def _settle_take(
+        self,
+        pending: list[int],
+        out: list[FileDescriptor],
+        give_back: typing.Callable[[int, list[int]], None],
+    ) -> None:
+        """A take (`pending`: its number; none for a copy) ends once its
+        reply `out` went out; should it not, `give_back` holds again what
+        it took (the take, the reply's fds)."""
+        if pending:
+            (take,) = pending
+            c = self.custodian
+            on_delivery(out, lambda fds: give_back(take, fds), lambda: c.delivered(take))
 
 
 def _take_file(index: int, parameter: str) -> int:

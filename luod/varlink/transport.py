@@ -103,6 +103,10 @@ _SENTINEL = object()
 # fd of a hand-off (issue 12, goal 4).
 CallFds = FileDescriptorArray | list[int]
 
+# Told whether a reply that hands fds over went out (on_delivery): True
+# once its fds did, False if they never will.
+Settle = Callable[[bool], None]
+
 
 def close_left(fds: CallFds) -> None:
     """Close the fds of a call that nothing took."""
@@ -128,22 +132,23 @@ class CallContext:
     # The kernel dropped fds of this call: luod was at its open-file limit.
     fds_dropped: bool = False
     taken: set[int] = dataclasses.field(default_factory=set)
-    # Called if the call's reply is not delivered (if_undelivered); the
-    # transport's to call once the reply is handed to it (handed_over).
-    undelivered: Callable[[], None] | None = None
+    # Called once it is known whether the call's reply was delivered
+    # (on_delivery); the transport's to call once the reply is handed to
+    # it (handed_over).
+    settle: Settle | None = None
 
-    def handed_over(self) -> Callable[[], None] | None:
-        """What to call should the reply not be delivered, for the transport
-        the reply is now handed to."""
-        undelivered, self.undelivered = self.undelivered, None
-        return undelivered
+    def handed_over(self) -> Settle | None:
+        """What to call once the reply is delivered or not, for the
+        transport the reply is now handed to."""
+        settle, self.settle = self.settle, None
+        return settle
 
     def not_replied(self) -> None:
         """The call failed before its reply was handed to the transport
         (its error goes out instead): what it handed over comes back."""
-        undelivered = self.handed_over()
-        if undelivered is not None:
-            undelivered()
+        settle = self.handed_over()
+        if settle is not None:
+            settle(False)
 
     def close_untaken(self) -> None:
         """Close the fds of the call that nothing took, before its reply goes
@@ -251,23 +256,31 @@ def reply_fd(fd: int) -> FileDescriptor:
     return FileDescriptor(_Owned(fd), should_close=True)
 
 
-def if_undelivered(fds: Sequence[FileDescriptor], give_back: Callable[[list[int]], None]) -> None:
-    """Should the current call's reply not be delivered (the connection
+def on_delivery(
+    fds: Sequence[FileDescriptor],
+    give_back: Callable[[list[int]], None],
+    delivered: Callable[[], None],
+) -> None:
+    """Once the current call's reply with `fds` (made by reply_fd, in the
+    reply) is delivered, call `delivered`; should it not be (the connection
     closed, or was closed for its caps, before its fds went out), call
-    `give_back` with `fds` (made by reply_fd, in the reply), the fds then
-    its own to keep or close instead of the reply's (-1 for one closed
-    already). The fds go with the first bytes of the reply the socket
-    takes: from then on the reply is delivered (LuodTransport.expect_delivery),
-    whether or not the client reads it, which luod cannot know."""
+    `give_back` with them instead, the fds then its own to keep or close
+    (-1 for one closed already). One of the two is called, once. The fds
+    go with the first bytes of the reply the socket takes: from then on
+    the reply is delivered (LuodTransport.expect_delivery), whether or not
+    the client reads it, which luod cannot know."""
     owned: list[_Owned] = []
     for fd in fds:
         assert type(fd.fd) is _Owned, "made by reply_fd()"
         owned.append(fd.fd)
 
-    def undelivered() -> None:
-        give_back([o.take() for o in owned])
+    def settle(went_out: bool) -> None:
+        if went_out:
+            delivered()
+        else:
+            give_back([o.take() for o in owned])
 
-    current().undelivered = undelivered
+    current().settle = settle
 
 
 def is_reply_fd(fd: Any) -> bool:
@@ -718,24 +731,24 @@ class LuodProtocol(VarlinkInterfaceServerProtocol):
         obj: JSONObject,
         fds: list[int] | None,
         autoclose: bool,
-        undelivered: Callable[[], None] | None = None,
+        settle: Settle | None = None,
     ) -> asyncio.Future[None]:
-        """Send `obj` with `fds`; `undelivered`: called should the fds not go
-        out (if_undelivered), before the reply's future's other callbacks."""
-        if undelivered is None or not fds:
+        """Send `obj` with `fds`; `settle`: told whether the fds went out
+        (on_delivery), a failure before the reply's future's other callbacks."""
+        if settle is None or not fds:
             fut = self.send_message(obj, fds, autoclose)
         elif isinstance(transport := self._transport, LuodTransport):
-            transport.expect_delivery(fds, undelivered)
+            transport.expect_delivery(fds, settle)
             try:
                 fut = self.send_message(obj, fds, autoclose)
             finally:
                 transport.expect_delivery(None, None)
         else:
             # No transport (the connection is gone; luod serves every
-            # connection with LuodTransport): nothing goes out.
+            # connection with LuodTransport): nothing goes out. Settled by
+            # the future's outcome all the same.
             fut = self.send_message(obj, fds, autoclose)
-            if fut.done() and (fut.cancelled() or fut.exception() is not None):
-                _not_delivered(fut, undelivered)
+            fut.add_done_callback(lambda f: settle(not f.cancelled() and f.exception() is None))
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             return fut
         fut.add_done_callback(self._on_message_sent)
@@ -1033,10 +1046,10 @@ class LuodTransport(VarlinkTransport):
         self._queued = 0
         self._queued_fds = 0
         # The fds of the message being sent that hand something over, and
-        # what to call should they not go out (expect_delivery); and those
+        # what to tell whether they went out (expect_delivery); and those
         # of such messages waiting in the queue, by the id of their list.
-        self._expecting: tuple[list[int], Callable[[], None]] | None = None
-        self._awaiting: dict[int, tuple[list[int], Callable[[], None]]] = {}
+        self._expecting: tuple[list[int], Settle] | None = None
+        self._awaiting: dict[int, tuple[list[int], Settle]] = {}
         # A connection served alone (unit tests) is counted alone.
         transit = Transit(Limits()) if transit is None else transit
         self._transit, self._transit_bytes = transit.fds, transit.bytes
@@ -1164,29 +1177,28 @@ class LuodTransport(VarlinkTransport):
         self._drop_message()
         super()._close_receiver(exc)
 
-    def expect_delivery(
-        self, fds: list[int] | None, undelivered: Callable[[], None] | None
-    ) -> None:
+    def expect_delivery(self, fds: list[int] | None, settle: Settle | None) -> None:
         """The next message sent with `fds` (this very list) hands them over
-        (a file taken out of custody): should they not go out with it, call
-        `undelivered`, before the other callbacks of the message's future
-        (its fds still open then). They go out with the first bytes of the
-        message the socket takes. (None, None): expect nothing."""
-        self._expecting = None if fds is None or undelivered is None else (fds, undelivered)
+        (a file taken out of custody): call `settle(True)` once they went
+        out with it, `settle(False)` should they not, before the other
+        callbacks of the message's future (its fds still open then). They
+        go out with the first bytes of the message the socket takes.
+        (None, None): expect nothing."""
+        self._expecting = None if fds is None or settle is None else (fds, settle)
 
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
-        undelivered = None
+        settle = None
         if self._expecting is not None:
             expecting, self._expecting = self._expecting, None
             if fds and expecting[0] is fds:
-                undelivered = expecting[1]
+                settle = expecting[1]
         if (
             self._closing
             or self._sendfd is None
             or self._queued > MAX_QUEUED_REPLY
             or (fds and self._queued_fds + len(fds) > MAX_QUEUED_REPLY_FDS)
         ):
-            return _not_delivered(self._refuse_send(), undelivered)
+            return _not_delivered(self._refuse_send(), settle)
         if not self._sendqueue:
             # The fds of the call that nothing took are closed before its
             # reply goes out (asyncvarlink closed them before its writer ran).
@@ -1210,32 +1222,35 @@ class LuodTransport(VarlinkTransport):
                 self._close_sender()
                 fut = self._loop.create_future()
                 fut.set_exception(err)
-                return _not_delivered(fut, undelivered)
+                return _not_delivered(fut, settle)
+            if sent and settle is not None:
+                # The fds went with the first byte: delivered.
+                settle(True)
+                settle = None
             if sent >= len(data):
                 fut = self._loop.create_future()
                 fut.set_result(None)
                 return fut
             if sent:
-                # The fds went with the first byte (delivered); the rest
-                # follows alone.
-                data, fds, undelivered = data[sent:], None, None
+                # The rest follows alone.
+                data, fds = data[sent:], None
         if fds and (over := self._transit.take(self._uid, len(fds))):
             refused = self._refuse_send(f"the fds of its replies in transit would go over {over}")
-            return _not_delivered(refused, undelivered)
+            return _not_delivered(refused, settle)
         if over := self._transit_bytes.take(self._uid, len(data)):
             if fds:
                 self._transit.give_back(self._uid, len(fds))
             refused = self._refuse_send(f"the bytes of its replies in transit would go over {over}")
-            return _not_delivered(refused, undelivered)
+            return _not_delivered(refused, settle)
         # Counted in transit until sent (_do_write_socket) or dropped
         # (_fail_sendqueue).
         self._queued += len(data)
         fut = super().send_message(data, fds)
         if fds:
-            if undelivered is not None:
+            if settle is not None:
                 # Delivered once a sendmsg() takes its first bytes
                 # (_do_write_socket); else given back when its future fails.
-                self._awaiting[id(fds)] = (fds, undelivered)
+                self._awaiting[id(fds)] = (fds, settle)
                 fut.add_done_callback(functools.partial(self._settle, fds))
             # luod holds them until the reply is sent (or the connection fails).
             self._queued_fds += len(fds)
@@ -1247,7 +1262,7 @@ class LuodTransport(VarlinkTransport):
         go out (its future failed before), say so."""
         entry = self._awaiting.pop(id(fds), None)
         if entry is not None and entry[0] is fds and (fut.cancelled() or fut.exception()):
-            entry[1]()
+            entry[1](False)
 
     def _fds_sent(self, count: int, _fut: asyncio.Future[None]) -> None:
         self._queued_fds -= count
@@ -1287,6 +1302,7 @@ class LuodTransport(VarlinkTransport):
             entry = self._awaiting.get(id(fds))
             if entry is not None and entry[0] is fds:
                 del self._awaiting[id(fds)]
+                entry[1](True)
         self._queued -= sent
         self._transit_bytes.give_back(self._uid, sent)
         return sent
@@ -1299,13 +1315,11 @@ class LuodTransport(VarlinkTransport):
             self._queued = 0
 
 
-def _not_delivered(
-    fut: asyncio.Future[None], undelivered: Callable[[], None] | None
-) -> asyncio.Future[None]:
-    """`fut`, failed without its fds going out: call `undelivered` (if
+def _not_delivered(fut: asyncio.Future[None], settle: Settle | None) -> asyncio.Future[None]:
+    """`fut`, failed without its fds going out: call `settle(False)` (if
     any) first among its callbacks."""
-    if undelivered is not None:
-        fut.add_done_callback(lambda _fut: undelivered())
+    if settle is not None:
+        fut.add_done_callback(lambda _fut: settle(False))
     return fut
 
 

@@ -1,7 +1,8 @@
 """Issue 11 under systemd 262 with luod from its Debian package (guest
 program: guest/crashsafety.sh): luod killed with SIGKILL inside the
-re-preserve after `systemctl kexec` and then inside a hand-off, started
-again each time by systemd (Restart=on-failure) from its fd store.
+re-preserve after `systemctl kexec`, then inside a hand-off, then while
+the reply of a take waits, started again each time by systemd
+(Restart=on-failure) from its fd store.
 Nothing acknowledged is lost, every file is retrievable right after luod
 is ready again, later hand-offs into the same session work, and the next
 kexec carries it all."""
@@ -89,7 +90,8 @@ def test_kill9_in_represerve_and_in_handoff_loses_nothing(
     inflight = _json(s2.path / "inflight.json")
     assert not inflight_step.ok() and not inflight[INFLIGHT]["ok"], f"{inflight_step}\n{journal2}"
     assert "LUOD_TEST_CRASH_AT=handoff.preserved" in journal2, journal2
-    assert journal2.count("code=killed, status=9/KILL") == 2, journal2
+    # The two armed kills, and the one of a take (below).
+    assert journal2.count("code=killed, status=9/KILL") == 3, journal2
     assert s2.step("wait-restarted").ok(), f"luod did not come back\n{journal2}\n{report}"
     after = s2.step("luod-after-crash").props()
     assert (after["ActiveState"], after["NRestarts"]) == ("active", "2"), after
@@ -108,6 +110,19 @@ def test_kill9_in_represerve_and_in_handoff_loses_nothing(
     _assert_all_back(got, everything, inflight_there, journal2)
     assert got["status"]["files"] == count, got["status"]
     assert got["status"]["reclaim"]["lost"] == [], got["status"]["reclaim"]
+    sessions = {s["name"]: len(s["files"]) for s in got["sessions"]}
+    assert sessions == {"cs0": 4 + inflight_there, "cs1": 3, "cs2": 1}, sessions
+
+    # Killed while the reply of a take waited for a client that reads
+    # nothing: the file had left its session, and its reply was all that
+    # held it. The luod started again holds it again, bytes and all.
+    take_step = s2.step("take-unread")
+    assert take_step.ok(), f"{take_step}\n{journal2}"
+    assert s2.step("wait-restarted-again").ok(), f"luod did not come back\n{journal2}\n{report}"
+    assert "event=fds-given-back session=cs1 names=a " in journal2, journal2
+    got = _json(s2.path / "after-take.json")
+    _assert_all_back(got, everything, inflight_there, journal2)
+    assert got["status"]["files"] == count, got["status"]
     sessions = {s["name"]: len(s["files"]) for s in got["sessions"]}
     assert sessions == {"cs0": 4 + inflight_there, "cs1": 3, "cs2": 1}, sessions
 

@@ -166,3 +166,38 @@ def test_one_name_for_two_owners_but_not_twice_for_one() -> None:
     with pytest.raises(ManifestError) as e:
         from_json(json.dumps(doc).encode())
     assert e.value.message == "manifest: session 'cache' of uid 65534 appears twice"
+
+
+def test_takes_waiting_roundtrip_in_the_manifest_and_its_records() -> None:
+    """A take whose reply has not gone out is recorded (luod.custody): the
+    session it was taken from with the files taken, under the kernel name
+    whose references luod keeps; in the whole manifest and in every record
+    after it. None recorded, the manifest is as luod before them wrote it."""
+    from luod.manifest import change_json
+
+    m = _manifest()
+    assert b"taking" not in to_json(m)
+    assert b"taking" not in change_json(m, [], [])
+    took = Session("db", SessionKind.MANAGED, Owner(0), "luod.9.u0.db", 4.0)
+    took.files["x"] = HeldFile("x", 3, 100, 5.0)
+    own = Session("own", SessionKind.DELEGATED, Owner(7), "luod.4.u7.own", 1.0)
+    m.taking = [took, own]
+    for read in (from_json(to_json(m)), from_json(to_json(_manifest()), [change_json(m, [], [])])):
+        assert [(t.name, t.kind, t.owner.uid, t.kernel_name) for t in read.taking] == [
+            ("db", SessionKind.MANAGED, 0, "luod.9.u0.db"),
+            ("own", SessionKind.DELEGATED, 7, "luod.4.u7.own"),
+        ]
+        assert [(f.name, f.token, f.size) for f in read.taking[0].files.values()] == [("x", 3, 100)]
+        assert [s.name for s in read.sessions] == ["cache"]
+    # A record with none waiting ends them.
+    ended = from_json(to_json(m), [change_json(_manifest(), [], [])])
+    assert ended.taking == []
+
+
+@pytest.mark.parametrize("taking", ["x", [{"name": "db"}], [5]])
+def test_a_bad_take_waiting_is_corrupt(taking: object) -> None:
+    doc = json.loads(to_json(_manifest()))
+    doc["taking"] = taking
+    with pytest.raises(ManifestError) as e:
+        from_json(json.dumps(doc).encode())
+    assert e.value.kind == "corrupt"

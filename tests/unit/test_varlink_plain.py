@@ -46,8 +46,10 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
     def __init__(self) -> None:
         self.taken: list[int] = []
         self.given = 0
-        # What came back of replies not delivered (GiveBack), open or not.
+        # What came back of replies not delivered (GiveBack), open or not,
+        # and how many such replies were delivered.
         self.back: list[tuple[int, bool]] = []
+        self.delivered = 0
 
     @varlinkmethod(return_parameter="text")
     def Echo(self, text: str, times: typing.Optional[int] = None) -> str:  # noqa: UP045
@@ -116,7 +118,10 @@ class ProbeInterface(VarlinkInterface, name="io.luod.Test"):
                 if fd >= 0:
                     os.close(fd)
 
-        transport.if_undelivered([out], back)
+        def delivered() -> None:
+            self.delivered += 1
+
+        transport.on_delivery([out], back, delivered)
         return out
 
     @varlinkmethod(return_parameter="count")
@@ -386,12 +391,13 @@ def test_the_fds_of_a_reply_not_delivered_are_given_back(
         assert len(replies) == 1 and len(fds) == 1
         os.close(fds[0])
         loop.run_until_complete(asyncio.sleep(0.01))
-        assert interface.back == []
+        assert (interface.back, interface.delivered) == ([], 1)
         # The client reads no more: luod's send fails (EPIPE).
         sock.shutdown(socket.SHUT_RD)
         sock.sendall(json.dumps(call).encode() + b"\0")
         _run_until(loop, lambda: bool(interface.back))
         assert [is_open for _fd, is_open in interface.back] == [True]
+        assert interface.delivered == 1
     served.close()
     loop.run_until_complete(asyncio.sleep(0))
 
@@ -408,6 +414,7 @@ def test_the_fds_of_a_reply_not_delivered_are_given_back(
         served.abort()
         _run_until(loop, lambda: bool(interface.back), deadline)
         assert [is_open for _fd, is_open in interface.back] == [True]
+        assert interface.delivered == 0
     loop.run_until_complete(asyncio.sleep(0))
 
 
@@ -448,7 +455,7 @@ def test_a_reply_is_delivered_once_its_fds_went_out(
     # The client went, the Echo's reply unread.
     _run_until(loop, served.is_closing)
     loop.run_until_complete(asyncio.sleep(0.05))
-    assert interface.back == []
+    assert (interface.back, interface.delivered) == ([], 1)
 
 
 @pytest.mark.parametrize(
@@ -469,6 +476,7 @@ def test_what_a_call_handed_over_comes_back_if_its_reply_cannot_be_made(
         ]
         assert fds == []
         assert [is_open for _fd, is_open in interface.back] == [still_open]
+        assert interface.delivered == 0
     served.close()
     loop.run_until_complete(asyncio.sleep(0))
 
@@ -497,15 +505,15 @@ def test_a_oneway_call_whose_reply_carries_fds_is_refused(loop: asyncio.Abstract
 def test_a_reply_with_no_connection_left_gives_back_what_it_hands_over() -> None:
     """Served after its connection went (no transport): nothing goes out."""
 
-    async def run() -> list[bool]:
+    async def run() -> list[tuple[bool, bool]]:
         protocol = transport.LuodProtocol(VarlinkInterfaceRegistry(), Limits())
         fd = _memfd(4096)
-        back: list[bool] = []
-        fut = protocol._send_json({}, [fd], False, lambda: back.append(_is_open(fd)))
+        back: list[tuple[bool, bool]] = []
+        fut = protocol._send_json({}, [fd], False, lambda went: back.append((went, _is_open(fd))))
         with pytest.raises(BrokenPipeError):
             await fut
         await asyncio.sleep(0)
         os.close(fd)
         return back
 
-    assert asyncio.run(run()) == [True]
+    assert asyncio.run(run()) == [(False, True)]

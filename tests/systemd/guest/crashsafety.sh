@@ -16,7 +16,9 @@
 #    right away, the reclaim report (GetStatus). Then a hand-off during
 #    which luod dies (the kernel holds the file, luod's reference is not
 #    kept, no reply sent); luod back again: every file retrieved right
-#    after READY; later hand-offs into the same session; kexec.
+#    after READY; later hand-offs into the same session. Then luod killed
+#    while the reply of a take waits for a client that reads nothing; luod
+#    back: the file is held again; kexec.
 # 3. no kill: every file retrieved again, the reclaim report.
 # shellcheck source=testsupport/systemd/guest/lib.sh
 . "$LUOD_TEST_GUEST/lib.sh"
@@ -83,6 +85,12 @@ if [[ $STAGE == 2 ]]; then
 	# The session goes on: no token left blocking, no session out of step.
 	step later python3 "$FILES" put "$OUT/later.json" cs0/e:32768:0 cs1/c:8192:0
 	step get-all python3 "$FILES" get "$OUT/get-all.json" "$S1/files.json" "$OUT/inflight.json" "$OUT/later.json"
+	# A take whose reply waits for a client that reads nothing, and luod
+	# killed (systemctl kill) meanwhile: the luod started again holds the
+	# file again.
+	step take-unread python3 "$FILES" take-unread "$OUT/take-unread.json" cs1/a
+	step wait-restarted-again wait_until 60 restarted 3
+	step get-after-take python3 "$FILES" get "$OUT/after-take.json" "$S1/files.json" "$OUT/inflight.json" "$OUT/later.json"
 	step journal-luod journal_luod
 	# Gone from the next boot on (no daemon-reload needed for that).
 	rm -f "$DROPIN"

@@ -18,17 +18,28 @@ the guest's python3 with the image's luod and testsupport.
         the same connection: one Python start less under TCG). Exit status
         1 unless every copy came back byte-identical (sha256 and size) to
         what was handed over (a file that is gone, too).
+    luod_test_files.py take-unread OUT.json SESSION/NAME
+        Takes SESSION/NAME (RetrieveFd, take) on a connection that reads
+        nothing: 60 replies before it fill the socket, and the take's reply
+        waits in luod. Once luod lists the file no more, luod.service is
+        killed (SIGKILL), and the connection closed only after luod's main
+        process is gone: what luod does for a reply it could not send never
+        runs. OUT gets {"taken": bool, "killed": PID}. Exit status 1 unless
+        the file was taken and luod killed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from typing import Any
 
 from luod.client import VarlinkError, connect
+from luod.interfaces import CUSTODY, DEFAULT_SOCKET
 from testsupport.guest import describe, seeded_memfd
 
 
@@ -101,12 +112,57 @@ def get(out_path: str, expect_paths: list[str]) -> int:
     return 0 if identical else 1
 
 
+def _listed(session: str, name: str) -> bool:
+    with connect() as c:
+        return any(
+            f["name"] == name for s in c.list_sessions() if s["name"] == session for f in s["files"]
+        )
+
+
+def take_unread(out_path: str, key: str) -> int:
+    session, name = key.split("/")
+    describe = {
+        "method": "org.varlink.service.GetInterfaceDescription",
+        "parameters": {"interface": CUSTODY},
+    }
+    take = {
+        "method": f"{CUSTODY}.RetrieveFd",
+        "parameters": {"session": session, "name": name, "take": True},
+    }
+    result: dict[str, Any] = {"taken": False, "killed": 0}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(os.environ.get("LUOD_SOCKET", DEFAULT_SOCKET))
+        sock.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in [describe] * 60 + [take]))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not result["taken"]:
+            result["taken"] = not _listed(session, name)
+            time.sleep(0.2)
+        if result["taken"]:
+            pid = int(
+                subprocess.run(
+                    ["systemctl", "show", "-P", "MainPID", "luod.service"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            subprocess.run(["systemctl", "kill", "--signal=KILL", "luod.service"], check=True)
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            result["killed"] = 0 if os.path.exists(f"/proc/{pid}") else pid
+    _dump(out_path, result)
+    print(json.dumps(result))
+    return 0 if result["taken"] and result["killed"] else 1
+
+
 def main() -> int:
     cmd, out, *rest = sys.argv[1:]
     if cmd == "put":
         return put(out, rest)
     if cmd == "get":
         return get(out, rest)
+    if cmd == "take-unread":
+        return take_unread(out, rest[0])
     print(f"unknown command {cmd!r}", file=sys.stderr)
     return 2
 
