@@ -142,9 +142,11 @@ class Custodian:
         by = f"luod (pid {os.getpid()}, restarted)"
         for take, s in list(self.ledger.taking.items()):
             if s.kind is SessionKind.MANAGED:
-                self._hold_again(take, [(f.name, f.fd) for f in s.files.values()], RESTARTED, by)
-            else:
-                self._hold_session_again(take, s.fd, RESTARTED, by)
+                files = [(f.name, f.fd) for f in s.files.values()]
+                for name in self._hold_again(take, files, RESTARTED, by):
+                    report.lose(s.owner.uid, f"{s.name}/{name}")
+            elif not self._hold_session_again(take, s.fd, RESTARTED, by):
+                report.lose(s.owner.uid, s.name)
         return report
 
     def preserve_again(self, key: SessionKey | None = None) -> bool:
@@ -526,17 +528,12 @@ class Custodian:
             return
         try:
             reached("take.delivered")
-            if ledger.carrier.holds_after_exit:
-                ledger.commit()
+            # Every carrier: the state session's manifest is what the next
+            # boot reads, and it would say the take's files were lost.
+            ledger.commit()
             self._let_go_taken(s)
         except Exception as e:  # outside any call: logged, never raised
-            log.error(
-                "take-not-settled",
-                session=s.name,
-                owner=s.owner.describe(),
-                reason=repr(e),
-                hint="a luod restarted in this boot holds what it took again",
-            )
+            _not_settled(s, e)
 
     def _let_go_taken(self, s: Session) -> None:
         """Release what was kept for the take `s` (its record gone)."""
@@ -553,48 +550,71 @@ class Custodian:
         already, lost). Never raises (it runs once the reply is known to
         be lost, outside any call)."""
         s = self.ledger.taking.get(take)
-        files = [] if s is None else list(zip(s.files, fds, strict=True))
-        self._hold_again(take, files, NOT_DELIVERED, peer.describe())
+        if s is None:  # settled already
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            return
+        self._hold_again(take, list(zip(s.files, fds, strict=True)), NOT_DELIVERED, peer.describe())
 
-    def _hold_again(self, take: int, files: list[tuple[str, int]], why: str, by: str) -> None:
+    def _hold_again(self, take: int, files: list[tuple[str, int]], why: str, by: str) -> list[str]:
         """The files of `take` ((name, fd) each, the fds luod's, -1 where
         none is left) back into their owner's session under their names, as
         a hand-off of the owner (the session made again if taking them let
         go of it): write-ahead, all or nothing, within the owner's quotas,
         committed together with the end of the take's record. What cannot
-        be held again is logged as lost, with the reason."""
+        be held again is logged as lost, with the reason, and returned (its
+        names). Never raises."""
         ledger = self.ledger
-        s = ledger.taking.pop(take, None)
-        if s is None:
-            for _name, fd in files:
-                if fd >= 0:
-                    os.close(fd)
-            return
+        s = ledger.taking[take]
         # A reply's fds are closed together: all of them or none.
         lost = [name for name, fd in files if fd < 0]
         back = [Handoff(name, fd) for name, fd in files if fd >= 0]
-        if back:
-            as_owner = Peer(os.getpid(), s.owner.uid, 0, s.owner.unit, s.owner.comm)
-            if ledger.carrier.holds_after_exit:
-                # The files stay preserved in the session they were taken
-                # from until whoever holds a copy of it lets go (EBUSY).
-                ledger.carrier.settle(REPRESERVE_PATIENCE)
-            try:
-                handoff.preserve_fds(self, as_owner, s.name, back, create=True)
-            except Exception as e:  # in a callback: logged, never raised
-                lost += [h.name for h in back]
-                back = []
-                said = str(e) if isinstance(e, errors.LuodError) else repr(e)
-                why = f"{why}; they could not be held again: {said}"
-        if not back:
-            # Nothing committed the end of the take's record.
-            ledger.commit()
-        self._let_go_taken(s)
+        if back and (failed := self._hand_back(take, s, back)) is not None:
+            lost += [h.name for h in back]
+            back = []
+            why = f"{why}; they could not be held again: {failed}"
+        try:
+            if ledger.taking.pop(take, None) is not None or not back:
+                # Nothing committed the end of the take's record.
+                ledger.commit()
+            self._let_go_taken(s)
+        except Exception as e:  # outside any call: logged, never raised
+            _not_settled(s, e)
         if back:
             names = ",".join(h.name for h in back)
             _given_back("fds-given-back", s.name, s.owner, by, why, names=names)
         if lost:
             _given_back("fds-lost", s.name, s.owner, by, why, names=",".join(lost))
+        return lost
+
+    def _hand_back(self, take: int, s: Session, back: list[Handoff]) -> str | None:
+        """Hand `back` off into the session of the take `s` as its owner,
+        the take's record ending with the hand-off's commit: None, or why
+        they could not be held again (their fds closed then)."""
+        ledger = self.ledger
+        try:
+            try:
+                # Sessions that came over the kexec are preserved again
+                # before a hand-off, each committed: with the take still
+                # recorded, so that a luod killed before the hand-off's own
+                # commit holds the files again.
+                self.preserve_all_again()
+                if ledger.carrier.holds_after_exit:
+                    # The files stay preserved in the session they were
+                    # taken from until whoever holds a copy of it lets go
+                    # (EBUSY).
+                    ledger.carrier.settle(REPRESERVE_PATIENCE)
+            except BaseException:
+                for h in back:
+                    os.close(h.fd)
+                raise
+            del ledger.taking[take]
+            as_owner = Peer(os.getpid(), s.owner.uid, 0, s.owner.unit, s.owner.comm)
+            handoff.preserve_fds(self, as_owner, s.name, back, create=True)
+        except Exception as e:  # outside any call: logged, never raised
+            return str(e) if isinstance(e, errors.LuodError) else repr(e)
+        return None
 
     def give_back_session(self, peer: Peer, take: int, fd: int) -> None:
         """Hold again the session that came over the kexec and that `take`
@@ -603,13 +623,15 @@ class Custodian:
         already, lost). Within the owner's quotas, as adopting it would be."""
         self._hold_session_again(take, fd, NOT_DELIVERED, peer.describe())
 
-    def _hold_session_again(self, take: int, fd: int, why: str, by: str) -> None:
+    def _hold_session_again(self, take: int, fd: int, why: str, by: str) -> bool:
+        """The session of `take` held again, as it was before the call,
+        claimed; False (logged) when it is lost. Never raises."""
         ledger = self.ledger
         seen = ledger.taking.pop(take, None)
-        if seen is None:
+        if seen is None:  # settled already
             if fd >= 0:
                 os.close(fd)
-            return
+            return True
         event = "session-lost"
         if fd >= 0:
             try:
@@ -627,10 +649,14 @@ class Custodian:
                 ledger.add(s)
                 ledger.carrier.session_held(s.kernel_name, fd)
                 event = "session-given-back"
-        ledger.commit()
-        if event == "session-lost":
-            self._let_go_taken(seen)
+        try:
+            ledger.commit()
+            if event == "session-lost":
+                self._let_go_taken(seen)
+        except Exception as e:  # outside any call: logged, never raised
+            _not_settled(seen, e)
         _given_back(event, seen.name, seen.owner, by, why, kernel_name=seen.kernel_name)
+        return event != "session-lost"
 
     def retrieve_session(
         self,
@@ -725,6 +751,16 @@ NOT_DELIVERED = "the reply that carried it was not delivered: the connection clo
 RESTARTED = (
     "luod died before the reply that carried it went out (or before it recorded that it had)"
 )
+
+
+def _not_settled(s: Session, e: Exception) -> None:
+    log.error(
+        "take-not-settled",
+        session=s.name,
+        owner=s.owner.describe(),
+        reason=repr(e),
+        hint="a luod restarted in this boot holds what it took again",
+    )
 
 
 def _given_back(event: str, session: str, owner: Owner, by: str, why: str, **fields: str) -> None:

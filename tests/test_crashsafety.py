@@ -642,7 +642,7 @@ def test_kill_after_a_take_went_out(pid1: FakePid1, call: str) -> None:
     it again all the same (it cannot know whether the reply went out). A
     copy too many, and nothing lost: the client takes it again."""
     action = ACTIONS[call]
-    assert action.run is not None
+    assert action.done is not None
     world = populate(pid1)
     pid1.kill9()
     pid1.start(env={CRASH_ENV: "take.delivered"})
@@ -661,7 +661,7 @@ def test_kill_after_a_take_went_out(pid1: FakePid1, call: str) -> None:
         wait_preserved_again(c)
         check_kernel_agrees(pid1, c, world)
         os.close(c.retrieve_fd(session, name, take=True))
-        action.done(world) if action.done else None
+        action.done(world)
         check_listing(c, world)
         check_kernel_agrees(pid1, c, world)
     kexec_loses_nothing(pid1, world)

@@ -24,7 +24,7 @@ from luod.kernel.backend import LuoError
 from testsupport.fakekernel import FakeBackend
 from testsupport.fakepid1 import FakePid1
 from testsupport.images import fake_bzimage
-from testsupport.util import make_memfd, memfd_facts, run_as
+from testsupport.util import make_memfd, memfd_facts, run_as, wait_until
 
 # --- helpers ------------------------------------------------------------------
 
@@ -289,7 +289,8 @@ def test_kexec_through_pid1_reclaims_identical(pid1: FakePid1) -> None:
         assert [p["session"] for p in problems] == ["client-own"]
         assert "will be lost" in problems[0]["reason"]
         os.close(c.retrieve_session("client-own"))
-    assert "session.client-own" not in pid1.names()
+    # The store's copy goes once the reply went out (luod then tells PID 1).
+    wait_until(lambda: "session.client-own" not in pid1.names(), "the store lets go of it")
 
     pid1.kexec()
     pid1.start()

@@ -295,3 +295,29 @@ def test_a_take_whose_reply_went_out_is_let_go_of(pid1: FakePid1) -> None:
     with pid1.client() as c:
         assert _files(c, "app") == ["b"]
     assert "fds-given-back" not in pid1.log()
+
+
+def test_a_take_that_cannot_be_held_again_after_a_kill_is_reported_lost(
+    pid1: FakePid1,
+) -> None:
+    """What a restarted luod cannot hold again (here its owner's quota is
+    smaller than before the kill) is in the reclaim report's lost, not
+    only in the log."""
+    pid1.start()
+    with pid1.client() as c:
+        _hand_off(c, "app", ["a", "b"])
+    take = {
+        "method": f"{CUSTODY}.RetrieveFd",
+        "parameters": {"session": "app", "name": "a", "take": True},
+    }
+    with _waiting(pid1.luod.socket, take):
+        with pid1.client() as c:
+            wait_until(lambda: _files(c, "app") == ["b"], "a taken")
+        pid1.kill9()
+    pid1.start("--max-files-root=1")
+    with pid1.client() as c:
+        assert c.status()["reclaim"]["lost"] == ["app/a"]
+        assert _files(c, "app") == ["b"]
+    log = pid1.log()
+    assert "event=fds-lost session=app names=a " in log, log
+    assert "quota exceeded" in log
