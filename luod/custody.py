@@ -496,34 +496,27 @@ class Custodian:
             del s.files[f.name]
         if pending is not None:
             # Recorded with the commit below, until its reply has gone out;
-            # luod's references to the files stay kept under the old kernel
-            # name till then: a luod restarted before holds them again.
-            pending.append(self._record_take(_taken_part(s, taken, old)))
+            # luod's references to the files taken are kept till then, apart
+            # from the session's: a luod restarted before holds them again.
+            part = _taken_part(s, taken, TAKEN_REFS_PREFIX + old)
+            ledger.keep(part, taken)
+            pending.append(ledger.record_take(part))
         if remaining:
             ledger.commit(s)
             reached("take.committed")
-            if pending is None:
-                # The old references, the taken files' among them.
-                ledger.release_kept(old)
+            # The old references, the taken files' among them.
+            ledger.release_kept(old)
         else:
-            ledger.drop(s, "its last fd was taken", keep_refs=pending is not None)
+            ledger.drop(s, "its last fd was taken")
         for f in taken:
             f.close()
-
-    def _record_take(self, taken: Session) -> int:
-        """Record a take whose reply is still to go out, in the manifest
-        with the change that takes: `taken`, what it took. Its number."""
-        ledger = self.ledger
-        ledger.takes += 1
-        ledger.taking[ledger.takes] = taken
-        return ledger.takes
 
     def delivered(self, take: int) -> None:
         """The reply of `take` went out: custody of what it took ends (its
         record and luod's references go). Never raises: the transport calls
         it as the reply is sent."""
         ledger = self.ledger
-        s = ledger.taking.pop(take, None)
+        s = ledger.end_take(take)
         if s is None:
             return
         try:
@@ -575,7 +568,7 @@ class Custodian:
             back = []
             why = f"{why}; they could not be held again: {failed}"
         try:
-            if ledger.taking.pop(take, None) is not None or not back:
+            if ledger.end_take(take) is not None or not back:
                 # Nothing committed the end of the take's record.
                 ledger.commit()
             self._let_go_taken(s)
@@ -609,7 +602,7 @@ class Custodian:
                 for h in back:
                     os.close(h.fd)
                 raise
-            del ledger.taking[take]
+            ledger.end_take(take)
             as_owner = Peer(os.getpid(), s.owner.uid, 0, s.owner.unit, s.owner.comm)
             handoff.preserve_fds(self, as_owner, s.name, back, create=True)
         except Exception as e:  # outside any call: logged, never raised
@@ -627,7 +620,7 @@ class Custodian:
         """The session of `take` held again, as it was before the call,
         claimed; False (logged) when it is lost. Never raises."""
         ledger = self.ledger
-        seen = ledger.taking.pop(take, None)
+        seen = ledger.end_take(take)
         if seen is None:  # settled already
             if fd >= 0:
                 os.close(fd)
@@ -697,7 +690,7 @@ class Custodian:
         fd, s.fd = s.fd, -1
         ledger.remove(s.key)
         if pending is not None:
-            pending.append(self._record_take(dataclasses.replace(seen, fd=-1)))
+            pending.append(ledger.record_take(dataclasses.replace(seen, fd=-1)))
         ledger.commit()
         reached("release.committed")
         if pending is None:
@@ -746,6 +739,11 @@ class Custodian:
         self.ledger.close()
 
 
+# What luod's references to the files of a take waiting are kept under
+# (Carrier.keep_files): the kernel session's name they were taken from
+# after it. No kernel session's name begins so (luod.names).
+TAKEN_REFS_PREFIX = "taken."
+
 # Why a take is undone (Custodian.give_back, give_back_session, start).
 NOT_DELIVERED = "the reply that carried it was not delivered: the connection closed first"
 RESTARTED = (
@@ -780,8 +778,8 @@ def _given_back(event: str, session: str, owner: Owner, by: str, why: str, **fie
 
 def _taken_part(s: Session, taken: Sequence[HeldFile], kernel_name: str) -> Session:
     """What a take of the files `taken` of `s` took, as the manifest records
-    it until its reply went out: `s` with those files only, under the
-    kernel name whose references luod keeps for them."""
+    it until its reply went out: `s` with those files only, under the name
+    luod keeps its references to them under."""
     files = {
         f.name: HeldFile(f.name, f.token, f.size, f.preserved_at, manifest_entry=f.manifest_entry)
         for f in taken

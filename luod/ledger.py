@@ -78,10 +78,13 @@ class Ledger:
         self._by_inode: dict[InodeKey, tuple[SessionKey, str]] = {}
         # Takes whose reply has not gone out yet (luod.custody), by a number
         # of their own: the session as taken from, with the files taken
-        # only, under the kernel name whose references the carrier keeps
-        # for them until the take is settled. Written with every record.
-        self.taking: dict[int, Session] = {}
-        self.takes = 0  # numbers given to takes so far
+        # only, under the name the carrier keeps luod's references to them
+        # under until the take is settled (record_take(), end_take()); and
+        # those recorded and settled since the last record.
+        self._taking: dict[int, Session] = {}
+        self._took: dict[int, Session] = {}
+        self._settled: set[int] = set()
+        self._takes = 0  # numbers given to takes so far
         # The files of every session held, and their bytes, root's and every
         # other uid's apart: HeldFiles count into them.
         self._root_tally = Tally()
@@ -185,7 +188,7 @@ class Ledger:
             written_at=self.clock(),
             boot_id=self.boot_id,
             subscribers=self.known_subscribers,
-            taking=list(self.taking.values()),
+            taking=dict(self._taking) if sessions else {},
         )
 
     def save(self) -> None:
@@ -196,6 +199,8 @@ class Ledger:
         self.carrier.save(to_json(self.manifest()))
         self._changed.clear()
         self._gone.clear()
+        self._took.clear()
+        self._settled.clear()
 
     def commit(self, *changed: Session) -> None:
         """Record what changed: `changed`, the sessions added, let go of or
@@ -221,12 +226,43 @@ class Ledger:
         for s in changed:
             self._changed[s.key] = s
         put = [s for key, s in self._changed.items() if self._sessions.get(key) is s]
-        record = change_json(self.manifest(sessions=False), put, sorted(self._gone), added)
+        record = change_json(
+            self.manifest(sessions=False),
+            put,
+            sorted(self._gone),
+            added,
+            list(self._took.items()),
+            sorted(self._settled),
+        )
         if self.carrier.append(record):
             self._changed.clear()
             self._gone.clear()
+            self._took.clear()
+            self._settled.clear()
         else:
             self.save()
+
+    # --- takes whose reply has not gone out ----------------------------------
+
+    @property
+    def taking(self) -> Mapping[int, Session]:
+        return self._taking
+
+    def record_take(self, taken: Session) -> int:
+        """Record a take whose reply is still to go out (with the next
+        commit): `taken`, what it took. Its number."""
+        self._takes += 1
+        self._taking[self._takes] = taken
+        self._took[self._takes] = taken
+        return self._takes
+
+    def end_take(self, take: int) -> Session | None:
+        """The take `take` is settled (recorded with the next commit): what
+        it took, or None if it was settled already."""
+        taken = self._taking.pop(take, None)
+        if taken is not None and self._took.pop(take, None) is None:
+            self._settled.add(take)
+        return taken
 
     def note_subscriber(self, name: str, uid: int) -> None:
         """Remember who subscribed in this boot, so that after the kexec
@@ -364,13 +400,11 @@ class Ledger:
 
     # --- letting go ------------------------------------------------------------
 
-    def drop(self, s: Session, why: str, keep_refs: bool = False) -> None:
-        """Let go of `s` and everything in it; `keep_refs`: but not of
-        luod's references the carrier keeps for it (a take not settled
-        yet needs them, luod.custody)."""
-        self.drop_all([s], why, keep_refs)
+    def drop(self, s: Session, why: str) -> None:
+        """Let go of `s` and everything in it."""
+        self.drop_all([s], why)
 
-    def drop_all(self, gone: Iterable[Session], why: str, keep_refs: bool = False) -> None:
+    def drop_all(self, gone: Iterable[Session], why: str) -> None:
         """Let go of sessions and everything in them. The manifest stops
         naming them first (the commit), then they are released: a luod
         restarted in between releases what the manifest does not name."""
@@ -382,8 +416,7 @@ class Ledger:
         for s in gone:
             for f in s.files.values():
                 self.unindex(f)
-            if not keep_refs:
-                self.release_kept(s.kernel_name)
+            self.release_kept(s.kernel_name)
             s.close()
             incoming_fd = self.awaiting_preservation.pop(s.key, -1)
             if incoming_fd >= 0:

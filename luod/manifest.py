@@ -51,11 +51,12 @@ class Manifest:
     # told "resumed" when they subscribe again after the kexec. Names are
     # per uid: one name may come with several uids.
     subscribers: set[tuple[str, int]] = dataclasses.field(default_factory=set)
-    # Takes whose reply had not gone out (luod.custody): each the session
-    # as it was taken from, with the files taken only, under the kernel
-    # name whose references luod kept for them. A luod restarted in the
-    # same boot holds them again; after a kexec they are lost.
-    taking: list[Session] = dataclasses.field(default_factory=list)
+    # Takes whose reply had not gone out (luod.custody), by their number:
+    # each the session as it was taken from, with the files taken only,
+    # under the name luod's references to them are kept under. A luod
+    # restarted in the same boot holds them again; after a kexec they are
+    # lost.
+    taking: dict[int, Session] = dataclasses.field(default_factory=dict)
 
 
 def _owner_to_json(o: Owner) -> dict[str, Any]:
@@ -140,8 +141,7 @@ def _number(x: float) -> str:
 
 
 def _meta_json(m: Manifest) -> str:
-    """_encode(_meta(m)) and the takes waiting, put together by hand: every
-    record says it."""
+    """_encode(_meta(m)), put together by hand: every record says it."""
     subscribers = (
         _encode([{"name": n, "uid": u} for n, u in sorted(m.subscribers)])
         if m.subscribers
@@ -150,16 +150,17 @@ def _meta_json(m: Manifest) -> str:
     return (
         f'{{"bootId":{_quote(m.boot_id)},"kexecCount":{_number(m.kexec_count)},'
         f'"nameCounter":{_number(m.name_counter)},"written":{_time(m.written_at)},'
-        f'"subscribers":{subscribers}{_taking_json(m)}}}'
+        f'"subscribers":{subscribers}}}'
     )
 
 
-def _taking_json(m: Manifest) -> str:
-    """The takes not delivered, as a member after others ("" when none: a
-    manifest without them reads as luod before them wrote it)."""
-    if not m.taking:
+def _takes_json(key: str, takes: Sequence[tuple[int, Session]]) -> str:
+    """Takes waiting as a member `key` after others: [[number, session],
+    ...]; "" when none (a manifest without any reads as luod before them
+    wrote it)."""
+    if not takes:
         return ""
-    return ',"taking":[' + ",".join([_session_json(s) for s in m.taking]) + "]"
+    return f',"{key}":[' + ",".join([f"[{int(n)},{_session_json(s)}]" for n, s in takes]) + "]"
 
 
 def _session_head(s: Session) -> dict[str, Any]:
@@ -194,7 +195,7 @@ def _session_json(s: Session) -> str:
 def to_json(m: Manifest) -> bytes:
     doc = {"version": m.version, "generator": "luod", **_meta(m)}
     text = _with_array(doc, "sessions", [_session_json(s) for s in m.sessions])
-    return (text[:-1] + _taking_json(m) + "}").encode()
+    return (text[:-1] + _takes_json("taking", sorted(m.taking.items())) + "}").encode()
 
 
 def change_json(
@@ -202,13 +203,17 @@ def change_json(
     put: list[Session],
     gone: list[tuple[int, str]],
     added: Sequence[tuple[Session, Sequence[HeldFile]]] = (),
+    took: Sequence[tuple[int, Session]] = (),
+    settled: Sequence[int] = (),
 ) -> bytes:
     """A change of the manifest `m` as one log record (luod.carriers.slots):
     the sessions `put` as they are now, the sessions `gone`, files `added`
     to sessions the manifest names already (just those files: a hand-off
-    into a session of many files writes the new ones, not all of them), and
-    everything but the sessions. Read back by from_json() over the base, in
-    that order: del, put, add."""
+    into a session of many files writes the new ones, not all of them),
+    the takes waiting that were recorded (`took`) and settled since the
+    record before, and everything but the sessions. Read back by
+    from_json() over the base, in that order: del, put, add, took,
+    settled."""
     # Put together from JSON texts: a hand-off writes one record per call.
     parts = [
         '{"del":',
@@ -232,6 +237,9 @@ def change_json(
             )
         )
         parts.append("]")
+    parts.append(_takes_json("took", took))
+    if settled:
+        parts.append(',"settled":' + _encode([int(n) for n in settled]))
     parts.append("}")
     return "".join(parts).encode()
 
@@ -309,6 +317,7 @@ def from_json(raw: bytes, records: Sequence[bytes] = ()) -> Manifest:
                 "corrupt", f"manifest: session '{s.name}' of uid {s.owner.uid} appears twice"
             )
         sessions[s.key] = s
+    taking = _takes(doc, "taking", "manifest")
     meta = doc
     for n, raw_record in enumerate(records):
         where = f"change {n + 1}"
@@ -323,6 +332,13 @@ def from_json(raw: bytes, records: Sequence[bytes] = ()) -> Manifest:
             sessions[s.key] = s
         for j, add in enumerate(_get(record, "add", list, where) if "add" in record else ()):
             _add_files(sessions, add, f"{where}.add[{j}]")
+        taking.update(_takes(record, "took", where))
+        for j, number in enumerate(
+            _get(record, "settled", list, where) if "settled" in record else ()
+        ):
+            if type(number) is not int:
+                raise ManifestError("corrupt", f"manifest: {where}.settled[{j}] is not a number")
+            taking.pop(number, None)
         meta = _get(record, "meta", dict, where)
     return Manifest(
         sessions=list(sessions.values()),
@@ -331,7 +347,7 @@ def from_json(raw: bytes, records: Sequence[bytes] = ()) -> Manifest:
         written_at=float(_get(meta, "written", (int, float), "manifest")),
         boot_id=str(meta.get("bootId", "")),
         subscribers=_subscribers(meta.get("subscribers", [])),
-        taking=_taking(meta.get("taking", [])),
+        taking=taking,
     )
 
 
@@ -400,11 +416,15 @@ def _add_files(sessions: dict[tuple[int, str], Session], add: Any, where: str) -
     s.files.add(list(files.values()))
 
 
-def _taking(raw: Any) -> list[Session]:
-    """Optional (luod before it, and a manifest with no take waiting)."""
-    if not isinstance(raw, list):
-        raise ManifestError("corrupt", "manifest: taking is not a list")
-    return [_session(sd, f"taking[{i}]") for i, sd in enumerate(raw)]
+def _takes(d: dict[str, Any], key: str, where: str) -> dict[int, Session]:
+    """Takes waiting, d[key] as _takes_json() wrote it: optional (luod
+    before them, and none waiting)."""
+    out: dict[int, Session] = {}
+    for j, item in enumerate(_get(d, key, list, where) if key in d else ()):
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int):
+            raise ManifestError("corrupt", f"manifest: {where}.{key}[{j}] is not [number, session]")
+        out[item[0]] = _session(item[1], f"{where}.{key}[{j}]")
+    return out
 
 
 def _subscribers(raw: Any) -> set[tuple[str, int]]:

@@ -164,7 +164,7 @@ class Reclaimer:
                     kind=old.kind.value,
                     owner=old.owner.describe(),
                 )
-        for t in manifest.taking:
+        for t in manifest.taking.values():
             # Taken out of their session before the kexec, and luod's own
             # references did not come over it.
             what = "it" if t.kind is not SessionKind.MANAGED else "them"
@@ -288,7 +288,7 @@ class Reclaimer:
                 files=len(s.files),
                 held=sum(1 for f in s.files.values() if f.fd >= 0),
             )
-        for t in manifest.taking:
+        for t in manifest.taking.values():
             self._take_back(t)
         # Released first: a session the previous luod created and did not
         # commit may hold the very files rebuilt below.
@@ -332,8 +332,7 @@ class Reclaimer:
         else:
             with contextlib.suppress(LuoError):
                 t.fd = ledger.carrier.retrieve_session(t.kernel_name)
-        ledger.takes += 1
-        ledger.taking[ledger.takes] = t
+        ledger.record_take(t)
 
     def _any_kept(self, s: Session) -> bool:
         """Whether the carrier kept a reference to any file of `s` (then a

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from luod.carriers.fdstore import parking_fdname
 from luod.client import Client
 from luod.interfaces import CUSTODY
 from testsupport.fakepid1 import FakePid1
@@ -224,6 +225,7 @@ def test_a_take_waiting_when_luod_is_killed_is_held_again(pid1: FakePid1) -> Non
     with pid1.client() as c:
         facts = _hand_off(c, "app", ["a", "b"])
         facts |= _hand_off(c, "db", ["x"])
+        before = {s["name"]: s["kernelName"] for s in c.list_sessions()}
     takes = [
         {
             "method": f"{CUSTODY}.RetrieveFd",
@@ -235,6 +237,11 @@ def test_a_take_waiting_when_luod_is_killed_is_held_again(pid1: FakePid1) -> Non
     with _waiting(pid1.luod.socket, takes[0]), _waiting(pid1.luod.socket, takes[1]):
         with pid1.client() as c:
             wait_until(lambda: _sessions(c) == ["app"] and _files(c, "app") == ["b"], "taken")
+            app = c.list_sessions("app")[0]["kernelName"]
+        # What luod keeps for the takes waiting is their files' references
+        # only: the sessions' own parkings are let go of at once.
+        want = {parking_fdname(app), *(parking_fdname("taken." + k) for k in before.values())}
+        wait_until(lambda: {n for n in pid1.names() if n.startswith("refs.")} == want, "parked")
         pid1.kill9()
     pid1.start()
     with pid1.client() as c:

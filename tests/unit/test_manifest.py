@@ -170,31 +170,47 @@ def test_one_name_for_two_owners_but_not_twice_for_one() -> None:
 
 def test_takes_waiting_roundtrip_in_the_manifest_and_its_records() -> None:
     """A take whose reply has not gone out is recorded (luod.custody): the
-    session it was taken from with the files taken, under the kernel name
-    whose references luod keeps; in the whole manifest and in every record
-    after it. None recorded, the manifest is as luod before them wrote it."""
+    session it was taken from with the files taken, under the name luod's
+    references to them are kept under. The whole manifest names every take
+    waiting; a record only those recorded and settled since the record
+    before. None waiting, the manifest is as luod before them wrote it."""
     from luod.manifest import change_json
 
     m = _manifest()
     assert b"taking" not in to_json(m)
-    assert b"taking" not in change_json(m, [], [])
-    took = Session("db", SessionKind.MANAGED, Owner(0), "luod.9.u0.db", 4.0)
+    assert b"took" not in change_json(m, [], [])
+    took = Session("db", SessionKind.MANAGED, Owner(0), "taken.luod.9.u0.db", 4.0)
     took.files["x"] = HeldFile("x", 3, 100, 5.0)
     own = Session("own", SessionKind.DELEGATED, Owner(7), "luod.4.u7.own", 1.0)
-    m.taking = [took, own]
-    for read in (from_json(to_json(m)), from_json(to_json(_manifest()), [change_json(m, [], [])])):
-        assert [(t.name, t.kind, t.owner.uid, t.kernel_name) for t in read.taking] == [
-            ("db", SessionKind.MANAGED, 0, "luod.9.u0.db"),
-            ("own", SessionKind.DELEGATED, 7, "luod.4.u7.own"),
-        ]
-        assert [(f.name, f.token, f.size) for f in read.taking[0].files.values()] == [("x", 3, 100)]
-        assert [s.name for s in read.sessions] == ["cache"]
-    # A record with none waiting ends them.
-    ended = from_json(to_json(m), [change_json(_manifest(), [], [])])
-    assert ended.taking == []
+
+    def said(read: Manifest) -> dict[int, tuple[str, SessionKind, int, str, list[str]]]:
+        return {
+            n: (t.name, t.kind, t.owner.uid, t.kernel_name, list(t.files))
+            for n, t in read.taking.items()
+        }
+
+    both = {
+        1: ("db", SessionKind.MANAGED, 0, "taken.luod.9.u0.db", ["x"]),
+        2: ("own", SessionKind.DELEGATED, 7, "luod.4.u7.own", []),
+    }
+    m.taking = {1: took, 2: own}
+    assert said(from_json(to_json(m))) == both
+    base = to_json(_manifest())
+    records = [change_json(m, [], [], took=[(1, took)]), change_json(m, [], [], took=[(2, own)])]
+    read = from_json(base, records)
+    assert said(read) == both
+    assert [s.name for s in read.sessions] == ["cache"]
+    # A record that names no take leaves them as they were; one that
+    # settles a take ends it.
+    records.append(change_json(m, [], []))
+    assert said(from_json(base, records)) == both
+    records.append(change_json(m, [], [], settled=[1]))
+    assert said(from_json(base, records)) == {2: both[2]}
+    # Records carry only what changed: a take waiting is not written again.
+    assert b'"own"' not in records[-1] and b'"own"' not in records[-2]
 
 
-@pytest.mark.parametrize("taking", ["x", [{"name": "db"}], [5]])
+@pytest.mark.parametrize("taking", ["x", [{"name": "db"}], [5], [[1, 2]], [["1", {}]]])
 def test_a_bad_take_waiting_is_corrupt(taking: object) -> None:
     doc = json.loads(to_json(_manifest()))
     doc["taking"] = taking

@@ -91,5 +91,36 @@ def test_a_give_back_keeps_the_take_recorded_until_the_files_are(
         new.close()
     m = from_json(saved[-1])
     held = {f.name for s in m.sessions if s.name == "app" for f in s.files.values()}
-    taking = {f.name for t in m.taking for f in t.files.values()}
+    taking = {f.name for t in m.taking.values() for f in t.files.values()}
     assert "a" in held | taking, (held, taking)
+
+
+def test_a_take_waiting_is_written_once_not_with_every_record(
+    kernel: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records after the one that recorded a take waiting do not write
+    it again: a client that never reads the replies of its takes would
+    otherwise make every uid's every record as large as all it took."""
+    carrier = SpyCarrier(kernel, holds_after_exit=True)
+    records: list[bytes] = []
+    inner_append = carrier.append
+
+    def append(record: bytes) -> bool:
+        records.append(record)
+        return inner_append(record)
+
+    monkeypatch.setattr(carrier, "append", append)
+    c = Custodian(kernel, carrier, boot_id="boot-1")
+    c.start()
+    try:
+        _hand_off(c, "app")
+        pending: list[int] = []
+        fd, _ = c.retrieve_fd(ALICE, "app", "a", take=True, pending=pending)
+        os.close(fd)
+        assert b'"took":[[' in records[-1]
+        _hand_off(c, "other")
+        assert b"took" not in records[-1] and b'"app"' not in records[-1]
+        c.delivered(pending[0])
+        assert records[-1].endswith(b',"settled":[%d]}' % pending[0])
+    finally:
+        c.close()
