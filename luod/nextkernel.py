@@ -129,6 +129,8 @@ class NextKernel:
     `session_count` only feeds the log lines. `on_kexec` is called when a
     kexec returned as done (only the fake kernel returns): this process is
     then "the old userspace" and must stop without touching state.
+    `before_kexec` is called an iteration of the loop before luod's own
+    kexec: what must settle first (luod.service).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class NextKernel:
         self.via_pid1 = via_pid1
         self.session_count = session_count
         self.on_kexec = on_kexec
+        self.before_kexec: Callable[[], None] = lambda: None
         self.pid1_kexec = pid1_kexec
         self.loaded: LoadedKernel | None = None
         self.kexeced = False
@@ -348,7 +351,12 @@ class NextKernel:
             by=peer.describe() if peer is not None else "update",
             sessions=self.session_count(),
         )
-        asyncio.get_running_loop().call_later(KEXEC_DELAY, self._kexec)
+        asyncio.get_running_loop().call_later(KEXEC_DELAY, self._settle_then_kexec)
+
+    def _settle_then_kexec(self) -> None:
+        self.before_kexec()
+        # What it set off runs first: callbacks run in the order they came.
+        asyncio.get_running_loop().call_soon(self._kexec)
 
     def _kexec(self) -> None:
         notify.notify("STOPPING=1\nSTATUS=Jumping into the next kernel")

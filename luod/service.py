@@ -130,6 +130,10 @@ class Service:
         sock = self.listener
         sock.setblocking(False)
         server = LuodServer(sock, self.registry, self.limits)
+        # Before luod's own kexec, replies still waiting that would hand a
+        # file over go with their connections (their clients go with this
+        # userspace): what they took is held again, and carried.
+        self.nextkernel.before_kexec = server.abort_handing_over
         await server.start_serving()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)

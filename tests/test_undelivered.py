@@ -16,6 +16,7 @@ from luod.carriers.fdstore import parking_fdname
 from luod.client import Client
 from luod.interfaces import CUSTODY
 from testsupport.fakepid1 import FakePid1
+from testsupport.guest import unread_reply
 from testsupport.luodproc import LuodProcess, running_luod
 from testsupport.util import MemfdFacts, make_memfd, memfd_facts, run_as, wait_until
 
@@ -42,19 +43,6 @@ def _same(c: Client, session: str, facts: dict[str, MemfdFacts]) -> None:
             assert memfd_facts(fd) == facts[name], name
         finally:
             os.close(fd)
-
-
-def _waiting(path: str, call: dict[str, Any]) -> socket.socket:
-    """A connection to luod whose client reads nothing: 60 replies of 6 KB
-    fill the socket, and `call`'s reply waits in luod behind them."""
-    describe = {
-        "method": "org.varlink.service.GetInterfaceDescription",
-        "parameters": {"interface": CUSTODY},
-    }
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    sock.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in [describe] * 60 + [call]))
-    return sock
 
 
 def test_a_take_whose_reply_is_not_delivered_is_held_again(luod: LuodProcess) -> None:
@@ -161,7 +149,7 @@ def test_a_session_given_back_stays_within_its_owners_quota(
             os.close(c.create_delegated_session("d2"))
         luod.kexec()
         hand_back = {"method": f"{CUSTODY}.RetrieveSession", "parameters": {"session": "d1"}}
-        with _waiting(luod.socket, hand_back), luod.client() as c:
+        with unread_reply(luod.socket, hand_back), luod.client() as c:
             wait_until(lambda: _sessions(c) == ["d2"], "d1 handed back")
             c.create_session("n1")
         wait_until(lambda: "event=session-lost " in luod.log(), "luod logs session-lost")
@@ -185,7 +173,7 @@ def test_a_take_waiting_when_luod_stops_stays_in_the_fd_store(pid1: FakePid1) ->
         "method": f"{CUSTODY}.RetrieveFd",
         "parameters": {"session": "app", "name": "a", "take": True},
     }
-    with _waiting(pid1.luod.socket, take), pid1.client() as c:
+    with unread_reply(pid1.luod.socket, take), pid1.client() as c:
         wait_until(lambda: _files(c, "app") == ["b"], "a taken")
         pid1.stop()
     log = pid1.log()
@@ -234,7 +222,7 @@ def test_a_take_waiting_when_luod_is_killed_is_held_again(pid1: FakePid1) -> Non
         # The last file of its session: luod lets go of the session.
         {"method": f"{CUSTODY}.RetrieveFds", "parameters": {"session": "db", "take": True}},
     ]
-    with _waiting(pid1.luod.socket, takes[0]), _waiting(pid1.luod.socket, takes[1]):
+    with unread_reply(pid1.luod.socket, takes[0]), unread_reply(pid1.luod.socket, takes[1]):
         with pid1.client() as c:
             wait_until(lambda: _sessions(c) == ["app"] and _files(c, "app") == ["b"], "taken")
             app = c.list_sessions("app")[0]["kernelName"]
@@ -271,7 +259,7 @@ def test_a_session_handed_back_when_luod_is_killed_is_held_again(pid1: FakePid1)
     pid1.kexec()
     pid1.start()
     hand_back = {"method": f"{CUSTODY}.RetrieveSession", "parameters": {"session": "own"}}
-    with _waiting(pid1.luod.socket, hand_back):
+    with unread_reply(pid1.luod.socket, hand_back):
         with pid1.client() as c:
             wait_until(lambda: _sessions(c) == [], "own handed back")
         pid1.kill9()
@@ -317,7 +305,7 @@ def test_a_take_that_cannot_be_held_again_after_a_kill_is_reported_lost(
         "method": f"{CUSTODY}.RetrieveFd",
         "parameters": {"session": "app", "name": "a", "take": True},
     }
-    with _waiting(pid1.luod.socket, take):
+    with unread_reply(pid1.luod.socket, take):
         with pid1.client() as c:
             wait_until(lambda: _files(c, "app") == ["b"], "a taken")
         pid1.kill9()
@@ -328,3 +316,26 @@ def test_a_take_that_cannot_be_held_again_after_a_kill_is_reported_lost(
     log = pid1.log()
     assert "event=fds-lost session=app names=a " in log, log
     assert "quota exceeded" in log
+
+
+def test_a_take_waiting_when_luod_kexecs_is_carried(luod: LuodProcess) -> None:
+    """luod's own kexec (no service manager) while a take's reply waits for
+    a client that reads nothing: the connections whose replies would hand
+    files over are cut before the jump, and what they took is held again
+    and carried (its client is gone with this userspace anyway). Before,
+    the reclaim after the kexec reported it lost."""
+    with luod.client() as c:
+        facts = _hand_off(c, "app", ["a", "b"])
+    take = {
+        "method": f"{CUSTODY}.RetrieveFd",
+        "parameters": {"session": "app", "name": "a", "take": True},
+    }
+    with unread_reply(luod.socket, take), luod.client() as c:
+        wait_until(lambda: _files(c, "app") == ["b"], "a taken")
+        c.call("org.varlink.service.GetInfo").close()  # a connection not cut
+        luod.kexec()
+    assert "event=fds-given-back session=app names=a " in luod.all_logs()
+    with luod.client() as c:
+        assert c.status()["reclaim"]["lost"] == []
+        assert _files(c, "app") == ["a", "b"]
+        _same(c, "app", facts)

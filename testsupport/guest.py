@@ -17,11 +17,13 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from luod import notify
+from luod.interfaces import CUSTODY
 from testsupport.util import make_memfd, memfd_facts
 
 if TYPE_CHECKING:
@@ -157,3 +159,28 @@ def write_json(path: str, data: Any) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
     print(json.dumps(data))
+
+
+def take_unread(path: str, session: str, name: str) -> socket.socket:
+    """A connection to luod at `path` whose client reads nothing, with a
+    take of `session`/`name` on it: 60 replies of 6 KB fill the socket
+    first, and the take's reply waits in luod."""
+    return unread_reply(
+        path,
+        {
+            "method": f"{CUSTODY}.RetrieveFd",
+            "parameters": {"session": session, "name": name, "take": True},
+        },
+    )
+
+
+def unread_reply(path: str, call: dict[str, Any]) -> socket.socket:
+    """The same for any `call`: its reply waits in luod behind 60 others."""
+    describe = {
+        "method": "org.varlink.service.GetInterfaceDescription",
+        "parameters": {"interface": CUSTODY},
+    }
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in [describe] * 60 + [call]))
+    return sock

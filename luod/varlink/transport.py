@@ -928,6 +928,14 @@ class LuodServer(VarlinkUnixServer):
             self._backoff_handle = None
         super().close()
 
+    def abort_handing_over(self) -> None:
+        """Abort the connections with a reply waiting that hands something
+        over (expect_delivery): what it would hand over comes back, as its
+        callbacks run in the loop's next iteration."""
+        for transport in self._transports.copy():
+            if isinstance(transport, LuodTransport) and transport.handing_over:
+                transport.abort()
+
     def _handle_accept(self) -> None:
         # Several per wakeup: connections over a cap cost little each, and
         # the backlog drains faster under a flood of them.
@@ -1176,6 +1184,11 @@ class LuodTransport(VarlinkTransport):
     def _close_receiver(self, exc: Exception | None = None) -> None:
         self._drop_message()
         super()._close_receiver(exc)
+
+    @property
+    def handing_over(self) -> bool:
+        """Whether a reply that hands something over waits to be sent."""
+        return bool(self._awaiting)
 
     def expect_delivery(self, fds: list[int] | None, settle: Settle | None) -> None:
         """The next message sent with `fds` (this very list) hands them over

@@ -10,7 +10,8 @@ LUOD_VM_SCENARIO:
   refused; an unclaimed session; `luoctl kexec` (kexec_file_load, then luod
   reboots); after it the reclaim, the retrieves, the grace release; one more
   kexec proves custody goes on. Takes whose replies are not read (a file, a
-  session handed back) leave them held.
+  session handed back) leave them held, also one whose reply still waits
+  when luod kexecs itself.
 - scale: 20 sessions x 10 memfds of random sizes up to 4 MiB.
 - manifest: luod's state session prepared corrupt, then of an unknown
   version: luod reports it, releases nothing, stays up.
@@ -43,6 +44,7 @@ from luod.carriers.slots import capacity_for, write_slot
 from luod.client import Client, VarlinkError
 from luod.interfaces import CUSTODY
 from luod.kernel.backend import KernelBackend, LuoError
+from testsupport.guest import take_unread
 from testsupport.luodproc import LuodProcess
 from testsupport.util import make_memfd, memfd_facts, run_as
 from testsupport.vm import guestlib
@@ -210,8 +212,18 @@ def main_stage2(out: dict[str, Any]) -> None:
         if not pending or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    # Taken again, the reply waiting for a client that reads nothing when
+    # luod kexecs itself: cut before the jump, the file is held again and
+    # carried (stage 3 takes it).
+    waiting = take_unread(luod.socket, "keep", "blob")
+    with luod.client() as c:
+        deadline = time.monotonic() + 60
+        while any(s["name"] == "keep" for s in c.list_sessions()):
+            assert time.monotonic() < deadline, "keep/blob never taken"
+            time.sleep(0.2)
     out["log"] = luod.log()
     luoctl_kexec(luod, out, "luod-main-2.json")
+    waiting.close()  # not reached: the kexec came
 
 
 def main_stage3(out: dict[str, Any]) -> None:

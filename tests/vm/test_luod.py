@@ -91,7 +91,9 @@ def test_main_scenario(stock_kernel: Path, tmp_path: Path) -> None:
     assert s2["after_grace"] == ["keep"]
     assert "event=unclaimed-released session=orphan" in s2["log"]
 
-    # Custody goes on: the second kexec carried what the first boot re-preserved.
+    # Custody goes on: the second kexec carried what the first boot
+    # re-preserved, keep/blob among it though a take of it waited at the
+    # jump (held again first).
     assert s3["status"]["kexecCount"] == 2
     assert s3["status"]["reclaim"]["lost"] == []
     assert s3["keep"] == s1["keep"]

@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
 from luod.client import VarlinkError, connect
-from luod.interfaces import CUSTODY, DEFAULT_SOCKET
-from testsupport.guest import describe, seeded_memfd
+from luod.interfaces import DEFAULT_SOCKET
+from testsupport.guest import describe, seeded_memfd, take_unread
 
 
 def _dump(path: str, data: Any) -> None:
@@ -119,20 +118,10 @@ def _listed(session: str, name: str) -> bool:
         )
 
 
-def take_unread(out_path: str, key: str) -> int:
+def take_unread_and_kill(out_path: str, key: str) -> int:
     session, name = key.split("/")
-    describe = {
-        "method": "org.varlink.service.GetInterfaceDescription",
-        "parameters": {"interface": CUSTODY},
-    }
-    take = {
-        "method": f"{CUSTODY}.RetrieveFd",
-        "parameters": {"session": session, "name": name, "take": True},
-    }
     result: dict[str, Any] = {"taken": False, "killed": 0}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(os.environ.get("LUOD_SOCKET", DEFAULT_SOCKET))
-        sock.sendall(b"".join(json.dumps(m).encode() + b"\0" for m in [describe] * 60 + [take]))
+    with take_unread(os.environ.get("LUOD_SOCKET", DEFAULT_SOCKET), session, name):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not result["taken"]:
             result["taken"] = not _listed(session, name)
@@ -162,7 +151,7 @@ def main() -> int:
     if cmd == "get":
         return get(out, rest)
     if cmd == "take-unread":
-        return take_unread(out, rest[0])
+        return take_unread_and_kill(out, rest[0])
     print(f"unknown command {cmd!r}", file=sys.stderr)
     return 2
 
