@@ -568,7 +568,9 @@ class Custodian:
             back = []
             why = f"{why}; they could not be held again: {failed}"
         try:
-            if ledger.end_take(take) is not None or not back:
+            # Ended already if the files went back: the hand-off committed it.
+            ledger.end_take(take)
+            if not back:
                 # Nothing committed the end of the take's record.
                 ledger.commit()
             self._let_go_taken(s)

@@ -167,12 +167,12 @@ class Reclaimer:
         for t in manifest.taking.values():
             # Taken out of their session before the kexec, and luod's own
             # references did not come over it.
-            what = "it" if t.kind is not SessionKind.MANAGED else "them"
+            managed = t.kind is SessionKind.MANAGED
             reason = (
-                f"taken, but luod had not seen the reply that carried {what} go out "
-                "before the kexec (luod died first, or the kexec came while the reply waited)"
+                f"taken, but luod had not seen the reply that carried {'them' if managed else 'it'} "
+                "go out before the kexec (luod died first, or the kexec came while the reply waited)"
             )
-            if t.kind is SessionKind.MANAGED:
+            if managed:
                 for f in list(t.files.values()):
                     _lose_file(t, f, report, reason)
             else:
